@@ -1,0 +1,1 @@
+"""Authorization on Casbin (to be written)."""

@@ -1,0 +1,1 @@
+"""The scientists SDK (to be written)."""

@@ -1,0 +1,1 @@
+"""User variables, sandboxed template rendering, endpoint config (to be written)."""

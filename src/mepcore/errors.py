@@ -1,0 +1,223 @@
+"""The one error hierarchy of mep.
+
+Every error carries a stable dotted ``reason`` code (``identity.no_mapping``,
+``authz.denied``…), a ``public_message`` that is safe to show a remote caller, and an
+admin-only ``detail``. Errors that report several problems at once (schema violations)
+carry them as ``violations``, each with a JSON path.
+
+The catalogue ``REASONS`` lists every reason code the project emits with its default
+public message; docs and tests are checked against it. This module deliberately does
+not translate third-party errors: each component does that once, at its boundary,
+with ``raise … from``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
+from typing import Any, ClassVar
+
+import attrs
+
+# Stable reason codes and their default public messages. Public messages never name
+# local accounts, files or internals: they are what a remote caller may read.
+REASONS: Mapping[str, str] = MappingProxyType(
+    {
+        # generic
+        "mep.internal": "internal error",
+        "mep.invalid_input": "the input is not valid",
+        # identity mapping
+        "identity.mapping_invalid": "the identity mapping configuration is invalid",
+        "identity.input_invalid": "the identity input is not valid",
+        "identity.no_mapping": "your identity is not mapped to a local account",
+        "identity.mapper_failed": "identity mapping failed",
+        "identity.mapper_timeout": "identity mapping failed",
+        "identity.mapper_output_invalid": "identity mapping failed",
+        "identity.mapper_output_too_large": "identity mapping failed",
+        "identity.invalid_username": "your identity maps to an account that may not be used",
+        "identity.account_missing": "your identity maps to an account that may not be used",
+        "identity.account_name_mismatch": "your identity maps to an account that may not be used",
+        "identity.account_root": "your identity maps to an account that may not be used",
+        "identity.account_uid_too_low": "your identity maps to an account that may not be used",
+        "identity.account_daemon": "your identity maps to an account that may not be used",
+        "identity.account_denied": "your identity maps to an account that may not be used",
+        # authorization
+        "authz.denied": "the policy does not allow this request",
+        "authz.allowed": "the policy allows this request",
+        "authz.explicit_deny": "the policy does not allow this request",
+        "authz.condition_failed": "the policy does not allow this request",
+        "authz.policy_invalid": "the authorization policy is invalid",
+        "authz.model_invalid": "the authorization model is invalid",
+        "authz.request_invalid": "the authorization request is not valid",
+        # configuration (templates, variables, endpoint config)
+        "config.template_invalid": "the endpoint configuration template is invalid",
+        "config.schema_invalid": "the user configuration schema is invalid",
+        "config.environment_invalid": "the user environment file is invalid",
+        "config.invalid_variables": "the user endpoint configuration variables are not valid",
+        "config.reserved_variable": "a user endpoint configuration variable uses a reserved name",
+        "config.variables_too_large": "the user endpoint configuration variables are too large",
+        "config.render_failed": "the endpoint configuration could not be rendered",
+        "config.sandbox_violation": "the endpoint configuration template did something unsafe",
+        "config.render_limit": "rendering the endpoint configuration exceeded a limit",
+        "config.undefined_variable": (
+            "the endpoint configuration template uses an undefined variable"
+        ),
+        "config.yaml_invalid": "the rendered endpoint configuration is not valid YAML",
+        "config.endpoint_config_invalid": "the rendered endpoint configuration is not valid",
+        # spawning and lifecycle of user endpoints
+        "spawn.interpreter_unreadable": "the user endpoint cannot start for this account",
+        "spawn.launch_failed": "the user endpoint could not be started",
+        "spawn.privilege_drop": "the user endpoint could not drop privileges",
+        "spawn.start_failed": "the user endpoint could not be started",
+        "spawn.start_timeout": "the user endpoint did not start in time",
+        "spawn.too_many_endpoints": "too many user endpoints",
+        "spawn.too_many_starts": "too many user endpoints are starting; try again",
+        "spawn.settings_invalid": "the spawn settings are invalid",
+        "spawn.shutting_down": "the service is shutting down",
+        # channel between the daemon and a user endpoint
+        "channel.frame_too_large": "a message was too large",
+        "channel.frame_invalid": "a message was malformed",
+        "channel.closed": "the connection to the user endpoint closed",
+        # tasks
+        "task.failed": "the task raised an exception",
+        "task.timeout": "the task exceeded its walltime",
+        "task.worker_lost": "the worker running the task was lost",
+        "task.endpoint_lost": "the user endpoint running the task was lost",
+        "task.result_too_large": "the task result is too large",
+        "task.payload_too_large": "the task payload is too large",
+        "task.deserialization_failed": "the task payload could not be deserialized",
+        "task.serialization_failed": "the task result could not be serialized",
+        "task.function_not_allowed": "this function is not allowed on this endpoint",
+        "task.function_unknown": "the function is not registered",
+        "task.unknown_strategy": "the serialization strategy is not known",
+        "task.envelope_invalid": "the task envelope is not valid",
+        "task.cancelled": "the task was cancelled",
+        "task.not_found": "no such task",
+        "task.engine_failed": "the execution engine failed",
+        # daemon: authentication, API, limits, settings
+        "auth.missing_token": "authentication required",
+        "auth.invalid_token": "the token is not valid",
+        "auth.expired_token": "the token has expired",
+        "auth.unknown_issuer": "the token issuer is not trusted",
+        "auth.issuer_unavailable": "the token could not be verified right now",
+        "api.bad_request": "the request is not valid",
+        "api.not_found": "not found",
+        "api.body_too_large": "the request body is too large",
+        "api.too_many_requests": "too many requests; try again later",
+        "api.unavailable": "the service is unavailable",
+        "api.endpoint_unknown": "no such endpoint",
+        "settings.invalid": "the daemon settings are invalid",
+        "audit.unavailable": "the service cannot record this request and refuses it",
+    }
+)
+
+
+@attrs.frozen
+class Violation:
+    """One problem found in an input, located by a JSON path (``$.a[0].b``)."""
+
+    path: str
+    message: str
+    code: str = "invalid"
+
+    def to_dict(self) -> dict[str, str]:
+        return {"path": self.path, "message": self.message, "code": self.code}
+
+
+class MepError(Exception):
+    """Base of every error mep raises on purpose.
+
+    ``reason`` must be a code from ``REASONS``; ``public_message`` defaults to the
+    catalogue's message; ``detail`` is for administrators only (logs, CLI output).
+    """
+
+    default_reason: ClassVar[str] = "mep.internal"
+
+    def __init__(
+        self,
+        reason: str | None = None,
+        detail: str = "",
+        *,
+        public_message: str | None = None,
+        violations: Iterable[Violation] = (),
+        context: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.reason = reason or self.default_reason
+        if self.reason not in REASONS:
+            raise ValueError(f"unknown reason code {self.reason!r}")
+        self.public_message = public_message or REASONS[self.reason]
+        self.detail = detail
+        self.violations: tuple[Violation, ...] = tuple(violations)
+        self.context: Mapping[str, Any] = MappingProxyType(dict(context or {}))
+        super().__init__(self.reason, detail or self.public_message)
+
+    def __str__(self) -> str:
+        text = f"{self.reason}: {self.detail or self.public_message}"
+        if self.violations:
+            text += "".join(f"\n  {v.path}: {v.message}" for v in self.violations)
+        return text
+
+    def to_public(self) -> dict[str, Any]:
+        """What a remote caller may see (no detail, no context)."""
+        out: dict[str, Any] = {"reason": self.reason, "message": self.public_message}
+        if self.violations and self.expose_violations:
+            out["violations"] = [v.to_dict() for v in self.violations]
+        return out
+
+    # Violations of a caller's own input (their variables) are safe to return to
+    # them; violations found in administrators' files are not.
+    expose_violations: ClassVar[bool] = False
+
+
+class SiteConfigError(MepError):
+    """A file an administrator wrote (mapping, policy, template, settings) is broken."""
+
+    default_reason = "settings.invalid"
+
+
+class IdentityError(MepError):
+    default_reason = "identity.no_mapping"
+
+
+class IdentityConfigError(IdentityError, SiteConfigError):
+    default_reason = "identity.mapping_invalid"
+
+
+class AuthzError(MepError):
+    default_reason = "authz.denied"
+
+
+class AuthzConfigError(AuthzError, SiteConfigError):
+    default_reason = "authz.policy_invalid"
+
+
+class ConfigError(MepError):
+    """A caller's variables or the rendering of a template failed."""
+
+    default_reason = "config.render_failed"
+    expose_violations = True
+
+
+class TemplateConfigError(ConfigError, SiteConfigError):
+    default_reason = "config.template_invalid"
+    expose_violations = False
+
+
+class SpawnError(MepError):
+    default_reason = "spawn.start_failed"
+
+
+class ChannelError(MepError):
+    default_reason = "channel.frame_invalid"
+
+
+class TaskError(MepError):
+    default_reason = "task.failed"
+
+
+class AuthError(MepError):
+    default_reason = "auth.invalid_token"
+
+
+class ApiError(MepError):
+    default_reason = "api.bad_request"

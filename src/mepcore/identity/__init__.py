@@ -1,0 +1,1 @@
+"""Identity mapping: external identities to local POSIX accounts (to be written)."""

@@ -1,0 +1,81 @@
+"""Ports: the small protocols through which effects reach the pure components.
+
+Components receive these as arguments; tests pass the in-memory fakes from
+``mepcore.testing``. The ``System*`` classes here are the real implementations on top
+of the standard library; they hold no state of their own and do no work at import.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import time
+from typing import Protocol, runtime_checkable
+
+from mepcore.types import Account
+
+
+@runtime_checkable
+class AccountDatabase(Protocol):
+    """The password and group databases."""
+
+    def by_name(self, name: str) -> Account | None:
+        """The account with exactly this ``pw_name``, with all its groups; None if absent."""
+
+    def by_uid(self, uid: int) -> Account | None:
+        """The account with this uid, or None."""
+
+
+@runtime_checkable
+class Clock(Protocol):
+    def now(self) -> float:
+        """Wall-clock seconds since the epoch."""
+
+    def monotonic(self) -> float:
+        """Seconds on a clock that never goes back."""
+
+
+class SystemAccountDatabase:
+    """``pwd``/``grp`` of this machine (NSS, so LDAP and SSSD accounts too)."""
+
+    def by_name(self, name: str) -> Account | None:
+        try:
+            entry = pwd.getpwnam(name)
+        except (KeyError, UnicodeError, ValueError):
+            return None
+        return _account_from_pwd(entry)
+
+    def by_uid(self, uid: int) -> Account | None:
+        try:
+            entry = pwd.getpwuid(uid)
+        except (KeyError, OverflowError, ValueError):
+            return None
+        return _account_from_pwd(entry)
+
+
+def _account_from_pwd(entry: pwd.struct_passwd) -> Account:
+    gids = sorted(set(os.getgrouplist(entry.pw_name, entry.pw_gid)))
+    names: list[str] = []
+    for gid in gids:
+        try:
+            names.append(grp.getgrgid(gid).gr_name)
+        except KeyError:
+            names.append(str(gid))
+    return Account(
+        name=entry.pw_name,
+        uid=entry.pw_uid,
+        gid=entry.pw_gid,
+        home=entry.pw_dir,
+        shell=entry.pw_shell,
+        group_ids=tuple(gids),
+        group_names=tuple(names),
+    )
+
+
+class SystemClock:
+    def now(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()

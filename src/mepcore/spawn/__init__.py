@@ -1,0 +1,1 @@
+"""Spawn plans, the launcher and the stop ladder (to be written)."""

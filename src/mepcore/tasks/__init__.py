@@ -1,0 +1,1 @@
+"""Task envelopes, serialization, executor and engines (to be written)."""

@@ -1,0 +1,155 @@
+"""Plain values shared by every component: identities, accounts, groups.
+
+Deliberately only data: no look-ups, no I/O. Untrusted identity documents are turned
+into ``Identity`` values by ``Identity.from_mapping``, which refuses what is not a
+flat JSON object with a string ``id``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from types import MappingProxyType
+from typing import Any
+
+import attrs
+
+from mepcore.errors import IdentityError, Violation
+
+
+def _int_tuple(value: Iterable[int]) -> tuple[int, ...]:
+    return tuple(value)
+
+
+def _str_tuple(value: Iterable[str]) -> tuple[str, ...]:
+    return tuple(value)
+
+
+def _identity_tuple(value: Iterable[Identity]) -> tuple[Identity, ...]:
+    return tuple(value)
+
+
+def _freeze_fields(value: Mapping[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType(dict(value))
+
+
+@attrs.frozen
+class Identity:
+    """One external identity (as an identity provider or Globus Auth describes it).
+
+    ``fields`` holds every field of the identity document (``id``, ``username``,
+    ``email``, ``name``, ``identity_provider``, ``organization``…), ``id`` included.
+    """
+
+    id: str
+    fields: Mapping[str, Any] = attrs.field(converter=_freeze_fields, factory=dict)
+
+    def get(self, name: str) -> Any:
+        """A field's value, or None when the identity does not have it."""
+        return self.fields.get(name)
+
+    @property
+    def username(self) -> str | None:
+        value = self.fields.get("username")
+        return value if isinstance(value, str) else None
+
+    @property
+    def domain(self) -> str | None:
+        """The part of ``username`` after the last ``@`` (``example.org``), if any."""
+        name = self.username
+        if name and "@" in name:
+            return name.rsplit("@", 1)[1]
+        return None
+
+    @classmethod
+    def from_mapping(cls, data: Any, *, path: str = "$") -> Identity:
+        if not isinstance(data, Mapping):
+            raise IdentityError(
+                "identity.input_invalid",
+                f"{path}: an identity must be a JSON object",
+                violations=[Violation(path, "an identity must be a JSON object")],
+            )
+        ident = data.get("id")
+        if not isinstance(ident, str) or not ident:
+            raise IdentityError(
+                "identity.input_invalid",
+                f"{path}.id: an identity needs a non-empty string id",
+                violations=[Violation(f"{path}.id", "an identity needs a non-empty string id")],
+            )
+        for key in data:
+            if not isinstance(key, str):
+                raise IdentityError("identity.input_invalid", f"{path}: keys must be strings")
+        return cls(id=ident, fields=dict(data))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.fields)
+
+
+@attrs.frozen
+class IdentitySet:
+    """The caller's identity followed by the identities linked to it, in order."""
+
+    identities: tuple[Identity, ...] = attrs.field(converter=_identity_tuple)
+
+    @identities.validator
+    def _not_empty(self, _attr: object, value: tuple[Identity, ...]) -> None:
+        if not value:
+            raise IdentityError("identity.input_invalid", "an identity set may not be empty")
+
+    @property
+    def primary(self) -> Identity:
+        return self.identities[0]
+
+    def __iter__(self) -> Iterator[Identity]:
+        return iter(self.identities)
+
+    def __len__(self) -> int:
+        return len(self.identities)
+
+    def find(self, identity_id: str) -> Identity | None:
+        for ident in self.identities:
+            if ident.id == identity_id:
+                return ident
+        return None
+
+    @classmethod
+    def from_json(cls, data: Any) -> IdentitySet:
+        """Accept ``{"identities": [...]}``, a bare list, or a single identity object."""
+        if isinstance(data, Mapping) and "identities" in data:
+            items = data["identities"]
+            base = "$.identities"
+        elif isinstance(data, Mapping):
+            items = [data]
+            base = "$"
+            return cls((Identity.from_mapping(data, path=base),))
+        else:
+            items = data
+            base = "$"
+        if not isinstance(items, list):
+            raise IdentityError("identity.input_invalid", f"{base}: expected a list of identities")
+        return cls(
+            tuple(Identity.from_mapping(item, path=f"{base}[{i}]") for i, item in enumerate(items))
+        )
+
+
+@attrs.frozen
+class Account:
+    """A local POSIX account, as the password and group databases describe it."""
+
+    name: str
+    uid: int
+    gid: int
+    home: str
+    shell: str
+    group_ids: tuple[int, ...] = attrs.field(converter=_int_tuple, factory=tuple)
+    group_names: tuple[str, ...] = attrs.field(converter=_str_tuple, factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "uid": self.uid,
+            "gid": self.gid,
+            "home": self.home,
+            "shell": self.shell,
+            "groups": list(self.group_names),
+            "group_ids": list(self.group_ids),
+        }

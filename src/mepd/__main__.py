@@ -1,0 +1,5 @@
+"""``python -m mepd`` is the ``mepd`` command."""
+
+from mepd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""One module per ``mepd`` subcommand (see ``mepd.cli``)."""
