@@ -1,0 +1,1 @@
+"""The mep conformance runner (to be written)."""
