@@ -107,7 +107,13 @@ REASONS: Mapping[str, str] = MappingProxyType(
         "api.unavailable": "the service is unavailable",
         "api.endpoint_unknown": "no such endpoint",
         "settings.invalid": "the daemon settings are invalid",
+        "api.task_started": "the task has already started and cannot be cancelled",
+        "api.shutting_down": "the service is shutting down; try again later",
         "audit.unavailable": "the service cannot record this request and refuses it",
+        # client (mepcore.client): failures seen by the caller's side
+        "client.unavailable": "the service could not be reached",
+        "client.protocol_error": "the service sent an answer the client does not understand",
+        "client.unknown_reason": "the service refused the request",
     }
 )
 

@@ -55,7 +55,7 @@ class AccountPolicy:
     service accounts above ``min_uid``…).
     """
 
-    min_uid: int = 1000
+    min_uid: int = attrs.field(default=1000)
     daemon_uid: int | None = None
     deny: frozenset[str] = attrs.field(converter=_frozen_names, factory=frozenset)
 

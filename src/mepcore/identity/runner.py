@@ -110,7 +110,9 @@ def _communicate(
     timeout: float,
     max_output: int,
 ) -> CommandOutput:
-    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    assert proc.stderr is not None
     deadline = time.monotonic() + timeout
     stdout = bytearray()
     stderr = bytearray()
@@ -129,7 +131,7 @@ def _communicate(
         sel.register(pidfd, selectors.EVENT_READ)
         # Done when the program has exited and both pipes reached end of file; a
         # descendant that left the group and holds the pipes is covered by the deadline.
-        while not (exited and len(sel.get_map()) == 1):
+        while not (exited and not sel.get_map()):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise IdentityError(
@@ -144,6 +146,8 @@ def _communicate(
                         written = os.write(proc.stdin.fileno(), pending[:_CHUNK])
                     except BrokenPipeError:
                         written = len(pending)  # the program does not want the rest
+                    except BlockingIOError:
+                        written = 0
                     pending = pending[written:]
                     if not pending:
                         sel.unregister(proc.stdin)

@@ -1,1 +1,58 @@
-"""Task envelopes, serialization, executor and engines (to be written)."""
+"""Task execution: envelopes, serialization, the executor and its engines.
+
+- ``pack_function`` / ``pack_args`` / ``unpack_value``: dill (or pickle) behind a closed
+  registry of strategies (``STRATEGIES``), each payload tagged with its strategy;
+- ``TaskEnvelope`` / ``ResultEnvelope`` / ``RemoteError``: frozen, versioned values with
+  a JSON-able header and opaque payload bytes;
+- ``Executor``: enforces ``allowed_functions``, the function cache and the limits
+  (``ExecutorLimits``), and runs tasks on one engine: threads, a process pool, or
+  Parsl's HighThroughputExecutor (imported only when configured);
+- ``unpack_result``: the client-side helper that returns a value or raises
+  ``RemoteTaskError``.
+
+Importing this package starts nothing and imports neither Parsl nor the engines.
+"""
+
+from mepcore.tasks.engine import Engine, ExecutorLimits, Job
+from mepcore.tasks.envelopes import (
+    ENVELOPE_VERSION,
+    RemoteError,
+    RemoteTaskError,
+    ResultEnvelope,
+    TaskEnvelope,
+    unpack_result,
+)
+from mepcore.tasks.executor import ENGINE_TYPES, Executor, build_engine
+from mepcore.tasks.serialization import (
+    DEFAULT_STRATEGY,
+    STRATEGIES,
+    Strategy,
+    function_id_of,
+    pack_args,
+    pack_function,
+    pack_value,
+    unpack_value,
+)
+
+__all__ = [
+    "DEFAULT_STRATEGY",
+    "ENGINE_TYPES",
+    "ENVELOPE_VERSION",
+    "STRATEGIES",
+    "Engine",
+    "Executor",
+    "ExecutorLimits",
+    "Job",
+    "RemoteError",
+    "RemoteTaskError",
+    "ResultEnvelope",
+    "Strategy",
+    "TaskEnvelope",
+    "build_engine",
+    "function_id_of",
+    "pack_args",
+    "pack_function",
+    "pack_value",
+    "unpack_result",
+    "unpack_value",
+]

@@ -1,0 +1,497 @@
+"""``Client``: one method per call of mepd's HTTP API, with retries where they are safe.
+
+The client speaks JSON over HTTP(S) with ``httpx``, authenticates with a bearer token,
+verifies TLS certificates by default (``verify=False`` or a CA bundle are explicit
+choices), and retries transient failures with ``tenacity``:
+
+- connection failures before a request reached the server, 429 and 503 (the daemon
+  refused the request without acting on it; ``Retry-After`` is honoured) are retried for
+  every call;
+- 502, 504, timeouts and connections dropped mid-request are retried only for calls
+  that are safe to repeat (reads, waiting, cancelling, stopping, and registering a
+  function, which is content-addressed). ``submit`` is not idempotent — a repeated
+  batch would run twice — so it is never retried once the request may have arrived;
+- any other 4xx is raised at once as ``RequestRefused`` with the server's reason code
+  and message.
+
+``token_from_environment`` is the one place where mepcore reads the process
+environment (``MEP_TOKEN``), on purpose and only when the caller passed no token.
+
+This module deliberately knows nothing of futures or threads: ``Executor`` builds on
+it. It imports nothing server-side.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import inspect
+import math
+import os
+import platform
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import attrs
+import dill
+import httpx
+import tenacity
+
+from mepcore.client.errors import (
+    ClientError,
+    RequestRefused,
+    ServiceUnavailable,
+)
+from mepcore.client.records import TaskRecord, WaitReport
+from mepcore.client.serialize import pack_args, pack_function
+from mepcore.errors import Violation
+
+TOKEN_VARIABLE = "MEP_TOKEN"  # noqa: S105 - the name of a variable, not a secret
+URL_VARIABLE = "MEP_URL"
+
+# Statuses the daemon uses to refuse a request it did not act on.
+_REFUSED_UNPROCESSED = frozenset({429, 503})
+# Statuses a proxy may return after the daemon did receive the request.
+_GATEWAY = frozenset({502, 504})
+
+
+def token_from_environment() -> str | None:
+    """The bearer token in ``MEP_TOKEN``, or None. The only environment read in mepcore:
+    the client is the caller's own process, where the environment is the usual way to
+    hand it a credential without writing it into code."""
+    value = os.environ.get(TOKEN_VARIABLE, "").strip()
+    return value or None
+
+
+def url_from_environment() -> str | None:
+    """The daemon's URL in ``MEP_URL``, or None (read only by ``Client.from_environment``)."""
+    value = os.environ.get(URL_VARIABLE, "").strip()
+    return value or None
+
+
+def user_runtime() -> dict[str, str]:
+    """What the daemon may want to know of the caller's interpreter (informational)."""
+    return {
+        "python_version": platform.python_version(),
+        "dill_version": str(getattr(dill, "__version__", "unknown")),
+    }
+
+
+@attrs.frozen
+class RetryPolicy:
+    """How transient failures are retried: at most ``attempts`` tries in ``deadline``
+    seconds, waiting exponentially from ``initial_wait`` up to ``max_wait`` (with
+    jitter), or what the server's ``Retry-After`` asks, up to ``max_retry_after``."""
+
+    attempts: int = 8
+    deadline: float = 60.0
+    initial_wait: float = 0.1
+    max_wait: float = 5.0
+    max_retry_after: float = 60.0
+
+    @classmethod
+    def never(cls) -> RetryPolicy:
+        return cls(attempts=1)
+
+
+@attrs.frozen
+class TaskRequest:
+    """One task of a batch: a registered function's id and its packed arguments."""
+
+    function_id: str
+    args: bytes = attrs.field(repr=lambda b: f"<{len(b)} bytes>")
+    walltime: float | None = None
+
+    @classmethod
+    def pack(
+        cls,
+        function_id: str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        walltime: float | None = None,
+    ) -> TaskRequest:
+        return cls(function_id, pack_args(tuple(args), dict(kwargs or {})), walltime)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "function_id": self.function_id,
+            "args": base64.b64encode(self.args).decode("ascii"),
+        }
+        if self.walltime is not None:
+            out["walltime"] = self.walltime
+        return out
+
+
+class _Transient(Exception):
+    """A failure worth another try; ``maybe_processed`` when the server may have acted."""
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        maybe_processed: bool,
+        refused: RequestRefused | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.maybe_processed = maybe_processed
+        self.refused = refused
+        self.retry_after = retry_after
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - time.time()
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def _refusal(response: httpx.Response) -> RequestRefused:
+    """The server's ``{"error": {...}}`` as an exception (or a generic one if absent)."""
+    reason, message, violations = "client.unknown_reason", "", []
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    error = body.get("error") if isinstance(body, Mapping) else None
+    if isinstance(error, Mapping):
+        if isinstance(error.get("reason"), str):
+            reason = error["reason"]
+        if isinstance(error.get("message"), str):
+            message = error["message"]
+        for item in error.get("violations") or ():
+            if isinstance(item, Mapping):
+                violations.append(
+                    Violation(
+                        str(item.get("path", "$")),
+                        str(item.get("message", "")),
+                        str(item.get("code", "invalid")),
+                    )
+                )
+    return RequestRefused(
+        response.status_code,
+        reason,
+        message or response.reason_phrase or f"HTTP {response.status_code}",
+        violations=violations,
+        retry_after=_retry_after(response),
+    )
+
+
+def _base_url(value: object) -> str:
+    return str(value).rstrip("/")
+
+
+def _function_source(fn: Callable[..., Any]) -> str | None:
+    """The function's source text, sent for the audit trail when it can be found."""
+    try:
+        return inspect.getsource(fn)
+    except (OSError, TypeError):
+        return None
+
+
+@attrs.define
+class Client:
+    """A connection to one mepd service.
+
+    ``url`` is the service's base URL (``https://mep.example.org``). ``token`` is the
+    bearer token; when None, ``MEP_TOKEN`` is read (``token_from_environment``).
+    ``verify`` is True (the system's CA store), False (no verification — for tests
+    only), or the path of a CA bundle; ``ca_bundle`` is the same as passing a path.
+    ``timeout`` bounds each request (a long poll adds its own wait to it). The HTTP
+    connection pool is created on first use and released by ``close()``. Safe to use
+    from several threads at once.
+    """
+
+    url: str = attrs.field(converter=_base_url)
+    token: str | None = attrs.field(default=None, repr=False)
+    verify: bool | str = attrs.field(default=True, kw_only=True)
+    ca_bundle: str | None = attrs.field(default=None, kw_only=True)
+    timeout: float = attrs.field(default=30.0, kw_only=True)
+    retry: RetryPolicy = attrs.field(factory=RetryPolicy, kw_only=True)
+    transport: httpx.BaseTransport | None = attrs.field(default=None, kw_only=True, repr=False)
+    _http: httpx.Client | None = attrs.field(default=None, init=False, repr=False)
+    _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self.token is None:
+            self.token = token_from_environment()
+        if not self.url.startswith(("http://", "https://")):
+            raise ClientError("mep.invalid_input", f"the service URL must be http(s): {self.url}")
+
+    @classmethod
+    def from_environment(cls, url: str | None = None, **options: Any) -> Client:
+        """A client for ``url`` (or ``MEP_URL``) with the token in ``MEP_TOKEN``."""
+        found = url or url_from_environment()
+        if not found:
+            raise ClientError("mep.invalid_input", f"no service URL given and {URL_VARIABLE} unset")
+        return cls(found, token_from_environment(), **options)
+
+    # -- connection ----------------------------------------------------------------
+
+    def _connection(self) -> httpx.Client:
+        with self._lock:
+            if self._http is None:
+                verify: bool | ssl.SSLContext = bool(self.verify)
+                bundle = self.ca_bundle or (self.verify if isinstance(self.verify, str) else None)
+                if bundle:
+                    verify = ssl.create_default_context(cafile=bundle)
+                headers = {"User-Agent": "mep-client/0.1"}
+                if self.token:
+                    headers["Authorization"] = f"Bearer {self.token}"
+                self._http = httpx.Client(
+                    base_url=self.url,
+                    headers=headers,
+                    verify=verify,
+                    timeout=self.timeout,
+                    transport=self.transport,
+                    limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
+                )
+            return self._http
+
+    def close(self) -> None:
+        """Release the connection pool; the client can be used again afterwards."""
+        with self._lock:
+            http, self._http = self._http, None
+        if http is not None:
+            http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- one request, with retries -------------------------------------------------
+
+    def _send_once(
+        self, method: str, path: str, body: Any, timeout: float | None
+    ) -> httpx.Response:
+        http = self._connection()
+        try:
+            response = http.request(
+                method,
+                path,
+                json=body,
+                timeout=self.timeout if timeout is None else timeout,
+            )
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            # No connection was made: the server cannot have seen the request.
+            raise _Transient(f"{type(exc).__name__}: {exc}", maybe_processed=False) from exc
+        except httpx.TransportError as exc:
+            raise _Transient(f"{type(exc).__name__}: {exc}", maybe_processed=True) from exc
+        status = response.status_code
+        if status in _REFUSED_UNPROCESSED or status in _GATEWAY:
+            refused = _refusal(response)
+            raise _Transient(
+                str(refused),
+                maybe_processed=status in _GATEWAY,
+                refused=refused,
+                retry_after=refused.retry_after,
+            )
+        if status >= 400:
+            raise _refusal(response)
+        return response
+
+    def _wait_before_retry(self, state: tenacity.RetryCallState) -> float:
+        failure = state.outcome.exception() if state.outcome else None
+        hinted = getattr(failure, "retry_after", None)
+        if hinted is not None:
+            return float(min(hinted, self.retry.max_retry_after))
+        # "Full jitter": a random wait up to the exponential bound, so many clients
+        # that failed together do not come back together.
+        backoff = tenacity.wait_random_exponential(
+            multiplier=self.retry.initial_wait, max=self.retry.max_wait
+        )
+        return float(backoff(state))
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        idempotent: bool,
+        timeout: float | None = None,
+    ) -> Any:
+        """Send one API request and return its JSON body, retrying transient failures
+        (every one if ``idempotent``, otherwise only those the server did not act on)."""
+
+        def retryable(exc: BaseException) -> bool:
+            return isinstance(exc, _Transient) and (idempotent or not exc.maybe_processed)
+
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(retryable),
+            stop=(
+                tenacity.stop_after_attempt(self.retry.attempts)
+                | tenacity.stop_after_delay(self.retry.deadline)
+            ),
+            wait=self._wait_before_retry,
+            reraise=True,
+        )
+        try:
+            response = retrying(self._send_once, method, path, body, timeout)
+        except _Transient as exc:
+            if exc.refused is not None:
+                raise exc.refused from exc
+            raise ServiceUnavailable(
+                "client.unavailable", f"{method} {path}: {exc}"
+            ) from exc.__cause__
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise ClientError(
+                "client.protocol_error", f"{method} {path}: the answer is not JSON"
+            ) from exc
+
+    # -- the API -------------------------------------------------------------------
+
+    def register_payload(
+        self, payload: bytes, *, name: str | None = None, source: str | None = None
+    ) -> str:
+        """Register an already packed function; returns the id the daemon gave it."""
+        body: dict[str, Any] = {"function": base64.b64encode(payload).decode("ascii")}
+        if name:
+            body["name"] = name
+        if source:
+            body["source"] = source
+        answer = self.request("POST", "/v1/functions", body, idempotent=True)
+        function_id = answer.get("function_id") if isinstance(answer, Mapping) else None
+        if not isinstance(function_id, str):
+            raise ClientError("client.protocol_error", "register: no function_id in the answer")
+        return function_id
+
+    def register_function(self, fn: Callable[..., Any], *, name: str | None = None) -> str:
+        """Serialize ``fn`` with dill and register it; returns its id (the sha256 of the
+        serialized bytes; registering the same function again returns the same id)."""
+        _, payload = pack_function(fn)
+        label = name or getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
+        return self.register_payload(payload, name=label, source=_function_source(fn))
+
+    def submit_batch(
+        self,
+        endpoint: str,
+        tasks: Sequence[TaskRequest],
+        *,
+        user_endpoint_config: Mapping[str, Any] | None = None,
+    ) -> list[str]:
+        """Submit several tasks in one request; returns their task ids in order.
+
+        Not retried once the request may have reached the daemon (see the module
+        docstring): a ``ServiceUnavailable`` from here means the batch may or may not
+        have been accepted.
+        """
+        if not tasks:
+            return []
+        body = {
+            "user_endpoint_config": dict(user_endpoint_config or {}),
+            "user_runtime": user_runtime(),
+            "tasks": [task.to_json() for task in tasks],
+        }
+        answer = self.request(
+            "POST", f"/v1/endpoints/{_segment(endpoint)}/submit", body, idempotent=False
+        )
+        ids = answer.get("task_ids") if isinstance(answer, Mapping) else None
+        if (
+            not isinstance(ids, list)
+            or len(ids) != len(tasks)
+            or not all(isinstance(i, str) for i in ids)
+        ):
+            raise ClientError("client.protocol_error", "submit: the answer lacks the task ids")
+        return list(ids)
+
+    def submit(
+        self,
+        endpoint: str,
+        function_id: str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        user_endpoint_config: Mapping[str, Any] | None = None,
+        walltime: float | None = None,
+    ) -> str:
+        """Submit one call of a registered function; returns the task id."""
+        task = TaskRequest.pack(function_id, args, kwargs, walltime=walltime)
+        return self.submit_batch(endpoint, [task], user_endpoint_config=user_endpoint_config)[0]
+
+    def get_task(self, task_id: str) -> TaskRecord:
+        """The task's current record (state, and its result or error once final)."""
+        answer = self.request("GET", f"/v1/tasks/{_segment(task_id)}", idempotent=True)
+        return TaskRecord.from_mapping(answer)
+
+    def wait_report(self, task_ids: Iterable[str], timeout: float = 10.0) -> WaitReport:
+        """Long-poll ``POST /v1/tasks/wait``: returns as soon as at least one of
+        ``task_ids`` is final (or after ``timeout`` seconds) with the final ones, the
+        pending ones and the ones the daemon does not know."""
+        ids = list(task_ids)
+        if not ids:
+            return WaitReport(())
+        answer = self.request(
+            "POST",
+            "/v1/tasks/wait",
+            {"task_ids": ids, "timeout": timeout},
+            idempotent=True,
+            timeout=self.timeout + timeout,
+        )
+        return WaitReport.from_mapping(answer)
+
+    def wait(self, task_ids: Iterable[str], timeout: float = 10.0) -> list[TaskRecord]:
+        """The records of those of ``task_ids`` that are final, as soon as at least one
+        is, or an empty list after ``timeout`` seconds (see ``wait_report``)."""
+        return list(self.wait_report(task_ids, timeout).tasks)
+
+    def get_result(self, task_id: str, timeout: float | None = None) -> Any:
+        """The task's value, waiting for it up to ``timeout`` seconds (None: no limit).
+
+        Raises ``RemoteException`` if the function raised, ``TaskInfrastructureError``
+        if the task failed for another reason, ``TimeoutError`` if it is not done in time.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        record = self.get_task(task_id)
+        while not record.done:
+            left = 10.0 if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"task {task_id} is not finished ({record.state})")
+            found = self.wait([task_id], timeout=min(10.0, left))
+            if found:
+                record = found[0]
+        return record.outcome()
+
+    def cancel(self, task_id: str) -> bool:
+        """Cancel a task that has not started; True if it is now cancelled, False if it
+        had already started or finished (the daemon answered 409)."""
+        try:
+            answer = self.request("DELETE", f"/v1/tasks/{_segment(task_id)}", idempotent=True)
+        except RequestRefused as exc:
+            if exc.status == 409:
+                return False
+            raise
+        state = answer.get("state", answer.get("status")) if isinstance(answer, Mapping) else None
+        return state in (None, "cancelled")
+
+    def status(self, endpoint: str) -> Any:
+        """The caller's user endpoints on ``endpoint`` (config key, state, pid, started,
+        idle since), as the daemon's JSON."""
+        return self.request("GET", f"/v1/endpoints/{_segment(endpoint)}/status", idempotent=True)
+
+    def stop(self, endpoint: str) -> Any:
+        """Stop the caller's user endpoints on ``endpoint``; the daemon's JSON answer."""
+        return self.request("POST", f"/v1/endpoints/{_segment(endpoint)}/stop", {}, idempotent=True)
+
+
+def _segment(value: str) -> str:
+    """A path segment, refused if it could change the path (ids and names never do)."""
+    if not value or "/" in value or value in (".", "..") or "?" in value or "#" in value:
+        raise ClientError("mep.invalid_input", f"not a valid name or id: {value[:80]!r}")
+    return value

@@ -1,0 +1,324 @@
+"""The endpoint configuration a template produces: its schema and its frozen form.
+
+``parse_endpoint_config`` loads the rendered YAML safely (duplicate keys and aliases
+refused), validates it against the project's endpoint-config JSON Schema (unknown keys
+are errors that name the key; ``high_assurance`` may not come from a template), fills
+in documented defaults and returns an ``EndpointConfig``. It deliberately does not
+build engines or providers: ``mepcore.tasks`` consumes ``EngineConfig.to_dict()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+import attrs
+
+from mepcore.config.limits import RenderLimits
+from mepcore.config.render import DEFAULT_TEMPLATE_NAME, MappedIdentity, render_template
+from mepcore.config.variables import MAX_VIOLATIONS, schema_validator, schema_violations
+from mepcore.config.yamlsafe import YamlLoadError, load_yaml
+from mepcore.errors import ConfigError, Violation
+
+ENGINE_TYPES = ("ThreadPoolEngine", "ProcessPoolEngine", "GlobusComputeEngine")
+PROVIDER_TYPES = (
+    "LocalProvider",
+    "SlurmProvider",
+    "PBSProProvider",
+    "TorqueProvider",
+    "CondorProvider",
+    "GridEngineProvider",
+    "LSFProvider",
+)
+LAUNCHER_TYPES = (
+    "SimpleLauncher",
+    "SingleNodeLauncher",
+    "SrunLauncher",
+    "SrunMPILauncher",
+    "AprunLauncher",
+    "JsrunLauncher",
+    "MpiExecLauncher",
+    "MpiRunLauncher",
+    "GnuParallelLauncher",
+    "WrappedLauncher",
+)
+
+DEFAULT_ENGINE_TYPE = "ProcessPoolEngine"
+DEFAULT_HEARTBEAT_PERIOD = 30.0
+DEFAULT_IDLE_HEARTBEATS_SOFT = 10
+DEFAULT_IDLE_HEARTBEATS_HARD = 5760
+
+_STRING = {"type": "string", "maxLength": 65_536}
+_NAME = {"type": "string", "minLength": 1, "maxLength": 256}
+_COUNT = {"type": "integer", "minimum": 0, "maximum": 100_000}
+_POSITIVE = {"type": "integer", "minimum": 1, "maximum": 100_000}
+_WALLTIME = {"type": "string", "pattern": r"^([0-9]+-)?[0-9]{1,3}(:[0-5][0-9]){0,2}$"}
+
+
+def _engine_schema(engine_type: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {"type": {"const": engine_type}, **options},
+        "additionalProperties": False,
+    }
+
+
+def endpoint_config_schema() -> dict[str, Any]:
+    """The JSON Schema (2020-12) of a rendered endpoint config (a fresh copy each call)."""
+    launcher = {
+        "type": "object",
+        "required": ["type"],
+        "properties": {
+            "type": {"enum": list(LAUNCHER_TYPES)},
+            "debug": {"type": "boolean"},
+            "overrides": _STRING,
+            "prepend": _STRING,
+            "bind_cmd": _STRING,
+            "rank_cmd": _STRING,
+        },
+        "additionalProperties": False,
+    }
+    provider = {
+        "type": "object",
+        "required": ["type"],
+        "properties": {
+            "type": {"enum": list(PROVIDER_TYPES)},
+            "launcher": launcher,
+            # batch-system placement
+            "partition": _NAME,
+            "account": _NAME,
+            "qos": _NAME,
+            "queue": _NAME,
+            "project": _NAME,
+            "constraint": _NAME,
+            "clusters": _NAME,
+            "select_options": _STRING,
+            "scheduler_options": _STRING,
+            "worker_init": _STRING,
+            "walltime": _WALLTIME,
+            "exclusive": {"type": "boolean"},
+            "request_by_nodes": {"type": "boolean"},
+            "nodes_per_block": _POSITIVE,
+            "cores_per_node": _POSITIVE,
+            "cpus_per_node": _POSITIVE,
+            "mem_per_node": {"type": "number", "exclusiveMinimum": 0},
+            "gpus_per_node": _COUNT,
+            # elasticity
+            "init_blocks": _COUNT,
+            "min_blocks": _COUNT,
+            "max_blocks": _COUNT,
+            "parallelism": {"type": "number", "minimum": 0, "maximum": 1},
+            "cmd_timeout": {"type": "integer", "minimum": 1, "maximum": 3600},
+            "move_files": {"type": "boolean"},
+        },
+        "additionalProperties": False,
+    }
+    max_workers = {"max_workers": {"type": "integer", "minimum": 1, "maximum": 4096}}
+    engines = {
+        "ThreadPoolEngine": _engine_schema("ThreadPoolEngine", max_workers),
+        "ProcessPoolEngine": _engine_schema("ProcessPoolEngine", max_workers),
+        "GlobusComputeEngine": _engine_schema(
+            "GlobusComputeEngine",
+            {
+                "label": _NAME,
+                "max_workers_per_node": {"type": "integer", "minimum": 1, "maximum": 4096},
+                "max_workers": {"type": "integer", "minimum": 1, "maximum": 4096},
+                "cores_per_worker": {"type": "number", "exclusiveMinimum": 0},
+                "mem_per_worker": {"type": "number", "exclusiveMinimum": 0},
+                "available_accelerators": {
+                    "oneOf": [
+                        {"type": "integer", "minimum": 0, "maximum": 1024},
+                        {"type": "array", "items": _NAME, "maxItems": 1024},
+                    ]
+                },
+                "prefetch_capacity": _COUNT,
+                "heartbeat_period": {"type": "integer", "minimum": 1, "maximum": 3600},
+                "heartbeat_threshold": {"type": "integer", "minimum": 1, "maximum": 86_400},
+                "max_idletime": {"type": "number", "minimum": 0},
+                "worker_debug": {"type": "boolean"},
+                "provider": provider,
+            },
+        ),
+    }
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "mep endpoint configuration",
+        "type": "object",
+        "properties": {
+            "display_name": _NAME,
+            "engine": {
+                "type": "object",
+                "required": ["type"],
+                "properties": {"type": {"enum": list(ENGINE_TYPES)}},
+                "allOf": [
+                    {
+                        "if": {"properties": {"type": {"const": name}}, "required": ["type"]},
+                        "then": schema,
+                    }
+                    for name, schema in engines.items()
+                ],
+            },
+            "heartbeat_period": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
+            "idle_heartbeats_soft": {"type": "integer", "minimum": 0, "maximum": 10_000_000},
+            "idle_heartbeats_hard": {"type": "integer", "minimum": 0, "maximum": 10_000_000},
+            "endpoint_setup": {"type": ["string", "null"], "maxLength": 65_536},
+            "endpoint_teardown": {"type": ["string", "null"], "maxLength": 65_536},
+            "allowed_functions": {
+                "type": ["array", "null"],
+                "items": _NAME,
+                "maxItems": 10_000,
+                "uniqueItems": True,
+            },
+        },
+        "additionalProperties": False,
+    }
+
+
+def _freeze(value: Mapping[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType(dict(value))
+
+
+def _freeze_optional(value: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    return None if value is None else MappingProxyType(dict(value))
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _thaw(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_thaw(v) for v in value]
+    return value
+
+
+@attrs.frozen
+class EngineConfig:
+    """Which engine runs tasks, its options, and (Parsl engine) the provider."""
+
+    type: str
+    options: Mapping[str, Any] = attrs.field(converter=_freeze, factory=dict)
+    provider: Mapping[str, Any] | None = attrs.field(converter=_freeze_optional, default=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"type": …, **options, "provider": {"type": …, …}}`` as plain JSON data."""
+        out: dict[str, Any] = {"type": self.type, **_thaw(self.options)}
+        if self.provider is not None:
+            out["provider"] = _thaw(self.provider)
+        return out
+
+
+def _str_tuple(value: Any) -> tuple[str, ...] | None:
+    return None if value is None else tuple(value)
+
+
+@attrs.frozen
+class EndpointConfig:
+    """A validated user endpoint configuration, with defaults filled in."""
+
+    engine: EngineConfig = attrs.field(factory=lambda: EngineConfig(DEFAULT_ENGINE_TYPE))
+    idle_heartbeats_soft: int = DEFAULT_IDLE_HEARTBEATS_SOFT
+    idle_heartbeats_hard: int = DEFAULT_IDLE_HEARTBEATS_HARD
+    heartbeat_period: float = DEFAULT_HEARTBEAT_PERIOD
+    endpoint_setup: str | None = None
+    endpoint_teardown: str | None = None
+    allowed_functions: tuple[str, ...] | None = attrs.field(converter=_str_tuple, default=None)
+    display_name: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "engine": self.engine.to_dict(),
+            "idle_heartbeats_soft": self.idle_heartbeats_soft,
+            "idle_heartbeats_hard": self.idle_heartbeats_hard,
+            "heartbeat_period": self.heartbeat_period,
+            "endpoint_setup": self.endpoint_setup,
+            "endpoint_teardown": self.endpoint_teardown,
+            "allowed_functions": (
+                None if self.allowed_functions is None else list(self.allowed_functions)
+            ),
+            "display_name": self.display_name,
+        }
+
+    @classmethod
+    def from_mapping(cls, data: Any) -> EndpointConfig:
+        """Validate a loaded document (see ``parse_endpoint_config``) and convert it."""
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(
+                "config.endpoint_config_invalid",
+                "the endpoint configuration must be a mapping",
+                violations=[Violation("$", "must be a mapping", "type")],
+            )
+        found: list[Violation] = []
+        if "high_assurance" in data:
+            found.append(
+                Violation(
+                    "$.high_assurance",
+                    "high_assurance may not be set by a template",
+                    "forbidden_key",
+                )
+            )
+            data = {k: v for k, v in data.items() if k != "high_assurance"}
+        non_string = [k for k in data if not isinstance(k, str)]
+        for key in non_string:
+            found.append(Violation("$", f"key {key!r} is not a string", "type"))
+        if not non_string:
+            validator = schema_validator(endpoint_config_schema(), source="endpoint-config schema")
+            found.extend(schema_violations(validator, data))
+        if found:
+            raise ConfigError(
+                "config.endpoint_config_invalid",
+                f"{len(found)} problem(s), first {found[0].path}: {found[0].message}",
+                violations=found[:MAX_VIOLATIONS],
+            )
+        engine_data = dict(data.get("engine") or {"type": DEFAULT_ENGINE_TYPE})
+        engine_type = engine_data.pop("type")
+        provider = engine_data.pop("provider", None)
+        return cls(
+            engine=EngineConfig(type=engine_type, options=engine_data, provider=provider),
+            idle_heartbeats_soft=data.get("idle_heartbeats_soft", DEFAULT_IDLE_HEARTBEATS_SOFT),
+            idle_heartbeats_hard=data.get("idle_heartbeats_hard", DEFAULT_IDLE_HEARTBEATS_HARD),
+            heartbeat_period=float(data.get("heartbeat_period", DEFAULT_HEARTBEAT_PERIOD)),
+            endpoint_setup=data.get("endpoint_setup"),
+            endpoint_teardown=data.get("endpoint_teardown"),
+            allowed_functions=data.get("allowed_functions"),
+            display_name=data.get("display_name"),
+        )
+
+
+def parse_endpoint_config(yaml_text: str) -> EndpointConfig:
+    """Load rendered YAML and validate it; ``ConfigError`` with reason
+    ``config.yaml_invalid`` or ``config.endpoint_config_invalid`` (every violation)."""
+    try:
+        data = load_yaml(yaml_text)
+    except YamlLoadError as exc:
+        where = f"line {exc.line}, column {exc.column}" if exc.line else "$"
+        raise ConfigError(
+            "config.yaml_invalid",
+            str(exc),
+            violations=[Violation(where, exc.message, "yaml")],
+        ) from exc
+    return EndpointConfig.from_mapping(data)
+
+
+def render_endpoint_config(
+    template_text: str,
+    variables: Mapping[str, Any],
+    *,
+    mapped: MappedIdentity,
+    user_runtime: Mapping[str, Any] | None = None,
+    includes: Mapping[str, str] | None = None,
+    limits: RenderLimits = RenderLimits(),  # noqa: B008 - frozen, so sharing is safe
+    template_name: str = DEFAULT_TEMPLATE_NAME,
+) -> EndpointConfig:
+    """``render_template`` then ``parse_endpoint_config``."""
+    text = render_template(
+        template_text,
+        variables,
+        mapped=mapped,
+        user_runtime=user_runtime,
+        includes=includes,
+        limits=limits,
+        template_name=template_name,
+    )
+    return parse_endpoint_config(text)

@@ -1,0 +1,339 @@
+"""The identity mapper: a list of mapping documents, loaded once, applied per request.
+
+``IdentityMapper.from_file`` / ``from_json_text`` / ``from_documents`` read a JSON list
+of Globus Connect Server mapping documents (a single document is taken as a list of
+one), validate each with JSON Schema, compile every regex and template, and refuse
+anything wrong with ``IdentityConfigError`` (``identity.mapping_invalid``) whose
+violations name the document index and field (``$[1].mappings[0].match``).
+
+``IdentityMapper.map`` selects as Globus Compute does: the first mapper (document) with
+a result, within it the first matching rule, within that the first identity of the
+linked set. The ``MappingResult`` carries every candidate of the mappers it consulted.
+Mappers after the one that produced a result are not consulted (no program runs for
+nothing). A failing external program fails the whole mapping (``IdentityError``); the
+mappers after it are *not* tried, because a broken mapper must not silently hand the
+decision to a looser one.
+
+Deliberately not here: whether the produced name is an acceptable account
+(``check_account``) and any logging (the caller logs with the result or the error).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from os import PathLike
+from typing import Any
+
+import attrs
+
+from mepcore.errors import IdentityConfigError, IdentityError, Violation
+from mepcore.identity.expression import ExpressionMapper, ExpressionRule
+from mepcore.identity.external import ExternalMapper
+from mepcore.identity.runner import (
+    DEFAULT_MAX_OUTPUT,
+    DEFAULT_TIMEOUT,
+    CommandRunner,
+    SubprocessCommandRunner,
+)
+from mepcore.identity.schema import EXPRESSION_TYPE, document_violations, json_path
+from mepcore.identity.template import Template, TemplateSyntaxError
+from mepcore.types import IdentitySet
+
+MAX_MAPPING_FILE_BYTES = 4 * 1024 * 1024
+
+
+def _candidate_tuple(value: Sequence[Candidate]) -> tuple[Candidate, ...]:
+    return tuple(value)
+
+
+@attrs.frozen
+class Candidate:
+    """A name one rule (or external program) produced for one identity."""
+
+    identity: str
+    username: str
+    mapper: int
+    rule: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "identity": self.identity,
+            "username": self.username,
+            "mapper": self.mapper,
+            "rule": self.rule,
+        }
+
+
+@attrs.frozen
+class MappingResult:
+    """The outcome of a mapping: the chosen name (None if nothing matched) and why.
+
+    ``rule`` is None for an external program (it has no rules).
+    """
+
+    username: str | None
+    matched_identity: str | None
+    mapper: int | None
+    rule: int | None
+    candidates: tuple[Candidate, ...] = attrs.field(converter=_candidate_tuple, default=())
+
+    @classmethod
+    def from_candidates(cls, candidates: Sequence[Candidate]) -> MappingResult:
+        if not candidates:
+            return cls(None, None, None, None, ())
+        first = candidates[0]
+        return cls(first.username, first.identity, first.mapper, first.rule, candidates)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "username": self.username,
+            "matched_identity": self.matched_identity,
+            "mapper": self.mapper,
+            "rule": self.rule,
+            "candidates": [c.to_dict() for c in self.candidates],
+        }
+
+
+Mapper = ExpressionMapper | ExternalMapper
+
+
+@attrs.frozen
+class IdentityMapper:
+    """Mapping documents, compiled, plus how external programs are run."""
+
+    mappers: tuple[Mapper, ...]
+    source: str = "<mapping>"
+    runner: CommandRunner = attrs.field(factory=SubprocessCommandRunner)
+    timeout: float = attrs.field(default=DEFAULT_TIMEOUT)
+    max_output: int = attrs.field(default=DEFAULT_MAX_OUTPUT)
+
+    @timeout.validator
+    def _timeout_positive(self, _attr: object, value: float) -> None:
+        if not value > 0:
+            raise ValueError("timeout must be positive")
+
+    @max_output.validator
+    def _max_output_positive(self, _attr: object, value: int) -> None:
+        if value <= 0:
+            raise ValueError("max_output must be positive")
+
+    # -- loading -------------------------------------------------------------------
+
+    @classmethod
+    def from_documents(
+        cls,
+        docs: Any,
+        *,
+        source: str = "<mapping>",
+        runner: CommandRunner | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_output: int = DEFAULT_MAX_OUTPUT,
+        base_dir: str | None = None,
+    ) -> IdentityMapper:
+        """Validate and compile already-parsed JSON (a list of documents, or one).
+
+        ``base_dir`` (the mapping file's directory) is where a relative program path
+        such as ``./mapper.py`` is found; without it such paths are refused.
+        """
+        if isinstance(docs, Mapping):
+            docs = [docs]
+        if not isinstance(docs, list) or not docs:
+            raise _config_error(
+                source, [Violation("$", "expected a non-empty JSON list of mapping documents")]
+            )
+        violations: list[Violation] = []
+        mappers: list[Mapper] = []
+        for index, doc in enumerate(docs):
+            base = f"$[{index}]"
+            found = document_violations(doc, base)
+            if not found:
+                mapper, found = _compile(doc, base, base_dir)
+                if mapper is not None:
+                    mappers.append(mapper)
+            violations.extend(found)
+        if violations:
+            raise _config_error(source, violations)
+        return cls(
+            mappers=tuple(mappers),
+            source=source,
+            runner=runner if runner is not None else SubprocessCommandRunner(),
+            timeout=timeout,
+            max_output=max_output,
+        )
+
+    @classmethod
+    def from_json_text(
+        cls,
+        text: str | bytes,
+        *,
+        source: str = "<mapping>",
+        runner: CommandRunner | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_output: int = DEFAULT_MAX_OUTPUT,
+        base_dir: str | None = None,
+    ) -> IdentityMapper:
+        try:
+            docs = json.loads(
+                text, object_pairs_hook=_refuse_duplicate_keys, parse_constant=_refuse_constant
+            )
+        except (ValueError, RecursionError) as exc:
+            raise _config_error(source, [Violation("$", f"not valid JSON: {exc}", "json")]) from exc
+        return cls.from_documents(
+            docs,
+            source=source,
+            runner=runner,
+            timeout=timeout,
+            max_output=max_output,
+            base_dir=base_dir,
+        )
+
+    @classmethod
+    def from_file(
+        cls,
+        path: str | PathLike[str],
+        *,
+        runner: CommandRunner | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_output: int = DEFAULT_MAX_OUTPUT,
+    ) -> IdentityMapper:
+        source = str(path)
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read(MAX_MAPPING_FILE_BYTES + 1)
+        except OSError as exc:
+            raise IdentityConfigError(
+                "identity.mapping_invalid",
+                f"{source}: cannot read the mapping file: {exc.strerror or exc}",
+            ) from exc
+        if len(data) > MAX_MAPPING_FILE_BYTES:
+            raise _config_error(
+                source, [Violation("$", f"larger than {MAX_MAPPING_FILE_BYTES} bytes", "size")]
+            )
+        return cls.from_json_text(
+            data,
+            source=source,
+            runner=runner,
+            timeout=timeout,
+            max_output=max_output,
+            base_dir=os.path.dirname(os.path.abspath(path)),
+        )
+
+    # -- mapping -------------------------------------------------------------------
+
+    def map(self, identities: IdentitySet) -> MappingResult:
+        """Map a linked identity set; ``username`` is None when nothing matched.
+
+        Raises ``IdentityError`` (``identity.mapper_*``) when an external program fails.
+        """
+        for index, mapper in enumerate(self.mappers):
+            if isinstance(mapper, ExpressionMapper):
+                candidates = [
+                    Candidate(identity.id, name, index, rule)
+                    for rule, identity, name in mapper.matches(identities)
+                ]
+            else:
+                try:
+                    found = mapper.matches(
+                        identities, self.runner, timeout=self.timeout, max_output=self.max_output
+                    )
+                except IdentityError as exc:
+                    raise IdentityError(
+                        exc.reason,
+                        f"{self.source}: mapper $[{index}]: {exc.detail}",
+                        violations=exc.violations,
+                        context={**exc.context, "mapper": index},
+                    ) from exc
+                candidates = [Candidate(i.id, name, index, None) for i, name in found]
+            if candidates:
+                return MappingResult.from_candidates(candidates)
+        return MappingResult.from_candidates(())
+
+
+def _compile(
+    doc: Mapping[str, Any], base: str, base_dir: str | None
+) -> tuple[Mapper | None, list[Violation]]:
+    if doc["DATA_TYPE"] != EXPRESSION_TYPE:
+        command = tuple(doc["command"])
+        program = command[0]
+        if "/" in program and not program.startswith("/"):
+            # Never relative to the daemon's working directory (not the admin's idea of
+            # "here"): relative to the mapping file, or refused.
+            if base_dir is None:
+                return None, [
+                    Violation(
+                        json_path(base, ["command", 0]),
+                        "must be an absolute path, a bare program name found on PATH,"
+                        " or a path relative to the mapping file",
+                    )
+                ]
+            command = (os.path.normpath(os.path.join(base_dir, program)), *command[1:])
+        return ExternalMapper(command=command), []
+    rules: list[ExpressionRule] = []
+    violations: list[Violation] = []
+    for position, item in enumerate(doc["mappings"]):
+        path = json_path(base, ["mappings", position])
+        rule, found = _compile_rule(item, path)
+        violations.extend(found)
+        if rule is not None:
+            rules.append(rule)
+    return ExpressionMapper(rules=tuple(rules)), violations
+
+
+def _compile_rule(
+    item: Mapping[str, Any], path: str
+) -> tuple[ExpressionRule | None, list[Violation]]:
+    violations: list[Violation] = []
+    flags = re.IGNORECASE if item.get("ignore_case", False) else 0
+    text = item["match"]
+    pattern: re.Pattern[str] | None = None
+    try:
+        pattern = re.compile(re.escape(text) if item.get("literal", False) else text, flags)
+    except re.error as exc:
+        violations.append(Violation(f"{path}.match", f"not a valid regular expression: {exc}"))
+    source: Template | None = None
+    output: Template | None = None
+    try:
+        source = Template.parse(item["source"], allow_groups=False)
+    except TemplateSyntaxError as exc:
+        violations.append(Violation(f"{path}.source", str(exc)))
+    try:
+        output = Template.parse(item["output"], allow_groups=True)
+    except TemplateSyntaxError as exc:
+        violations.append(Violation(f"{path}.output", str(exc)))
+    if pattern is not None and output is not None and output.max_group >= pattern.groups:
+        violations.append(
+            Violation(
+                f"{path}.output",
+                f"uses group {{{output.max_group}}} but match has {pattern.groups} group(s)"
+                " ({0} is the first)",
+            )
+        )
+    if violations or pattern is None or source is None or output is None:
+        return None, violations
+    return ExpressionRule(source=source, pattern=pattern, output=output), []
+
+
+def _config_error(source: str, violations: Sequence[Violation]) -> IdentityConfigError:
+    first = violations[0]
+    more = f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""
+    return IdentityConfigError(
+        "identity.mapping_invalid",
+        f"{source}: {first.path}: {first.message}{more}",
+        violations=violations,
+    )
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")

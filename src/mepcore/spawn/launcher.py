@@ -1,0 +1,351 @@
+"""The launcher: execute a ``SpawnPlan``, set its limits, stop it with a ladder, reap it.
+
+``launch(plan, channel_fd)`` checks that the account can run the interpreter and read
+the packages, then starts the process with ``subprocess.Popen(user=, group=,
+extra_groups=, umask=0o077, start_new_session=True, close_fds=True, pass_fds=(channel,),
+env=, cwd=)``. ``preexec_fn`` is banned (it is unsafe with threads and runs Python in the
+child before the drop), so resource limits are applied twice: the plan's argv carries
+them (``--rlimit=NAME=VALUE``) and the user endpoint lowers its own limits right after
+proving the drop, before it reads its start message (lowering needs no privilege); and
+the launcher also sets them from the parent with ``resource.prlimit(pid, …)`` when it
+holds CAP_SYS_RESOURCE (containers often drop that capability; then the child's own
+setting is what counts). Either way no user code runs before the limits are in place:
+the user endpoint runs nothing of the user's before its start message, and the daemon
+sends that only after ``launch`` returns.
+
+The stop ladder asks over the channel (a callable supplied by the caller), then sends
+SIGTERM to the process group, then SIGKILL, each step with an injected grace period.
+Reaping kills what is left of the process's *session* (workers, stray children —
+``start_new_session`` makes the user endpoint the leader of both its session and its
+group) while the leader is still an unreaped zombie, so the session id cannot have been
+reused by then. Processes that escape with ``setsid`` are out of reach; cgroups would be
+needed for those (docs/user-endpoints.md).
+
+Deliberately not here: the channel protocol (mepd) and any decision about *when* to stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import resource
+import select
+import signal
+import subprocess
+import time
+from collections.abc import Awaitable, Callable
+
+import attrs
+
+from mepcore.errors import SpawnError
+from mepcore.spawn.access import check_runtime_readable
+from mepcore.spawn.plan import SpawnPlan
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+@attrs.define
+class LaunchedProcess:
+    """A running user endpoint process: its Popen, a pidfd to watch it, and its plan."""
+
+    popen: subprocess.Popen[bytes]
+    plan: SpawnPlan
+    pidfd: int
+    returncode: int | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def has_exited(self) -> bool:
+        """True once the process has exited (it may still be an unreaped zombie)."""
+        if self.returncode is not None:
+            return True
+        return self.wait_exit(0)
+
+    def wait_exit(self, timeout: float) -> bool:
+        """Block until the process exits or ``timeout`` passes; does not reap."""
+        if self.returncode is not None or self.pidfd < 0:
+            return True
+        poller = select.poll()
+        poller.register(self.pidfd, select.POLLIN)
+        return bool(poller.poll(max(0, int(timeout * 1000))))
+
+    async def wait_exit_async(self, timeout: float) -> bool:
+        """Wait in the event loop (no thread) until the process exits or ``timeout``."""
+        if self.has_exited():
+            return True
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        loop.add_reader(self.pidfd, readable)
+        try:
+            await asyncio.wait_for(asyncio.shield(done), timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            loop.remove_reader(self.pidfd)
+
+    def signal_group(self, sig: int) -> bool:
+        """Send ``sig`` to the process group; False when nothing is left to signal.
+
+        Safe against pid reuse as long as the leader has not been reaped: ``reap`` is the
+        only place that reaps it.
+        """
+        if self.returncode is not None:
+            return False
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def reap(self, *, deadline: float = 2.0) -> int | None:
+        """Kill what is left of the session, reap it, then reap the leader.
+
+        Call once the leader has exited (or to force it). Returns the exit status.
+        """
+        if self.returncode is not None:
+            return self.returncode
+        if not self.has_exited():
+            self.signal_group(signal.SIGKILL)
+            self.wait_exit(deadline)
+        kill_session(self.pid, deadline=deadline)
+        try:
+            self.returncode = self.popen.wait(timeout=deadline)
+        except subprocess.TimeoutExpired:
+            return None
+        self.close()
+        return self.returncode
+
+    def close(self) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
+def launch(plan: SpawnPlan, channel_fd: int, *, check_access: bool = True) -> LaunchedProcess:
+    """Start the user endpoint of ``plan`` with ``channel_fd`` as its only extra descriptor."""
+    if check_access:
+        check_runtime_readable(
+            plan.python,
+            plan.package_paths,
+            uid=plan.uid,
+            gids=plan.groups,
+            account=plan.account.name,
+        )
+    argv = [*plan.argv, "--channel-fd", str(channel_fd)]
+    identity: dict[str, object] = {}
+    if os.geteuid() == 0:
+        identity = {"user": plan.uid, "group": plan.gid, "extra_groups": list(plan.groups)}
+    elif os.geteuid() != plan.uid:
+        raise SpawnError(
+            "spawn.launch_failed",
+            f"the daemon runs as uid {os.geteuid()} and cannot start processes as {plan.uid}",
+        )
+    try:
+        popen = subprocess.Popen(  # type: ignore[call-overload]
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=None if plan.inherit_stderr else subprocess.DEVNULL,
+            env=dict(plan.env),
+            cwd=plan.cwd,
+            umask=plan.umask,
+            start_new_session=True,
+            close_fds=True,
+            pass_fds=(channel_fd,),
+            **identity,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise SpawnError(
+            "spawn.launch_failed",
+            f"starting the user endpoint of {plan.account.name} failed: {exc}",
+        ) from exc
+    assert isinstance(popen, subprocess.Popen)
+    try:
+        pidfd = os.pidfd_open(popen.pid)
+    except OSError as exc:  # pragma: no cover - pidfd exists since Linux 5.3
+        popen.kill()
+        popen.wait()
+        raise SpawnError("spawn.launch_failed", f"pidfd_open failed: {exc}") from exc
+    process = LaunchedProcess(popen=popen, plan=plan, pidfd=pidfd)
+    try:
+        apply_limits(popen.pid, plan)
+    except OSError as exc:
+        process.signal_group(signal.SIGKILL)
+        process.reap()
+        raise SpawnError("spawn.launch_failed", f"setting resource limits failed: {exc}") from exc
+    return process
+
+
+def apply_limits(pid: int, plan: SpawnPlan) -> bool:
+    """Set the plan's limits on ``pid`` from outside; False without CAP_SYS_RESOURCE
+    (the user endpoint then relies on setting them itself, from its argv)."""
+    for name, value in plan.limits.items():
+        try:
+            resource.prlimit(pid, getattr(resource, name), (value, value))
+        except PermissionError:
+            return False
+        except ProcessLookupError:
+            return False  # already gone: the registry notices through its pidfd
+    return True
+
+
+def session_members(sid: int) -> list[int]:
+    """Pids of processes in session ``sid`` other than ``sid`` itself (zombies too)."""
+    members: list[int] = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:  # pragma: no cover - Linux always has /proc
+        return members
+    for entry in entries:
+        if not entry.isdigit() or int(entry) == sid:
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                raw = fh.read()
+        except OSError:
+            continue
+        # The command name may contain spaces and parentheses: fields start after the
+        # last ')'. Then: state ppid pgrp session …
+        fields = raw[raw.rfind(b")") + 2 :].split()
+        if len(fields) > 3 and int(fields[3]) == sid:
+            members.append(int(entry))
+    return members
+
+
+def kill_session(sid: int, *, deadline: float = 2.0, rounds: int = 8) -> list[int]:
+    """SIGKILL every other process of session ``sid`` and reap those that are our children.
+
+    Returns the pids still present at the end (unreapable zombies of another parent, or
+    nothing). Bounded by ``rounds`` and ``deadline``.
+    """
+    end = time.monotonic() + deadline
+    remaining: list[int] = []
+    for _ in range(rounds):
+        remaining = session_members(sid)
+        if not remaining or time.monotonic() >= end:
+            break
+        fds: list[int] = []
+        for pid in remaining:
+            with contextlib.suppress(OSError):
+                fds.append(os.pidfd_open(pid))
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        pending = set(fds)
+        while pending and time.monotonic() < end:
+            for fd, _ in poller.poll(max(1, int((end - time.monotonic()) * 1000))):
+                pending.discard(fd)
+                poller.unregister(fd)
+        for fd in fds:
+            os.close(fd)
+        reaped_any = False
+        for pid in remaining:
+            try:
+                got, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                continue
+            reaped_any = reaped_any or got == pid
+        if not reaped_any and not pending:
+            # Everything left is dead but not ours to reap (or already gone).
+            remaining = session_members(sid)
+            if not remaining or all(_is_zombie_of_other(pid) for pid in remaining):
+                break
+    return remaining
+
+
+def _is_zombie_of_other(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            raw = fh.read()
+    except OSError:
+        return True
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    return fields[0] == b"Z" and int(fields[1]) != os.getpid()
+
+
+def become_subreaper() -> bool:
+    """Make this process the reaper of orphaned descendants (PR_SET_CHILD_SUBREAPER).
+
+    Without it, workers of a user endpoint that died first are re-parented to PID 1,
+    which in some containers never reaps them. Returns False when prctl is unavailable.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        return False
+
+
+@attrs.frozen
+class StopOutcome:
+    """How the ladder ended: ``exited`` (already gone), ``asked``, ``terminated``, ``killed``."""
+
+    step: str
+    returncode: int | None
+
+
+async def stop_ladder(
+    process: LaunchedProcess,
+    *,
+    ask: Callable[[], Awaitable[None] | None] | None,
+    grace: float,
+    kill_grace: float = 2.0,
+) -> StopOutcome:
+    """Ask, then SIGTERM the group, then SIGKILL it; reap. Each step waits ``grace``."""
+    step = "exited"
+    if not process.has_exited():
+        step = "asked"
+        exited = False
+        if ask is not None:
+            with contextlib.suppress(Exception):
+                pending = ask()
+                if pending is not None:
+                    await asyncio.wait_for(pending, grace)
+            exited = await process.wait_exit_async(grace)
+        if not exited:
+            step = "terminated"
+            process.signal_group(signal.SIGTERM)
+            if not await process.wait_exit_async(grace):
+                step = "killed"
+                process.signal_group(signal.SIGKILL)
+                await process.wait_exit_async(kill_grace)
+    returncode = await asyncio.to_thread(process.reap, deadline=kill_grace)
+    return StopOutcome(step, returncode)
+
+
+def stop_ladder_blocking(
+    process: LaunchedProcess,
+    *,
+    ask: Callable[[], None] | None,
+    grace: float,
+    kill_grace: float = 2.0,
+) -> StopOutcome:
+    """The same ladder for callers without an event loop (tools, benchmarks)."""
+    step = "exited"
+    if not process.has_exited():
+        step = "asked"
+        exited = False
+        if ask is not None:
+            with contextlib.suppress(Exception):
+                ask()
+            exited = process.wait_exit(grace)
+        if not exited:
+            step = "terminated"
+            process.signal_group(signal.SIGTERM)
+            if not process.wait_exit(grace):
+                step = "killed"
+                process.signal_group(signal.SIGKILL)
+                process.wait_exit(kill_grace)
+    return StopOutcome(step, process.reap(deadline=kill_grace))

@@ -1,0 +1,110 @@
+"""The audit log: JSON lines, one event per line, in a root-owned file of mode 0600.
+
+Events: authentication failures, mapping results, authorization decisions (with the
+responsible policy line), user endpoint start and stop, task received / started /
+finished. Many events can be written with one ``write`` system call (``record_many``)
+so that task events keep up with the task rate, still one line per task.
+
+If a write fails the log turns *unavailable* and raises ``AuditUnavailable``; the
+daemon then refuses new work (503 ``audit.unavailable``) rather than continue blind.
+Every later record tries again, so an operator who frees the disk restores service.
+This module deliberately holds no policy about *which* events to record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import attrs
+
+from mepcore.errors import MepError
+
+
+class AuditUnavailable(MepError):
+    default_reason = "audit.unavailable"
+
+
+class AuditSink(Protocol):
+    """What the pipeline needs from an audit log (tests pass a failing one)."""
+
+    @property
+    def available(self) -> bool: ...
+
+    def record(self, event: str, **fields: Any) -> None: ...
+
+    def record_many(self, events: Iterable[tuple[str, Mapping[str, Any]]]) -> None: ...
+
+
+def _line(event: str, fields: Mapping[str, Any], now: float) -> bytes:
+    doc = {"ts": round(now, 6), "event": event, **fields}
+    return json.dumps(doc, separators=(",", ":"), default=str).encode() + b"\n"
+
+
+@attrs.define
+class AuditLog:
+    """An append-only JSON-lines file. ``open()`` must be called before recording."""
+
+    path: Path
+    _fd: int | None = None
+    _failed: bool = False
+
+    def open(self) -> None:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(self.path, flags, 0o600)
+        except OSError as exc:
+            self._failed = True
+            raise AuditUnavailable(detail=f"cannot open audit log {self.path}: {exc}") from exc
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            self._failed = True
+            raise AuditUnavailable(detail=f"audit log {self.path} is not a regular file")
+        if info.st_uid == os.geteuid():
+            # The file may predate us with a laxer mode; the audit trail is root's only.
+            os.fchmod(fd, 0o600)
+        self._fd = fd
+        self._failed = False
+
+    @property
+    def available(self) -> bool:
+        return self._fd is not None and not self._failed
+
+    def record(self, event: str, **fields: Any) -> None:
+        self._write(_line(event, fields, time.time()))
+
+    def record_many(self, events: Iterable[tuple[str, Mapping[str, Any]]]) -> None:
+        now = time.time()
+        data = b"".join(_line(event, fields, now) for event, fields in events)
+        if data:
+            self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        if self._fd is None:
+            raise AuditUnavailable(detail="audit log is not open")
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError as exc:
+            self._failed = True
+            raise AuditUnavailable(detail=f"cannot write audit log {self.path}: {exc}") from exc
+        self._failed = False
+
+    def reopen(self) -> None:
+        """Reopen the file (after log rotation moved it away)."""
+        self.close()
+        self.open()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

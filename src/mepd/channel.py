@@ -1,0 +1,421 @@
+"""The channel between the daemon and one user endpoint: frames on a socketpair.
+
+A frame is ``u32 length | u32 header length | header (JSON object, UTF-8) | body``; both
+lengths are big-endian and ``length`` counts everything after itself. The header carries
+the protocol version ``v``, the message ``kind`` and, when the frame has a body, ``sizes``:
+the byte lengths of the opaque parts (task or result payloads) concatenated in the body.
+One frame carries a *batch* (many task headers and payloads, many results), which is what
+makes 10k tasks/s possible without a syscall per task.
+
+Both ends use the same incremental ``FrameDecoder``: the daemon feeds it from an asyncio
+protocol (``AsyncChannel``), the user endpoint from a blocking socket
+(``BlockingChannel``). Neither end trusts the other: frame and header sizes are bounded,
+the header must be a JSON object of a known version and kind with bounded ``sizes``, and a
+malformed frame raises ``ChannelError`` — the caller then ends the connection and logs why.
+Per-kind field validation (task ids, start messages…) is done by the code that consumes
+the kind, with hand-written checks rather than JSON Schema because this is the hot path.
+
+Deliberately not here: what a payload means. Payloads are opaque bytes on both sides of
+this module; only the user endpoint's executor deserializes them (DESIGN.md §3.4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import select
+import socket
+import struct
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from mepcore.errors import ChannelError
+
+VERSION = 1
+KINDS = frozenset(
+    {
+        "start",  # daemon -> uep: template, variables, identity, runtime
+        "ready",  # uep -> daemon: rendered and serving
+        "error",  # uep -> daemon: structured failure (config error, privilege drop…)
+        "function",  # daemon -> uep: function bodies (id + payload), sent once
+        "task",  # daemon -> uep: a batch of task headers + payloads
+        "result",  # uep -> daemon: a batch of result headers + payloads
+        "heartbeat",  # uep -> daemon: alive, with idle counters
+        "introspect",  # daemon -> uep: request; uep -> daemon: answer (same kind)
+        "drain",  # daemon -> uep: finish in-flight work, accept none, then exit
+        "stop",  # daemon -> uep: exit now (after teardown)
+        "exiting",  # uep -> daemon: the final frame, saying why the uep exits
+    }
+)
+
+_PREFIX = struct.Struct(">II")
+DEFAULT_MAX_FRAME = 64 * 1024 * 1024
+DEFAULT_MAX_HEADER = 16 * 1024 * 1024
+DEFAULT_MAX_PARTS = 100_000
+
+
+@attrs.frozen
+class ChannelLimits:
+    """Bounds every frame must respect (both directions)."""
+
+    max_frame: int = DEFAULT_MAX_FRAME
+    max_header: int = DEFAULT_MAX_HEADER
+    max_parts: int = DEFAULT_MAX_PARTS
+
+
+@attrs.frozen
+class Frame:
+    """One decoded frame: its header (``kind``, ``v`` and kind-specific fields) and body."""
+
+    header: Mapping[str, Any]
+    body: bytes = b""
+
+    @property
+    def kind(self) -> str:
+        return str(self.header["kind"])
+
+    def parts(self) -> list[bytes]:
+        """The opaque parts of the body, split by the header's ``sizes``."""
+        sizes = self.header.get("sizes") or ()
+        out: list[bytes] = []
+        view = memoryview(self.body)
+        offset = 0
+        for size in sizes:
+            out.append(bytes(view[offset : offset + size]))
+            offset += size
+        return out
+
+
+def encode_frame(
+    kind: str,
+    fields: Mapping[str, Any] | None = None,
+    parts: Sequence[bytes] = (),
+    *,
+    limits: ChannelLimits = ChannelLimits(),  # noqa: B008 - frozen value
+) -> list[bytes]:
+    """The buffers of one frame, ready for ``writelines``/``sendmsg``.
+
+    Raises ``ChannelError`` (``channel.frame_too_large``) instead of producing a frame the
+    other end would refuse.
+    """
+    if kind not in KINDS:
+        raise ChannelError("channel.frame_invalid", f"unknown frame kind {kind!r}")
+    header: dict[str, Any] = {"v": VERSION, "kind": kind}
+    if fields:
+        header.update(fields)
+    if parts:
+        header["sizes"] = [len(p) for p in parts]
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    body_len = sum(len(p) for p in parts)
+    if len(raw) > limits.max_header or 4 + len(raw) + body_len > limits.max_frame:
+        raise ChannelError(
+            "channel.frame_too_large",
+            f"{kind} frame of {4 + len(raw) + body_len} bytes exceeds the limit "
+            f"({limits.max_frame} bytes, header {limits.max_header})",
+        )
+    return [_PREFIX.pack(4 + len(raw) + body_len, len(raw)), raw, *parts]
+
+
+def batch_frames(
+    kind: str,
+    items: Sequence[tuple[Mapping[str, Any], bytes]],
+    *,
+    fields: Mapping[str, Any] | None = None,
+    limits: ChannelLimits = ChannelLimits(),  # noqa: B008 - frozen value
+    max_items: int = 5000,
+) -> list[list[bytes]]:
+    """Pack (header, payload) items into as few frames as the limits allow.
+
+    Each frame's header has ``items`` (the item headers, in order) and ``sizes``. An item
+    that cannot fit a frame on its own raises ``channel.frame_too_large``.
+    """
+    frames: list[list[bytes]] = []
+    start = 0
+    # Headers are small; budget the body conservatively so that the JSON of the item
+    # headers never pushes a frame over the limit.
+    budget = limits.max_frame - min(limits.max_header, limits.max_frame // 4)
+    while start < len(items):
+        end = start
+        body = 0
+        while end < len(items) and end - start < max_items:
+            size = len(items[end][1])
+            if end > start and body + size > budget:
+                break
+            body += size
+            end += 1
+        chunk = items[start:end]
+        payload = dict(fields or {})
+        payload["items"] = [dict(h) for h, _ in chunk]
+        frames.append(encode_frame(kind, payload, [p for _, p in chunk], limits=limits))
+        start = end
+    return frames
+
+
+class FrameDecoder:
+    """Incremental decoder: feed bytes, get complete frames; raises on malformed input."""
+
+    def __init__(self, limits: ChannelLimits = ChannelLimits()) -> None:  # noqa: B008
+        self._limits = limits
+        self._buffer = bytearray()
+        self._error: ChannelError | None = None
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """Frames completed by ``data``. Frames before a malformed one are still returned;
+        the error is raised by this call when there are none, else by ``check``/the next
+        call (the connection is to be ended either way)."""
+        self.check()
+        self._buffer += data
+        frames: list[Frame] = []
+        try:
+            self._decode(frames)
+        except ChannelError as exc:
+            if not frames:
+                raise
+            self._error = exc
+        return frames
+
+    def check(self) -> None:
+        """Raise the error found after the last frames returned, if any."""
+        if self._error is not None:
+            raise self._error
+
+    def _decode(self, frames: list[Frame]) -> None:
+        buf = self._buffer
+        pos = 0
+        while len(buf) - pos >= _PREFIX.size:
+            length, header_len = _PREFIX.unpack_from(buf, pos)
+            if length > self._limits.max_frame:
+                raise ChannelError(
+                    "channel.frame_too_large",
+                    f"frame of {length} bytes exceeds the limit of {self._limits.max_frame}",
+                )
+            if header_len > self._limits.max_header or header_len + 4 > length:
+                raise ChannelError("channel.frame_invalid", f"bad header length {header_len}")
+            end = pos + 4 + length
+            if len(buf) < end:
+                break
+            head_start = pos + _PREFIX.size
+            header = _parse_header(bytes(buf[head_start : head_start + header_len]))
+            body = bytes(buf[head_start + header_len : end])
+            _check_sizes(header, len(body), self._limits)
+            frames.append(Frame(header, body))
+            pos = end
+            # Drop consumed bytes as we go, so an error later leaves only the bad tail.
+            del buf[:pos]
+            pos = 0
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that do not yet make a whole frame."""
+        return len(self._buffer)
+
+
+def _parse_header(raw: bytes) -> dict[str, Any]:
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ChannelError("channel.frame_invalid", f"header is not JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise ChannelError("channel.frame_invalid", "header is not a JSON object")
+    if header.get("v") != VERSION:
+        raise ChannelError("channel.frame_invalid", f"unsupported version {header.get('v')!r}")
+    if header.get("kind") not in KINDS:
+        raise ChannelError("channel.frame_invalid", f"unknown kind {header.get('kind')!r}")
+    return header
+
+
+def _check_sizes(header: Mapping[str, Any], body_len: int, limits: ChannelLimits) -> None:
+    sizes = header.get("sizes")
+    if sizes is None:
+        if body_len:
+            raise ChannelError("channel.frame_invalid", "body without sizes")
+        return
+    if not isinstance(sizes, list) or len(sizes) > limits.max_parts:
+        raise ChannelError("channel.frame_invalid", "sizes must be a bounded list")
+    total = 0
+    for size in sizes:
+        if type(size) is not int or size < 0:
+            raise ChannelError("channel.frame_invalid", "sizes must be non-negative integers")
+        total += size
+    if total != body_len:
+        raise ChannelError("channel.frame_invalid", "sizes do not add up to the body length")
+    items = header.get("items")
+    if items is not None and (not isinstance(items, list) or len(items) != len(sizes)):
+        raise ChannelError("channel.frame_invalid", "items and sizes differ in length")
+
+
+def check_items(
+    frame: Frame, *, id_field: str = "task_id", max_id: int = 256
+) -> list[dict[str, Any]]:
+    """The ``items`` of a batch frame, each a JSON object with a bounded string id."""
+    items = frame.header.get("items")
+    sizes = frame.header.get("sizes")
+    if not isinstance(items, list) or not isinstance(sizes, list) or len(items) != len(sizes):
+        raise ChannelError("channel.frame_invalid", f"{frame.kind} frame without items")
+    for item in items:
+        if not isinstance(item, dict):
+            raise ChannelError("channel.frame_invalid", "an item header is not an object")
+        ident = item.get(id_field)
+        if not isinstance(ident, str) or not 0 < len(ident) <= max_id:
+            raise ChannelError("channel.frame_invalid", f"an item has no valid {id_field}")
+    return items
+
+
+# --------------------------------------------------------------------------- asyncio side
+
+
+class AsyncChannel(asyncio.Protocol):
+    """The daemon's end: an asyncio protocol calling ``on_frame`` for each frame.
+
+    ``on_frame`` and ``on_close`` run in the event loop. A malformed frame closes the
+    connection; ``on_close`` then receives the ``ChannelError`` (or None on a clean EOF,
+    or the OSError of a broken connection).
+    """
+
+    def __init__(
+        self,
+        on_frame: Callable[[Frame], None],
+        on_close: Callable[[BaseException | None], None],
+        limits: ChannelLimits = ChannelLimits(),  # noqa: B008
+    ) -> None:
+        self._on_frame = on_frame
+        self._on_close = on_close
+        self.limits = limits
+        self._decoder = FrameDecoder(limits)
+        self._transport: asyncio.Transport | None = None
+        self._error: BaseException | None = None
+        self._closed = False
+        self.closed_event = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+
+    @classmethod
+    async def connect(
+        cls,
+        sock: socket.socket,
+        on_frame: Callable[[Frame], None],
+        on_close: Callable[[BaseException | None], None],
+        limits: ChannelLimits = ChannelLimits(),  # noqa: B008
+    ) -> AsyncChannel:
+        loop = asyncio.get_running_loop()
+        _, protocol = await loop.create_unix_connection(
+            lambda: cls(on_frame, on_close, limits), sock=sock
+        )
+        return protocol
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self._closed:
+            return
+        try:
+            frames = self._decoder.feed(data)
+        except ChannelError as exc:
+            self._error = exc
+            self.close()
+            return
+        for frame in frames:
+            if self._closed:
+                return
+            self._on_frame(frame)
+        try:
+            self._decoder.check()
+        except ChannelError as exc:
+            self._error = exc
+            self.close()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._transport = None
+        self._writable.set()
+        self.closed_event.set()
+        self._on_close(self._error or exc)
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    # API
+    @property
+    def is_closed(self) -> bool:
+        return self._closed or self._transport is None
+
+    def send(
+        self, kind: str, fields: Mapping[str, Any] | None = None, parts: Sequence[bytes] = ()
+    ) -> None:
+        self.send_buffers(encode_frame(kind, fields, parts, limits=self.limits))
+
+    def send_buffers(self, buffers: Iterable[bytes]) -> None:
+        if self._transport is None or self._closed:
+            raise ChannelError("channel.closed", "the channel to the user endpoint is closed")
+        self._transport.writelines(list(buffers))
+
+    async def drain(self) -> None:
+        """Wait until the transport's write buffer is below its high-water mark."""
+        await self._writable.wait()
+
+    def close(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+
+
+# --------------------------------------------------------------------------- blocking side
+
+
+class BlockingChannel:
+    """The user endpoint's end: a blocking socket; ``send`` is safe from several threads."""
+
+    def __init__(self, sock: socket.socket, limits: ChannelLimits = ChannelLimits()) -> None:  # noqa: B008
+        self.sock = sock
+        self.limits = limits
+        self._decoder = FrameDecoder(limits)
+        self._ready: list[Frame] = []
+        self._send_lock = threading.Lock()
+        self._poll = select.poll()
+        self._poll.register(sock.fileno(), select.POLLIN)
+        self.eof = False
+
+    def send(
+        self, kind: str, fields: Mapping[str, Any] | None = None, parts: Sequence[bytes] = ()
+    ) -> None:
+        self.send_buffers(encode_frame(kind, fields, parts, limits=self.limits))
+
+    def send_buffers(self, buffers: Sequence[bytes]) -> None:
+        data = b"".join(buffers)
+        with self._send_lock:
+            self.sock.sendall(data)
+
+    def recv(self, timeout: float | None = None) -> Frame | None:
+        """The next frame; None on timeout. Raises EOFError when the peer closed."""
+        if self._ready:
+            return self._ready.pop(0)
+        if self.eof:
+            raise EOFError("channel closed")
+        wait_ms = None if timeout is None else max(0, int(timeout * 1000))
+        while True:
+            if not self._poll.poll(wait_ms):
+                return None
+            try:
+                data = self.sock.recv(1 << 20)
+            except InterruptedError:  # pragma: no cover - PEP 475 retries for us
+                continue
+            if not data:
+                self.eof = True
+                raise EOFError("channel closed")
+            frames = self._decoder.feed(data)
+            if frames:
+                self._ready.extend(frames[1:])
+                return frames[0]
+            # Only part of a frame so far: keep reading (a tick may come late by at most
+            # one timeout, which the heartbeat logic tolerates).

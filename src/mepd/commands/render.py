@@ -1,0 +1,164 @@
+"""``mepd render``: render a user endpoint configuration template as the daemon would.
+
+For administrators writing or debugging a template: reads the site files, validates
+the variables, renders, validates the endpoint config, and prints the YAML (or, with
+``--json``, the validated config and its config key). It deliberately starts nothing
+and does not drop privileges: it is a dry run of ``mepcore.config``.
+
+Exit status: 0 rendered; 1 the variables or the rendering were refused (the reason
+code and every violation on stderr); 2 a usage error, an unreadable or invalid input
+file, or an unknown ``--user``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+EXIT_OK = 0
+EXIT_NEGATIVE = 1
+EXIT_USAGE = 2
+_MAX_INPUT_BYTES = 16 * 1_048_576
+
+
+class _InputError(Exception):
+    pass
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--template", required=True, metavar="FILE", help="user_config_template.yaml.j2"
+    )
+    parser.add_argument("--schema", metavar="FILE", help="user_config_schema.json")
+    parser.add_argument(
+        "--environment", metavar="FILE", help="user_environment.yaml (checked, not rendered)"
+    )
+    parser.add_argument(
+        "--user-config",
+        metavar="JSON|@FILE",
+        default="{}",
+        help="the user's variables: JSON text, or @FILE to read it from a file",
+    )
+    parser.add_argument(
+        "--user",
+        metavar="NAME",
+        help="fill _GC.mapped_identity.local from this account (default: the current user)",
+    )
+    parser.add_argument(
+        "--mapped-identity",
+        metavar="FILE",
+        help="JSON identity document for _GC.mapped_identity.id / .identity",
+    )
+    parser.add_argument("--user-runtime", metavar="FILE", help="JSON object for _GC.user_runtime")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the validated endpoint config as JSON with its config_key",
+    )
+
+
+def _read(path: str, what: str) -> str:
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(_MAX_INPUT_BYTES + 1)
+    except OSError as exc:
+        raise _InputError(f"{what} {path}: {exc.strerror or exc}") from exc
+    if len(data) > _MAX_INPUT_BYTES:
+        raise _InputError(f"{what} {path}: larger than {_MAX_INPUT_BYTES} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _InputError(f"{what} {path}: not valid UTF-8") from exc
+
+
+def _json(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _InputError(f"{what}: invalid JSON at {exc.lineno}:{exc.colno}: {exc.msg}") from exc
+    except RecursionError as exc:
+        raise _InputError(f"{what}: nested too deeply") from exc
+
+
+def _print_error(exc: Exception) -> None:
+    from mepcore.errors import MepError
+
+    if isinstance(exc, MepError):
+        sys.stderr.write(f"mepd render: {exc.reason}: {exc.detail or exc.public_message}\n")
+        for violation in exc.violations:
+            sys.stderr.write(f"  {violation.path}: {violation.message}\n")
+    else:
+        sys.stderr.write(f"mepd render: {exc}\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mepcore.config import (
+        MappedIdentity,
+        SiteFiles,
+        config_key,
+        parse_endpoint_config,
+        render_template,
+        validate_variables,
+    )
+    from mepcore.errors import ConfigError, MepError, SiteConfigError
+    from mepcore.ports import SystemAccountDatabase
+    from mepcore.types import Account, Identity
+
+    try:
+        site = SiteFiles.from_files(args.template, args.schema, args.environment)
+        raw = args.user_config
+        variables_text = _read(raw[1:], "--user-config") if raw.startswith("@") else raw
+        variables = _json(variables_text, "--user-config")
+
+        accounts = SystemAccountDatabase()
+        if args.user is not None:
+            account = accounts.by_name(args.user)
+            if account is None or account.name != args.user:
+                raise _InputError(f"--user {args.user}: no such account")
+        else:
+            account = accounts.by_uid(os.getuid()) or Account(
+                name="nobody-placeholder", uid=os.getuid(), gid=os.getgid(), home="/", shell=""
+            )
+        identity = None
+        if args.mapped_identity is not None:
+            document = _json(_read(args.mapped_identity, "--mapped-identity"), "--mapped-identity")
+            identity = Identity.from_mapping(document)
+        user_runtime = None
+        if args.user_runtime is not None:
+            user_runtime = _json(_read(args.user_runtime, "--user-runtime"), "--user-runtime")
+            if not isinstance(user_runtime, dict):
+                raise _InputError("--user-runtime: must be a JSON object")
+    except (_InputError, SiteConfigError) as exc:
+        _print_error(exc)
+        return EXIT_USAGE
+    except MepError as exc:  # an identity document that is not one
+        _print_error(exc)
+        return EXIT_USAGE
+
+    try:
+        checked = validate_variables(variables, site.schema)
+        text = render_template(
+            site.template_text,
+            checked,
+            mapped=MappedIdentity(account=account, identity=identity),
+            user_runtime=user_runtime,
+            includes=site.includes,
+            template_name=site.template_name,
+        )
+        config = parse_endpoint_config(text)
+    except ConfigError as exc:
+        _print_error(exc)
+        return EXIT_NEGATIVE
+
+    if args.json:
+        out = {
+            "config": config.to_dict(),
+            "config_key": config_key(account.name, site.template_digest, checked),
+        }
+        sys.stdout.write(json.dumps(out, indent=2, sort_keys=True) + "\n")
+    else:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return EXIT_OK

@@ -1,0 +1,605 @@
+"""The registry of user endpoints: one process per (account, config key), its lifecycle.
+
+``get_or_start`` returns the running user endpoint of an (account, config key) or starts
+one: plan (``mepcore.spawn.plan_spawn``), launch with a socketpair as the only inherited
+descriptor, send the start message, wait for ``ready`` or a structured error. Concurrent
+callers for the same key wait for the one start; a failed start is raised to every
+waiter and is not retried (the next request tries again, once). Limits per account, in
+total and on concurrent starts are enforced before anything is spawned.
+
+A user endpoint that dies is noticed at once — by its channel's end-of-file or by its
+pidfd becoming readable, whichever comes first — its in-flight tasks are reported through
+``on_lost(task_ids, "task.endpoint_lost")`` and it is removed, so the next request gets a
+fresh one. Results are accepted only for task ids dispatched to *that* user endpoint: a
+user's process cannot complete another user's tasks.
+
+Everything runs in the daemon's one event loop. Spawning happens on the loop's thread on
+purpose: the parent-death signal of a child is tied to the *thread* that forked it.
+Deliberately not here: HTTP, the task store, deserializing payloads (never, §3.4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
+
+import attrs
+import structlog
+
+from mepcore.errors import (
+    REASONS,
+    ChannelError,
+    ConfigError,
+    MepError,
+    SpawnError,
+    TemplateConfigError,
+    Violation,
+)
+from mepcore.spawn import (
+    LaunchedProcess,
+    SpawnSettings,
+    become_subreaper,
+    launch,
+    plan_spawn,
+    stop_ladder,
+)
+from mepcore.types import Account, Identity
+from mepd.channel import AsyncChannel, ChannelLimits, Frame, batch_frames, check_items
+
+log = structlog.get_logger("mepd.registry")
+
+ResultCallback = Callable[[str, dict[str, Any], bytes], None]
+LostCallback = Callable[[list[str], str], None]
+_MAX_REASON_CHARS = 512
+
+
+def _freeze(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return MappingProxyType(dict(value or {}))
+
+
+@attrs.frozen
+class RegistryLimits:
+    """Bounds on user endpoints (DESIGN.md §3.6) and the lifecycle's time budgets."""
+
+    max_per_account: int = 4
+    max_total: int = 64
+    max_concurrent_starts: int = 8
+    start_timeout: float = 30.0
+    stop_grace: float = 5.0
+    shutdown_timeout: float = 30.0
+
+
+@attrs.frozen
+class StartRequest:
+    """Everything a user endpoint needs to start; ``variables`` are already validated."""
+
+    account: Account
+    config_key: str
+    template_name: str
+    template_text: str
+    includes: Mapping[str, str] = attrs.field(converter=_freeze)
+    variables: Mapping[str, Any] = attrs.field(converter=_freeze)
+    identity: Identity | None
+    user_runtime: Mapping[str, Any] | None
+    environment: Mapping[str, str] = attrs.field(converter=_freeze)
+    endpoint: str
+    executor_limits: Mapping[str, Any] = attrs.field(converter=_freeze, factory=dict)
+    setup_timeout: float = 300.0
+    teardown_timeout: float = 300.0
+
+    def start_fields(self) -> dict[str, Any]:
+        return {
+            "template_name": self.template_name,
+            "template_text": self.template_text,
+            "includes": dict(self.includes),
+            "variables": _thaw(self.variables),
+            "identity": None if self.identity is None else self.identity.to_dict(),
+            "user_runtime": None if self.user_runtime is None else _thaw(self.user_runtime),
+            "account": self.account.to_dict(),
+            "endpoint": self.endpoint,
+            "config_key": self.config_key,
+            "setup_timeout": self.setup_timeout,
+            "teardown_timeout": self.teardown_timeout,
+            "executor_limits": dict(self.executor_limits),
+        }
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _thaw(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_thaw(v) for v in value]
+    return value
+
+
+@attrs.frozen
+class EndpointStatus:
+    account: str
+    uid: int
+    config_key: str
+    endpoint: str
+    state: str
+    pid: int | None
+    started_at: float | None
+    idle_since: float | None
+    in_flight: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+def error_from_frame(header: Mapping[str, Any]) -> MepError:
+    """Rebuild the user endpoint's structured error; unknown reasons become start_failed."""
+    reason = header.get("reason")
+    if not isinstance(reason, str) or reason not in REASONS:
+        reason = "spawn.start_failed"
+    detail = header.get("detail")
+    detail = detail[:4096] if isinstance(detail, str) else ""
+    message = header.get("message")
+    public = message[:1024] if isinstance(message, str) and message else None
+    violations: list[Violation] = []
+    raw = header.get("violations")
+    if isinstance(raw, list):
+        for item in raw[:200]:
+            if isinstance(item, dict) and isinstance(item.get("path"), str):
+                violations.append(
+                    Violation(
+                        str(item["path"])[:512],
+                        str(item.get("message", ""))[:1024],
+                        str(item.get("code", "invalid"))[:64],
+                    )
+                )
+    cls: type[MepError]
+    if reason.startswith("config."):
+        cls = TemplateConfigError if header.get("error_class") == "TemplateConfigError" else ConfigError
+    else:
+        cls = SpawnError
+    return cls(reason, f"user endpoint: {detail}", public_message=public, violations=violations)
+
+
+@attrs.define(eq=False)
+class UserEndpointHandle:
+    """One user endpoint as the daemon sees it. Created and driven by ``Registry``."""
+
+    id: str
+    account: Account
+    config_key: str
+    endpoint: str
+    state: str = "starting"
+    process: LaunchedProcess | None = None
+    channel: AsyncChannel | None = None
+    started_at: float | None = None
+    idle_since: float | None = None
+    exit_reason: str | None = None
+    in_flight: set[str] = attrs.field(factory=set)
+    ready_info: Mapping[str, Any] = attrs.field(factory=dict)
+    _registry: Registry | None = None
+    _sent_functions: set[str] = attrs.field(factory=set)
+    _ready: asyncio.Future[Mapping[str, Any]] | None = None
+    _requests: dict[int, asyncio.Future[dict[str, Any]]] = attrs.field(factory=dict)
+    _request_ids: itertools.count[int] = attrs.field(factory=itertools.count)
+    _watch_fd: int = -1
+    _stopper: asyncio.Task[None] | None = None
+    _closed: asyncio.Event = attrs.field(factory=asyncio.Event)
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
+
+    # ----------------------------------------------------------------- API
+
+    def register_function(self, function_id: str, payload: bytes) -> None:
+        """Send a function body once; later calls with the same id do nothing."""
+        if function_id in self._sent_functions:
+            return
+        self._live_channel().send("function", {"items": [{"function_id": function_id}]}, [payload])
+        self._sent_functions.add(function_id)
+
+    def dispatch(self, tasks: Sequence[tuple[Mapping[str, Any], bytes]]) -> None:
+        """Send tasks (header, opaque payload) in as few frames as the limits allow."""
+        channel = self._live_channel()
+        ids: list[str] = []
+        for header, _ in tasks:
+            task_id = header.get("task_id")
+            if not isinstance(task_id, str) or not task_id:
+                raise ChannelError("channel.frame_invalid", "a task header has no task_id")
+            ids.append(task_id)
+        for buffers in batch_frames("task", tasks, limits=channel.limits):
+            channel.send_buffers(buffers)
+        self.in_flight.update(ids)
+        self.idle_since = None
+
+    async def introspect(self, timeout: float = 10.0) -> dict[str, Any]:
+        """The user endpoint's process identity (uid, groups, fds, limits…)."""
+        channel = self._live_channel()
+        request_id = next(self._request_ids)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._requests[request_id] = future
+        try:
+            channel.send("introspect", {"request_id": request_id})
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self._requests.pop(request_id, None)
+
+    async def wait_closed(self) -> None:
+        """Until the user endpoint is gone (channel closed or process exited)."""
+        await self._closed.wait()
+
+    def status(self) -> EndpointStatus:
+        return EndpointStatus(
+            account=self.account.name,
+            uid=self.account.uid,
+            config_key=self.config_key,
+            endpoint=self.endpoint,
+            state=self.state,
+            pid=self.pid,
+            started_at=self.started_at,
+            idle_since=self.idle_since,
+            in_flight=len(self.in_flight),
+        )
+
+    def _live_channel(self) -> AsyncChannel:
+        if self.channel is None or self.channel.is_closed or self.state not in ("ready", "starting"):
+            raise ChannelError("channel.closed", f"user endpoint {self.id} is {self.state}")
+        return self.channel
+
+    # ----------------------------------------------------------------- events
+
+    def _on_frame(self, frame: Frame) -> None:
+        kind = frame.kind
+        try:
+            if kind == "result":
+                self._on_results(frame)
+            elif kind == "heartbeat":
+                pass
+            elif kind == "ready" and self._ready is not None and not self._ready.done():
+                self._ready.set_result(dict(frame.header))
+            elif kind == "error":
+                err = error_from_frame(frame.header)
+                if self._ready is not None and not self._ready.done():
+                    self._ready.set_exception(err)
+                else:
+                    log.warning("uep.error_reported", uep=self.id, reason=err.reason, detail=err.detail)
+            elif kind == "introspect":
+                future = self._requests.get(frame.header.get("request_id"))  # type: ignore[arg-type]
+                answer = frame.header.get("answer")
+                if future is not None and not future.done() and isinstance(answer, dict):
+                    future.set_result(answer)
+            elif kind == "exiting":
+                reason = frame.header.get("reason")
+                self.exit_reason = str(reason)[:_MAX_REASON_CHARS] if reason else "unknown"
+                log.info("uep.exiting", uep=self.id, reason=self.exit_reason)
+            else:
+                raise ChannelError("channel.frame_invalid", f"unexpected {kind} frame")
+        except ChannelError as exc:
+            log.warning("channel.frame_refused", uep=self.id, reason=exc.reason, detail=exc.detail)
+            if self.channel is not None:
+                self.channel.close()
+
+    def _on_results(self, frame: Frame) -> None:
+        items = check_items(frame)
+        registry = self._registry
+        assert registry is not None
+        for header, payload in zip(items, frame.parts(), strict=True):
+            task_id = header["task_id"]
+            if task_id not in self.in_flight:
+                log.warning("channel.result_refused", uep=self.id, task_id=task_id[:128])
+                continue
+            self.in_flight.discard(task_id)
+            try:
+                registry.on_result(self.id, header, payload)
+            except Exception:
+                log.exception("registry.on_result_failed", uep=self.id)
+        if not self.in_flight:
+            self.idle_since = registry.clock()
+
+    def _on_close(self, exc: BaseException | None) -> None:
+        if isinstance(exc, ChannelError):
+            log.warning("channel.closed_malformed", uep=self.id, reason=exc.reason, detail=exc.detail)
+        self._gone("channel closed")
+
+    def _on_exit(self) -> None:
+        self._gone("process exited")
+
+    def _gone(self, why: str) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        registry = self._registry
+        assert registry is not None
+        loop = asyncio.get_running_loop()
+        if self._watch_fd >= 0:
+            loop.remove_reader(self._watch_fd)
+            os.close(self._watch_fd)
+            self._watch_fd = -1
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(
+                SpawnError("spawn.start_failed", f"user endpoint {self.id} ended before ready ({why})")
+            )
+        for future in self._requests.values():
+            if not future.done():
+                future.set_exception(ChannelError("channel.closed", why))
+        was = self.state
+        self.state = "stopped" if was in ("stopping", "draining") else "lost"
+        registry._forget(self)
+        lost = sorted(self.in_flight)
+        self.in_flight.clear()
+        if lost:
+            try:
+                registry.on_lost(lost, "task.endpoint_lost")
+            except Exception:
+                log.exception("registry.on_lost_failed", uep=self.id)
+        if was == "ready":
+            log.warning("uep.lost", uep=self.id, why=why, exit_reason=self.exit_reason, lost=len(lost))
+        if self.channel is not None:
+            self.channel.close()
+        self.ensure_stopped(None, registry.limits.stop_grace)
+
+    def ensure_stopped(self, reason: str | None, grace: float) -> asyncio.Task[None]:
+        """The one task that takes this user endpoint down the stop ladder and reaps it."""
+        if self._stopper is None:
+            self._stopper = asyncio.get_running_loop().create_task(self._stop(reason, grace))
+        return self._stopper
+
+    async def _stop(self, reason: str | None, grace: float) -> None:
+        if self.process is None:
+            return
+        channel = self.channel
+
+        def ask() -> None:
+            if reason is not None and channel is not None and not channel.is_closed:
+                channel.send("stop", {"reason": reason})
+
+        outcome = await stop_ladder(self.process, ask=ask, grace=grace)
+        log.info(
+            "uep.stopped",
+            uep=self.id,
+            account=self.account.name,
+            pid=self.process.pid,
+            step=outcome.step,
+            returncode=outcome.returncode,
+            reason=reason or self.exit_reason,
+        )
+
+
+@attrs.define
+class Registry:
+    """All user endpoints of this daemon. Use from the daemon's event loop only."""
+
+    spawn_settings: SpawnSettings
+    limits: RegistryLimits
+    on_result: ResultCallback = attrs.field(kw_only=True)
+    on_lost: LostCallback = attrs.field(kw_only=True)
+    channel_limits: ChannelLimits = attrs.field(kw_only=True, factory=ChannelLimits)
+    clock: Callable[[], float] = attrs.field(kw_only=True, default=time.time)
+    _handles: dict[tuple[str, str], UserEndpointHandle] = attrs.field(init=False, factory=dict)
+    _starting: dict[tuple[str, str], asyncio.Future[UserEndpointHandle]] = attrs.field(
+        init=False, factory=dict
+    )
+    _leaving: set[UserEndpointHandle] = attrs.field(init=False, factory=set)
+    _shutting_down: bool = attrs.field(init=False, default=False)
+    _subreaper: bool = attrs.field(init=False, default=False)
+    _serial: itertools.count[int] = attrs.field(init=False, factory=itertools.count)
+
+    # ----------------------------------------------------------------- start
+
+    async def get_or_start(self, req: StartRequest) -> UserEndpointHandle:
+        if self._shutting_down:
+            raise SpawnError("spawn.shutting_down")
+        key = (req.account.name, req.config_key)
+        handle = self._handles.get(key)
+        if handle is not None and handle.state == "ready":
+            return handle
+        pending = self._starting.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        self._check_limits(req.account.name)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[UserEndpointHandle] = loop.create_future()
+        # Retrieve the exception even when every waiter was cancelled (no loop warning).
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._starting[key] = future
+        loop.create_task(self._start(key, req, future))
+        return await asyncio.shield(future)
+
+    def _check_limits(self, account: str) -> None:
+        live = list(self._handles.values())
+        mine = sum(1 for h in live if h.account.name == account)
+        if mine >= self.limits.max_per_account:
+            raise SpawnError(
+                "spawn.too_many_endpoints",
+                f"{account} already has {mine} user endpoints (limit {self.limits.max_per_account})",
+            )
+        if len(live) + len(self._leaving) >= self.limits.max_total:
+            raise SpawnError(
+                "spawn.too_many_endpoints",
+                f"{len(live)} user endpoints running (limit {self.limits.max_total})",
+            )
+        if len(self._starting) >= self.limits.max_concurrent_starts:
+            raise SpawnError(
+                "spawn.too_many_starts",
+                f"{len(self._starting)} starts in progress (limit {self.limits.max_concurrent_starts})",
+            )
+
+    async def _start(
+        self,
+        key: tuple[str, str],
+        req: StartRequest,
+        future: asyncio.Future[UserEndpointHandle],
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        handle = UserEndpointHandle(
+            id=f"{req.account.name}/{req.config_key[:16]}/{next(self._serial)}",
+            account=req.account,
+            config_key=req.config_key,
+            endpoint=req.endpoint,
+            registry=self,
+        )
+        handle._ready = loop.create_future()
+        handle._ready.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._handles[key] = handle
+        began = time.monotonic()
+        try:
+            if not self._subreaper:
+                self._subreaper = become_subreaper()
+            plan = plan_spawn(req.account, self.spawn_settings, req.environment)
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                handle.process = launch(plan, theirs.fileno())
+            except BaseException:
+                ours.close()
+                raise
+            finally:
+                theirs.close()
+            handle.channel = await AsyncChannel.connect(
+                ours, handle._on_frame, handle._on_close, self.channel_limits
+            )
+            handle._watch_fd = os.dup(handle.process.pidfd)
+            loop.add_reader(handle._watch_fd, handle._on_exit)
+            handle.channel.send("start", req.start_fields())
+            ready = await asyncio.wait_for(asyncio.shield(handle._ready), self.limits.start_timeout)
+        except BaseException as exc:
+            error = _as_start_error(exc, handle)
+            handle.state = "failed"
+            self._forget(handle)
+            if handle.process is not None:
+                # A user endpoint that reported an error exits by itself; the ladder
+                # makes sure of it and reaps it, so a failed start leaves no process.
+                handle._closed.set()
+                if handle._watch_fd >= 0:
+                    loop.remove_reader(handle._watch_fd)
+                    os.close(handle._watch_fd)
+                    handle._watch_fd = -1
+                if handle.channel is not None:
+                    handle.channel.close()
+                await handle.ensure_stopped(None, self.limits.stop_grace)
+            log.warning(
+                "uep.start_failed",
+                account=req.account.name,
+                config_key=req.config_key,
+                reason=error.reason,
+                detail=error.detail,
+            )
+            future.set_exception(error)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        finally:
+            self._starting.pop(key, None)
+        handle.state = "ready"
+        handle.ready_info = MappingProxyType(dict(ready))
+        handle.started_at = self.clock()
+        handle.idle_since = handle.started_at
+        log.info(
+            "uep.started",
+            uep=handle.id,
+            account=req.account.name,
+            uid=req.account.uid,
+            pid=handle.pid,
+            config_key=req.config_key,
+            seconds=round(time.monotonic() - began, 4),
+        )
+        future.set_result(handle)
+
+    def _forget(self, handle: UserEndpointHandle) -> None:
+        key = (handle.account.name, handle.config_key)
+        if self._handles.get(key) is handle:
+            del self._handles[key]
+        self._leaving.discard(handle)
+
+    # ----------------------------------------------------------------- queries
+
+    def status(self, account_name: str | None = None) -> list[EndpointStatus]:
+        handles = [*self._handles.values(), *self._leaving]
+        return [
+            h.status()
+            for h in sorted(handles, key=lambda h: (h.account.name, h.config_key, h.id))
+            if account_name is None or h.account.name == account_name
+        ]
+
+    def get(self, account_name: str, config_key: str) -> UserEndpointHandle | None:
+        return self._handles.get((account_name, config_key))
+
+    # ----------------------------------------------------------------- stop
+
+    async def stop(
+        self, account_name: str, config_key: str | None = None, reason: str = "requested"
+    ) -> int:
+        """Stop the user endpoints of an account (one config key, or all); their count."""
+        chosen = [
+            h
+            for h in list(self._handles.values())
+            if h.account.name == account_name
+            and (config_key is None or h.config_key == config_key)
+            and h.state in ("ready", "starting")
+            and h.process is not None
+        ]
+        for handle in chosen:
+            self._leave(handle, "stopping")
+        await asyncio.gather(
+            *(h.ensure_stopped(reason, self.limits.stop_grace) for h in chosen),
+            return_exceptions=True,
+        )
+        return len(chosen)
+
+    def _leave(self, handle: UserEndpointHandle, state: str) -> None:
+        key = (handle.account.name, handle.config_key)
+        if self._handles.get(key) is handle:
+            del self._handles[key]
+        handle.state = state
+        self._leaving.add(handle)
+
+    async def shutdown(self) -> None:
+        """Refuse new starts, drain, then the stop ladder for everyone; bounded in time."""
+        self._shutting_down = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.shutdown_timeout
+        ladder_budget = 2 * self.limits.stop_grace + 2.0
+        if self._starting:
+            with contextlib.suppress(Exception):
+                await asyncio.wait(
+                    list(self._starting.values()),
+                    timeout=max(0.0, deadline - loop.time() - ladder_budget),
+                )
+        handles = [h for h in self._handles.values() if h.process is not None]
+        for handle in handles:
+            if handle.state == "ready" and handle.channel is not None and not handle.channel.is_closed:
+                with contextlib.suppress(ChannelError):
+                    handle.channel.send("drain")
+            self._leave(handle, "draining")
+        drain_budget = deadline - loop.time() - ladder_budget
+        if handles and drain_budget > 0:
+            await asyncio.wait(
+                [loop.create_task(h.wait_closed()) for h in handles], timeout=drain_budget
+            )
+        stoppers = [h.ensure_stopped("shutdown", self.limits.stop_grace) for h in handles]
+        stoppers += [h._stopper for h in self._leaving if h._stopper is not None]
+        if stoppers:
+            await asyncio.wait(stoppers, timeout=max(0.1, deadline - loop.time()))
+        for handle in [*handles, *self._leaving]:
+            process = handle.process
+            if process is not None and process.returncode is None:
+                # Out of time: no more asking.
+                process.signal_group(signal.SIGKILL)
+                await asyncio.to_thread(process.reap, deadline=1.0)
+        self._leaving.clear()
+
+
+def _as_start_error(exc: BaseException, handle: UserEndpointHandle) -> MepError:
+    if isinstance(exc, MepError):
+        return exc
+    if isinstance(exc, TimeoutError):
+        return SpawnError("spawn.start_timeout", f"user endpoint {handle.id} did not answer in time")
+    if isinstance(exc, asyncio.CancelledError):
+        return SpawnError("spawn.start_failed", "the start was cancelled")
+    error = SpawnError("spawn.start_failed", f"{type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error

@@ -1,0 +1,466 @@
+"""The daemon's settings: one YAML file, validated by a JSON Schema, turned into values.
+
+``Settings.from_file`` reads the file safely (duplicate keys refused), validates it
+against ``SETTINGS_SCHEMA`` and reports *every* violation with the key that is wrong
+(``$.limits.max_body_bytes``). Relative paths are resolved against the directory of
+the settings file. This module deliberately loads nothing the settings point to
+(mapping, policy, templates): the daemon and ``mepd check`` do that.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import jsonschema
+import yaml
+
+from mepcore.errors import SiteConfigError, Violation
+
+# Only asymmetric algorithms: a verifier that holds a public key must never accept an
+# HMAC token "signed" with that public key, and "none" is never a signature.
+ASYMMETRIC_ALGORITHMS = (
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "EdDSA",
+)
+
+DEFAULT_ALGORITHMS = ("RS256", "ES256", "EdDSA")
+
+_CLAIMS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        name: {"type": "string", "minLength": 1}
+        for name in ("id", "username", "email", "name", "linked", "mfa", "auth_time")
+    },
+}
+
+_PATH = {"type": "string", "minLength": 1}
+_POS_INT = {"type": "integer", "minimum": 1}
+_POS_NUM = {"type": "number", "exclusiveMinimum": 0}
+
+LIMIT_DEFAULTS: dict[str, int | float] = {
+    "max_body_bytes": 64 * 1024 * 1024,
+    "max_json_depth": 32,
+    "max_tasks_per_request": 10_000,
+    "max_variables_bytes": 64 * 1024,
+    "endpoints_per_user": 4,
+    "endpoints_total": 64,
+    "concurrent_starts": 8,
+    "queued_tasks_per_user": 200_000,
+    "max_payload_bytes": 10 * 1024 * 1024,
+    "max_result_bytes": 10 * 1024 * 1024,
+    "max_walltime": 24 * 3600.0,
+    "result_retention": 7 * 24 * 3600.0,
+    "start_timeout": 60.0,
+    "drain_timeout": 30.0,
+    "max_wait_timeout": 60.0,
+    "introspection_cache_entries": 10_000,
+}
+
+_ISSUER_SCHEMAS: dict[str, dict[str, Any]] = {
+    "local": {
+        "additionalProperties": False,
+        "properties": {
+            "type": {"const": "local"},
+            "issuer": {"type": "string", "minLength": 1},
+            "audience": {"type": "string", "minLength": 1},
+            "max_ttl": _POS_INT,
+        },
+    },
+    "jwt": {
+        "additionalProperties": False,
+        "required": ["issuer", "audience"],
+        "properties": {
+            "type": {"const": "jwt"},
+            "issuer": {"type": "string", "minLength": 1},
+            "audience": {"type": "string", "minLength": 1},
+            "jwks_file": _PATH,
+            "jwks_url": {"type": "string", "pattern": "^https?://"},
+            "algorithms": {
+                "type": "array",
+                "minItems": 1,
+                "items": {"enum": list(ASYMMETRIC_ALGORITHMS)},
+            },
+            "leeway": {"type": "number", "minimum": 0, "maximum": 300},
+            "claims": _CLAIMS_SCHEMA,
+        },
+    },
+    "introspection": {
+        "additionalProperties": False,
+        "required": ["url", "client_id", "client_secret_file"],
+        "properties": {
+            "type": {"const": "introspection"},
+            "url": {"type": "string", "pattern": "^https?://"},
+            "issuer": {"type": "string", "minLength": 1},
+            "audience": {"type": "string", "minLength": 1},
+            "client_id": {"type": "string", "minLength": 1},
+            "client_secret_file": _PATH,
+            "cache_seconds": {"type": "number", "minimum": 0},
+            "claims": _CLAIMS_SCHEMA,
+        },
+    },
+}
+
+SETTINGS_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "mepd settings",
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["state_dir", "endpoints"],
+    "properties": {
+        "listen": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "host": {"type": "string", "minLength": 1},
+                "port": {"type": "integer", "minimum": 0, "maximum": 65535},
+            },
+        },
+        "tls": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["cert", "key"],
+            "properties": {"cert": _PATH, "key": _PATH},
+        },
+        "state_dir": _PATH,
+        "audit_log": _PATH,
+        "log_level": {"enum": ["debug", "info", "warning", "error"]},
+        "min_uid": {"type": "integer", "minimum": 1},
+        "deny_accounts": {"type": "array", "items": {"type": "string", "minLength": 1}},
+        "python": _PATH,
+        "durability": {"enum": ["normal", "full"]},
+        "spawn": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "package_paths": {"type": "array", "items": _PATH},
+                "path": {"type": "string", "minLength": 1},
+                "lang": {"type": ["string", "null"]},
+                "tz": {"type": ["string", "null"]},
+                "inherit_stderr": {"type": "boolean"},
+                "limits": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        name: {"type": ["integer", "null"], "minimum": 0}
+                        for name in ("nproc", "nofile", "address_space", "core")
+                    },
+                },
+            },
+        },
+        "limits": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                name: (_POS_INT if isinstance(value, int) else _POS_NUM)
+                for name, value in LIMIT_DEFAULTS.items()
+            },
+        },
+        "issuers": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["type"],
+                "properties": {"type": {"enum": ["local", "jwt", "introspection"]}},
+                "allOf": [
+                    {"if": {"properties": {"type": {"const": kind}}}, "then": schema}
+                    for kind, schema in _ISSUER_SCHEMAS.items()
+                ],
+            },
+        },
+        "endpoints": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["name", "template", "mapping", "policy_model", "policy"],
+                "properties": {
+                    "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
+                    "template": _PATH,
+                    "schema": _PATH,
+                    "environment": _PATH,
+                    "mapping": _PATH,
+                    "policy_model": _PATH,
+                    "policy": _PATH,
+                    "policy_tests": _PATH,
+                    "allowed_functions": {
+                        "type": "array",
+                        "items": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+def _json_path(parts: Any) -> str:
+    path = "$"
+    for part in parts:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that refuses duplicate keys (a silently ignored key is a trap)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _construct_mapping,
+)
+
+
+def load_yaml(path: Path) -> Any:
+    """Read a YAML file safely; duplicate keys and syntax errors become SiteConfigError."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SiteConfigError("settings.invalid", f"{path}: cannot read: {exc}") from exc
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise SiteConfigError("settings.invalid", f"{path}: {exc}") from exc
+
+
+@attrs.frozen
+class Limits:
+    max_body_bytes: int = int(LIMIT_DEFAULTS["max_body_bytes"])
+    max_json_depth: int = int(LIMIT_DEFAULTS["max_json_depth"])
+    max_tasks_per_request: int = int(LIMIT_DEFAULTS["max_tasks_per_request"])
+    max_variables_bytes: int = int(LIMIT_DEFAULTS["max_variables_bytes"])
+    endpoints_per_user: int = int(LIMIT_DEFAULTS["endpoints_per_user"])
+    endpoints_total: int = int(LIMIT_DEFAULTS["endpoints_total"])
+    concurrent_starts: int = int(LIMIT_DEFAULTS["concurrent_starts"])
+    queued_tasks_per_user: int = int(LIMIT_DEFAULTS["queued_tasks_per_user"])
+    max_payload_bytes: int = int(LIMIT_DEFAULTS["max_payload_bytes"])
+    max_result_bytes: int = int(LIMIT_DEFAULTS["max_result_bytes"])
+    max_walltime: float = float(LIMIT_DEFAULTS["max_walltime"])
+    result_retention: float = float(LIMIT_DEFAULTS["result_retention"])
+    start_timeout: float = float(LIMIT_DEFAULTS["start_timeout"])
+    drain_timeout: float = float(LIMIT_DEFAULTS["drain_timeout"])
+    max_wait_timeout: float = float(LIMIT_DEFAULTS["max_wait_timeout"])
+    introspection_cache_entries: int = int(LIMIT_DEFAULTS["introspection_cache_entries"])
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> Limits:
+        return cls(**dict(data))
+
+
+@attrs.frozen
+class ClaimNames:
+    """Which token claim becomes which identity field."""
+
+    id: str = "sub"
+    username: str = "preferred_username"
+    email: str = "email"
+    name: str = "name"
+    linked: str = "identity_set"
+    mfa: str = "mfa"
+    auth_time: str = "auth_time"
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> ClaimNames:
+        return cls(**dict(data))
+
+
+@attrs.frozen
+class IssuerSettings:
+    """One trusted issuer. ``type`` is ``local``, ``jwt`` or ``introspection``."""
+
+    type: str
+    issuer: str = "mepd-local"
+    audience: str | None = None  # local: "mepd" when unset; introspection: unchecked
+    jwks_file: Path | None = None
+    jwks_url: str | None = None
+    algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
+    leeway: float = 30.0
+    claims: ClaimNames = ClaimNames()
+    url: str | None = None
+    client_id: str | None = None
+    client_secret_file: Path | None = None
+    cache_seconds: float = 300.0
+    max_ttl: int = 30 * 24 * 3600
+
+
+@attrs.frozen
+class EndpointSettings:
+    name: str
+    template: Path
+    mapping: Path
+    policy_model: Path
+    policy: Path
+    schema: Path | None = None
+    environment: Path | None = None
+    policy_tests: Path | None = None
+    allowed_functions: tuple[str, ...] | None = None
+
+
+@attrs.frozen
+class Settings:
+    state_dir: Path
+    endpoints: tuple[EndpointSettings, ...]
+    source: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 8470
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    audit_log: Path | None = None
+    log_level: str = "info"
+    min_uid: int = 1000
+    deny_accounts: tuple[str, ...] = ()
+    python: str = sys.executable
+    durability: str = "normal"
+    spawn: Mapping[str, Any] = attrs.field(factory=dict)
+    limits: Limits = Limits()
+    issuers: tuple[IssuerSettings, ...] = (IssuerSettings(type="local"),)
+
+    @property
+    def audit_path(self) -> Path:
+        return self.audit_log or self.state_dir / "audit.jsonl"
+
+    @property
+    def local_issuer(self) -> IssuerSettings | None:
+        for issuer in self.issuers:
+            if issuer.type == "local":
+                return issuer
+        return None
+
+    def endpoint(self, name: str) -> EndpointSettings | None:
+        for endpoint in self.endpoints:
+            if endpoint.name == name:
+                return endpoint
+        return None
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> Settings:
+        source = Path(path).absolute()
+        data = load_yaml(source)
+        return cls.from_mapping(data, base_dir=source.parent, source=source)
+
+    @classmethod
+    def from_mapping(cls, data: Any, *, base_dir: Path, source: Path | None = None) -> Settings:
+        """Validate ``data`` and build the settings; every violation is reported at once."""
+        validator = jsonschema.Draft202012Validator(SETTINGS_SCHEMA)
+        errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
+        violations = [Violation(_json_path(e.absolute_path), e.message) for e in errors]
+        if isinstance(data, Mapping):
+            names = [e.get("name") for e in data.get("endpoints") or [] if isinstance(e, Mapping)]
+            for i, name in enumerate(names):
+                if name in names[:i]:
+                    violations.append(
+                        Violation(f"$.endpoints[{i}].name", f"duplicate endpoint {name!r}")
+                    )
+            kinds = [i.get("type") for i in data.get("issuers") or [] if isinstance(i, Mapping)]
+            for i, raw in enumerate(data.get("issuers") or []):
+                jwt_issuer = isinstance(raw, Mapping) and raw.get("type") == "jwt"
+                if jwt_issuer and ("jwks_file" in raw) == ("jwks_url" in raw):
+                    violations.append(
+                        Violation(f"$.issuers[{i}]", "needs exactly one of jwks_file, jwks_url")
+                    )
+            if kinds.count("local") > 1:
+                violations.append(Violation("$.issuers", "at most one local issuer"))
+        if violations:
+            where = f"{source}: " if source else ""
+            raise SiteConfigError(
+                "settings.invalid",
+                where + "; ".join(f"{v.path}: {v.message}" for v in violations),
+                violations=violations,
+            )
+
+        def resolve(value: str | None) -> Path | None:
+            if value is None:
+                return None
+            p = Path(value)
+            return p if p.is_absolute() else (base_dir / p)
+
+        listen = data.get("listen") or {}
+        tls = data.get("tls") or {}
+        issuers = tuple(
+            IssuerSettings(
+                type=raw["type"],
+                **{
+                    k: v
+                    for k, v in raw.items()
+                    if k
+                    in (
+                        "issuer",
+                        "audience",
+                        "jwks_url",
+                        "leeway",
+                        "url",
+                        "client_id",
+                        "cache_seconds",
+                        "max_ttl",
+                    )
+                },
+                algorithms=tuple(raw.get("algorithms") or DEFAULT_ALGORITHMS),
+                claims=ClaimNames.from_mapping(raw.get("claims") or {}),
+                jwks_file=resolve(raw.get("jwks_file")),
+                client_secret_file=resolve(raw.get("client_secret_file")),
+            )
+            for raw in data.get("issuers") or [{"type": "local"}]
+        )
+        endpoints = tuple(
+            EndpointSettings(
+                name=raw["name"],
+                template=resolve(raw["template"]),  # type: ignore[arg-type]
+                mapping=resolve(raw["mapping"]),  # type: ignore[arg-type]
+                policy_model=resolve(raw["policy_model"]),  # type: ignore[arg-type]
+                policy=resolve(raw["policy"]),  # type: ignore[arg-type]
+                schema=resolve(raw.get("schema")),
+                environment=resolve(raw.get("environment")),
+                policy_tests=resolve(raw.get("policy_tests")),
+                allowed_functions=(
+                    tuple(raw["allowed_functions"]) if "allowed_functions" in raw else None
+                ),
+            )
+            for raw in data["endpoints"]
+        )
+        state_dir = resolve(data["state_dir"])
+        assert state_dir is not None
+        return cls(
+            state_dir=state_dir,
+            endpoints=endpoints,
+            source=source,
+            host=listen.get("host", "127.0.0.1"),
+            port=listen.get("port", 8470),
+            tls_cert=resolve(tls.get("cert")),
+            tls_key=resolve(tls.get("key")),
+            audit_log=resolve(data.get("audit_log")),
+            log_level=data.get("log_level", "info"),
+            min_uid=data.get("min_uid", 1000),
+            deny_accounts=tuple(data.get("deny_accounts") or ()),
+            python=str(resolve(data["python"])) if "python" in data else sys.executable,
+            durability=data.get("durability", "normal"),
+            spawn=dict(data.get("spawn") or {}),
+            limits=Limits.from_mapping(data.get("limits") or {}),
+            issuers=issuers,
+        )

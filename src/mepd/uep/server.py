@@ -1,0 +1,435 @@
+"""The user endpoint's main loop: start message, render, setup, serve, idle, teardown.
+
+Runs as the mapped account, after ``identity.privilege_problem()`` found nothing. One
+thread reads frames from the channel (with a timeout that drives the heartbeat); task
+results are completed by the executor's threads and coalesced into result frames by a
+writer thread (it flushes whenever its queue runs empty or a batch is full, so a burst
+of 10k results costs a handful of frames, and a lone result is not delayed).
+
+Everything from the daemon is checked before use (shape, types, bounds); the rendered
+configuration comes from ``mepcore.config`` and the tasks run in ``mepcore.tasks``.
+This module deliberately does not deserialize anything itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from mepcore.errors import ChannelError, MepError
+from mepd.channel import BlockingChannel, Frame, batch_frames, check_items
+from mepd.uep.identity import introspect
+
+START_WAIT = 120.0
+MAX_RESULT_BATCH = 4096
+DEFAULT_SCRIPT_TIMEOUT = 300.0
+_STOP = object()
+
+
+class StartRefused(Exception):
+    """A failure before ``ready``, reported in an ``error`` frame."""
+
+    def __init__(self, fields: Mapping[str, Any]) -> None:
+        super().__init__(fields.get("detail") or fields.get("reason"))
+        self.fields = dict(fields)
+
+
+def error_fields(exc: BaseException) -> dict[str, Any]:
+    """The ``error`` frame of an exception (MepErrors keep reason, message, violations)."""
+    if isinstance(exc, MepError):
+        return {
+            "reason": exc.reason,
+            "message": exc.public_message,
+            "detail": exc.detail,
+            "violations": [v.to_dict() for v in exc.violations],
+            "expose_violations": bool(exc.expose_violations),
+            "error_class": type(exc).__name__,
+        }
+    return {
+        "reason": "spawn.start_failed",
+        "message": "the user endpoint could not be started",
+        "detail": f"{type(exc).__name__}: {exc}",
+        "violations": [],
+        "expose_violations": False,
+        "error_class": "SpawnError",
+    }
+
+
+def _refuse(reason: str, detail: str) -> StartRefused:
+    return StartRefused({"reason": reason, "detail": detail, "error_class": "SpawnError"})
+
+
+def _require(start: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    value = start.get(key)
+    if not isinstance(value, kind):
+        raise _refuse("spawn.start_failed", f"start message: {key} has the wrong type")
+    return value
+
+
+@attrs.frozen
+class StartMessage:
+    """The validated ``start`` frame."""
+
+    template_name: str
+    template_text: str
+    includes: Mapping[str, str]
+    variables: Mapping[str, Any]
+    identity: Mapping[str, Any] | None
+    user_runtime: Mapping[str, Any] | None
+    account: Mapping[str, Any]
+    endpoint: str
+    config_key: str
+    setup_timeout: float
+    teardown_timeout: float
+    executor_limits: Mapping[str, Any]
+
+    @classmethod
+    def from_header(cls, header: Mapping[str, Any]) -> StartMessage:
+        includes = _require(header, "includes", dict)
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in includes.items()):
+            raise _refuse("spawn.start_failed", "start message: includes must map str to str")
+        identity = header.get("identity")
+        runtime = header.get("user_runtime")
+        if identity is not None and not isinstance(identity, dict):
+            raise _refuse("spawn.start_failed", "start message: identity must be an object")
+        if runtime is not None and not isinstance(runtime, dict):
+            raise _refuse("spawn.start_failed", "start message: user_runtime must be an object")
+        timeouts = [header.get("setup_timeout", DEFAULT_SCRIPT_TIMEOUT),
+                    header.get("teardown_timeout", DEFAULT_SCRIPT_TIMEOUT)]
+        for value in timeouts:
+            if type(value) not in (int, float) or not 0 < value <= 86400:
+                raise _refuse("spawn.start_failed", "start message: bad script timeout")
+        return cls(
+            template_name=_require(header, "template_name", str),
+            template_text=_require(header, "template_text", str),
+            includes=includes,
+            variables=_require(header, "variables", dict),
+            identity=identity,
+            user_runtime=runtime,
+            account=_require(header, "account", dict),
+            endpoint=_require(header, "endpoint", str),
+            config_key=_require(header, "config_key", str),
+            setup_timeout=float(timeouts[0]),
+            teardown_timeout=float(timeouts[1]),
+            executor_limits=header.get("executor_limits") or {},
+        )
+
+
+def run_script(script: str, *, timeout: float, cwd: str) -> int | None:
+    """Run an endpoint_setup/teardown script with ``/bin/sh -c`` as this account.
+
+    Returns its exit status, or None when it ran out of time (its process group is then
+    killed). It stays in our session so the daemon's reaper finds anything it leaves.
+    """
+    proc = subprocess.Popen(
+        ["/bin/sh", "-c", script],
+        stdin=subprocess.DEVNULL,
+        cwd=cwd,
+        process_group=0,
+        close_fds=True,
+    )
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return None
+
+
+@attrs.define
+class UserEndpoint:
+    """One user endpoint's lifecycle over ``channel``."""
+
+    channel: BlockingChannel
+    channel_fd: int
+    start: StartMessage | None = None
+    config: Any = None
+    executor: Any = None
+    in_flight: int = 0
+    draining: bool = False
+    exit_reason: str = ""
+    _lock: threading.Lock = attrs.field(factory=threading.Lock)
+    _results: queue.SimpleQueue[Any] = attrs.field(factory=queue.SimpleQueue)
+    _writer: threading.Thread | None = None
+    _tasks_seen: int = 0
+    _results_seen: int = 0
+    _drained: threading.Event = attrs.field(factory=threading.Event)
+
+    # ----------------------------------------------------------------- start
+
+    def run(self) -> int:
+        try:
+            self._start()
+        except StartRefused as refused:
+            self._send_quietly("error", refused.fields)
+            return 2
+        except EOFError:
+            return 0
+        except Exception as exc:  # the daemon gets a reason code, not a traceback
+            self._send_quietly("error", error_fields(exc))
+            return 2
+        try:
+            self._serve()
+        finally:
+            self._finish()
+        return 0
+
+    def _start(self) -> None:
+        frame = self.channel.recv(timeout=START_WAIT)
+        if frame is None or frame.kind != "start":
+            raise _refuse("spawn.start_failed", "no start message")
+        start = StartMessage.from_header(frame.header)
+        self.start = start
+        if start.account.get("uid") != os.getuid():
+            raise _refuse("spawn.privilege_drop", "start message names another account")
+        self.config = self._render(start)
+        setup = getattr(self.config, "endpoint_setup", None)
+        if setup:
+            status = run_script(setup, timeout=start.setup_timeout, cwd=os.getcwd())
+            if status != 0:
+                what = "timed out" if status is None else f"exited with status {status}"
+                raise _refuse("spawn.start_failed", f"endpoint_setup {what}")
+        self.executor = self._make_executor(start)
+        self._writer = threading.Thread(target=self._write_results, name="uep-results", daemon=True)
+        self._writer.start()
+        self.channel.send(
+            "ready",
+            {
+                "pid": os.getpid(),
+                "uid": os.getuid(),
+                "heartbeat_period": self.config.heartbeat_period,
+                "idle_heartbeats_soft": self.config.idle_heartbeats_soft,
+                "idle_heartbeats_hard": self.config.idle_heartbeats_hard,
+                "engine": self._engine_dict().get("type"),
+            },
+        )
+
+    def _render(self, start: StartMessage) -> Any:
+        # Rendering happens here, as the user, never in the daemon (DESIGN.md §3.5).
+        from mepcore.config import MappedIdentity, render_endpoint_config
+        from mepcore.types import Account, Identity
+
+        acc = start.account
+        try:
+            account = Account(
+                name=str(acc["name"]),
+                uid=int(acc["uid"]),
+                gid=int(acc["gid"]),
+                home=str(acc["home"]),
+                shell=str(acc["shell"]),
+                group_ids=tuple(int(g) for g in acc.get("group_ids", ())),
+                group_names=tuple(str(g) for g in acc.get("groups", ())),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _refuse("spawn.start_failed", f"start message: bad account: {exc}") from exc
+        identity = None if start.identity is None else Identity.from_mapping(start.identity)
+        return render_endpoint_config(
+            start.template_text,
+            start.variables,
+            mapped=MappedIdentity(account=account, identity=identity),
+            user_runtime=start.user_runtime,
+            includes=start.includes,
+            template_name=start.template_name,
+        )
+
+    def _engine_dict(self) -> dict[str, Any]:
+        engine = self.config.engine
+        return dict(engine.to_dict() if hasattr(engine, "to_dict") else engine)
+
+    def _make_executor(self, start: StartMessage) -> Any:
+        # Seam: tasks are served by mepcore.tasks' Executor (imported here so that a
+        # user endpoint that fails to render never pays for it).
+        from mepcore.tasks import Executor, ExecutorLimits
+
+        limits = ExecutorLimits(**dict(start.executor_limits))
+        executor = Executor.from_engine_config(
+            self._engine_dict(),
+            limits=limits,
+            allowed_functions=getattr(self.config, "allowed_functions", None),
+        )
+        executor.start()
+        return executor
+
+    # ----------------------------------------------------------------- serve
+
+    def _serve(self) -> None:
+        period = float(self.config.heartbeat_period)
+        soft = int(self.config.idle_heartbeats_soft)
+        hard = int(self.config.idle_heartbeats_hard)
+        idle_ticks = 0
+        stuck_ticks = 0
+        seen_tasks = seen_results = 0
+        next_tick = time.monotonic() + period
+        while not self.exit_reason:
+            try:
+                frame = self.channel.recv(timeout=max(0.0, next_tick - time.monotonic()))
+            except EOFError:
+                self.exit_reason = "channel_closed"
+                break
+            except (ChannelError, OSError) as exc:
+                self.exit_reason = f"channel_invalid: {exc}"
+                break
+            if frame is not None:
+                self._handle(frame)
+            if self.draining and self._drained.is_set():
+                self.exit_reason = "drained"
+            now = time.monotonic()
+            if now < next_tick:
+                continue
+            next_tick = max(next_tick + period, now)
+            with self._lock:
+                busy = self.in_flight
+                tasks, results = self._tasks_seen, self._results_seen
+            activity = tasks != seen_tasks or results != seen_results
+            idle_ticks = 0 if (busy or tasks != seen_tasks) else idle_ticks + 1
+            stuck_ticks = 0 if activity else stuck_ticks + 1
+            seen_tasks, seen_results = tasks, results
+            self._send_quietly(
+                "heartbeat", {"idle": idle_ticks, "no_progress": stuck_ticks, "in_flight": busy}
+            )
+            if idle_ticks >= soft:
+                self.exit_reason = "idle"
+            elif stuck_ticks >= hard:
+                self.exit_reason = "idle_hard"
+
+    def _handle(self, frame: Frame) -> None:
+        kind = frame.kind
+        if kind == "task":
+            self._submit(frame)
+        elif kind == "function":
+            items = check_items(frame, id_field="function_id")
+            for header, payload in zip(items, frame.parts(), strict=True):
+                try:
+                    self.executor.register_function(header["function_id"], payload)
+                except MepError:
+                    continue  # tasks naming it fail with task.function_unknown
+        elif kind == "introspect":
+            self.channel.send(
+                "introspect",
+                {"request_id": frame.header.get("request_id"),
+                 "answer": introspect(channel_fd=self.channel_fd)},
+            )
+        elif kind == "drain":
+            self.draining = True
+            with self._lock:
+                if self.in_flight == 0:
+                    self._drained.set()
+        elif kind == "stop":
+            reason = frame.header.get("reason")
+            self.exit_reason = f"stopped: {reason}" if isinstance(reason, str) else "stopped"
+        else:
+            self.exit_reason = f"channel_invalid: unexpected {kind} frame"
+
+    def _submit(self, frame: Frame) -> None:
+        from mepcore.tasks import TaskEnvelope
+
+        items = check_items(frame)
+        parts = frame.parts()
+        with self._lock:
+            self.in_flight += len(items)
+            self._tasks_seen += len(items)
+        tasks = []
+        for header, payload in zip(items, parts, strict=True):
+            if self.draining:
+                self._fail(header["task_id"], "task.cancelled", "the user endpoint is draining")
+                continue
+            try:
+                tasks.append(TaskEnvelope.from_header(header, payload))
+            except MepError as exc:
+                self._fail(header["task_id"], exc.reason, exc.public_message)
+        if not tasks:
+            return
+        try:
+            futures = self.executor.submit_many(tasks)
+        except Exception as exc:
+            for task in tasks:
+                self._fail(task.task_id, "task.engine_failed", type(exc).__name__)
+            return
+        for future in futures:
+            future.add_done_callback(self._completed)
+
+    def _fail(self, task_id: str, reason: str, message: str) -> None:
+        from mepcore.tasks import ResultEnvelope
+        from mepcore.tasks.envelopes import RemoteError
+
+        now = time.time()
+        self._results.put(
+            ResultEnvelope(
+                task_id=task_id,
+                status="failed",
+                error=RemoteError.of(reason if reason.startswith("task.") else "task.failed", message),
+                received=now,
+                started=now,
+                finished=now,
+            )
+        )
+
+    def _completed(self, future: Any) -> None:
+        try:
+            result = future.result()
+        except BaseException:  # a bug in an engine: the task is lost, the daemon hears it
+            return
+        self._results.put(result)
+
+    def _write_results(self) -> None:
+        limits = self.channel.limits
+        while True:
+            first = self._results.get()
+            if first is _STOP:
+                return
+            batch = [first]
+            stop_after = False
+            while len(batch) < MAX_RESULT_BATCH:
+                try:
+                    item = self._results.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stop_after = True
+                    break
+                batch.append(item)
+            items = [(r.to_header(), r.payload) for r in batch]
+            try:
+                frames = batch_frames("result", items, limits=limits, max_items=MAX_RESULT_BATCH)
+                for buffers in frames:
+                    self.channel.send_buffers(buffers)
+            except OSError:
+                return  # the daemon is gone; the main loop sees EOF
+            with self._lock:
+                self.in_flight -= len(batch)
+                self._results_seen += len(batch)
+                if self.in_flight <= 0 and self.draining:
+                    self._drained.set()
+            if stop_after:
+                return
+
+    # ----------------------------------------------------------------- exit
+
+    def _finish(self) -> None:
+        graceful = self.exit_reason in ("idle", "drained")
+        if self.executor is not None:
+            with contextlib.suppress(Exception):
+                self.executor.shutdown(wait=graceful)
+        self._results.put(_STOP)
+        if self._writer is not None:
+            self._writer.join(timeout=5.0)
+        teardown = getattr(self.config, "endpoint_teardown", None)
+        if teardown and self.start is not None:
+            run_script(teardown, timeout=self.start.teardown_timeout, cwd=os.getcwd())
+        with self._lock:
+            lost = self.in_flight
+        self._send_quietly("exiting", {"reason": self.exit_reason, "in_flight": lost})
+
+    def _send_quietly(self, kind: str, fields: Mapping[str, Any]) -> None:
+        with contextlib.suppress(OSError, ChannelError):
+            self.channel.send(kind, fields)

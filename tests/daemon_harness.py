@@ -1,0 +1,294 @@
+"""Helpers for the daemon tests.
+
+- In-process fakes of the pipeline's ports (``FakeSite``, ``FakeEndpoints``) and
+  ``make_pipeline`` to test the API without root, processes or other components;
+- ``RunningDaemon``: a real ``mepd serve`` subprocess on 127.0.0.1 with a temporary
+  state directory, ready when ``/healthz`` answers (polled with a deadline), stopped
+  with SIGTERM (SIGKILL after a bound).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import jsonschema
+
+from mepcore.errors import ConfigError, IdentityError, Violation
+from mepcore.testing import FakeAccountDatabase
+from mepcore.types import Account, IdentitySet
+from mepd.audit import AuditLog, AuditUnavailable
+from mepd.auth import Authenticator, issue_local_token, load_or_create_local_key
+from mepd.pipeline import DecisionView, DispatchTask, Pipeline, StartSpec
+from mepd.settings import IssuerSettings, Limits
+from mepd.store import TaskStore
+
+REPO = Path(__file__).resolve().parents[1]
+
+VARIABLE_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "workers": {"type": "integer", "minimum": 1, "maximum": 8},
+        "queue": {"enum": ["short", "long"]},
+    },
+}
+
+
+@attrs.define
+class FakeSite:
+    """An endpoint whose mapping is a dict and whose policy is a deny set."""
+
+    name: str = "hpc"
+    template_name: str = "default"
+    allowed_functions: frozenset[str] | None = None
+    mapping: dict[str, str] = attrs.field(factory=dict)  # username -> account
+    accounts: FakeAccountDatabase = attrs.field(factory=FakeAccountDatabase)
+    denied: set[tuple[str, str]] = attrs.field(factory=set)  # (obj, action)
+    admins: set[str] = attrs.field(factory=set)  # account names allowed "admin"
+    decisions: list[tuple[str, str, tuple[str, ...]]] = attrs.field(factory=list)
+
+    def map_identity(self, identities: IdentitySet) -> str | None:
+        for ident in identities:
+            if ident.username in self.mapping:
+                return self.mapping[ident.username]
+        return None
+
+    def check_account(self, name: str) -> Account:
+        account = self.accounts.by_name(name)
+        if account is None:
+            raise IdentityError("identity.account_missing", f"no account {name}")
+        return account
+
+    def decide(self, obj: str, action: str, principals: Sequence[str], *, mfa: bool,
+               auth_age: float | None, uid: int | None) -> DecisionView:
+        self.decisions.append((obj, action, tuple(principals)))
+        if action == "admin":
+            ok = any(f"user:{a}" in principals for a in self.admins)
+            return DecisionView(ok, "authz.allowed" if ok else "authz.denied", ("p, admin",))
+        if (obj, action) in self.denied:
+            return DecisionView(False, "authz.denied", ("p, deny line",), "v1")
+        return DecisionView(True, "authz.allowed", ("p, allow line",), "v1")
+
+    def validate_variables(self, variables: Mapping[str, Any]) -> dict[str, Any]:
+        validator = jsonschema.Draft202012Validator(VARIABLE_SCHEMA)
+        errors = list(validator.iter_errors(dict(variables)))
+        if errors:
+            raise ConfigError(
+                "config.invalid_variables",
+                violations=[Violation("$" + "".join(f".{p}" for p in e.absolute_path) or "$",
+                                      e.message) for e in errors],
+            )
+        return dict(variables)
+
+    def config_key(self, account: Account, variables: Mapping[str, Any]) -> str:
+        return hashlib.sha256(json.dumps([account.name, dict(variables)], sort_keys=True)
+                              .encode()).hexdigest()
+
+
+@attrs.define
+class FakeHandle:
+    """A user endpoint that echoes each payload back as the result, asynchronously."""
+
+    owner: FakeEndpoints
+    key: str
+    functions: dict[str, bytes] = attrs.field(factory=dict)
+    hold: bool = False
+    held: list[DispatchTask] = attrs.field(factory=list)
+
+    def register_function(self, function_id: str, payload: bytes) -> None:
+        self.functions[function_id] = payload
+
+    def dispatch(self, tasks: Sequence[DispatchTask]) -> None:
+        for task in tasks:
+            assert task.function_id in self.functions
+        if self.hold:
+            self.held.extend(tasks)
+            return
+        loop = asyncio.get_running_loop()
+        for task in tasks:
+            loop.call_soon(self.owner.complete, task)
+
+
+@attrs.define
+class FakeEndpoints:
+    pipeline: Pipeline | None = None
+    handles: dict[str, FakeHandle] = attrs.field(factory=dict)
+    starts: list[StartSpec] = attrs.field(factory=list)
+    hold: bool = False
+
+    async def get_or_start(self, spec: StartSpec) -> FakeHandle:
+        key = f"{spec.account.name}/{spec.config_key}"
+        if key not in self.handles:
+            self.starts.append(spec)
+            self.handles[key] = FakeHandle(self, key, hold=self.hold)
+        return self.handles[key]
+
+    def complete(self, task: DispatchTask) -> None:
+        assert self.pipeline is not None
+        if task.payload == b"fail":
+            header = {"task_id": task.task_id, "status": "failed",
+                      "error": {"type_name": "ValueError", "message": "boom",
+                                "traceback": "Traceback...", "reason": "task.failed"}}
+            self.pipeline.on_result(task.task_id, header, b"")
+        else:
+            self.pipeline.on_result(task.task_id, {"task_id": task.task_id, "status": "success"},
+                                    b"echo:" + task.payload)
+
+    def status(self, account_name: str | None) -> list[dict[str, Any]]:
+        return [{"config_key": k.split("/")[1], "state": "ready", "endpoint": "hpc"}
+                for k in self.handles if account_name is None or k.startswith(account_name + "/")]
+
+    async def stop(self, account_name: str, endpoint: str, reason: str) -> int:
+        keys = [k for k in self.handles if k.startswith(account_name + "/")]
+        for k in keys:
+            del self.handles[k]
+        return len(keys)
+
+
+class BrokenAudit:
+    """An audit log whose disk is full."""
+
+    available = False
+
+    def record(self, event: str, **fields: Any) -> None:
+        raise AuditUnavailable(detail="disk full")
+
+    def record_many(self, events: Any) -> None:
+        raise AuditUnavailable(detail="disk full")
+
+
+@attrs.define
+class PipelineKit:
+    pipeline: Pipeline
+    site: FakeSite
+    endpoints: FakeEndpoints
+    state_dir: Path
+    issuer: IssuerSettings
+
+    def token(self, username: str, **kwargs: Any) -> str:
+        key = load_or_create_local_key(self.state_dir)
+        return issue_local_token(key, self.issuer, username, **kwargs)
+
+    def headers(self, username: str, **kwargs: Any) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token(username, **kwargs)}"}
+
+
+def make_pipeline(state_dir: Path, *, limits: Limits | None = None,
+                  audit: Any = None) -> PipelineKit:
+    issuer = IssuerSettings(type="local")
+    authenticator = Authenticator((issuer,), state_dir)
+    authenticator.load()
+    store = TaskStore.open(state_dir / "tasks.sqlite3")
+    if audit is None:
+        audit = AuditLog(state_dir / "audit.jsonl")
+        audit.open()
+    endpoints = FakeEndpoints()
+    site = FakeSite()
+    site.accounts.add("alice", 2001)
+    site.accounts.add("bob", 2002)
+    site.mapping.update({"alice@example.org": "alice", "bob@example.org": "bob"})
+    pipeline = Pipeline(store=store, audit=audit, authenticator=authenticator, ueps=endpoints,
+                        limits=limits or Limits())
+    pipeline.sites[site.name] = site
+    endpoints.pipeline = pipeline
+    return PipelineKit(pipeline, site, endpoints, state_dir, issuer)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+# -- a real daemon --------------------------------------------------------------------
+
+
+@attrs.define
+class RunningDaemon:
+    config: Path
+    state_dir: Path
+    process: subprocess.Popen[bytes]
+    url: str
+    stderr_path: Path
+
+    def token(self, username: str, *extra: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "mepd", "token", "issue", "--config", str(self.config),
+             "--identity", username, *extra],
+            check=True, capture_output=True, text=True, timeout=60,
+        )
+        return out.stdout.strip()
+
+    def client(self, token: str | None = None, timeout: float = 60.0) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        return self.process.returncode
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(10)
+
+
+def start_daemon(config: Path, state_dir: Path, *, deadline: float = 60.0,
+                 log_name: str = "mepd.log") -> RunningDaemon:
+    """Start ``mepd serve`` and wait until /healthz answers (or fail with its log)."""
+    port_file = state_dir / "port"
+    with contextlib.suppress(FileNotFoundError):
+        port_file.unlink()
+    stderr_path = state_dir.parent / log_name
+    err = stderr_path.open("ab")
+    env = {k: v for k, v in os.environ.items() if k != "MEP_TOKEN"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mepd", "serve", "--config", str(config)],
+        stdout=err, stderr=err, env=env, cwd=str(REPO),
+    )
+    err.close()
+    end = time.monotonic() + deadline
+    url = ""
+    while time.monotonic() < end:
+        if process.poll() is not None:
+            raise RuntimeError(f"mepd exited {process.returncode}:\n{stderr_path.read_text()}")
+        if port_file.exists() and port_file.read_text().strip():
+            url = f"http://127.0.0.1:{int(port_file.read_text())}"
+            try:
+                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                    return RunningDaemon(config, state_dir, process, url, stderr_path)
+            except httpx.HTTPError:
+                pass
+        time.sleep(0.05)  # polling interval of a deadline loop, not a wait for an event
+    process.kill()
+    process.wait(10)
+    raise RuntimeError(f"mepd not ready in {deadline}s:\n{stderr_path.read_text()}")
+
+
+@contextlib.contextmanager
+def running_daemon(config: Path, state_dir: Path, **kwargs: Any) -> Iterator[RunningDaemon]:
+    daemon = start_daemon(config, state_dir, **kwargs)
+    try:
+        yield daemon
+    finally:
+        daemon.stop()

@@ -1,0 +1,108 @@
+"""A world-readable runtime virtualenv for root tests that spawn user endpoints.
+
+The project's own .venv may live where other accounts cannot read it, and ``python3`` on
+PATH may be a build under /root (mode 700). User endpoints must run an interpreter and
+packages the mapped account can read, so root tests build one under /var/tmp: made with
+``/usr/bin/python3 -m venv``, every directory mode 755, the project installed *not*
+editable. Dependencies are installed once per hash of pyproject.toml; the project is
+reinstalled (``--no-deps``) only when the content of src/ changes. A file lock makes
+parallel test processes share one build.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = Path("/var/tmp/mep-test-runtime")
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def _digest_pyproject() -> str:
+    return hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()[:16]
+
+
+def _digest_src() -> str:
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "src").rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:
+            digest.update(str(path.relative_to(ROOT)).encode())
+            digest.update(path.read_bytes())
+    digest.update((ROOT / "pyproject.toml").read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _pip(python: Path, *args: str) -> None:
+    # The test interpreter's pip installs into the target venv (--python), so the
+    # runtime venv itself needs no pip (smaller, faster to build).
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", *args],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+
+
+def _make_world_readable(top: Path) -> None:
+    for dirpath, dirnames, filenames in os.walk(top):
+        os.chmod(dirpath, 0o755)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                mode = os.stat(path).st_mode
+                os.chmod(path, 0o755 if mode & 0o111 else 0o644)
+        for name in dirnames:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                continue
+
+
+def _base_dependencies() -> list[str]:
+    import tomllib
+
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    return list(data["project"]["dependencies"])
+
+
+def runtime_python() -> str:
+    """The path of the runtime venv's python, building or refreshing the venv if needed."""
+    BASE.mkdir(mode=0o755, exist_ok=True)
+    os.chmod(BASE, 0o755)
+    venv = BASE / f"deps-{_digest_pyproject()}"
+    python = venv / "bin" / "python"
+    stamp = venv / "mep-src.stamp"
+    with open(BASE / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (venv / "deps.stamp").exists():
+            shutil.rmtree(venv, ignore_errors=True)
+            subprocess.run(
+                [SYSTEM_PYTHON, "-m", "venv", "--without-pip", str(venv)],
+                check=True,
+                capture_output=True,
+            )
+            _pip(python, *_base_dependencies())
+            (venv / "deps.stamp").write_text("ok\n")
+        want = _digest_src()
+        if not stamp.exists() or stamp.read_text().strip() != want:
+            _pip(python, "--no-deps", "--force-reinstall", str(ROOT))
+            _make_world_readable(venv)
+            stamp.write_text(want + "\n")
+            os.chmod(stamp, 0o644)
+    return str(python)
+
+
+def package_paths(python: str) -> tuple[str, ...]:
+    """The site-packages directories of ``python`` (what the launcher checks)."""
+    out = subprocess.run(
+        [python, "-I", "-c", "import sys,site; print('\\n'.join(site.getsitepackages()))"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return tuple(line for line in out.stdout.splitlines() if line)

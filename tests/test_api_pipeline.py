@@ -1,0 +1,475 @@
+"""The HTTP API and the request pipeline, in process, with fakes for the site's components.
+
+Real: Starlette app, local-issuer tokens, SQLite store, audit log. Fake: mapping, policy,
+variable validation and user endpoints (see tests/daemon_harness.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from mepcore.errors import REASONS
+from mepd.api import create_app, json_depth_ok, openapi_text
+from mepd.settings import Limits
+from tests.daemon_harness import REPO, BrokenAudit, PipelineKit, b64, make_pipeline
+
+ALICE = "alice@example.org"
+BOB = "bob@example.org"
+
+Scenario = Callable[[httpx.AsyncClient, PipelineKit], Awaitable[None]]
+
+
+def run(tmp_path: Path, scenario: Scenario, **kwargs: Any) -> PipelineKit:
+    kit = make_pipeline(tmp_path, **kwargs)
+    app = create_app(kit.pipeline, kit.pipeline.limits)
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://mepd") as client:
+            await scenario(client, kit)
+
+    asyncio.run(main())
+    return kit
+
+
+async def register(client: httpx.AsyncClient, kit: PipelineKit, body: bytes = b"fn") -> str:
+    r = await client.post("/v1/functions", json={"function": b64(body), "name": "f"},
+                          headers=kit.headers(ALICE))
+    assert r.status_code == 200, r.text
+    return str(r.json()["function_id"])
+
+
+def submit_body(fid: str, payloads: list[bytes], variables: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
+    return {"user_endpoint_config": variables or {"workers": 2},
+            "tasks": [{"function_id": fid, "args": b64(p)} for p in payloads]}
+
+
+def assert_error(r: httpx.Response, status: int, reason: str) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["reason"] == reason
+    assert error["message"] == REASONS[reason]
+    assert set(error) <= {"reason", "message", "violations"}
+    return dict(error)
+
+
+def test_register_submit_wait_roundtrip(tmp_path: Path) -> None:
+    async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
+        fid = await register(client, kit)
+        assert fid == hashlib.sha256(b"fn").hexdigest()
+        assert await register(client, kit) == fid  # idempotent
+        r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
+                              json=submit_body(fid, [b"a", b"b", b"fail"]))
+        assert r.status_code == 200, r.text
+        ids = r.json()["task_ids"]
+        assert len(ids) == 3 and len(set(ids)) == 3
+        got: dict[str, Any] = {}
+        for _ in range(10):
+            w = await client.post("/v1/tasks/wait", headers=kit.headers(ALICE),
+                                  json={"task_ids": ids, "timeout": 5})
+            assert w.status_code == 200
+            for t in w.json()["tasks"]:
+                got[t["task_id"]] = t
+            if len(got) == 3:
+                break
+        assert base64.b64decode(got[ids[0]]["result"]) == b"echo:a"
+        assert base64.b64decode(got[ids[1]]["result"]) == b"echo:b"
+        assert got[ids[2]]["state"] == "failed"
+        assert got[ids[2]]["error"]["type_name"] == "ValueError"
+        single = await client.get(f"/v1/tasks/{ids[0]}", headers=kit.headers(ALICE))
+        assert single.json()["state"] == "success"
+
+    kit = run(tmp_path, scenario)
+    assert len(kit.endpoints.starts) == 1
+    lines = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    events = [x["event"] for x in lines]
+    for needed in ("identity.mapping_resolved", "authz.decided", "task.received",
+                   "task.started", "task.finished"):
+        assert needed in events
+    assert sum(e == "task.finished" for e in events) == 3
+    assert (tmp_path / "audit.jsonl").stat().st_mode & 0o777 == 0o600
+
+
+def test_wait_is_woken_by_a_result_not_by_its_timeout(tmp_path: Path) -> None:
+    async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
+        kit.endpoints.hold = True
+        fid = await register(client, kit)
+        r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
+                              json=submit_body(fid, [b"x"]))
+        (task_id,) = r.json()["task_ids"]
+        waiter = asyncio.create_task(client.post(
+            "/v1/tasks/wait", headers=kit.headers(ALICE),
+            json={"task_ids": [task_id], "timeout": 50}))
+        for _ in range(100):  # let the wait register its event
+            await asyncio.sleep(0)
+        handle = next(iter(kit.endpoints.handles.values()))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for task in handle.held:
+            kit.endpoints.complete(task)
+        w = await asyncio.wait_for(waiter, 10)
+        assert loop.time() - started < 10
+        assert [t["task_id"] for t in w.json()["tasks"]] == [task_id]
+
+    run(tmp_path, scenario)
+
+
+def test_wait_times_out_with_pending(tmp_path: Path) -> None:
+    async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
+        kit.endpoints.hold = True
+        fid = await register(client, kit)
+        r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
+                              json=submit_body(fid, [b"x"]))
+        ids = r.json()["task_ids"]
+        w = await client.post("/v1/tasks/wait", headers=kit.headers(ALICE),
+                              json={"task_ids": [*ids, "nope"], "timeout": 0.05})
+        assert w.json() == {"tasks": [], "pending": ids, "unknown": ["nope"]}
+
+    run(tmp_path, scenario)
+
+
+def test_unmapped_identity_gets_403_no_mapping(tmp_path: Path) -> None:
+    async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
+        fid = await register(client, kit)
+        r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers("eve@evil.org"),
+                              json=submit_body(fid, [b"x"]))
+        assert_error(r, 403, "identity.no_mapping")
+
+    kit = run(tmp_path, scenario)
+    assert not kit.endpoints.starts
+    assert "identity.mapping_failed" in (tmp_path / "audit.jsonl").read_text()
+
+
+@pytest.mark.parametrize(
+    ("header", "reason"),
+    [
+        (None, "auth.missing_token"),
+        ("Basic abc", "auth.missing_token"),
+        ("Bearer not-a-token", "auth.invalid_token"),
+    ],
+)
+def test_bad_tokens_get_401(tmp_path: Path, header: str | None, reason: str) -> None:
+    async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
+        headers = {"Authorization": header} if header else {}
+        r = await client.post("/v1/functions", json={"function": b64(b"x")}, headers=headers)
+        assert_error(r, 401, reason)
+        assert r.headers["www-authenticate"].startswith("Bearer")
+
+    run(tmp_path, scenario)
+    assert "auth.failed" in (tmp_path / "audit.jsonl").read_text()
+
+
+def test_policy_denied_function_gets_403_and_starts_nothing(tmp_path: Path) -> None:
+    async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
+        fid = await register(client, kit)
+        kit.site.denied.add((f"function:{fid}", "submit_task"))
+        r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
+                              json=submit_body(fid, [b"x"]))
+        assert_error(r, 403, "authz.denied")
+
+    kit = run(tmp_path, scenario)
+    assert not kit.endpoints.starts
+    denied = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()
+              if '"allowed":false' in x]
+    assert denied and denied[0]["lines"] == ["p, deny line"]
+
+
+def test_pipeline_asks_the_policy_for_each_step(tmp_path: Path) -> None:
+    async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
+        f1 = await register(client, kit, b"one")
+        f2 = await register(client, kit, b"two")
+        body = submit_body(f1, [b"x"])
+        body["tasks"].append({"function_id": f2, "args": b64(b"y")})
+        body["tasks"].append({"function_id": f1, "args": b64(b"z")})
+        r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE), json=body)
+        assert r.status_code == 200
+        asked = [(o, a) for o, a, _ in kit.site.decisions]
+        assert asked == [("user:alice", "map_identity"), ("template:default", "start_endpoint"),
+                         (f"function:{f1}", "submit_task"), (f"function:{f2}", "submit_task")]
+        principals = kit.site.decisions[0][2]
+        assert "username:alice@example.org" in principals
+        assert "domain:example.org" in principals
+        assert "user:alice" in principals
+
+    run(tmp_path, scenario)
+
+
+def test_allow_list_refuses_other_functions(tmp_path: Path) -> None:
+    async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
+        fid = await register(client, kit)
+        kit.site.allowed_functions = frozenset({"0" * 64})
+        r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
+                              json=submit_body(fid, [b"x"]))
+        assert_error(r, 403, "task.function_not_allowed")
+
+    run(tmp_path, scenario)
+
+
+def test_unknown_function_is_422(tmp_path: Path) -> None:
+    async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
+        r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
+                              json=submit_body("a" * 64, [b"x"]))
+        assert_error(r, 422, "task.function_unknown")
+
+    run(tmp_path, scenario)
+
+
+def test_invalid_variables_get_422_listing_every_violation(tmp_path: Path) -> None:
+    async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
+        fid = await register(client, kit)
+        r = await client.post(
+            "/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
+            json=submit_body(fid, [b"x"], {"workers": 99, "queue": "forever", "x": 1}))
+        error = assert_error(r, 422, "config.invalid_variables")
+        assert len(error["violations"]) == 3
+        paths = {v["path"] for v in error["violations"]}
+        assert {"$.workers", "$.queue"} <= paths
+
+    kit = run(tmp_path, scenario)
+    assert not kit.endpoints.starts
+
+
+def test_malformed_submit_lists_violations(tmp_path: Path) -> None:
+    async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
+        r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
+                              json={"tasks": [{"function_id": "zz", "args": 3}], "extra": 1})
+        error = assert_error(r, 400, "api.bad_request")
+        assert len(error["violations"]) == 3
+        r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
+                              content=b"{not json")
+        assert_error(r, 400, "api.bad_request")
+
+    run(tmp_path, scenario)
+
+
+def test_unknown_endpoint_is_404(tmp_path: Path) -> None:
+    async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
+        fid = await register(client, kit)
+        r = await client.post("/v1/endpoints/nope/submit", headers=kit.headers(ALICE),
+                              json=submit_body(fid, [b"x"]))
+        assert_error(r, 404, "api.endpoint_unknown")
+        r = await client.get("/v1/nothing-here")
+        assert_error(r, 404, "api.not_found")
+
+    run(tmp_path, scenario)
+
+
+def test_body_over_limit_is_413_from_content_length(tmp_path: Path) -> None:
+    async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
+        r = await client.post("/v1/functions", headers=kit.headers(ALICE),
+                              content=b"x" * 5000)
+        assert_error(r, 413, "api.body_too_large")
+
+    run(tmp_path, scenario, limits=Limits(max_body_bytes=4096))
+
+
+def test_streamed_body_over_limit_is_413_without_reading_it_all(tmp_path: Path) -> None:
+    sent = []
+
+    async def endless() -> AsyncIterator[bytes]:
+        for _ in range(10_000):  # bounded: 10 MB if the server read it all
+            sent.append(1)
+            yield b"x" * 1024
+
+    async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
+        r = await client.post("/v1/functions", headers=kit.headers(ALICE), content=endless())
+        assert_error(r, 413, "api.body_too_large")
+
+    run(tmp_path, scenario, limits=Limits(max_body_bytes=4096))
+    assert len(sent) < 100
+
+
+def test_json_depth_is_bounded(tmp_path: Path) -> None:
+    async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
+        deep = "[" * 100 + "]" * 100
+        r = await client.post("/v1/functions", headers=kit.headers(ALICE), content=deep.encode())
+        assert_error(r, 400, "api.bad_request")
+        deeper = "[" * 100_000 + "]" * 100_000
+        r = await client.post("/v1/functions", headers=kit.headers(ALICE),
+                              content=deeper.encode())
+        assert_error(r, 400, "api.bad_request")
+
+    run(tmp_path, scenario)
+    assert json_depth_ok({"a": [1, {"b": []}]}, 4)
+    assert not json_depth_ok({"a": [1, {"b": []}]}, 3)
+
+
+def test_oversized_payload_is_413(tmp_path: Path) -> None:
+    async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
+        fid = await register(client, kit)
+        r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
+                              json=submit_body(fid, [b"x" * 200]))
+        assert_error(r, 413, "task.payload_too_large")
+
+    run(tmp_path, scenario, limits=Limits(max_payload_bytes=100))
+
+
+def test_other_callers_tasks_are_404_not_403(tmp_path: Path) -> None:
+    async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
+        fid = await register(client, kit)
+        r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
+                              json=submit_body(fid, [b"x"]))
+        (task_id,) = r.json()["task_ids"]
+        assert_error(await client.get(f"/v1/tasks/{task_id}", headers=kit.headers(BOB)),
+                     404, "task.not_found")
+        assert_error(await client.delete(f"/v1/tasks/{task_id}", headers=kit.headers(BOB)),
+                     404, "task.not_found")
+        assert_error(await client.get("/v1/tasks/no-such", headers=kit.headers(ALICE)),
+                     404, "task.not_found")
+        w = await client.post("/v1/tasks/wait", headers=kit.headers(BOB),
+                              json={"task_ids": [task_id], "timeout": 0})
+        assert w.json()["unknown"] == [task_id]
+
+    run(tmp_path, scenario)
+
+
+def test_cancel_of_a_dispatched_task_is_409(tmp_path: Path) -> None:
+    async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
+        kit.endpoints.hold = True
+        fid = await register(client, kit)
+        r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
+                              json=submit_body(fid, [b"x"]))
+        (task_id,) = r.json()["task_ids"]
+        assert_error(await client.delete(f"/v1/tasks/{task_id}", headers=kit.headers(ALICE)),
+                     409, "api.task_started")
+
+    run(tmp_path, scenario)
+
+
+def test_audit_failure_refuses_new_work_with_503(tmp_path: Path) -> None:
+    async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
+        r = await client.post("/v1/functions", headers=kit.headers(ALICE),
+                              json={"function": b64(b"x")})
+        assert_error(r, 503, "audit.unavailable")
+        r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
+                              json=submit_body("a" * 64, [b"x"]))
+        assert_error(r, 503, "audit.unavailable")
+        assert (await client.get("/healthz")).status_code == 503
+
+    kit = run(tmp_path, scenario, audit=BrokenAudit())
+    assert not kit.endpoints.starts
+
+
+def test_audit_write_failure_midway_is_503(tmp_path: Path) -> None:
+    async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
+        fid = await register(client, kit)
+        audit = kit.pipeline.audit
+        # The disk fills up: the file descriptor now points to /dev/full.
+        full = __import__("os").open("/dev/full", __import__("os").O_WRONLY)
+        __import__("os").dup2(full, audit._fd)  # type: ignore[attr-defined]
+        r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
+                              json=submit_body(fid, [b"x"]))
+        assert_error(r, 503, "audit.unavailable")
+        assert kit.pipeline.store.counts_by_state() == {}
+        r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
+                              json=submit_body(fid, [b"x"]))
+        assert_error(r, 503, "audit.unavailable")
+
+    run(tmp_path, scenario)
+
+
+def test_queued_task_limit_is_429_with_retry_after(tmp_path: Path) -> None:
+    async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
+        kit.endpoints.hold = True
+        fid = await register(client, kit)
+        r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
+                              json=submit_body(fid, [b"x", b"y"]))
+        assert r.status_code == 200
+        r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
+                              json=submit_body(fid, [b"z"]))
+        assert_error(r, 429, "api.too_many_requests")
+        assert int(r.headers["retry-after"]) > 0
+        r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(BOB),
+                              json=submit_body(fid, [b"z"]))
+        assert r.status_code == 200  # the limit is per user
+
+    run(tmp_path, scenario, limits=Limits(queued_tasks_per_user=2))
+
+
+def test_draining_refuses_new_work(tmp_path: Path) -> None:
+    async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
+        fid = await register(client, kit)
+        assert await kit.pipeline.drain(1.0) == 0
+        r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
+                              json=submit_body(fid, [b"x"]))
+        assert_error(r, 503, "api.shutting_down")
+        assert (await client.get("/healthz")).json()["status"] == "draining"
+
+    run(tmp_path, scenario)
+
+
+def test_drain_waits_for_in_flight_tasks_up_to_a_bound(tmp_path: Path) -> None:
+    async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
+        kit.endpoints.hold = True
+        fid = await register(client, kit)
+        await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
+                          json=submit_body(fid, [b"x"]))
+        assert await kit.pipeline.drain(0.05) == 1  # bounded: gives up
+        handle = next(iter(kit.endpoints.handles.values()))
+        drained = asyncio.create_task(kit.pipeline.drain(30))
+        await asyncio.sleep(0)
+        for task in handle.held:
+            kit.endpoints.complete(task)
+        assert await asyncio.wait_for(drained, 10) == 0
+
+    run(tmp_path, scenario)
+
+
+def test_status_and_stop(tmp_path: Path) -> None:
+    async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
+        fid = await register(client, kit)
+        await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
+                          json=submit_body(fid, [b"x"]))
+        await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(BOB),
+                          json=submit_body(fid, [b"x"]))
+        s = await client.get("/v1/endpoints/hpc/status", headers=kit.headers(ALICE))
+        assert len(s.json()["user_endpoints"]) == 1
+        r = await client.post("/v1/endpoints/hpc/stop", headers=kit.headers(ALICE),
+                              json={"account": "bob"})
+        assert_error(r, 403, "authz.denied")
+        r = await client.post("/v1/endpoints/hpc/stop", headers=kit.headers(ALICE))
+        assert r.json() == {"stopped": 1}
+        kit.site.admins.add("alice")
+        r = await client.post("/v1/endpoints/hpc/stop", headers=kit.headers(ALICE),
+                              json={"account": "bob"})
+        assert r.json() == {"stopped": 1}
+
+    run(tmp_path, scenario)
+
+
+def test_metrics_count_requests_decisions_and_tasks(tmp_path: Path) -> None:
+    async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
+        fid = await register(client, kit)
+        r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
+                              json=submit_body(fid, [b"x"]))
+        await client.post("/v1/tasks/wait", headers=kit.headers(ALICE),
+                          json={"task_ids": r.json()["task_ids"], "timeout": 5})
+        text = (await client.get("/metrics")).text
+        assert 'mepd_http_requests_total{route="submit",status="200"} 1' in text
+        assert 'mepd_authz_decisions_total{action="submit_task",allowed="true"} 1' in text
+        assert 'mepd_tasks_total{state="success"} 1' in text
+        assert 'mepd_http_request_seconds_bucket{route="functions",le="+Inf"} 1' in text
+
+    run(tmp_path, scenario)
+
+
+def test_openapi_is_served_and_the_committed_copy_is_current(tmp_path: Path) -> None:
+    async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
+        doc = (await client.get("/v1/openapi.json")).json()
+        assert doc["openapi"].startswith("3.1")
+        assert "/v1/endpoints/{endpoint}/submit" in doc["paths"]
+
+    run(tmp_path, scenario)
+    committed = (REPO / "docs" / "openapi.json").read_text()
+    assert committed == openapi_text(), (
+        "docs/openapi.json is stale: run `.venv/bin/python -m mepd.api > docs/openapi.json`")

@@ -1,0 +1,402 @@
+"""Root tests of the user endpoint lifecycle with real accounts and a real runtime venv.
+
+Each test creates its accounts with useradd (removed after), spawns user endpoints
+through ``mepd.registry.Registry`` and checks what they report and what is left in
+/proc. No sleeping: every wait is an awaited event or a poll with a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from mepcore.errors import ConfigError, SpawnError
+from mepcore.ports import SystemAccountDatabase
+from mepcore.spawn import ResourceLimits, SpawnSettings
+from mepcore.types import Account
+from mepd.registry import Registry, RegistryLimits, StartRequest
+from tests.runtime_venv import runtime_python, package_paths
+
+pytestmark = pytest.mark.root
+
+TEMPLATE = """\
+engine:
+  type: {{ engine }}
+heartbeat_period: {{ period }}
+idle_heartbeats_soft: {{ soft }}
+idle_heartbeats_hard: 10000
+{% if setup is defined %}endpoint_setup: {{ setup }}
+{% endif %}"""
+
+LIMITS = ResourceLimits(nproc=64, nofile=256, address_space=None, core=0)
+
+
+@pytest.fixture(scope="session")
+def settings() -> SpawnSettings:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    python = runtime_python()
+    return SpawnSettings(
+        python=python,
+        package_paths=tuple(p for p in package_paths(python) if os.path.isdir(p)),
+        limits=LIMITS,
+        inherit_stderr=True,
+    )
+
+
+def account_of(entry: Any) -> Account:
+    account = SystemAccountDatabase().by_name(entry.pw_name)
+    assert account is not None
+    return account
+
+
+def request(account: Account, key: str = "k1", **variables: Any) -> StartRequest:
+    values: dict[str, Any] = {"engine": "ThreadPoolEngine", "period": 0.05, "soft": 10000}
+    values.update(variables)
+    return StartRequest(
+        account=account,
+        config_key=key,
+        template_name="user_config_template.yaml.j2",
+        template_text=TEMPLATE,
+        includes={},
+        variables=values,
+        identity=None,
+        user_runtime=None,
+        environment={"SITE_NAME": "test"},
+        endpoint="default",
+    )
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.results: list[tuple[str, dict[str, Any], bytes]] = []
+        self.lost: list[tuple[list[str], str]] = []
+
+    def on_result(self, uep: str, header: dict[str, Any], payload: bytes) -> None:
+        self.results.append((uep, header, payload))
+
+    def on_lost(self, task_ids: list[str], reason: str) -> None:
+        self.lost.append((task_ids, reason))
+
+
+def make_registry(settings: SpawnSettings, rec: Recorder, **limits: Any) -> Registry:
+    values: dict[str, Any] = {"start_timeout": 20.0, "stop_grace": 2.0, "shutdown_timeout": 10.0}
+    values.update(limits)
+    return Registry(
+        settings, RegistryLimits(**values), on_result=rec.on_result, on_lost=rec.on_lost
+    )
+
+
+def processes_of(uid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.stat(f"/proc/{entry}").st_uid == uid:
+                    pids.append(int(entry))
+            except FileNotFoundError:
+                continue
+    return pids
+
+
+def run(coro_fn: Callable[[], Awaitable[Any]]) -> Any:
+    return asyncio.run(asyncio.wait_for(coro_fn(), 60))
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached before the deadline"
+        await asyncio.sleep(0.01)  # a poll interval, not a wait for a process
+
+
+def test_introspect_reports_exactly_the_account(settings: SpawnSettings, make_account: Any) -> None:
+    from tests.accounts import create_group, delete_group
+
+    extra = create_group()
+    try:
+        account = account_of(make_account(groups=[extra]))
+        rec = Recorder()
+
+        async def scenario() -> dict[str, Any]:
+            registry = make_registry(settings, rec)
+            try:
+                handle = await registry.get_or_start(request(account))
+                return await handle.introspect()
+            finally:
+                await registry.shutdown()
+
+        info = run(scenario)
+    finally:
+        delete_group(extra)
+    assert info["uid"] == info["euid"] == account.uid
+    assert info["gid"] == info["egid"] == account.gid
+    assert sorted(info["groups"]) == sorted(set(account.group_ids))
+    assert 0 not in info["groups"] and len(account.group_ids) == 2
+    assert info["umask"] == 0o077
+    assert info["cwd"] == account.home
+    assert set(info["env_keys"]) <= {"HOME", "USER", "LOGNAME", "SHELL", "PATH", "LANG", "TZ", "SITE_NAME"}
+    assert {"HOME", "USER", "PATH", "SITE_NAME"} <= set(info["env_keys"])
+    assert sorted(fd["fd"] for fd in info["fds"]) == sorted({0, 1, 2, info["channel_fd"]})
+    assert info["sid"] == info["pid"] == info["pgid"]
+    assert info["rlimits"]["RLIMIT_NPROC"] == [64, 64]
+    assert info["rlimits"]["RLIMIT_NOFILE"] == [256, 256]
+    assert info["rlimits"]["RLIMIT_CORE"] == [0, 0]
+    for name in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
+        assert int(info["capabilities"][name], 16) == 0, name
+    assert info["setuid_refused"] is True
+    assert processes_of(account.uid) == []
+
+
+def test_one_endpoint_for_concurrent_identical_requests_two_for_different_keys(
+    settings: SpawnSettings, make_account: Any
+) -> None:
+    account = account_of(make_account())
+    rec = Recorder()
+
+    async def scenario() -> tuple[Any, ...]:
+        registry = make_registry(settings, rec)
+        try:
+            a, b = await asyncio.gather(
+                registry.get_or_start(request(account, "k1")),
+                registry.get_or_start(request(account, "k1")),
+            )
+            c = await registry.get_or_start(request(account, "k2", soft=9999))
+            statuses = registry.status(account.name)
+            return a, b, c, statuses
+        finally:
+            await registry.shutdown()
+
+    a, b, c, statuses = run(scenario)
+    assert a is b
+    assert c is not a and c.pid != a.pid
+    assert sorted(s.config_key for s in statuses) == ["k1", "k2"]
+    assert all(s.state == "ready" and s.uid == account.uid for s in statuses)
+    assert processes_of(account.uid) == []
+
+
+def test_unreadable_interpreter_is_refused_before_spawning(
+    settings: SpawnSettings, make_account: Any, tmp_path: Any
+) -> None:
+    account = account_of(make_account())
+    # The classic mistake: an interpreter (here a link to a good one) under /root.
+    assert os.stat("/root").st_mode & 0o005 == 0, "this test expects /root to be private"
+    private = tempfile.mkdtemp(prefix="mep-test-", dir="/root")
+    os.chmod(private, 0o755)  # readable itself, but /root above it is not searchable
+    bad = SpawnSettings(python=f"{private}/python3", package_paths=(), limits=LIMITS)
+    os.symlink(settings.python, bad.python)
+    rec = Recorder()
+
+    async def scenario() -> None:
+        registry = make_registry(bad, rec)
+        try:
+            await registry.get_or_start(request(account))
+        finally:
+            await registry.shutdown()
+
+    try:
+        with pytest.raises(SpawnError) as info:
+            run(scenario)
+    finally:
+        shutil.rmtree(private)
+    assert info.value.reason == "spawn.interpreter_unreadable"
+    assert "/root" in info.value.detail and "venv" in info.value.detail
+    assert processes_of(account.uid) == []
+
+
+def test_sigkill_is_detected_and_next_request_gets_a_new_endpoint(
+    settings: SpawnSettings, make_account: Any
+) -> None:
+    account = account_of(make_account())
+    rec = Recorder()
+
+    async def scenario() -> tuple[int | None, int | None, str]:
+        registry = make_registry(settings, rec)
+        try:
+            first = await registry.get_or_start(request(account))
+            first.in_flight.add("pretend-task")  # as if dispatched and still running
+            assert first.pid is not None
+            os.kill(first.pid, signal.SIGKILL)
+            await asyncio.wait_for(first.wait_closed(), 5)
+            second = await registry.get_or_start(request(account))
+            return first.pid, second.pid, first.state
+        finally:
+            await registry.shutdown()
+
+    old, new, state = run(scenario)
+    assert old != new and new is not None
+    assert state == "lost"
+    assert rec.lost == [(["pretend-task"], "task.endpoint_lost")]
+    assert processes_of(account.uid) == []
+
+
+def test_config_that_fails_to_render_returns_the_error_and_leaves_no_process(
+    settings: SpawnSettings, make_account: Any
+) -> None:
+    account = account_of(make_account())
+    rec = Recorder()
+
+    async def scenario() -> None:
+        registry = make_registry(settings, rec)
+        req = request(account)
+        req = StartRequest(
+            account=req.account, config_key="bad", template_name=req.template_name,
+            template_text="engine:\n  type: {{ engine }}\nheartbeat_period: {{ missing_variable }}\n",
+            includes={}, variables={"engine": "ThreadPoolEngine"}, identity=None,
+            user_runtime=None, environment={}, endpoint="default",
+        )
+        try:
+            await registry.get_or_start(req)
+        finally:
+            assert registry.status() == []
+            await registry.shutdown()
+
+    with pytest.raises(ConfigError) as info:
+        run(scenario)
+    assert info.value.reason.startswith("config.")
+    assert processes_of(account.uid) == []
+
+
+def test_idle_shutdown_happens_and_is_reported(settings: SpawnSettings, make_account: Any) -> None:
+    account = account_of(make_account())
+    rec = Recorder()
+
+    async def scenario() -> tuple[str | None, str]:
+        registry = make_registry(settings, rec)
+        try:
+            handle = await registry.get_or_start(request(account, soft=3))
+            await asyncio.wait_for(handle.wait_closed(), 10)
+            await handle.ensure_stopped(None, 1.0)
+            return handle.exit_reason, handle.state
+        finally:
+            await registry.shutdown()
+
+    reason, state = run(scenario)
+    assert reason == "idle"
+    assert state == "lost"  # it left on its own: not stopped by the daemon
+    assert processes_of(account.uid) == []
+
+
+def test_shutdown_leaves_no_process_of_any_account(settings: SpawnSettings, make_account: Any) -> None:
+    accounts = [account_of(make_account()) for _ in range(2)]
+    rec = Recorder()
+
+    async def scenario() -> list[int]:
+        registry = make_registry(settings, rec)
+        handles = []
+        for account in accounts:
+            handles.append(await registry.get_or_start(request(account, "a", engine="ProcessPoolEngine")))
+            handles.append(await registry.get_or_start(request(account, "b")))
+        pids = [h.pid for h in handles]
+        await registry.shutdown()
+        assert registry.status() == []
+        return [p for p in pids if p is not None]
+
+    pids = run(scenario)
+    assert len(set(pids)) == 4
+    for account in accounts:
+        assert processes_of(account.uid) == []
+
+
+def test_fork_bomb_in_endpoint_setup_is_contained_by_rlimit_nproc(
+    settings: SpawnSettings, make_account: Any
+) -> None:
+    account = account_of(make_account())
+    rec = Recorder()
+    # Bounded: at most 200 forks, each child sleeping; RLIMIT_NPROC=64 must stop most.
+    bomb = "i=0; while [ $i -lt 200 ]; do (sleep 30 &) 2>/dev/null; i=$((i+1)); done; exit 0"
+
+    async def scenario() -> tuple[int, dict[str, Any]]:
+        registry = make_registry(settings, rec)
+        try:
+            handle = await registry.get_or_start(request(account, setup=bomb))
+            count = len(processes_of(account.uid))
+            info = await handle.introspect()
+            print("processes of the account after the bomb:", count)
+            return count, info
+        finally:
+            await registry.shutdown()
+
+    count, info = run(scenario)
+    assert info["uid"] == account.uid  # still alive and answering
+    assert 1 < count <= LIMITS.nproc
+    assert processes_of(account.uid) == []
+
+
+def _by_value(source: str, name: str) -> Any:
+    """A function dill serializes by value (as if typed in a notebook), not by module."""
+    namespace: dict[str, Any] = {"__name__": "__main__"}
+    exec(source, namespace)
+    return namespace[name]
+
+
+@pytest.mark.parametrize("engine", ["ThreadPoolEngine", "ProcessPoolEngine"])
+def test_tasks_run_as_the_account_and_every_result_comes_back(
+    settings: SpawnSettings, make_account: Any, engine: str
+) -> None:
+    from mepcore.tasks import ResultEnvelope, TaskEnvelope, pack_args, pack_function, unpack_result
+
+    account = account_of(make_account())
+    rec = Recorder()
+    whoami_id, whoami = pack_function(_by_value("def whoami(x):\n    import os\n    return (os.getuid(), x)\n", "whoami"))
+    count = 500
+
+    async def scenario() -> None:
+        registry = make_registry(settings, rec)
+        try:
+            handle = await registry.get_or_start(request(account, engine=engine))
+            handle.register_function(whoami_id, whoami)
+            handle.register_function(whoami_id, whoami)  # sent once only
+            tasks = [
+                TaskEnvelope(f"t{i}", whoami_id, pack_args((i,), {}))
+                for i in range(count)
+            ]
+            handle.dispatch([(t.to_header(), t.payload) for t in tasks])
+            assert len(handle.in_flight) == count
+            await until(lambda: len(rec.results) == count, timeout=30)
+            assert handle.in_flight == set()
+        finally:
+            await registry.shutdown()
+
+    run(scenario)
+    seen = {}
+    for _uep, header, payload in rec.results:
+        result = ResultEnvelope.from_header(header, payload)
+        seen[result.task_id] = unpack_result(result)
+    assert seen == {f"t{i}": (account.uid, i) for i in range(count)}
+    assert rec.lost == []
+    assert processes_of(account.uid) == []
+
+
+def test_results_for_tasks_not_dispatched_to_that_endpoint_are_refused(
+    settings: SpawnSettings, make_account: Any
+) -> None:
+    """A user endpoint can only complete tasks the daemon gave it."""
+    from mepd.channel import Frame
+
+    account = account_of(make_account())
+    rec = Recorder()
+
+    async def scenario() -> None:
+        registry = make_registry(settings, rec)
+        try:
+            handle = await registry.get_or_start(request(account))
+            handle.in_flight.add("mine")
+            forged = Frame(
+                {"v": 1, "kind": "result", "items": [{"task_id": "someone-elses"}, {"task_id": "mine"}], "sizes": [1, 1]},
+                b"xy",
+            )
+            handle._on_frame(forged)
+        finally:
+            await registry.shutdown()
+
+    run(scenario)
+    assert [(h["task_id"], p) for _u, h, p in rec.results] == [("mine", b"y")]
