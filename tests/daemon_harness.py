@@ -73,8 +73,16 @@ class FakeSite:
             raise IdentityError("identity.account_missing", f"no account {name}")
         return account
 
-    def decide(self, obj: str, action: str, principals: Sequence[str], *, mfa: bool,
-               auth_age: float | None, uid: int | None) -> DecisionView:
+    def decide(
+        self,
+        obj: str,
+        action: str,
+        principals: Sequence[str],
+        *,
+        mfa: bool,
+        auth_age: float | None,
+        uid: int | None,
+    ) -> DecisionView:
         self.decisions.append((obj, action, tuple(principals)))
         if action == "admin":
             ok = any(f"user:{a}" in principals for a in self.admins)
@@ -89,14 +97,17 @@ class FakeSite:
         if errors:
             raise ConfigError(
                 "config.invalid_variables",
-                violations=[Violation("$" + "".join(f".{p}" for p in e.absolute_path) or "$",
-                                      e.message) for e in errors],
+                violations=[
+                    Violation("$" + "".join(f".{p}" for p in e.absolute_path) or "$", e.message)
+                    for e in errors
+                ],
             )
         return dict(variables)
 
     def config_key(self, account: Account, variables: Mapping[str, Any]) -> str:
-        return hashlib.sha256(json.dumps([account.name, dict(variables)], sort_keys=True)
-                              .encode()).hexdigest()
+        return hashlib.sha256(
+            json.dumps([account.name, dict(variables)], sort_keys=True).encode()
+        ).hexdigest()
 
 
 @attrs.define
@@ -140,17 +151,30 @@ class FakeEndpoints:
     def complete(self, task: DispatchTask) -> None:
         assert self.pipeline is not None
         if task.payload == b"fail":
-            header = {"task_id": task.task_id, "status": "failed",
-                      "error": {"type_name": "ValueError", "message": "boom",
-                                "traceback": "Traceback...", "reason": "task.failed"}}
+            header = {
+                "task_id": task.task_id,
+                "status": "failed",
+                "error": {
+                    "type_name": "ValueError",
+                    "message": "boom",
+                    "traceback": "Traceback...",
+                    "reason": "task.failed",
+                },
+            }
             self.pipeline.on_result(task.task_id, header, b"")
         else:
-            self.pipeline.on_result(task.task_id, {"task_id": task.task_id, "status": "success"},
-                                    b"echo:" + task.payload)
+            self.pipeline.on_result(
+                task.task_id,
+                {"task_id": task.task_id, "status": "success"},
+                b"echo:" + task.payload,
+            )
 
     def status(self, account_name: str | None) -> list[dict[str, Any]]:
-        return [{"config_key": k.split("/")[1], "state": "ready", "endpoint": "hpc"}
-                for k in self.handles if account_name is None or k.startswith(account_name + "/")]
+        return [
+            {"config_key": k.split("/")[1], "state": "ready", "endpoint": "hpc"}
+            for k in self.handles
+            if account_name is None or k.startswith(account_name + "/")
+        ]
 
     async def stop(self, account_name: str, endpoint: str, reason: str) -> int:
         keys = [k for k in self.handles if k.startswith(account_name + "/")]
@@ -187,8 +211,9 @@ class PipelineKit:
         return {"Authorization": f"Bearer {self.token(username, **kwargs)}"}
 
 
-def make_pipeline(state_dir: Path, *, limits: Limits | None = None,
-                  audit: Any = None) -> PipelineKit:
+def make_pipeline(
+    state_dir: Path, *, limits: Limits | None = None, audit: Any = None
+) -> PipelineKit:
     issuer = IssuerSettings(type="local")
     authenticator = Authenticator((issuer,), state_dir)
     authenticator.load()
@@ -201,8 +226,13 @@ def make_pipeline(state_dir: Path, *, limits: Limits | None = None,
     site.accounts.add("alice", 2001)
     site.accounts.add("bob", 2002)
     site.mapping.update({"alice@example.org": "alice", "bob@example.org": "bob"})
-    pipeline = Pipeline(store=store, audit=audit, authenticator=authenticator, ueps=endpoints,
-                        limits=limits or Limits())
+    pipeline = Pipeline(
+        store=store,
+        audit=audit,
+        authenticator=authenticator,
+        ueps=endpoints,
+        limits=limits or Limits(),
+    )
     pipeline.sites[site.name] = site
     endpoints.pipeline = pipeline
     return PipelineKit(pipeline, site, endpoints, state_dir, issuer)
@@ -225,9 +255,22 @@ class RunningDaemon:
 
     def token(self, username: str, *extra: str) -> str:
         out = subprocess.run(
-            [sys.executable, "-m", "mepd", "token", "issue", "--config", str(self.config),
-             "--identity", username, *extra],
-            check=True, capture_output=True, text=True, timeout=60,
+            [
+                sys.executable,
+                "-m",
+                "mepd",
+                "token",
+                "issue",
+                "--config",
+                str(self.config),
+                "--identity",
+                username,
+                *extra,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         return out.stdout.strip()
 
@@ -253,8 +296,9 @@ class RunningDaemon:
         self.process.wait(10)
 
 
-def start_daemon(config: Path, state_dir: Path, *, deadline: float = 60.0,
-                 log_name: str = "mepd.log") -> RunningDaemon:
+def start_daemon(
+    config: Path, state_dir: Path, *, deadline: float = 60.0, log_name: str = "mepd.log"
+) -> RunningDaemon:
     """Start ``mepd serve`` and wait until /healthz answers (or fail with its log)."""
     port_file = state_dir / "port"
     with contextlib.suppress(FileNotFoundError):
@@ -264,7 +308,10 @@ def start_daemon(config: Path, state_dir: Path, *, deadline: float = 60.0,
     env = {k: v for k, v in os.environ.items() if k != "MEP_TOKEN"}
     process = subprocess.Popen(
         [sys.executable, "-m", "mepd", "serve", "--config", str(config)],
-        stdout=err, stderr=err, env=env, cwd=str(REPO),
+        stdout=err,
+        stderr=err,
+        env=env,
+        cwd=str(REPO),
     )
     err.close()
     end = time.monotonic() + deadline
@@ -292,3 +339,87 @@ def running_daemon(config: Path, state_dir: Path, **kwargs: Any) -> Iterator[Run
         yield daemon
     finally:
         daemon.stop()
+
+
+# -- a deployment on disk ---------------------------------------------------------------
+
+EXAMPLE = REPO / "examples" / "daemon"
+MAPPING_FOR_TEST_ACCOUNTS = [
+    {
+        "DATA_TYPE": "expression_identity_mapping#1.0.0",
+        "mappings": [
+            {"source": "{username}", "match": "(mept[0-9a-f]{8})@example\\.org", "output": "{0}"}
+        ],
+    }
+]
+
+
+def write_deployment(
+    top: Path,
+    *,
+    python: str,
+    package_paths: Sequence[str] = (),
+    policy_extra: Sequence[str] = (),
+    limits: Mapping[str, Any] | None = None,
+    endpoint_extra: Mapping[str, Any] | None = None,
+    settings_extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write settings, mapping, policy and template for a test daemon; return the settings
+    path. Identities ``<account>@example.org`` map to test accounts ``mept<hex>``."""
+    import shutil
+
+    import yaml
+
+    top.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(EXAMPLE / "templates", top / "templates", dirs_exist_ok=True)
+    (top / "mapping.json").write_text(json.dumps(MAPPING_FOR_TEST_ACCOUNTS))
+    policy = (EXAMPLE / "policy.csv").read_text() + "".join(f"{line}\n" for line in policy_extra)
+    (top / "policy.csv").write_text(policy)
+    settings: dict[str, Any] = {
+        "listen": {"host": "127.0.0.1", "port": 0},
+        "state_dir": str(top / "state"),
+        "log_level": "info",
+        "python": python,
+        "spawn": {"package_paths": list(package_paths)},
+        "limits": {"drain_timeout": 10, "start_timeout": 60, **(limits or {})},
+        "issuers": [{"type": "local"}],
+        "endpoints": [
+            {
+                "name": "hpc",
+                "template": "templates/user_config_template.yaml.j2",
+                "schema": "templates/user_config_schema.json",
+                "environment": "templates/user_environment.yaml",
+                "mapping": "mapping.json",
+                "policy_model": str(REPO / "policies" / "model.conf"),
+                "policy": "policy.csv",
+                **(endpoint_extra or {}),
+            }
+        ],
+        **(settings_extra or {}),
+    }
+    path = top / "mepd.yaml"
+    path.write_text(yaml.safe_dump(settings, sort_keys=False))
+    return path
+
+
+def remote_function(source: str, name: str) -> Any:
+    """A function defined as if in ``__main__``, so dill sends it by value."""
+    namespace: dict[str, Any] = {"__name__": "__main__"}
+    exec(compile(source, f"<{name}>", "exec"), namespace)  # noqa: S102 - test helper
+    return namespace[name]
+
+
+def wait_all(client: httpx.Client, ids: Sequence[str], *, deadline: float = 120.0
+             ) -> dict[str, dict[str, Any]]:
+    """Long-poll until every id is final (or the deadline passes); views by id."""
+    done: dict[str, dict[str, Any]] = {}
+    end = time.monotonic() + deadline
+    while len(done) < len(ids) and time.monotonic() < end:
+        pending = [i for i in ids if i not in done]
+        for start in range(0, len(pending), 5000):
+            chunk = pending[start:start + 5000]
+            r = client.post("/v1/tasks/wait", json={"task_ids": chunk, "timeout": 5})
+            r.raise_for_status()
+            for view in r.json()["tasks"]:
+                done[view["task_id"]] = view
+    return done

@@ -42,16 +42,20 @@ def run(tmp_path: Path, scenario: Scenario, **kwargs: Any) -> PipelineKit:
 
 
 async def register(client: httpx.AsyncClient, kit: PipelineKit, body: bytes = b"fn") -> str:
-    r = await client.post("/v1/functions", json={"function": b64(body), "name": "f"},
-                          headers=kit.headers(ALICE))
+    r = await client.post(
+        "/v1/functions", json={"function": b64(body), "name": "f"}, headers=kit.headers(ALICE)
+    )
     assert r.status_code == 200, r.text
     return str(r.json()["function_id"])
 
 
-def submit_body(fid: str, payloads: list[bytes], variables: dict[str, Any] | None = None
-                ) -> dict[str, Any]:
-    return {"user_endpoint_config": variables or {"workers": 2},
-            "tasks": [{"function_id": fid, "args": b64(p)} for p in payloads]}
+def submit_body(
+    fid: str, payloads: list[bytes], variables: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return {
+        "user_endpoint_config": variables or {"workers": 2},
+        "tasks": [{"function_id": fid, "args": b64(p)} for p in payloads],
+    }
 
 
 def assert_error(r: httpx.Response, status: int, reason: str) -> dict[str, Any]:
@@ -68,15 +72,19 @@ def test_register_submit_wait_roundtrip(tmp_path: Path) -> None:
         fid = await register(client, kit)
         assert fid == hashlib.sha256(b"fn").hexdigest()
         assert await register(client, kit) == fid  # idempotent
-        r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
-                              json=submit_body(fid, [b"a", b"b", b"fail"]))
+        r = await client.post(
+            "/v1/endpoints/hpc/submit",
+            headers=kit.headers(ALICE),
+            json=submit_body(fid, [b"a", b"b", b"fail"]),
+        )
         assert r.status_code == 200, r.text
         ids = r.json()["task_ids"]
         assert len(ids) == 3 and len(set(ids)) == 3
         got: dict[str, Any] = {}
         for _ in range(10):
-            w = await client.post("/v1/tasks/wait", headers=kit.headers(ALICE),
-                                  json={"task_ids": ids, "timeout": 5})
+            w = await client.post(
+                "/v1/tasks/wait", headers=kit.headers(ALICE), json={"task_ids": ids, "timeout": 5}
+            )
             assert w.status_code == 200
             for t in w.json()["tasks"]:
                 got[t["task_id"]] = t
@@ -93,8 +101,13 @@ def test_register_submit_wait_roundtrip(tmp_path: Path) -> None:
     assert len(kit.endpoints.starts) == 1
     lines = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
     events = [x["event"] for x in lines]
-    for needed in ("identity.mapping_resolved", "authz.decided", "task.received",
-                   "task.started", "task.finished"):
+    for needed in (
+        "identity.mapping_resolved",
+        "authz.decided",
+        "task.received",
+        "task.started",
+        "task.finished",
+    ):
         assert needed in events
     assert sum(e == "task.finished" for e in events) == 3
     assert (tmp_path / "audit.jsonl").stat().st_mode & 0o777 == 0o600
@@ -104,12 +117,17 @@ def test_wait_is_woken_by_a_result_not_by_its_timeout(tmp_path: Path) -> None:
     async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
         kit.endpoints.hold = True
         fid = await register(client, kit)
-        r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
-                              json=submit_body(fid, [b"x"]))
+        r = await client.post(
+            "/v1/endpoints/hpc/submit", headers=kit.headers(ALICE), json=submit_body(fid, [b"x"])
+        )
         (task_id,) = r.json()["task_ids"]
-        waiter = asyncio.create_task(client.post(
-            "/v1/tasks/wait", headers=kit.headers(ALICE),
-            json={"task_ids": [task_id], "timeout": 50}))
+        waiter = asyncio.create_task(
+            client.post(
+                "/v1/tasks/wait",
+                headers=kit.headers(ALICE),
+                json={"task_ids": [task_id], "timeout": 50},
+            )
+        )
         for _ in range(100):  # let the wait register its event
             await asyncio.sleep(0)
         handle = next(iter(kit.endpoints.handles.values()))
@@ -128,11 +146,15 @@ def test_wait_times_out_with_pending(tmp_path: Path) -> None:
     async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
         kit.endpoints.hold = True
         fid = await register(client, kit)
-        r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
-                              json=submit_body(fid, [b"x"]))
+        r = await client.post(
+            "/v1/endpoints/hpc/submit", headers=kit.headers(ALICE), json=submit_body(fid, [b"x"])
+        )
         ids = r.json()["task_ids"]
-        w = await client.post("/v1/tasks/wait", headers=kit.headers(ALICE),
-                              json={"task_ids": [*ids, "nope"], "timeout": 0.05})
+        w = await client.post(
+            "/v1/tasks/wait",
+            headers=kit.headers(ALICE),
+            json={"task_ids": [*ids, "nope"], "timeout": 0.05},
+        )
         assert w.json() == {"tasks": [], "pending": ids, "unknown": ["nope"]}
 
     run(tmp_path, scenario)
@@ -141,8 +163,11 @@ def test_wait_times_out_with_pending(tmp_path: Path) -> None:
 def test_unmapped_identity_gets_403_no_mapping(tmp_path: Path) -> None:
     async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
         fid = await register(client, kit)
-        r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers("eve@evil.org"),
-                              json=submit_body(fid, [b"x"]))
+        r = await client.post(
+            "/v1/endpoints/hpc/submit",
+            headers=kit.headers("eve@evil.org"),
+            json=submit_body(fid, [b"x"]),
+        )
         assert_error(r, 403, "identity.no_mapping")
 
     kit = run(tmp_path, scenario)
@@ -173,14 +198,18 @@ def test_policy_denied_function_gets_403_and_starts_nothing(tmp_path: Path) -> N
     async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
         fid = await register(client, kit)
         kit.site.denied.add((f"function:{fid}", "submit_task"))
-        r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
-                              json=submit_body(fid, [b"x"]))
+        r = await client.post(
+            "/v1/endpoints/hpc/submit", headers=kit.headers(ALICE), json=submit_body(fid, [b"x"])
+        )
         assert_error(r, 403, "authz.denied")
 
     kit = run(tmp_path, scenario)
     assert not kit.endpoints.starts
-    denied = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()
-              if '"allowed":false' in x]
+    denied = [
+        json.loads(x)
+        for x in (tmp_path / "audit.jsonl").read_text().splitlines()
+        if '"allowed":false' in x
+    ]
     assert denied and denied[0]["lines"] == ["p, deny line"]
 
 
@@ -194,8 +223,12 @@ def test_pipeline_asks_the_policy_for_each_step(tmp_path: Path) -> None:
         r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE), json=body)
         assert r.status_code == 200
         asked = [(o, a) for o, a, _ in kit.site.decisions]
-        assert asked == [("user:alice", "map_identity"), ("template:default", "start_endpoint"),
-                         (f"function:{f1}", "submit_task"), (f"function:{f2}", "submit_task")]
+        assert asked == [
+            ("user:alice", "map_identity"),
+            ("template:default", "start_endpoint"),
+            (f"function:{f1}", "submit_task"),
+            (f"function:{f2}", "submit_task"),
+        ]
         principals = kit.site.decisions[0][2]
         assert "username:alice@example.org" in principals
         assert "domain:example.org" in principals
@@ -208,8 +241,9 @@ def test_allow_list_refuses_other_functions(tmp_path: Path) -> None:
     async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
         fid = await register(client, kit)
         kit.site.allowed_functions = frozenset({"0" * 64})
-        r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
-                              json=submit_body(fid, [b"x"]))
+        r = await client.post(
+            "/v1/endpoints/hpc/submit", headers=kit.headers(ALICE), json=submit_body(fid, [b"x"])
+        )
         assert_error(r, 403, "task.function_not_allowed")
 
     run(tmp_path, scenario)
@@ -217,8 +251,11 @@ def test_allow_list_refuses_other_functions(tmp_path: Path) -> None:
 
 def test_unknown_function_is_422(tmp_path: Path) -> None:
     async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
-        r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
-                              json=submit_body("a" * 64, [b"x"]))
+        r = await client.post(
+            "/v1/endpoints/hpc/submit",
+            headers=kit.headers(ALICE),
+            json=submit_body("a" * 64, [b"x"]),
+        )
         assert_error(r, 422, "task.function_unknown")
 
     run(tmp_path, scenario)
@@ -228,8 +265,10 @@ def test_invalid_variables_get_422_listing_every_violation(tmp_path: Path) -> No
     async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
         fid = await register(client, kit)
         r = await client.post(
-            "/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
-            json=submit_body(fid, [b"x"], {"workers": 99, "queue": "forever", "x": 1}))
+            "/v1/endpoints/hpc/submit",
+            headers=kit.headers(ALICE),
+            json=submit_body(fid, [b"x"], {"workers": 99, "queue": "forever", "x": 1}),
+        )
         error = assert_error(r, 422, "config.invalid_variables")
         assert len(error["violations"]) == 3
         paths = {v["path"] for v in error["violations"]}
@@ -241,12 +280,16 @@ def test_invalid_variables_get_422_listing_every_violation(tmp_path: Path) -> No
 
 def test_malformed_submit_lists_violations(tmp_path: Path) -> None:
     async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
-        r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
-                              json={"tasks": [{"function_id": "zz", "args": 3}], "extra": 1})
+        r = await client.post(
+            "/v1/endpoints/hpc/submit",
+            headers=kit.headers(ALICE),
+            json={"tasks": [{"function_id": "zz", "args": 3}], "extra": 1},
+        )
         error = assert_error(r, 400, "api.bad_request")
         assert len(error["violations"]) == 3
-        r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
-                              content=b"{not json")
+        r = await client.post(
+            "/v1/endpoints/hpc/submit", headers=kit.headers(ALICE), content=b"{not json"
+        )
         assert_error(r, 400, "api.bad_request")
 
     run(tmp_path, scenario)
@@ -255,8 +298,9 @@ def test_malformed_submit_lists_violations(tmp_path: Path) -> None:
 def test_unknown_endpoint_is_404(tmp_path: Path) -> None:
     async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
         fid = await register(client, kit)
-        r = await client.post("/v1/endpoints/nope/submit", headers=kit.headers(ALICE),
-                              json=submit_body(fid, [b"x"]))
+        r = await client.post(
+            "/v1/endpoints/nope/submit", headers=kit.headers(ALICE), json=submit_body(fid, [b"x"])
+        )
         assert_error(r, 404, "api.endpoint_unknown")
         r = await client.get("/v1/nothing-here")
         assert_error(r, 404, "api.not_found")
@@ -266,8 +310,7 @@ def test_unknown_endpoint_is_404(tmp_path: Path) -> None:
 
 def test_body_over_limit_is_413_from_content_length(tmp_path: Path) -> None:
     async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
-        r = await client.post("/v1/functions", headers=kit.headers(ALICE),
-                              content=b"x" * 5000)
+        r = await client.post("/v1/functions", headers=kit.headers(ALICE), content=b"x" * 5000)
         assert_error(r, 413, "api.body_too_large")
 
     run(tmp_path, scenario, limits=Limits(max_body_bytes=4096))
@@ -295,8 +338,7 @@ def test_json_depth_is_bounded(tmp_path: Path) -> None:
         r = await client.post("/v1/functions", headers=kit.headers(ALICE), content=deep.encode())
         assert_error(r, 400, "api.bad_request")
         deeper = "[" * 100_000 + "]" * 100_000
-        r = await client.post("/v1/functions", headers=kit.headers(ALICE),
-                              content=deeper.encode())
+        r = await client.post("/v1/functions", headers=kit.headers(ALICE), content=deeper.encode())
         assert_error(r, 400, "api.bad_request")
 
     run(tmp_path, scenario)
@@ -307,8 +349,11 @@ def test_json_depth_is_bounded(tmp_path: Path) -> None:
 def test_oversized_payload_is_413(tmp_path: Path) -> None:
     async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
         fid = await register(client, kit)
-        r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
-                              json=submit_body(fid, [b"x" * 200]))
+        r = await client.post(
+            "/v1/endpoints/hpc/submit",
+            headers=kit.headers(ALICE),
+            json=submit_body(fid, [b"x" * 200]),
+        )
         assert_error(r, 413, "task.payload_too_large")
 
     run(tmp_path, scenario, limits=Limits(max_payload_bytes=100))
@@ -317,17 +362,26 @@ def test_oversized_payload_is_413(tmp_path: Path) -> None:
 def test_other_callers_tasks_are_404_not_403(tmp_path: Path) -> None:
     async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
         fid = await register(client, kit)
-        r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
-                              json=submit_body(fid, [b"x"]))
+        r = await client.post(
+            "/v1/endpoints/hpc/submit", headers=kit.headers(ALICE), json=submit_body(fid, [b"x"])
+        )
         (task_id,) = r.json()["task_ids"]
-        assert_error(await client.get(f"/v1/tasks/{task_id}", headers=kit.headers(BOB)),
-                     404, "task.not_found")
-        assert_error(await client.delete(f"/v1/tasks/{task_id}", headers=kit.headers(BOB)),
-                     404, "task.not_found")
-        assert_error(await client.get("/v1/tasks/no-such", headers=kit.headers(ALICE)),
-                     404, "task.not_found")
-        w = await client.post("/v1/tasks/wait", headers=kit.headers(BOB),
-                              json={"task_ids": [task_id], "timeout": 0})
+        assert_error(
+            await client.get(f"/v1/tasks/{task_id}", headers=kit.headers(BOB)),
+            404,
+            "task.not_found",
+        )
+        assert_error(
+            await client.delete(f"/v1/tasks/{task_id}", headers=kit.headers(BOB)),
+            404,
+            "task.not_found",
+        )
+        assert_error(
+            await client.get("/v1/tasks/no-such", headers=kit.headers(ALICE)), 404, "task.not_found"
+        )
+        w = await client.post(
+            "/v1/tasks/wait", headers=kit.headers(BOB), json={"task_ids": [task_id], "timeout": 0}
+        )
         assert w.json()["unknown"] == [task_id]
 
     run(tmp_path, scenario)
@@ -337,22 +391,30 @@ def test_cancel_of_a_dispatched_task_is_409(tmp_path: Path) -> None:
     async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
         kit.endpoints.hold = True
         fid = await register(client, kit)
-        r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
-                              json=submit_body(fid, [b"x"]))
+        r = await client.post(
+            "/v1/endpoints/hpc/submit", headers=kit.headers(ALICE), json=submit_body(fid, [b"x"])
+        )
         (task_id,) = r.json()["task_ids"]
-        assert_error(await client.delete(f"/v1/tasks/{task_id}", headers=kit.headers(ALICE)),
-                     409, "api.task_started")
+        assert_error(
+            await client.delete(f"/v1/tasks/{task_id}", headers=kit.headers(ALICE)),
+            409,
+            "api.task_started",
+        )
 
     run(tmp_path, scenario)
 
 
 def test_audit_failure_refuses_new_work_with_503(tmp_path: Path) -> None:
     async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
-        r = await client.post("/v1/functions", headers=kit.headers(ALICE),
-                              json={"function": b64(b"x")})
+        r = await client.post(
+            "/v1/functions", headers=kit.headers(ALICE), json={"function": b64(b"x")}
+        )
         assert_error(r, 503, "audit.unavailable")
-        r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
-                              json=submit_body("a" * 64, [b"x"]))
+        r = await client.post(
+            "/v1/endpoints/hpc/submit",
+            headers=kit.headers(ALICE),
+            json=submit_body("a" * 64, [b"x"]),
+        )
         assert_error(r, 503, "audit.unavailable")
         assert (await client.get("/healthz")).status_code == 503
 
@@ -367,12 +429,14 @@ def test_audit_write_failure_midway_is_503(tmp_path: Path) -> None:
         # The disk fills up: the file descriptor now points to /dev/full.
         full = __import__("os").open("/dev/full", __import__("os").O_WRONLY)
         __import__("os").dup2(full, audit._fd)  # type: ignore[attr-defined]
-        r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
-                              json=submit_body(fid, [b"x"]))
+        r = await client.post(
+            "/v1/endpoints/hpc/submit", headers=kit.headers(ALICE), json=submit_body(fid, [b"x"])
+        )
         assert_error(r, 503, "audit.unavailable")
         assert kit.pipeline.store.counts_by_state() == {}
-        r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
-                              json=submit_body(fid, [b"x"]))
+        r = await client.post(
+            "/v1/endpoints/hpc/submit", headers=kit.headers(ALICE), json=submit_body(fid, [b"x"])
+        )
         assert_error(r, 503, "audit.unavailable")
 
     run(tmp_path, scenario)
@@ -382,15 +446,20 @@ def test_queued_task_limit_is_429_with_retry_after(tmp_path: Path) -> None:
     async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
         kit.endpoints.hold = True
         fid = await register(client, kit)
-        r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
-                              json=submit_body(fid, [b"x", b"y"]))
+        r = await client.post(
+            "/v1/endpoints/hpc/submit",
+            headers=kit.headers(ALICE),
+            json=submit_body(fid, [b"x", b"y"]),
+        )
         assert r.status_code == 200
-        r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
-                              json=submit_body(fid, [b"z"]))
+        r = await client.post(
+            "/v1/endpoints/hpc/submit", headers=kit.headers(ALICE), json=submit_body(fid, [b"z"])
+        )
         assert_error(r, 429, "api.too_many_requests")
         assert int(r.headers["retry-after"]) > 0
-        r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(BOB),
-                              json=submit_body(fid, [b"z"]))
+        r = await client.post(
+            "/v1/endpoints/hpc/submit", headers=kit.headers(BOB), json=submit_body(fid, [b"z"])
+        )
         assert r.status_code == 200  # the limit is per user
 
     run(tmp_path, scenario, limits=Limits(queued_tasks_per_user=2))
@@ -400,8 +469,9 @@ def test_draining_refuses_new_work(tmp_path: Path) -> None:
     async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
         fid = await register(client, kit)
         assert await kit.pipeline.drain(1.0) == 0
-        r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
-                              json=submit_body(fid, [b"x"]))
+        r = await client.post(
+            "/v1/endpoints/hpc/submit", headers=kit.headers(ALICE), json=submit_body(fid, [b"x"])
+        )
         assert_error(r, 503, "api.shutting_down")
         assert (await client.get("/healthz")).json()["status"] == "draining"
 
@@ -412,8 +482,9 @@ def test_drain_waits_for_in_flight_tasks_up_to_a_bound(tmp_path: Path) -> None:
     async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
         kit.endpoints.hold = True
         fid = await register(client, kit)
-        await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
-                          json=submit_body(fid, [b"x"]))
+        await client.post(
+            "/v1/endpoints/hpc/submit", headers=kit.headers(ALICE), json=submit_body(fid, [b"x"])
+        )
         assert await kit.pipeline.drain(0.05) == 1  # bounded: gives up
         handle = next(iter(kit.endpoints.handles.values()))
         drained = asyncio.create_task(kit.pipeline.drain(30))
@@ -428,20 +499,24 @@ def test_drain_waits_for_in_flight_tasks_up_to_a_bound(tmp_path: Path) -> None:
 def test_status_and_stop(tmp_path: Path) -> None:
     async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
         fid = await register(client, kit)
-        await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
-                          json=submit_body(fid, [b"x"]))
-        await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(BOB),
-                          json=submit_body(fid, [b"x"]))
+        await client.post(
+            "/v1/endpoints/hpc/submit", headers=kit.headers(ALICE), json=submit_body(fid, [b"x"])
+        )
+        await client.post(
+            "/v1/endpoints/hpc/submit", headers=kit.headers(BOB), json=submit_body(fid, [b"x"])
+        )
         s = await client.get("/v1/endpoints/hpc/status", headers=kit.headers(ALICE))
         assert len(s.json()["user_endpoints"]) == 1
-        r = await client.post("/v1/endpoints/hpc/stop", headers=kit.headers(ALICE),
-                              json={"account": "bob"})
+        r = await client.post(
+            "/v1/endpoints/hpc/stop", headers=kit.headers(ALICE), json={"account": "bob"}
+        )
         assert_error(r, 403, "authz.denied")
         r = await client.post("/v1/endpoints/hpc/stop", headers=kit.headers(ALICE))
         assert r.json() == {"stopped": 1}
         kit.site.admins.add("alice")
-        r = await client.post("/v1/endpoints/hpc/stop", headers=kit.headers(ALICE),
-                              json={"account": "bob"})
+        r = await client.post(
+            "/v1/endpoints/hpc/stop", headers=kit.headers(ALICE), json={"account": "bob"}
+        )
         assert r.json() == {"stopped": 1}
 
     run(tmp_path, scenario)
@@ -450,10 +525,14 @@ def test_status_and_stop(tmp_path: Path) -> None:
 def test_metrics_count_requests_decisions_and_tasks(tmp_path: Path) -> None:
     async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
         fid = await register(client, kit)
-        r = await client.post("/v1/endpoints/hpc/submit", headers=kit.headers(ALICE),
-                              json=submit_body(fid, [b"x"]))
-        await client.post("/v1/tasks/wait", headers=kit.headers(ALICE),
-                          json={"task_ids": r.json()["task_ids"], "timeout": 5})
+        r = await client.post(
+            "/v1/endpoints/hpc/submit", headers=kit.headers(ALICE), json=submit_body(fid, [b"x"])
+        )
+        await client.post(
+            "/v1/tasks/wait",
+            headers=kit.headers(ALICE),
+            json={"task_ids": r.json()["task_ids"], "timeout": 5},
+        )
         text = (await client.get("/metrics")).text
         assert 'mepd_http_requests_total{route="submit",status="200"} 1' in text
         assert 'mepd_authz_decisions_total{action="submit_task",allowed="true"} 1' in text
@@ -472,4 +551,5 @@ def test_openapi_is_served_and_the_committed_copy_is_current(tmp_path: Path) -> 
     run(tmp_path, scenario)
     committed = (REPO / "docs" / "openapi.json").read_text()
     assert committed == openapi_text(), (
-        "docs/openapi.json is stale: run `.venv/bin/python -m mepd.api > docs/openapi.json`")
+        "docs/openapi.json is stale: run `.venv/bin/python -m mepd.api > docs/openapi.json`"
+    )

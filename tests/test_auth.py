@@ -106,12 +106,16 @@ def test_alg_none_is_refused(tmp_path: Path, local: Authenticator) -> None:
 
 
 def test_hmac_signed_with_the_public_key_is_refused(tmp_path: Path, local: Authenticator) -> None:
-    public = load_or_create_local_key(tmp_path).public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    public = (
+        load_or_create_local_key(tmp_path)
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
     now = int(time.time())
     claims = {"iss": "mepd-local", "aud": "mepd", "sub": "x", "exp": now + 600, "iat": now}
-    signing_input = b64url(b'{"alg":"HS256","typ":"JWT"}') + "." + b64url(
-        json.dumps(claims).encode())
+    signing_input = (
+        b64url(b'{"alg":"HS256","typ":"JWT"}') + "." + b64url(json.dumps(claims).encode())
+    )
     mac = hmac.new(public, signing_input.encode(), hashlib.sha256).digest()
     assert reason_of(local, signing_input + "." + b64url(mac)) == "auth.invalid_token"
 
@@ -140,21 +144,42 @@ def rsa_jwk(kid: str) -> tuple[rsa.RSAPrivateKey, dict[str, Any]]:
     return key, jwk
 
 
-def oidc_token(key: Any, kid: str, *, iss: str = "https://idp", aud: str = "mepd-api",
-               alg: str = "RS256", **extra: Any) -> str:
+def oidc_token(
+    key: Any,
+    kid: str,
+    *,
+    iss: str = "https://idp",
+    aud: str = "mepd-api",
+    alg: str = "RS256",
+    **extra: Any,
+) -> str:
     now = int(time.time())
-    claims = {"iss": iss, "aud": aud, "sub": "u-123", "preferred_username": "carol@idp.org",
-              "email": "carol@idp.org", "exp": now + 600, "iat": now, "nbf": now,
-              "amr": ["pwd", "mfa"], **extra}
+    claims = {
+        "iss": iss,
+        "aud": aud,
+        "sub": "u-123",
+        "preferred_username": "carol@idp.org",
+        "email": "carol@idp.org",
+        "exp": now + 600,
+        "iat": now,
+        "nbf": now,
+        "amr": ["pwd", "mfa"],
+        **extra,
+    }
     return jwt.encode(claims, key, algorithm=alg, headers={"kid": kid})
 
 
 def test_jwt_issuer_with_jwks_file_and_claim_names(tmp_path: Path) -> None:
     key, jwk = rsa_jwk("k1")
     (tmp_path / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
-    issuer = IssuerSettings(type="jwt", issuer="https://idp", audience="mepd-api",
-                            jwks_file=tmp_path / "jwks.json", algorithms=("RS256",),
-                            claims=ClaimNames(mfa="amr", linked="linked_ids"))
+    issuer = IssuerSettings(
+        type="jwt",
+        issuer="https://idp",
+        audience="mepd-api",
+        jwks_file=tmp_path / "jwks.json",
+        algorithms=("RS256",),
+        claims=ClaimNames(mfa="amr", linked="linked_ids"),
+    )
     auth = Authenticator((issuer,), tmp_path)
     auth.load()
     caller = authenticate(auth, oidc_token(key, "k1", linked_ids=["u-456"]))
@@ -164,11 +189,13 @@ def test_jwt_issuer_with_jwks_file_and_claim_names(tmp_path: Path) -> None:
     assert reason_of(auth, oidc_token(key, "k1", aud="other")) == "auth.invalid_token"
     assert reason_of(auth, oidc_token(key, "nope")) == "auth.invalid_token"
     assert reason_of(auth, oidc_token(key, "k1", nbf=int(time.time()) + 3600)) == (
-        "auth.invalid_token")
+        "auth.invalid_token"
+    )
     assert reason_of(auth, oidc_token(key, "k1", alg="RS512")) == "auth.invalid_token"
     # A token within the leeway of its expiry is still accepted.
     assert authenticate(auth, oidc_token(key, "k1", exp=int(time.time()) - 5)).issuer == (
-        "https://idp")
+        "https://idp"
+    )
 
 
 class _Server:
@@ -214,8 +241,13 @@ def test_jwks_url_is_fetched_cached_and_refresh_is_bounded(
     server, state = jwks_server
     key1, jwk1 = rsa_jwk("k1")
     state["keys"] = [jwk1]
-    issuer = IssuerSettings(type="jwt", issuer="https://idp", audience="mepd-api",
-                            jwks_url=server.url + "/jwks", algorithms=("RS256",))
+    issuer = IssuerSettings(
+        type="jwt",
+        issuer="https://idp",
+        audience="mepd-api",
+        jwks_url=server.url + "/jwks",
+        algorithms=("RS256",),
+    )
     auth = Authenticator((issuer,), tmp_path)
     auth.load()
 
@@ -248,8 +280,14 @@ def test_introspection_with_cache_bounded_by_expiry(tmp_path: Path) -> None:
     calls: list[dict[str, Any]] = []
     now = int(time.time())
     answers = {
-        "good": {"active": True, "sub": "g-1", "username": "dave@globus.org",
-                 "identity_set": ["g-1", "g-2"], "exp": now + 600, "aud": ["mepd-rs"]},
+        "good": {
+            "active": True,
+            "sub": "g-1",
+            "username": "dave@globus.org",
+            "identity_set": ["g-1", "g-2"],
+            "exp": now + 600,
+            "aud": ["mepd-rs"],
+        },
         "short": {"active": True, "sub": "g-3", "username": "x@y", "exp": now + 1},
         "dead": {"active": False},
         "elsewhere": {"active": True, "sub": "g-4", "exp": now + 600, "aud": ["other"]},
@@ -272,9 +310,14 @@ def test_introspection_with_cache_bounded_by_expiry(tmp_path: Path) -> None:
 
     (tmp_path / "secret").write_text("s3cret\n")
     with _Server(Handler) as server:
-        issuer = IssuerSettings(type="introspection", url=server.url + "/introspect",
-                                client_id="mepd", client_secret_file=tmp_path / "secret",
-                                audience="mepd-rs", claims=ClaimNames(username="username"))
+        issuer = IssuerSettings(
+            type="introspection",
+            url=server.url + "/introspect",
+            client_id="mepd",
+            client_secret_file=tmp_path / "secret",
+            audience="mepd-rs",
+            claims=ClaimNames(username="username"),
+        )
         auth = Authenticator((issuer,), tmp_path)
         auth.load()
 
@@ -288,8 +331,10 @@ def test_introspection_with_cache_bounded_by_expiry(tmp_path: Path) -> None:
                 assert len(calls) == 1
                 expected = "Basic " + base64.b64encode(b"mepd:s3cret").decode()
                 assert calls[0]["auth"] == expected
-                for token, reason in (("dead", "auth.invalid_token"),
-                                      ("elsewhere", "auth.invalid_token")):
+                for token, reason in (
+                    ("dead", "auth.invalid_token"),
+                    ("elsewhere", "auth.invalid_token"),
+                ):
                     with pytest.raises(AuthError) as info:
                         await auth.authenticate(f"Bearer {token}")
                     assert info.value.reason == reason
@@ -305,8 +350,12 @@ def test_introspection_with_cache_bounded_by_expiry(tmp_path: Path) -> None:
 
 def test_introspection_server_down_is_issuer_unavailable(tmp_path: Path) -> None:
     (tmp_path / "secret").write_text("s")
-    issuer = IssuerSettings(type="introspection", url="http://127.0.0.1:9/introspect",
-                            client_id="c", client_secret_file=tmp_path / "secret")
+    issuer = IssuerSettings(
+        type="introspection",
+        url="http://127.0.0.1:9/introspect",
+        client_id="c",
+        client_secret_file=tmp_path / "secret",
+    )
     auth = Authenticator((issuer,), tmp_path)
     auth.load()
     assert reason_of(auth, "opaque-token") == "auth.issuer_unavailable"

@@ -78,7 +78,11 @@ def test_allowed_decision_names_its_line() -> None:
     assert not isinstance(line, str)
     assert (line.source, line.lineno) == ("<policy>", 3)
     assert decision.to_dict()["lines"] == [
-        {"source": "<policy>", "line": 3, "text": "p, id:a, hpc, endpoint, start_endpoint, -, allow"}
+        {
+            "source": "<policy>",
+            "line": 3,
+            "text": "p, id:a, hpc, endpoint, start_endpoint, -, allow",
+        }
     ]
     assert decision.policy_version == az.version
     assert az.version.startswith("sha256:")
@@ -184,8 +188,11 @@ def test_hours_predicate_follows_the_injected_clock() -> None:
 
 def test_hours_window_across_midnight() -> None:
     clock = FakeClock(wall=datetime.datetime(2024, 5, 1, 21, 0, tzinfo=datetime.UTC).timestamp())
-    az = authorizer("p, **, hpc, endpoint, start_endpoint, hours:22-06, deny\n"
-                    "p, **, hpc, endpoint, start_endpoint, -, allow\n", clock)
+    az = authorizer(
+        "p, **, hpc, endpoint, start_endpoint, hours:22-06, deny\n"
+        "p, **, hpc, endpoint, start_endpoint, -, allow\n",
+        clock,
+    )
     seen = []
     for _ in range(10):  # 21:00 … 06:00
         seen.append(az.decide(req("id:a")).allowed)
@@ -197,8 +204,10 @@ def test_hours_in_another_timezone() -> None:
     clock = FakeClock(wall=datetime.datetime(2024, 5, 1, 12, 0, tzinfo=datetime.UTC).timestamp())
     tz = datetime.timezone(datetime.timedelta(hours=-9))
     az = Authorizer.from_text(
-        MODEL_TEXT, "p, **, hpc, endpoint, start_endpoint, hours:02-04, allow\n",
-        clock=clock, timezone=tz,
+        MODEL_TEXT,
+        "p, **, hpc, endpoint, start_endpoint, hours:02-04, allow\n",
+        clock=clock,
+        timezone=tz,
     )
     assert az.decide(req("id:a")).allowed  # 03:00 at UTC-9
 
@@ -221,8 +230,19 @@ def test_empty_condition_means_none(cond: str) -> None:
 
 @pytest.mark.parametrize(
     "cond",
-    ["sudo", "mfa:yes", "auth_age_le:", "auth_age_le:-1", "auth_age_le:1h", "uid_ge:abc",
-     "hours:2", "hours:05-05", "hours:25-26", "mfa;;uid_ge:1", "MFA"],
+    [
+        "sudo",
+        "mfa:yes",
+        "auth_age_le:",
+        "auth_age_le:-1",
+        "auth_age_le:1h",
+        "uid_ge:abc",
+        "hours:2",
+        "hours:05-05",
+        "hours:25-26",
+        "mfa;;uid_ge:1",
+        "MFA",
+    ],
 )
 def test_unknown_or_malformed_predicate_refused_at_load(cond: str) -> None:
     policy = "p, id:a, hpc, endpoint, start_endpoint, -, allow\n" + (
@@ -297,9 +317,7 @@ def test_segment_wildcard_does_not_match_a_longer_name() -> None:
     for endpoint in ("ep:production-evil", "ep:prod", "ep:prod:a:b", "ep:prod:", "xep:prod:a"):
         assert not az.decide(req("id:a", endpoint=endpoint)).allowed, endpoint
     assert az.decide(req("id:a", endpoint="ep:prod", action="stop_endpoint")).allowed
-    assert not az.decide(
-        req("id:a", endpoint="ep:production-evil", action="stop_endpoint")
-    ).allowed
+    assert not az.decide(req("id:a", endpoint="ep:production-evil", action="stop_endpoint")).allowed
     assert not az.decide(req("id:a:b", endpoint="staging", action="read_status")).allowed
     assert not az.decide(req("xid:a", endpoint="staging", action="read_status")).allowed
 
@@ -332,7 +350,10 @@ def test_invalid_requests_raise_request_invalid() -> None:
     ]
     for change in bad:
         fields: dict[str, object] = {
-            "endpoint": "hpc", "obj": "endpoint", "action": "read_status", "principals": ("id:a",),
+            "endpoint": "hpc",
+            "obj": "endpoint",
+            "action": "read_status",
+            "principals": ("id:a",),
         }
         fields.update(change)
         with pytest.raises(AuthzError) as info:
@@ -342,7 +363,9 @@ def test_invalid_requests_raise_request_invalid() -> None:
 
 def test_request_from_mapping() -> None:
     data = {"endpoint": "hpc", "obj": "endpoint", "action": "read_status", "principals": ["id:a"]}
-    assert AuthzRequest.from_mapping(data) == AuthzRequest("hpc", "endpoint", "read_status", ("id:a",))
+    assert AuthzRequest.from_mapping(data) == AuthzRequest(
+        "hpc", "endpoint", "read_status", ("id:a",)
+    )
     with pytest.raises(AuthzError, match="request_invalid"):
         AuthzRequest.from_mapping({**data, "extra": 1})
     with pytest.raises(AuthzError, match="request_invalid"):
@@ -390,7 +413,7 @@ def test_reload_swaps_and_keeps_the_old_policy_on_error(tmp_path: Path) -> None:
     second = holder.current
 
     policy.write_text("p, id:c, hpc, endpoint, start_endpoint, sudo, allow\n")
-    with pytest.raises(AuthzConfigError, match="policy.csv:1"):
+    with pytest.raises(AuthzConfigError, match=r"policy\.csv:1"):
         holder.reload(model, policy)
     assert holder.current is second
     assert holder.decide(req("id:b")).allowed

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from mepcore.authz import ACTIONS, MODEL_TEXT, Authorizer, AuthzRequest, conditions_hold
+from mepcore.authz import MODEL_TEXT, Authorizer, AuthzRequest, conditions_hold
 from mepcore.authz.reference import build_enforcer, enforce
 from mepcore.testing import FakeClock
 
@@ -25,9 +25,7 @@ def reference_segment_match(value: str, pattern: str) -> bool:
             return not vs
         head, rest = ps[0], ps[1:]
         if head == "**":
-            return any(
-                all(vs[:k]) and match(vs[k:], rest) for k in range(1, len(vs) + 1)
-            )
+            return any(all(vs[:k]) and match(vs[k:], rest) for k in range(1, len(vs) + 1))
         if not vs:
             return False
         if head == "*":
@@ -89,7 +87,7 @@ policies = st.lists(st.one_of(p_lines, p_lines, g_lines, g2_lines), min_size=3, 
 )
 requests = st.builds(
     AuthzRequest,
-    endpoint=st.sampled_from(ENDPOINTS + ["other"]),
+    endpoint=st.sampled_from([*ENDPOINTS, "other"]),
     obj=st.sampled_from(OBJECTS + SETS + ["function:f3", "fset:s1:x"]),
     action=st.sampled_from(ACTIONS_USED),
     principals=st.lists(st.sampled_from(PRINCIPALS + ROLES), max_size=4).map(tuple),
@@ -136,7 +134,10 @@ def aimed_request(draw: st.DrawFn, policy: str) -> AuthzRequest:
 def test_decisions_equal_plain_casbin(data: st.DataObject, policy: str) -> None:
     batch = data.draw(
         st.lists(
-            st.tuples(st.one_of(requests, aimed_request(policy), aimed_request(policy)), st.integers(0, 30)),
+            st.tuples(
+                st.one_of(requests, aimed_request(policy), aimed_request(policy)),
+                st.integers(0, 30),
+            ),
             min_size=1,
             max_size=12,
         )
@@ -183,7 +184,11 @@ def test_role_chains_as_deep_as_casbin_searches(depth: int) -> None:
         AuthzRequest("hpc", "fset:s0", "submit_task", ("id:b",)),
     ):
         expected = enforce(
-            enforcer, request.endpoint, request.obj, request.action, request.principals,
+            enforcer,
+            request.endpoint,
+            request.obj,
+            request.action,
+            request.principals,
             authorizer.context(request),
         )
         assert authorizer.decide(request).allowed is expected

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -25,9 +26,11 @@ SLURM_SCHEMA = {
 }
 
 
-def _refused(variables, schema=None, limits=VariableLimits()):  # type: ignore[no-untyped-def]
+def _refused(
+    variables: Any, schema: dict[str, Any] | None = None, limits: VariableLimits | None = None
+) -> ConfigError:
     with pytest.raises(ConfigError) as info:
-        validate_variables(variables, schema, limits)
+        validate_variables(variables, schema, limits or VariableLimits())
     return info.value
 
 
@@ -93,7 +96,7 @@ def test_reserved_and_schema_problems_are_reported_together() -> None:
     assert {"$._GC", "$.partition"} <= {v.path for v in err.violations}
 
 
-def _timed_refusal(variables) -> tuple[ConfigError, float]:  # type: ignore[no-untyped-def]
+def _timed_refusal(variables: Any) -> tuple[ConfigError, float]:
     start = time.monotonic()
     err = _refused(variables)
     return err, time.monotonic() - start
@@ -166,9 +169,7 @@ json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.text(max_size=20),
     lambda children: (
         st.lists(children, max_size=4)
-        | st.dictionaries(
-            st.from_regex(r"[a-z_][a-z0-9_]{0,8}", fullmatch=True), children, max_size=4
-        )
+        | st.dictionaries(st.from_regex(r"k[a-z0-9_]{0,8}", fullmatch=True), children, max_size=4)
     ),
     max_leaves=20,
 )
@@ -179,12 +180,7 @@ def test_property_valid_json_round_trips_and_keys_ignore_order(
     variables: dict[str, object],
 ) -> None:
     plain = {k: v for k, v in variables.items()}
-    try:
-        result = validate_variables(plain, None)
-    except ConfigError as exc:  # only YAML words as keys may be refused
-        assert exc.reason == "config.invalid_variables"
-        assert all(v.code == "invalid_key" for v in exc.violations)
-        return
+    result = validate_variables(plain, None)
     assert json.dumps(result, sort_keys=True) == json.dumps(plain, sort_keys=True)
     shuffled = dict(reversed(list(plain.items())))
     assert config_key("u", "d", shuffled) == config_key("u", "d", plain)

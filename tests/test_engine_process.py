@@ -15,7 +15,7 @@ from mepcore.tasks import Executor, ResultEnvelope, TaskEnvelope, pack_args, pac
 from mepcore.tasks import unpack_result as value_of
 from mepcore.tasks.process import ProcessPoolEngine
 
-SOURCE = '''
+SOURCE = """
 def add(a, b):
     return a + b
 
@@ -53,11 +53,13 @@ def scribble():
             pass  # the descriptor listdir used is already closed
     import time
     time.sleep(30)
-'''
+"""
 NS: dict[str, Any] = {"__name__": "__main__"}
 exec(SOURCE, NS)
-PACKED = {name: pack_function(NS[name]) for name in
-          ("add", "pid", "hang", "exit_now", "open_fds", "scribble")}
+PACKED = {
+    name: pack_function(NS[name])
+    for name in ("add", "pid", "hang", "exit_now", "open_fds", "scribble")
+}
 _ids = iter(range(10**9))
 
 
@@ -119,15 +121,17 @@ def test_timeout_kills_the_worker_and_replaces_it(single: Executor) -> None:
 
 
 def test_tasks_queued_behind_a_hung_one_are_requeued_not_lost(single: Executor) -> None:
-    futures = single.submit_many([task("hang", 600, walltime=0.3)] +
-                                 [task("add", i, i) for i in range(20)])
+    futures = single.submit_many(
+        [task("hang", 600, walltime=0.3)] + [task("add", i, i) for i in range(20)]
+    )
     assert futures[0].result(30).reason == "task.timeout"
     assert [value_of(f.result(30)) for f in futures[1:]] == [2 * i for i in range(20)]
 
 
 def test_a_dying_worker_fails_exactly_its_own_task(single: Executor) -> None:
-    futures = single.submit_many([task("add", 1, 1), task("exit_now"), task("add", 2, 2),
-                                  task("add", 3, 3)])
+    futures = single.submit_many(
+        [task("add", 1, 1), task("exit_now"), task("add", 2, 2), task("add", 3, 3)]
+    )
     results = [f.result(30) for f in futures]
     assert [r.reason for r in results] == [None, "task.worker_lost", None, None]
     assert "exit status 3" in results[1].error.message  # type: ignore[union-attr]
@@ -184,8 +188,7 @@ def test_shutdown_without_wait_cancels_running_work_quickly() -> None:
 def test_two_short_tasks_run_on_two_workers_at_once() -> None:
     executor = make(2)
     try:
-        pids = [value_of(f.result(30)) for f in executor.submit_many([task("pid"),
-                                                                       task("pid")])]
+        pids = [value_of(f.result(30)) for f in executor.submit_many([task("pid"), task("pid")])]
         assert len(set(pids)) == 2
     finally:
         executor.shutdown()

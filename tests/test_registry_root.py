@@ -23,7 +23,7 @@ from mepcore.ports import SystemAccountDatabase
 from mepcore.spawn import ResourceLimits, SpawnSettings
 from mepcore.types import Account
 from mepd.registry import Registry, RegistryLimits, StartRequest
-from tests.runtime_venv import runtime_python, package_paths
+from tests.runtime_venv import package_paths, runtime_python
 
 pytestmark = pytest.mark.root
 
@@ -143,7 +143,16 @@ def test_introspect_reports_exactly_the_account(settings: SpawnSettings, make_ac
     assert 0 not in info["groups"] and len(account.group_ids) == 2
     assert info["umask"] == 0o077
     assert info["cwd"] == account.home
-    assert set(info["env_keys"]) <= {"HOME", "USER", "LOGNAME", "SHELL", "PATH", "LANG", "TZ", "SITE_NAME"}
+    assert set(info["env_keys"]) <= {
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "SHELL",
+        "PATH",
+        "LANG",
+        "TZ",
+        "SITE_NAME",
+    }
     assert {"HOME", "USER", "PATH", "SITE_NAME"} <= set(info["env_keys"])
     assert sorted(fd["fd"] for fd in info["fds"]) == sorted({0, 1, 2, info["channel_fd"]})
     assert info["sid"] == info["pid"] == info["pgid"]
@@ -248,10 +257,16 @@ def test_config_that_fails_to_render_returns_the_error_and_leaves_no_process(
         registry = make_registry(settings, rec)
         req = request(account)
         req = StartRequest(
-            account=req.account, config_key="bad", template_name=req.template_name,
+            account=req.account,
+            config_key="bad",
+            template_name=req.template_name,
             template_text="engine:\n  type: {{ engine }}\nheartbeat_period: {{ missing_variable }}\n",
-            includes={}, variables={"engine": "ThreadPoolEngine"}, identity=None,
-            user_runtime=None, environment={}, endpoint="default",
+            includes={},
+            variables={"engine": "ThreadPoolEngine"},
+            identity=None,
+            user_runtime=None,
+            environment={},
+            endpoint="default",
         )
         try:
             await registry.get_or_start(req)
@@ -285,7 +300,9 @@ def test_idle_shutdown_happens_and_is_reported(settings: SpawnSettings, make_acc
     assert processes_of(account.uid) == []
 
 
-def test_shutdown_leaves_no_process_of_any_account(settings: SpawnSettings, make_account: Any) -> None:
+def test_shutdown_leaves_no_process_of_any_account(
+    settings: SpawnSettings, make_account: Any
+) -> None:
     accounts = [account_of(make_account()) for _ in range(2)]
     rec = Recorder()
 
@@ -293,7 +310,9 @@ def test_shutdown_leaves_no_process_of_any_account(settings: SpawnSettings, make
         registry = make_registry(settings, rec)
         handles = []
         for account in accounts:
-            handles.append(await registry.get_or_start(request(account, "a", engine="ProcessPoolEngine")))
+            handles.append(
+                await registry.get_or_start(request(account, "a", engine="ProcessPoolEngine"))
+            )
             handles.append(await registry.get_or_start(request(account, "b")))
         pids = [h.pid for h in handles]
         await registry.shutdown()
@@ -346,7 +365,9 @@ def test_tasks_run_as_the_account_and_every_result_comes_back(
 
     account = account_of(make_account())
     rec = Recorder()
-    whoami_id, whoami = pack_function(_by_value("def whoami(x):\n    import os\n    return (os.getuid(), x)\n", "whoami"))
+    whoami_id, whoami = pack_function(
+        _by_value("def whoami(x):\n    import os\n    return (os.getuid(), x)\n", "whoami")
+    )
     count = 500
 
     async def scenario() -> None:
@@ -355,10 +376,7 @@ def test_tasks_run_as_the_account_and_every_result_comes_back(
             handle = await registry.get_or_start(request(account, engine=engine))
             handle.register_function(whoami_id, whoami)
             handle.register_function(whoami_id, whoami)  # sent once only
-            tasks = [
-                TaskEnvelope(f"t{i}", whoami_id, pack_args((i,), {}))
-                for i in range(count)
-            ]
+            tasks = [TaskEnvelope(f"t{i}", whoami_id, pack_args((i,), {})) for i in range(count)]
             handle.dispatch([(t.to_header(), t.payload) for t in tasks])
             assert len(handle.in_flight) == count
             await until(lambda: len(rec.results) == count, timeout=30)
@@ -391,7 +409,12 @@ def test_results_for_tasks_not_dispatched_to_that_endpoint_are_refused(
             handle = await registry.get_or_start(request(account))
             handle.in_flight.add("mine")
             forged = Frame(
-                {"v": 1, "kind": "result", "items": [{"task_id": "someone-elses"}, {"task_id": "mine"}], "sizes": [1, 1]},
+                {
+                    "v": 1,
+                    "kind": "result",
+                    "items": [{"task_id": "someone-elses"}, {"task_id": "mine"}],
+                    "sizes": [1, 1],
+                },
                 b"xy",
             )
             handle._on_frame(forged)
@@ -400,3 +423,99 @@ def test_results_for_tasks_not_dispatched_to_that_endpoint_are_refused(
 
     run(scenario)
     assert [(h["task_id"], p) for _u, h, p in rec.results] == [("mine", b"y")]
+
+
+def test_limits_per_account_in_total_and_on_concurrent_starts(
+    settings: SpawnSettings, make_account: Any
+) -> None:
+    alice, bob = account_of(make_account()), account_of(make_account())
+    rec = Recorder()
+
+    async def scenario() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        registry = make_registry(settings, rec, max_per_account=1, max_total=2, max_concurrent_starts=1)
+        try:
+            first = asyncio.ensure_future(registry.get_or_start(request(alice, "a1")))
+            await asyncio.sleep(0)  # let the first start begin
+            with pytest.raises(SpawnError) as starts:
+                await registry.get_or_start(request(bob, "b1"))
+            out["starts"] = starts.value.reason
+            await first
+            with pytest.raises(SpawnError) as per_account:
+                await registry.get_or_start(request(alice, "a2"))
+            out["per_account"] = per_account.value.reason
+            await registry.get_or_start(request(bob, "b1"))
+            carol_like = request(bob, "b2")
+            with pytest.raises(SpawnError) as total:
+                await registry.get_or_start(carol_like)
+            out["total"] = total.value.reason
+            out["stopped"] = await registry.stop(alice.name)
+            out["after_stop"] = [s.account for s in registry.status()]
+        finally:
+            await registry.shutdown()
+        with pytest.raises(SpawnError) as closed:
+            await registry.get_or_start(request(alice, "a1"))
+        out["closed"] = closed.value.reason
+        return out
+
+    out = run(scenario)
+    assert out == {
+        "starts": "spawn.too_many_starts",
+        "per_account": "spawn.too_many_endpoints",
+        "total": "spawn.too_many_endpoints",
+        "stopped": 1,
+        "after_stop": [bob.name],
+        "closed": "spawn.shutting_down",
+    }
+    assert processes_of(alice.uid) == [] and processes_of(bob.uid) == []
+
+
+def test_a_failed_start_reaches_every_waiter_once(settings: SpawnSettings, make_account: Any) -> None:
+    account = account_of(make_account())
+    rec = Recorder()
+    spawned: list[int] = []
+
+    async def scenario() -> list[BaseException | Any]:
+        registry = make_registry(settings, rec)
+        bad = request(account, "bad", setup="exit 3")
+        try:
+            results = await asyncio.gather(
+                *(registry.get_or_start(bad) for _ in range(3)), return_exceptions=True
+            )
+            spawned.extend(s.pid for s in registry.status() if s.pid)
+            return results
+        finally:
+            await registry.shutdown()
+
+    results = run(scenario)
+    assert [getattr(r, "reason", r) for r in results] == ["spawn.start_failed"] * 3
+    assert results[0] is results[1] is results[2]  # one start, one error
+    assert spawned == []
+    assert processes_of(account.uid) == []
+
+
+def test_shutdown_drains_in_flight_tasks_before_stopping(
+    settings: SpawnSettings, make_account: Any
+) -> None:
+    from mepcore.tasks import TaskEnvelope, pack_args, pack_function
+
+    account = account_of(make_account())
+    rec = Recorder()
+    fid, body = pack_function(
+        _by_value("def nap(x):\n    import time\n    time.sleep(0.3)\n    return x\n", "nap")
+    )
+
+    async def scenario() -> None:
+        registry = make_registry(settings, rec)
+        handle = await registry.get_or_start(request(account, engine="ProcessPoolEngine"))
+        handle.register_function(fid, body)
+        tasks = [TaskEnvelope(f"n{i}", fid, pack_args((i,), {})) for i in range(4)]
+        handle.dispatch([(t.to_header(), t.payload) for t in tasks])
+        await registry.shutdown()
+        assert handle.exit_reason == "drained"
+
+    run(scenario)
+    assert sorted(h["task_id"] for _u, h, _p in rec.results) == ["n0", "n1", "n2", "n3"]
+    assert all(h["status"] == "success" for _u, h, _p in rec.results)
+    assert rec.lost == []
+    assert processes_of(account.uid) == []

@@ -27,8 +27,10 @@ def test_functions_are_content_addressed_and_idempotent(tmp_path: Path) -> None:
 def test_batch_is_durable_across_reopen_and_states_move(tmp_path: Path) -> None:
     store = TaskStore.open(tmp_path / "db")
     store.add_tasks([task(i) for i in range(100)], state="dispatched", now=5.0)
-    changed = store.finish([Outcome("t1", "success", None, b"r1"),
-                            Outcome("t2", "failed", {"reason": "task.failed"})], now=6.0)
+    changed = store.finish(
+        [Outcome("t1", "success", None, b"r1"), Outcome("t2", "failed", {"reason": "task.failed"})],
+        now=6.0,
+    )
     assert changed == ["t1", "t2"]
     # A second outcome for a final task is ignored (the first one stands).
     assert store.finish([Outcome("t1", "failed", {"reason": "task.endpoint_lost"})], 7.0) == []

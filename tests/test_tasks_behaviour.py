@@ -26,7 +26,7 @@ from mepcore.tasks import (
     unpack_result,
 )
 
-SOURCE = '''
+SOURCE = """
 def add(a, b):
     return a + b
 
@@ -63,13 +63,23 @@ def whoami():
 
 def forbidden():
     return "should never run"
-'''
+"""
 FUNCTIONS: dict[str, Any] = {"__name__": "__main__"}
 exec(SOURCE, FUNCTIONS)
 PACKED = {
     name: pack_function(FUNCTIONS[name])
-    for name in ("add", "boom", "unpicklable", "hang", "exit_now", "segfault", "big", "echo",
-                 "whoami", "forbidden")
+    for name in (
+        "add",
+        "boom",
+        "unpicklable",
+        "hang",
+        "exit_now",
+        "segfault",
+        "big",
+        "echo",
+        "whoami",
+        "forbidden",
+    )
 }
 IDS = {name: fid for name, (fid, _) in PACKED.items()}
 # A function body that is not a loadable function: registered and allowed everywhere.
@@ -183,8 +193,10 @@ def test_hanging_past_walltime_times_out(engine: tuple[str, Executor]) -> None:
 def test_os_exit_loses_the_worker_and_the_pool_recovers(engine: tuple[str, Executor]) -> None:
     name, executor = engine
     if name == "thread":
-        pytest.skip("threads share the endpoint process: os._exit ends the endpoint itself "
-                    "(the daemon reports task.endpoint_lost)")
+        pytest.skip(
+            "threads share the endpoint process: os._exit ends the endpoint itself "
+            "(the daemon reports task.endpoint_lost)"
+        )
     result = run(executor, task("exit_now"))
     assert result.reason == "task.worker_lost"
     assert [unpack_result(run(executor, task("add", i, 1))) for i in range(3)] == [1, 2, 3]
@@ -193,8 +205,10 @@ def test_os_exit_loses_the_worker_and_the_pool_recovers(engine: tuple[str, Execu
 def test_segfault_loses_the_worker(engine: tuple[str, Executor]) -> None:
     name, executor = engine
     if name == "thread":
-        pytest.skip("threads share the endpoint process: a segfault ends the endpoint itself "
-                    "(the daemon reports task.endpoint_lost)")
+        pytest.skip(
+            "threads share the endpoint process: a segfault ends the endpoint itself "
+            "(the daemon reports task.endpoint_lost)"
+        )
     result = run(executor, task("segfault"))
     assert result.reason == "task.worker_lost"
     assert unpack_result(run(executor, task("add", 5, 5))) == 10

@@ -26,8 +26,7 @@ from mepcore.tasks import (
     unpack_result,
     unpack_value,
 )
-from mepcore.tasks.serialization import pack_value, pack_value_bounded
-from mepcore.tasks.serialization import ResultTooLarge
+from mepcore.tasks.serialization import ResultTooLarge, pack_value, pack_value_bounded
 
 FID = "ab" * 32
 task_ids = st.from_regex(r"[A-Za-z0-9._:-]{1,128}", fullmatch=True)
@@ -56,8 +55,13 @@ def test_task_header_round_trips_through_json(
     payload=st.binary(max_size=64),
 )
 def test_result_header_round_trips_through_json(
-    task_id: str, failed: bool, type_name: str, message: str, tb: str,
-    stamps: tuple[float, float, float], payload: bytes,
+    task_id: str,
+    failed: bool,
+    type_name: str,
+    message: str,
+    tb: str,
+    stamps: tuple[float, float, float],
+    payload: bytes,
 ) -> None:
     error = RemoteError(type_name, message, tb, "task.timeout") if failed else None
     envelope = ResultEnvelope(
@@ -121,12 +125,23 @@ def test_oversized_task_payload_is_refused_at_the_edge() -> None:
         lambda h: h.update(error=None, status="failed"),
         lambda h: h["timings"].update(started=-1.0),
         lambda h: h["timings"].update(extra=1.0),
-        lambda h: h.update(status="failed", error={"type_name": "X", "message": "m",
-                                                   "traceback": "", "reason": "auth.denied"}),
-        lambda h: h.update(status="failed", error={"type_name": "X", "message": "m",
-                                                   "traceback": "", "reason": "task.nope"}),
-        lambda h: h.update(status="failed", error={"type_name": "X" * 300, "message": "m",
-                                                   "traceback": "", "reason": "task.failed"}),
+        lambda h: h.update(
+            status="failed",
+            error={"type_name": "X", "message": "m", "traceback": "", "reason": "auth.denied"},
+        ),
+        lambda h: h.update(
+            status="failed",
+            error={"type_name": "X", "message": "m", "traceback": "", "reason": "task.nope"},
+        ),
+        lambda h: h.update(
+            status="failed",
+            error={
+                "type_name": "X" * 300,
+                "message": "m",
+                "traceback": "",
+                "reason": "task.failed",
+            },
+        ),
     ],
 )
 def test_invalid_result_headers_are_refused(mutate) -> None:  # type: ignore[no-untyped-def]
@@ -142,11 +157,13 @@ def test_a_failed_result_with_a_payload_is_refused() -> None:
         ResultEnvelope.from_header(header, b"payload")
 
 
-@given(st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text() | st.binary(),
-    lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner),
-    max_leaves=20,
-))
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text() | st.binary(),
+        lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner),
+        max_leaves=20,
+    )
+)
 def test_values_round_trip_with_every_strategy(value: object) -> None:
     for tag in STRATEGIES:
         assert unpack_value(pack_value(value, tag)) == value
@@ -249,16 +266,28 @@ def test_default_walltime_applies_to_tasks_without_one() -> None:
         ({"type": "ProcessPoolEngine", "workers": 2}, "$.engine.workers"),
         ({"type": "ThreadPoolEngine", "prefetch": 2}, "$.engine.prefetch"),
         ({"type": "GlobusComputeEngine", "strategy": "simple"}, "$.engine.strategy"),
-        ({"type": "GlobusComputeEngine", "provider": {"type": "os.system"}},
-         "$.engine.provider.type"),
-        ({"type": "GlobusComputeEngine", "provider": {"type": "LocalProvider", "bogus": 1}},
-         "$.engine.provider.bogus"),
-        ({"type": "GlobusComputeEngine",
-          "provider": {"type": "SlurmProvider", "launcher": {"type": "subprocess.Popen"}}},
-         "$.engine.provider.launcher.type"),
-        ({"type": "GlobusComputeEngine",
-          "provider": {"type": "LocalProvider", "init_blocks": "many"}},
-         "$.engine.provider"),
+        (
+            {"type": "GlobusComputeEngine", "provider": {"type": "os.system"}},
+            "$.engine.provider.type",
+        ),
+        (
+            {"type": "GlobusComputeEngine", "provider": {"type": "LocalProvider", "bogus": 1}},
+            "$.engine.provider.bogus",
+        ),
+        (
+            {
+                "type": "GlobusComputeEngine",
+                "provider": {"type": "SlurmProvider", "launcher": {"type": "subprocess.Popen"}},
+            },
+            "$.engine.provider.launcher.type",
+        ),
+        (
+            {
+                "type": "GlobusComputeEngine",
+                "provider": {"type": "LocalProvider", "init_blocks": "many"},
+            },
+            "$.engine.provider",
+        ),
     ],
 )
 def test_engine_configs_are_checked_against_closed_tables(
@@ -283,7 +312,8 @@ def test_importing_the_package_imports_neither_parsl_nor_an_engine() -> None:
         "print(bad)\n"
         "import threading; print(threading.active_count())\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout.split("\n")
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split("\n")
     assert out[0] == "[]"
     assert out[1] == "1"  # building an executor starts no thread

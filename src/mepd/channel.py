@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import select
 import socket
 import struct
@@ -94,7 +95,7 @@ def encode_frame(
     fields: Mapping[str, Any] | None = None,
     parts: Sequence[bytes] = (),
     *,
-    limits: ChannelLimits = ChannelLimits(),  # noqa: B008 - frozen value
+    limits: ChannelLimits = ChannelLimits(),
 ) -> list[bytes]:
     """The buffers of one frame, ready for ``writelines``/``sendmsg``.
 
@@ -124,7 +125,7 @@ def batch_frames(
     items: Sequence[tuple[Mapping[str, Any], bytes]],
     *,
     fields: Mapping[str, Any] | None = None,
-    limits: ChannelLimits = ChannelLimits(),  # noqa: B008 - frozen value
+    limits: ChannelLimits = ChannelLimits(),
     max_items: int = 5000,
 ) -> list[list[bytes]]:
     """Pack (header, payload) items into as few frames as the limits allow.
@@ -157,7 +158,7 @@ def batch_frames(
 class FrameDecoder:
     """Incremental decoder: feed bytes, get complete frames; raises on malformed input."""
 
-    def __init__(self, limits: ChannelLimits = ChannelLimits()) -> None:  # noqa: B008
+    def __init__(self, limits: ChannelLimits = ChannelLimits()) -> None:
         self._limits = limits
         self._buffer = bytearray()
         self._error: ChannelError | None = None
@@ -279,7 +280,7 @@ class AsyncChannel(asyncio.Protocol):
         self,
         on_frame: Callable[[Frame], None],
         on_close: Callable[[BaseException | None], None],
-        limits: ChannelLimits = ChannelLimits(),  # noqa: B008
+        limits: ChannelLimits = ChannelLimits(),
     ) -> None:
         self._on_frame = on_frame
         self._on_close = on_close
@@ -298,7 +299,7 @@ class AsyncChannel(asyncio.Protocol):
         sock: socket.socket,
         on_frame: Callable[[Frame], None],
         on_close: Callable[[BaseException | None], None],
-        limits: ChannelLimits = ChannelLimits(),  # noqa: B008
+        limits: ChannelLimits = ChannelLimits(),
     ) -> AsyncChannel:
         loop = asyncio.get_running_loop()
         _, protocol = await loop.create_unix_connection(
@@ -361,6 +362,32 @@ class AsyncChannel(asyncio.Protocol):
             raise ChannelError("channel.closed", "the channel to the user endpoint is closed")
         self._transport.writelines(list(buffers))
 
+    def read_pending(self, limit: int = 256 * 1024 * 1024) -> None:
+        """Deliver whatever the peer already wrote, now (no waiting; bounded by ``limit``).
+
+        Used when the peer process is known to have exited: its last results and its
+        ``exiting`` frame may still sit in the socket buffer, and they must be handled
+        before the connection is declared lost.
+        """
+        if self._transport is None or self._closed:
+            return
+        sock = self._transport.get_extra_info("socket")
+        if sock is None:
+            return
+        fd = sock.fileno()
+        taken = 0
+        while taken < limit and not self._closed:
+            try:
+                data = os.read(fd, 1 << 20)  # the socket is non-blocking under asyncio
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            if not data:
+                return
+            taken += len(data)
+            self.data_received(data)
+
     async def drain(self) -> None:
         """Wait until the transport's write buffer is below its high-water mark."""
         await self._writable.wait()
@@ -376,7 +403,7 @@ class AsyncChannel(asyncio.Protocol):
 class BlockingChannel:
     """The user endpoint's end: a blocking socket; ``send`` is safe from several threads."""
 
-    def __init__(self, sock: socket.socket, limits: ChannelLimits = ChannelLimits()) -> None:  # noqa: B008
+    def __init__(self, sock: socket.socket, limits: ChannelLimits = ChannelLimits()) -> None:
         self.sock = sock
         self.limits = limits
         self._decoder = FrameDecoder(limits)
@@ -402,6 +429,7 @@ class BlockingChannel:
             return self._ready.pop(0)
         if self.eof:
             raise EOFError("channel closed")
+        self._decoder.check()
         wait_ms = None if timeout is None else max(0, int(timeout * 1000))
         while True:
             if not self._poll.poll(wait_ms):

@@ -159,7 +159,11 @@ def error_from_frame(header: Mapping[str, Any]) -> MepError:
                 )
     cls: type[MepError]
     if reason.startswith("config."):
-        cls = TemplateConfigError if header.get("error_class") == "TemplateConfigError" else ConfigError
+        cls = (
+            TemplateConfigError
+            if header.get("error_class") == "TemplateConfigError"
+            else ConfigError
+        )
     else:
         cls = SpawnError
     return cls(reason, f"user endpoint: {detail}", public_message=public, violations=violations)
@@ -247,7 +251,11 @@ class UserEndpointHandle:
         )
 
     def _live_channel(self) -> AsyncChannel:
-        if self.channel is None or self.channel.is_closed or self.state not in ("ready", "starting"):
+        if (
+            self.channel is None
+            or self.channel.is_closed
+            or self.state not in ("ready", "starting")
+        ):
             raise ChannelError("channel.closed", f"user endpoint {self.id} is {self.state}")
         return self.channel
 
@@ -267,7 +275,9 @@ class UserEndpointHandle:
                 if self._ready is not None and not self._ready.done():
                     self._ready.set_exception(err)
                 else:
-                    log.warning("uep.error_reported", uep=self.id, reason=err.reason, detail=err.detail)
+                    log.warning(
+                        "uep.error_reported", uep=self.id, reason=err.reason, detail=err.detail
+                    )
             elif kind == "introspect":
                 future = self._requests.get(frame.header.get("request_id"))  # type: ignore[arg-type]
                 answer = frame.header.get("answer")
@@ -303,10 +313,16 @@ class UserEndpointHandle:
 
     def _on_close(self, exc: BaseException | None) -> None:
         if isinstance(exc, ChannelError):
-            log.warning("channel.closed_malformed", uep=self.id, reason=exc.reason, detail=exc.detail)
+            log.warning(
+                "channel.closed_malformed", uep=self.id, reason=exc.reason, detail=exc.detail
+            )
         self._gone("channel closed")
 
     def _on_exit(self) -> None:
+        # The process is gone but its last frames (results, ``exiting``) may still be in
+        # the socket buffer, unread: handle them before declaring anything lost.
+        if self.channel is not None:
+            self.channel.read_pending()
         self._gone("process exited")
 
     def _gone(self, why: str) -> None:
@@ -322,7 +338,9 @@ class UserEndpointHandle:
             self._watch_fd = -1
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(
-                SpawnError("spawn.start_failed", f"user endpoint {self.id} ended before ready ({why})")
+                SpawnError(
+                    "spawn.start_failed", f"user endpoint {self.id} ended before ready ({why})"
+                )
             )
         for future in self._requests.values():
             if not future.done():
@@ -338,7 +356,9 @@ class UserEndpointHandle:
             except Exception:
                 log.exception("registry.on_lost_failed", uep=self.id)
         if was == "ready":
-            log.warning("uep.lost", uep=self.id, why=why, exit_reason=self.exit_reason, lost=len(lost))
+            log.warning(
+                "uep.lost", uep=self.id, why=why, exit_reason=self.exit_reason, lost=len(lost)
+            )
         if self.channel is not None:
             self.channel.close()
         self.ensure_stopped(None, registry.limits.stop_grace)
@@ -385,6 +405,7 @@ class Registry:
         init=False, factory=dict
     )
     _leaving: set[UserEndpointHandle] = attrs.field(init=False, factory=set)
+    _start_tasks: set[asyncio.Task[None]] = attrs.field(init=False, factory=set)
     _shutting_down: bool = attrs.field(init=False, default=False)
     _subreaper: bool = attrs.field(init=False, default=False)
     _serial: itertools.count[int] = attrs.field(init=False, factory=itertools.count)
@@ -407,26 +428,29 @@ class Registry:
         # Retrieve the exception even when every waiter was cancelled (no loop warning).
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._starting[key] = future
-        loop.create_task(self._start(key, req, future))
+        task = loop.create_task(self._start(key, req, future))
+        self._start_tasks.add(task)
+        task.add_done_callback(self._start_tasks.discard)
         return await asyncio.shield(future)
 
     def _check_limits(self, account: str) -> None:
         live = list(self._handles.values())
         mine = sum(1 for h in live if h.account.name == account)
-        if mine >= self.limits.max_per_account:
+        limits = self.limits
+        if mine >= limits.max_per_account:
             raise SpawnError(
                 "spawn.too_many_endpoints",
-                f"{account} already has {mine} user endpoints (limit {self.limits.max_per_account})",
+                f"{account} already has {mine} user endpoints (limit {limits.max_per_account})",
             )
-        if len(live) + len(self._leaving) >= self.limits.max_total:
+        if len(live) + len(self._leaving) >= limits.max_total:
             raise SpawnError(
                 "spawn.too_many_endpoints",
-                f"{len(live)} user endpoints running (limit {self.limits.max_total})",
+                f"{len(live)} user endpoints running (limit {limits.max_total})",
             )
-        if len(self._starting) >= self.limits.max_concurrent_starts:
+        if len(self._starting) >= limits.max_concurrent_starts:
             raise SpawnError(
                 "spawn.too_many_starts",
-                f"{len(self._starting)} starts in progress (limit {self.limits.max_concurrent_starts})",
+                f"{len(self._starting)} starts in progress (limit {limits.max_concurrent_starts})",
             )
 
     async def _start(
@@ -571,7 +595,11 @@ class Registry:
                 )
         handles = [h for h in self._handles.values() if h.process is not None]
         for handle in handles:
-            if handle.state == "ready" and handle.channel is not None and not handle.channel.is_closed:
+            if (
+                handle.state == "ready"
+                and handle.channel is not None
+                and not handle.channel.is_closed
+            ):
                 with contextlib.suppress(ChannelError):
                     handle.channel.send("drain")
             self._leave(handle, "draining")
@@ -597,7 +625,9 @@ def _as_start_error(exc: BaseException, handle: UserEndpointHandle) -> MepError:
     if isinstance(exc, MepError):
         return exc
     if isinstance(exc, TimeoutError):
-        return SpawnError("spawn.start_timeout", f"user endpoint {handle.id} did not answer in time")
+        return SpawnError(
+            "spawn.start_timeout", f"user endpoint {handle.id} did not answer in time"
+        )
     if isinstance(exc, asyncio.CancelledError):
         return SpawnError("spawn.start_failed", "the start was cancelled")
     error = SpawnError("spawn.start_failed", f"{type(exc).__name__}: {exc}")

@@ -371,9 +371,7 @@ class Authorizer:
         return self._evaluate(request, self._hour())
 
     def _evaluate(self, request: AuthzRequest, hour: int | None) -> Decision:
-        ctx = RequestContext(
-            mfa=request.mfa, auth_age=request.auth_age, uid=request.uid, hour=hour
-        )
+        ctx = RequestContext(mfa=request.mfa, auth_age=request.auth_age, uid=request.uid, hour=hour)
         found = self.index.match(
             request.endpoint, request.obj, request.action, request.principals, ctx
         )
@@ -389,9 +387,7 @@ class Authorizer:
     def explain(self, request: AuthzRequest) -> Explanation:
         """The decision and every line the request touched (uncached)."""
         hour = self._hour()
-        ctx = RequestContext(
-            mfa=request.mfa, auth_age=request.auth_age, uid=request.uid, hour=hour
-        )
+        ctx = RequestContext(mfa=request.mfa, auth_age=request.auth_age, uid=request.uid, hour=hour)
         found = self.index.match(
             request.endpoint, request.obj, request.action, request.principals, ctx
         )
@@ -449,4 +445,3 @@ class AuthorizerHolder:
 def shipped_model() -> str:
     """The shipped model text (``policies/model.conf`` without the comments)."""
     return MODEL_TEXT
-

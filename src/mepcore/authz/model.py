@@ -60,9 +60,9 @@ def _normalized(text: str, source: str) -> dict[tuple[str, str], str]:
                 "authz.model_invalid", f"{source}: the model has no '{key}' definition"
             ) from exc
         out[(sec, key)] = _matcher_ast(str(value)) if sec == "m" else re.sub(r"\s+", "", value)
-    extra = [
-        f"{sec}.{key}" for sec in model.keys() for key in model[sec] if (sec, key) not in _KEYS
-    ]
+    # casbin's Model has keys() but is not iterable, hence the explicit .keys().
+    sections = model.keys()  # noqa: SIM118
+    extra = [f"{sec}.{key}" for sec in sections for key in model[sec] if (sec, key) not in _KEYS]
     if extra:
         raise AuthzConfigError(
             "authz.model_invalid",

@@ -110,7 +110,9 @@ def parse_policy_line(raw: str, source: str, lineno: int) -> PolicyLine | None:
             continue
         if len(value) > MAX_FIELD_LENGTH or not _FIELD_RE.fullmatch(value):
             raise _refuse(
-                source, lineno, f"field {index + 1} ({value!r}) is empty or has forbidden characters"
+                source,
+                lineno,
+                f"field {index + 1} ({value!r}) is empty or has forbidden characters",
             )
     if ptype in ("g", "g2"):
         for value in fields:

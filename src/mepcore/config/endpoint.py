@@ -15,7 +15,7 @@ from typing import Any
 
 import attrs
 
-from mepcore.config.limits import RenderLimits
+from mepcore.config.limits import RenderLimits, VariableLimits
 from mepcore.config.render import DEFAULT_TEMPLATE_NAME, MappedIdentity, render_template
 from mepcore.config.variables import MAX_VIOLATIONS, schema_validator, schema_violations
 from mepcore.config.yamlsafe import YamlLoadError, load_yaml
@@ -310,8 +310,10 @@ def render_endpoint_config(
     includes: Mapping[str, str] | None = None,
     limits: RenderLimits = RenderLimits(),  # noqa: B008 - frozen, so sharing is safe
     template_name: str = DEFAULT_TEMPLATE_NAME,
+    variable_limits: VariableLimits = VariableLimits(),  # noqa: B008
 ) -> EndpointConfig:
-    """``render_template`` then ``parse_endpoint_config``."""
+    """``render_template`` then ``parse_endpoint_config``. Pass the same
+    ``variable_limits`` the variables were validated with."""
     text = render_template(
         template_text,
         variables,
@@ -320,5 +322,6 @@ def render_endpoint_config(
         includes=includes,
         limits=limits,
         template_name=template_name,
+        variable_limits=variable_limits,
     )
     return parse_endpoint_config(text)

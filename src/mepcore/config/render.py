@@ -36,7 +36,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.visitor import NodeTransformer
 
 from mepcore.config.limits import RenderLimits, VariableLimits
-from mepcore.config.variables import structural_violations
+from mepcore.config.variables import RESERVED_NAMES, structural_violations
 from mepcore.errors import ConfigError, TemplateConfigError, Violation
 from mepcore.types import Account, Identity
 
@@ -575,7 +575,6 @@ def render_template(
     ``config.render_limit``, ``config.undefined_variable`` or ``config.render_failed``,
     and ``TemplateConfigError`` (``config.template_invalid``) for a broken template.
     """
-    from mepcore.config.variables import RESERVED_NAMES
 
     context_vars = _wrap_checked(variables, "variables", variable_limits, RESERVED_NAMES)
     runtime = _wrap_checked(user_runtime, "user_runtime", variable_limits, frozenset())

@@ -136,7 +136,7 @@ def _walk(
             children: list[tuple[Any, str, int]] = []
             for key, sub in value.items():
                 if not isinstance(key, str):
-                    found.append(Violation(path, f"key {key!r} is not a string", "invalid_key"))
+                    found.append(Violation(path, f"key {key!r} is not a string", "invalid_type"))
                     continue
                 if len(key) > limits.max_string_length:
                     raise _TooLarge(Violation(path, "key too long", "too_large"))
@@ -253,7 +253,8 @@ def validate_variables(
     if variables is None:
         variables = {}
     found = structural_violations(variables, limits)
-    if schema is not None:
+    # Values that are not JSON at all would only confuse the schema validator.
+    if schema is not None and not any(v.code == "invalid_type" for v in found):
         validator = schema_validator(schema)
         found.extend(
             schema_violations(

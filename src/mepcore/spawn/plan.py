@@ -59,6 +59,10 @@ def _freeze(value: Mapping[str, str]) -> Mapping[str, str]:
     return MappingProxyType(dict(value))
 
 
+def _str_tuple(value: Any) -> tuple[str, ...]:
+    return tuple(str(v) for v in value)
+
+
 def _positive_or_none(_inst: object, attr: attrs.Attribute[Any], value: int | None) -> None:
     if value is not None and (type(value) is not int or value < 0):
         raise SpawnError("spawn.settings_invalid", f"{attr.name} must be a non-negative integer")
@@ -106,7 +110,7 @@ class SpawnSettings:
     """
 
     python: str = attrs.field()
-    package_paths: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    package_paths: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
     path: str = SAFE_PATH
     lang: str | None = "C.UTF-8"
     tz: str | None = None
@@ -181,7 +185,8 @@ def plan_spawn(
     if problems:
         raise SpawnError(
             "spawn.settings_invalid",
-            "user_environment is not usable: " + "; ".join(f"{v.path}: {v.message}" for v in problems),
+            "user_environment is not usable: "
+            + "; ".join(f"{v.path}: {v.message}" for v in problems),
             violations=problems,
         )
     if account.uid == 0 or account.gid == 0:

@@ -105,14 +105,16 @@ def run_task(
         if not isinstance(args, tuple) or not isinstance(kwargs, dict):
             raise TypeError("arguments payload is not (tuple, dict)")
     except TaskError as exc:
-        return ("failed", b"", failure(exc.reason, exc.__cause__ or exc, exc.detail), started,
-                time.time())
+        return (
+            "failed",
+            b"",
+            failure(exc.reason, exc.__cause__ or exc, exc.detail),
+            started,
+            time.time(),
+        )
     except BaseException as exc:
         return ("failed", b"", failure("task.deserialization_failed", exc), started, time.time())
-    armed = (
-        alarm_walltime is not None
-        and threading.current_thread() is threading.main_thread()
-    )
+    armed = alarm_walltime is not None and threading.current_thread() is threading.main_thread()
     previous: Any = None
     try:
         if armed:
@@ -134,10 +136,16 @@ def run_task(
     try:
         payload = pack_value_bounded(value, max_result_bytes, _result_strategy(tag))
     except ResultTooLarge:
-        return ("failed", b"", failure(
-            "task.result_too_large",
-            message=f"the result is larger than the limit of {max_result_bytes} bytes",
-        ), started, finished)
+        return (
+            "failed",
+            b"",
+            failure(
+                "task.result_too_large",
+                message=f"the result is larger than the limit of {max_result_bytes} bytes",
+            ),
+            started,
+            finished,
+        )
     except BaseException as exc:
         return ("failed", b"", failure("task.serialization_failed", exc), started, finished)
     return ("success", payload, None, started, finished)

@@ -35,8 +35,12 @@ class ExecutorLimits:
     max_registered_functions: int = 10_000
 
     def __attrs_post_init__(self) -> None:
-        for name in ("max_result_bytes", "max_payload_bytes", "max_function_bytes",
-                     "max_registered_functions"):
+        for name in (
+            "max_result_bytes",
+            "max_payload_bytes",
+            "max_function_bytes",
+            "max_registered_functions",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.default_walltime is not None and not self.default_walltime > 0:

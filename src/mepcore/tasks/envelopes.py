@@ -116,7 +116,9 @@ class RemoteError:
         )
 
     @classmethod
-    def of(cls, reason: str, message: str = "", type_name: str = "", traceback: str = "") -> RemoteError:
+    def of(
+        cls, reason: str, message: str = "", type_name: str = "", traceback: str = ""
+    ) -> RemoteError:
         """An error built here (not raised by user code); texts are truncated to the limits."""
         return cls(
             type_name=(type_name or "TaskError")[:MAX_TYPE_NAME_CHARS],

@@ -181,19 +181,32 @@ class Executor:
         for task in tasks:
             function_id = task.function_id
             if allowed is not None and function_id not in allowed:
-                futures.append(_refused(task, "task.function_not_allowed",
-                                        "this function is not allowed on this endpoint"))
+                futures.append(
+                    _refused(
+                        task,
+                        "task.function_not_allowed",
+                        "this function is not allowed on this endpoint",
+                    )
+                )
                 continue
             body = functions.get(function_id)
             if body is None:
-                futures.append(_refused(task, "task.function_unknown",
-                                        "the function is not registered on this endpoint"))
+                futures.append(
+                    _refused(
+                        task,
+                        "task.function_unknown",
+                        "the function is not registered on this endpoint",
+                    )
+                )
                 continue
             if len(task.payload) > limits.max_payload_bytes:
-                futures.append(_refused(
-                    task, "task.payload_too_large",
-                    f"the task payload is larger than {limits.max_payload_bytes} bytes",
-                ))
+                futures.append(
+                    _refused(
+                        task,
+                        "task.payload_too_large",
+                        f"the task payload is larger than {limits.max_payload_bytes} bytes",
+                    )
+                )
                 continue
             walltime = task.walltime if task.walltime is not None else limits.default_walltime
             future: Future[ResultEnvelope] = Future()

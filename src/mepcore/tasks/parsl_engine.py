@@ -42,20 +42,44 @@ from mepcore.tasks._run import Outcome, load_function, run_task
 from mepcore.tasks.engine import ExecutorLimits, Job, Watchdog
 
 PROVIDER_TYPES = (
-    "LocalProvider", "SlurmProvider", "PBSProProvider", "TorqueProvider", "LSFProvider",
-    "CondorProvider", "GridEngineProvider",
+    "LocalProvider",
+    "SlurmProvider",
+    "PBSProProvider",
+    "TorqueProvider",
+    "LSFProvider",
+    "CondorProvider",
+    "GridEngineProvider",
 )
 LAUNCHER_TYPES = (
-    "SingleNodeLauncher", "SimpleLauncher", "SrunLauncher", "SrunMPILauncher",
-    "MpiExecLauncher", "MpiRunLauncher", "AprunLauncher", "JsrunLauncher",
+    "SingleNodeLauncher",
+    "SimpleLauncher",
+    "SrunLauncher",
+    "SrunMPILauncher",
+    "MpiExecLauncher",
+    "MpiRunLauncher",
+    "AprunLauncher",
+    "JsrunLauncher",
 )
 # HighThroughputExecutor options an endpoint config may set (besides type and provider).
-_HTEX_OPTIONS = frozenset({
-    "max_workers_per_node", "cores_per_worker", "mem_per_worker", "address",
-    "worker_port_range", "interchange_port_range", "heartbeat_period",
-    "heartbeat_threshold", "poll_period", "prefetch_capacity", "cpu_affinity",
-    "available_accelerators", "encrypted", "worker_debug", "drain_period",
-})
+_HTEX_OPTIONS = frozenset(
+    {
+        "max_workers_per_node",
+        "cores_per_worker",
+        "mem_per_worker",
+        "address",
+        "worker_port_range",
+        "interchange_port_range",
+        "heartbeat_period",
+        "heartbeat_threshold",
+        "poll_period",
+        "prefetch_capacity",
+        "cpu_affinity",
+        "available_accelerators",
+        "encrypted",
+        "worker_debug",
+        "drain_period",
+    }
+)
 _ENGINE_KEYS = _HTEX_OPTIONS | {"type", "provider", "run_dir"}
 _BLOCK_EXIT_TIMEOUT = 10.0
 _DEFAULT_HEARTBEAT_PERIOD = 5
@@ -66,7 +90,9 @@ _CALLER_GRACE = 1.0
 
 def _invalid(path: str, message: str) -> ConfigError:
     return ConfigError(
-        "config.endpoint_config_invalid", f"{path}: {message}", violations=[Violation(path, message)]
+        "config.endpoint_config_invalid",
+        f"{path}: {message}",
+        violations=[Violation(path, message)],
     )
 
 
@@ -168,11 +194,10 @@ class ParslEngine:
     _lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
     _watchdog: Watchdog = attrs.field(
         init=False,
-        factory=lambda: Watchdog(
-            "mep-parsl-watchdog", "the Parsl worker could not interrupt it"
-        ),
+        factory=lambda: Watchdog("mep-parsl-watchdog", "the Parsl worker could not interrupt it"),
     )
     _stopping: bool = attrs.field(init=False, default=False)
+    _asked_first_block: bool = attrs.field(init=False, default=False)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], limits: ExecutorLimits) -> ParslEngine:
@@ -208,7 +233,9 @@ class ParslEngine:
                 provider=provider,
                 launch_cmd=_worker_launch_command(DEFAULT_LAUNCH_CMD),
                 interchange_launch_cmd=[
-                    sys.executable, "-m", "parsl.executors.high_throughput.interchange",
+                    sys.executable,
+                    "-m",
+                    "parsl.executors.high_throughput.interchange",
                 ],
                 **options,
             )
@@ -228,7 +255,7 @@ class ParslEngine:
         provider.script_dir = script_dir
         self._htex = htex
         try:
-            htex.start()
+            htex.start()  # type: ignore[no-untyped-call]
             blocks = htex.scale_out_facade(provider.init_blocks)
             if provider.init_blocks and not blocks:
                 raise TaskError("task.engine_failed", "the provider started no block")
@@ -244,11 +271,21 @@ class ParslEngine:
             raise RuntimeError("cannot submit to an engine that is not running")
         with self._lock:
             self._outstanding.update(jobs)
+            # With init_blocks: 0 the first task asks for the first block (no Parsl
+            # scaling strategy runs here: see docs/engines.md).
+            if not self._asked_first_block and self.provider.max_blocks > 0:
+                self._asked_first_block = True
+                if not htex.blocks_to_job_id:
+                    htex.scale_out_facade(1)
         for job in jobs:
             try:
                 future = htex.submit(
-                    parsl_task, {}, job.function_payload, job.task.payload,
-                    self.max_result_bytes, job.walltime,
+                    parsl_task,
+                    {},
+                    job.function_payload,
+                    job.task.payload,
+                    self.max_result_bytes,
+                    job.walltime,
                 )
             except Exception as exc:
                 self._finish(job)
@@ -266,8 +303,10 @@ class ParslEngine:
                 job.complete(future.result())
                 return
             name = type(error).__name__
-            reason = "task.worker_lost" if name in ("WorkerLost", "ManagerLost") else (
-                "task.engine_failed"
+            reason = (
+                "task.worker_lost"
+                if name in ("WorkerLost", "ManagerLost")
+                else ("task.engine_failed")
             )
             job.fail(reason, f"{name}: {error}"[:2000])
 

@@ -58,8 +58,18 @@ _Batch = list[tuple[int, str, bytes | None, bytes]]
 
 class _Worker:
     __slots__ = (
-        "alive", "from_fd", "head_started", "inbuf", "killed_seq", "known", "outbuf",
-        "pid", "pidfd", "queue", "to_fd", "writing",
+        "alive",
+        "from_fd",
+        "head_started",
+        "inbuf",
+        "killed_seq",
+        "known",
+        "outbuf",
+        "pid",
+        "pidfd",
+        "queue",
+        "to_fd",
+        "writing",
     )
 
     def __init__(self, pid: int, pidfd: int, to_fd: int, from_fd: int) -> None:
@@ -211,8 +221,10 @@ class ProcessPoolEngine:
             self._watchdog()
             if self._backlog:
                 self._dispatch()
-            if state == "draining" and not self._backlog and not any(
-                w.queue for w in self._workers
+            if (
+                state == "draining"
+                and not self._backlog
+                and not any(w.queue for w in self._workers)
             ):
                 return
 

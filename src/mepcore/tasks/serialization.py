@@ -48,7 +48,7 @@ def _dill_dump(value: Any, stream: IO[bytes]) -> None:
 
 
 def _dill_loads(data: bytes) -> Any:
-    return dill.loads(data)
+    return dill.loads(data)  # noqa: S301 - only ever called as the user, on their own data
 
 
 def _pickle_dump(value: Any, stream: IO[bytes]) -> None:
@@ -92,7 +92,9 @@ def pack_value(value: Any, strategy_tag: str = DEFAULT_STRATEGY) -> bytes:
     return buffer.getvalue()
 
 
-def pack_function(fn: Callable[..., Any], strategy_tag: str = DEFAULT_STRATEGY) -> tuple[str, bytes]:
+def pack_function(
+    fn: Callable[..., Any], strategy_tag: str = DEFAULT_STRATEGY
+) -> tuple[str, bytes]:
     """Serialize a function; its id is the sha256 (hex) of the serialized bytes."""
     payload = pack_value(fn, strategy_tag)
     return function_id_of(payload), payload

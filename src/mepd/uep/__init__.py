@@ -18,7 +18,6 @@ import socket
 import sys
 from collections.abc import Sequence
 
-
 _USAGE = "usage: python -m mepd.uep [--rlimit=RLIMIT_NAME=N ...] --channel-fd N"
 _LIMIT_NAMES = frozenset({"RLIMIT_NPROC", "RLIMIT_NOFILE", "RLIMIT_AS", "RLIMIT_CORE"})
 

@@ -103,8 +103,10 @@ class StartMessage:
             raise _refuse("spawn.start_failed", "start message: identity must be an object")
         if runtime is not None and not isinstance(runtime, dict):
             raise _refuse("spawn.start_failed", "start message: user_runtime must be an object")
-        timeouts = [header.get("setup_timeout", DEFAULT_SCRIPT_TIMEOUT),
-                    header.get("teardown_timeout", DEFAULT_SCRIPT_TIMEOUT)]
+        timeouts = [
+            header.get("setup_timeout", DEFAULT_SCRIPT_TIMEOUT),
+            header.get("teardown_timeout", DEFAULT_SCRIPT_TIMEOUT),
+        ]
         for value in timeouts:
             if type(value) not in (int, float) or not 0 < value <= 86400:
                 raise _refuse("spawn.start_failed", "start message: bad script timeout")
@@ -316,8 +318,10 @@ class UserEndpoint:
         elif kind == "introspect":
             self.channel.send(
                 "introspect",
-                {"request_id": frame.header.get("request_id"),
-                 "answer": introspect(channel_fd=self.channel_fd)},
+                {
+                    "request_id": frame.header.get("request_id"),
+                    "answer": introspect(channel_fd=self.channel_fd),
+                },
             )
         elif kind == "drain":
             self.draining = True
@@ -367,7 +371,9 @@ class UserEndpoint:
             ResultEnvelope(
                 task_id=task_id,
                 status="failed",
-                error=RemoteError.of(reason if reason.startswith("task.") else "task.failed", message),
+                error=RemoteError.of(
+                    reason if reason.startswith("task.") else "task.failed", message
+                ),
                 received=now,
                 started=now,
                 finished=now,

@@ -1,0 +1,126 @@
+"""``mepd check --config FILE``: load everything a start would load; list every problem.
+
+Like ``nginx -t``: the settings (JSON Schema, every violation with its key), then for
+each endpoint its identity mapping, its policy model and policy, the policy's decision
+tables when ``policy_tests`` is set, its template with schema and user environment,
+its ``allowed_functions``; the issuers' key files; TLS certificate and key; the user
+endpoint interpreter and spawn settings. Nothing is started and nothing is written
+(except that the state directory must be creatable).
+
+Decision tables (``policy_tests``): a YAML or JSON list (or ``{"cases": [...]}``) of
+``{"request": {endpoint, obj, action, principals, mfa?, auth_age?, uid?},
+"expect": "allow" | "deny"}``.
+
+Exit status: 0 everything loads, 2 at least one problem (each on its own stderr line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import ssl
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, metavar="FILE", help="the settings YAML")
+
+
+def check_decision_tables(path: Path, authorizer: Any, endpoint: str) -> list[str]:
+    from mepcore.authz import AuthzRequest
+    from mepcore.errors import MepError
+    from mepd.settings import load_yaml
+
+    data = load_yaml(path)
+    cases = data.get("cases") if isinstance(data, dict) else data
+    if not isinstance(cases, list):
+        return [f"{path}: expected a list of cases"]
+    problems: list[str] = []
+    for i, case in enumerate(cases):
+        where = f"{path}: case {i}"
+        if not isinstance(case, dict) or case.get("expect") not in ("allow", "deny"):
+            problems.append(f"{where}: needs request and expect: allow|deny")
+            continue
+        raw = dict(case.get("request") or {})
+        raw.setdefault("endpoint", endpoint)
+        try:
+            decision = authorizer.decide(AuthzRequest.from_mapping(raw))
+        except MepError as exc:
+            problems.append(f"{where}: {exc}")
+            continue
+        if decision.allowed != (case["expect"] == "allow"):
+            got = "allow" if decision.allowed else "deny"
+            lines = "; ".join(str(x) for x in decision.lines) or "no line matched"
+            problems.append(f"{where}: expected {case['expect']}, got {got} ({lines})")
+    return problems
+
+
+def collect_problems(config: str) -> list[str]:
+    """Every problem a start with ``config`` would hit (empty: it would start)."""
+    from mepcore.errors import MepError
+    from mepcore.spawn import environment_violations
+    from mepd.auth import Authenticator
+    from mepd.daemon import load_sites, spawn_settings
+    from mepd.settings import Settings
+
+    try:
+        settings = Settings.from_file(config)
+    except MepError as exc:
+        if exc.violations:
+            return [f"{config}: {v.path}: {v.message}" for v in exc.violations]
+        return [str(exc)]
+    problems: list[str] = []
+    report = load_sites(settings)
+    problems += list(report.problems)
+    for ep in settings.endpoints:
+        site = report.sites.get(ep.name)
+        if site is not None:
+            problems += [
+                f"endpoint {ep.name}: environment: {v.path}: {v.message}"
+                for v in environment_violations(site.files.environment)
+            ]
+        if ep.policy_tests is not None and site is not None:
+            try:
+                problems += check_decision_tables(ep.policy_tests, site.authorizer, ep.name)
+            except MepError as exc:
+                problems.append(f"endpoint {ep.name}: policy_tests: {exc}")
+    for issuer in settings.issuers:
+        if issuer.type == "local":
+            continue  # its key is created on first start
+        probe = Authenticator((issuer,), settings.state_dir)
+        try:
+            probe.load()
+        except MepError as exc:
+            problems.append(f"issuer {issuer.issuer or issuer.url}: {exc.detail or exc}")
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                settings.tls_cert, settings.tls_key
+            )
+        except (OSError, ssl.SSLError) as exc:
+            problems.append(f"tls: {exc}")
+    if not os.access(settings.python, os.X_OK):
+        problems.append(f"python: {settings.python} is not an executable interpreter")
+    try:
+        spawn_settings(settings)
+    except (MepError, ValueError, TypeError) as exc:
+        problems.append(f"spawn: {exc}")
+    parent = settings.state_dir
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        problems.append(f"state_dir: {settings.state_dir} cannot be created or written")
+    return problems
+
+
+def run(args: argparse.Namespace) -> int:
+    problems = collect_problems(args.config)
+    for problem in problems:
+        sys.stderr.write(f"mepd check: {problem}\n")
+    if problems:
+        sys.stderr.write(f"mepd check: {len(problems)} problem(s); the daemon would not start\n")
+        return 2
+    sys.stdout.write(f"mepd check: {args.config} is valid\n")
+    return 0

@@ -1,0 +1,354 @@
+"""``mepd policy``: run decision tables against policies, and explain one decision.
+
+``mepd policy test [--model FILE] [--run REGEX] [--coverage] [PATH ...]`` loads every
+decision table (``*.yaml``/``*.yml`` files, or folders searched recursively for
+``tests/*.yaml`` … any YAML file), decides each case, prints one line per case and
+ends with ``N passed, M failed``; exit 0 only when every case passed. ``--coverage``
+lists the policy lines no case touched. ``mepd policy explain`` prints one decision
+with its reason and lines as JSON (exit 0 allowed, 1 denied).
+
+The table format is described in ``policies/README.md``. Tables are validated with a
+JSON Schema and loaded with duplicate keys refused. Deliberately not here: editing
+policies, or talking to a running daemon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+EXIT_OK = 0
+EXIT_NEGATIVE = 1
+EXIT_USAGE = 2
+
+TABLE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["policy", "cases"],
+    "properties": {
+        "description": {"type": "string"},
+        "model": {"type": "string", "minLength": 1},
+        "policy": {
+            "oneOf": [
+                {"type": "string", "minLength": 1},
+                {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+            ]
+        },
+        "now": {"type": ["string", "number"]},
+        "timezone": {"type": "string", "pattern": "^[+-][0-9]{2}:[0-9]{2}$|^UTC$"},
+        "cases": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["name", "request", "expect"],
+                "properties": {
+                    "name": {"type": "string", "minLength": 1},
+                    "request": {"type": "object"},
+                    "expect": {"enum": ["allow", "deny"]},
+                    "reason": {"type": "string"},
+                    "line": {"type": ["integer", "string"]},
+                    "now": {"type": ["string", "number"]},
+                },
+            },
+        },
+    },
+}
+
+
+class ConfigProblem(Exception):
+    """A table, model or policy that cannot be used (exit 2)."""
+
+
+@attrs.frozen
+class _FixedClock:
+    """The clock of a decision table: always the table's (or case's) ``now``."""
+
+    wall: float
+
+    def now(self) -> float:
+        return self.wall
+
+    def monotonic(self) -> float:
+        return self.wall
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="policy_command", metavar="ACTION")
+    test = sub.add_parser("test", help="run decision tables (files or folders)")
+    test.add_argument(
+        "--model", help="model file for every table (default: the table's, else the shipped model)"
+    )
+    test.add_argument("--run", metavar="REGEX", help="only cases whose 'file::name' matches")
+    test.add_argument(
+        "--coverage", action="store_true", help="list policy lines that no case touched"
+    )
+    test.add_argument("paths", nargs="*", default=["policies"], metavar="PATH")
+    explain = sub.add_parser("explain", help="explain one decision as JSON")
+    explain.add_argument("--model", help="model file (default: the shipped model)")
+    explain.add_argument(
+        "--policy",
+        action="append",
+        required=True,
+        metavar="FILE",
+        help="policy file (repeat for several)",
+    )
+    explain.add_argument(
+        "--request", required=True, metavar="JSON", help="the request as a JSON object, or @FILE"
+    )
+    explain.add_argument("--now", help="the time to decide at (ISO 8601 or epoch seconds)")
+
+
+def run(args: argparse.Namespace) -> int:
+    command = getattr(args, "policy_command", None)
+    try:
+        if command == "test":
+            return _run_tests(args)
+        if command == "explain":
+            return _run_explain(args)
+    except ConfigProblem as exc:
+        sys.stderr.write(f"mepd policy: {exc}\n")
+        return EXIT_USAGE
+    sys.stderr.write("mepd policy: choose an action: test or explain\n")
+    return EXIT_USAGE
+
+
+# --- loading -----------------------------------------------------------------------------
+
+
+def _load_yaml(path: Path) -> Any:
+    import yaml
+
+    class _StrictLoader(yaml.SafeLoader):
+        pass
+
+    def _mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+        out: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            if key in out:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            out[key] = loader.construct_object(value_node, deep=True)
+        return out
+
+    _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigProblem(f"{path}: cannot read the decision table: {exc}") from exc
+
+
+def _parse_now(value: Any, where: str) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    try:
+        moment = datetime.datetime.fromisoformat(str(value))
+    except ValueError as exc:
+        raise ConfigProblem(f"{where}: 'now' must be ISO 8601 or epoch seconds") from exc
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return moment.timestamp()
+
+
+def _timezone(value: str | None) -> datetime.tzinfo:
+    if value is None or value == "UTC":
+        return datetime.UTC
+    sign = -1 if value[0] == "-" else 1
+    hours, minutes = int(value[1:3]), int(value[4:6])
+    return datetime.timezone(sign * datetime.timedelta(hours=hours, minutes=minutes))
+
+
+def _table_files(paths: list[str]) -> Iterator[Path]:
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml"))
+            if not found:
+                raise ConfigProblem(f"{path}: no decision tables (*.yaml) found")
+            yield from found
+        elif path.is_file():
+            yield path
+        else:
+            raise ConfigProblem(f"{path}: no such file or folder")
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+# --- test ------------------------------------------------------------------------------------
+
+
+def _line_matches(expected: int | str, lines: tuple[Any, ...]) -> bool:
+    if isinstance(expected, int):
+        return any(getattr(line, "lineno", None) == expected for line in lines)
+    name, _, number = expected.rpartition(":")
+    for line in lines:
+        source = getattr(line, "source", "")
+        if str(getattr(line, "lineno", "")) == number and (
+            not name or source == name or source.endswith("/" + name)
+        ):
+            return True
+    return False
+
+
+def _run_tests(args: argparse.Namespace) -> int:
+    import jsonschema
+
+    from mepcore.authz import MODEL_TEXT, Authorizer, AuthzConfigError, AuthzError, AuthzRequest
+
+    selector = re.compile(args.run) if args.run else None
+    passed = failed = 0
+    touched: set[tuple[str, int]] = set()
+    all_lines: dict[tuple[str, int], str] = {}
+    for table_path in _table_files(args.paths):
+        table = _load_yaml(table_path)
+        shown = _display(table_path)
+        try:
+            jsonschema.validate(table, TABLE_SCHEMA)
+        except jsonschema.ValidationError as exc:
+            where = "/".join(str(p) for p in exc.absolute_path)
+            raise ConfigProblem(f"{shown}: {where or '(top)'}: {exc.message}") from exc
+        base = table_path.parent
+        policy_paths = [table["policy"]] if isinstance(table["policy"], str) else table["policy"]
+        sources: list[tuple[str, str]] = []
+        for rel in policy_paths:
+            path = base / rel
+            try:
+                sources.append((_display(path), path.read_text(encoding="utf-8")))
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigProblem(f"{shown}: cannot read policy {path}: {exc}") from exc
+        if args.model:
+            model_name = args.model
+        elif "model" in table:
+            model_name = str(base / table["model"])
+        else:
+            model_name = None
+        try:
+            model_text = Path(model_name).read_text(encoding="utf-8") if model_name else MODEL_TEXT
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigProblem(f"cannot read model {model_name}: {exc}") from exc
+        zone = _timezone(table.get("timezone"))
+        table_now = _parse_now(table["now"], shown) if "now" in table else None
+
+        def authorizer_at(
+            now: float | None,
+            sources: list[tuple[str, str]] = sources,
+            model_text: str = model_text,
+            model_name: str | None = model_name,
+            zone: datetime.tzinfo = zone,
+        ) -> Authorizer:
+            try:
+                return Authorizer.from_sources(
+                    model_text,
+                    sources,
+                    clock=_FixedClock(now if now is not None else 0.0),
+                    model_source=model_name or "<shipped model>",
+                    timezone=zone,
+                )
+            except AuthzConfigError as exc:
+                raise ConfigProblem(str(exc)) from exc
+
+        default = authorizer_at(table_now)
+        for line in default.lines:
+            all_lines[(line.source, line.lineno)] = str(line)
+        for case in table["cases"]:
+            label = f"{shown}::{case['name']}"
+            if selector and not selector.search(label):
+                continue
+            authorizer = authorizer_at(_parse_now(case["now"], label)) if "now" in case else default
+            if authorizer.index.uses_hours and "now" not in case and table_now is None:
+                raise ConfigProblem(f"{label}: the policy uses 'hours'; give the table a 'now'")
+            try:
+                request = AuthzRequest.from_mapping(case["request"])
+            except AuthzError as exc:
+                raise ConfigProblem(f"{label}: {exc}") from exc
+            explanation = authorizer.explain(request)
+            decision = explanation.decision
+            touched.update((line.source, line.lineno) for line in explanation.touched)
+            got = "allow" if decision.allowed else "deny"
+            problems = []
+            if got != case["expect"]:
+                problems.append(f"expected {case['expect']}, got {got} ({decision.reason})")
+            if "reason" in case and case["reason"] != decision.reason:
+                problems.append(f"expected reason {case['reason']}, got {decision.reason}")
+            if "line" in case and not _line_matches(case["line"], decision.lines):
+                shown_lines = (
+                    ", ".join(getattr(line, "location", str(line)) for line in decision.lines)
+                    or "none"
+                )
+                problems.append(f"expected line {case['line']}, got {shown_lines}")
+            if problems:
+                failed += 1
+                print(f"FAIL {label}: {'; '.join(problems)}")
+            else:
+                passed += 1
+                print(f"ok   {label}: {got} ({decision.reason})")
+    if args.coverage:
+        untouched = sorted(key for key in all_lines if key not in touched)
+        print(
+            f"coverage: {len(all_lines) - len(untouched)} of {len(all_lines)} policy lines "
+            f"touched; {len(untouched)} untouched"
+        )
+        for source, lineno in untouched:
+            print(f"  untouched {source}:{lineno}: {all_lines[(source, lineno)]}")
+    print(f"{passed} passed, {failed} failed")
+    return EXIT_OK if failed == 0 and passed > 0 else EXIT_NEGATIVE
+
+
+# --- explain ---------------------------------------------------------------------------------
+
+
+def _run_explain(args: argparse.Namespace) -> int:
+    from mepcore.authz import MODEL_TEXT, Authorizer, AuthzConfigError, AuthzError, AuthzRequest
+
+    raw = args.request
+    if raw.startswith("@"):
+        try:
+            raw = Path(raw[1:]).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigProblem(f"cannot read the request: {exc}") from exc
+    try:
+        request = AuthzRequest.from_mapping(json.loads(raw))
+    except json.JSONDecodeError as exc:
+        raise ConfigProblem(f"--request is not JSON: {exc}") from exc
+    except AuthzError as exc:
+        raise ConfigProblem(str(exc)) from exc
+    now = _parse_now(args.now, "--now") if args.now else None
+    sources = []
+    for name in args.policy:
+        try:
+            sources.append((name, Path(name).read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigProblem(f"cannot read policy {name}: {exc}") from exc
+    try:
+        model_text = Path(args.model).read_text(encoding="utf-8") if args.model else MODEL_TEXT
+        authorizer = Authorizer.from_sources(
+            model_text,
+            sources,
+            model_source=args.model or "<shipped model>",
+            clock=_FixedClock(now) if now is not None else None,
+        )
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigProblem(f"cannot read model {args.model}: {exc}") from exc
+    except AuthzConfigError as exc:
+        raise ConfigProblem(str(exc)) from exc
+    explanation = authorizer.explain(request)
+    out = explanation.to_dict()
+    out["request"] = request.to_dict()
+    print(json.dumps(out, indent=2))
+    return EXIT_OK if explanation.decision.allowed else EXIT_NEGATIVE
