@@ -85,7 +85,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def measure(settings: SpawnSettings, account: Account, runs: int, tasks: int) -> list[tuple[str, str]]:
+async def measure(
+    settings: SpawnSettings, account: Account, runs: int, tasks: int
+) -> list[tuple[str, str]]:
     from mepcore.tasks import TaskEnvelope, pack_args, pack_function
 
     done = 0
@@ -114,8 +116,10 @@ async def measure(settings: SpawnSettings, account: Account, runs: int, tasks: i
                 times.append((time.perf_counter() - began) * 1000)
                 await registry.stop(account.name, f"{engine}-{i}")
             rows.append(
-                (f"start → ready, {engine} (ms)",
-                 f"p50 {statistics.median(times):.0f}  p95 {percentile(times, 0.95):.0f}  (n={runs})")
+                (
+                    f"start → ready, {engine} (ms)",
+                    f"p50 {statistics.median(times):.0f}  p95 {percentile(times, 0.95):.0f}  (n={runs})",
+                )
             )
         handle = await registry.get_or_start(request(account, "ProcessPoolEngine", "idle"))
         assert handle.pid is not None
@@ -139,7 +143,9 @@ async def measure(settings: SpawnSettings, account: Account, runs: int, tasks: i
         fid, body = pack_function(namespace["noop"])
         args = pack_args((), {})
         for engine in ("ProcessPoolEngine", "ThreadPoolEngine"):
-            handle = await registry.get_or_start(request(account, engine, f"tp-{engine}", workers=2))
+            handle = await registry.get_or_start(
+                request(account, engine, f"tp-{engine}", workers=2)
+            )
             handle.register_function(fid, body)
             batch = [TaskEnvelope(f"{engine[:1]}{i}", fid, args) for i in range(tasks)]
             items = [(t.to_header(), t.payload) for t in batch]
@@ -150,7 +156,9 @@ async def measure(settings: SpawnSettings, account: Account, runs: int, tasks: i
                 handle.dispatch(items[start : start + 1000])
             await asyncio.wait_for(finished.wait(), 300)
             rate = tasks / (time.perf_counter() - began)
-            rows.append((f"no-op tasks/s through the channel, {engine}", f"{rate:,.0f}  (n={tasks})"))
+            rows.append(
+                (f"no-op tasks/s through the channel, {engine}", f"{rate:,.0f}  (n={tasks})")
+            )
     finally:
         await registry.shutdown()
     return rows

@@ -22,7 +22,6 @@ from mepcore.testing import FakeClock
 
 REPO = Path(__file__).resolve().parent.parent
 
-# 2023-11-14 22:13:20 UTC
 NOON_UTC = datetime.datetime(2024, 5, 1, 12, 0, tzinfo=datetime.UTC).timestamp()
 
 

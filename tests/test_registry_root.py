@@ -433,7 +433,9 @@ def test_limits_per_account_in_total_and_on_concurrent_starts(
 
     async def scenario() -> dict[str, Any]:
         out: dict[str, Any] = {}
-        registry = make_registry(settings, rec, max_per_account=1, max_total=2, max_concurrent_starts=1)
+        registry = make_registry(
+            settings, rec, max_per_account=1, max_total=2, max_concurrent_starts=1
+        )
         try:
             first = asyncio.ensure_future(registry.get_or_start(request(alice, "a1")))
             await asyncio.sleep(0)  # let the first start begin
@@ -470,7 +472,9 @@ def test_limits_per_account_in_total_and_on_concurrent_starts(
     assert processes_of(alice.uid) == [] and processes_of(bob.uid) == []
 
 
-def test_a_failed_start_reaches_every_waiter_once(settings: SpawnSettings, make_account: Any) -> None:
+def test_a_failed_start_reaches_every_waiter_once(
+    settings: SpawnSettings, make_account: Any
+) -> None:
     account = account_of(make_account())
     rec = Recorder()
     spawned: list[int] = []

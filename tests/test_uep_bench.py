@@ -17,8 +17,11 @@ def test_uep_start_benchmark_smoke() -> None:
         timeout=240,
         check=True,
     ).stdout
-    for label in ("start → ready, ProcessPoolEngine", "idle RSS, user endpoint process",
-                  "no-op tasks/s through the channel, ProcessPoolEngine"):
+    for label in (
+        "start → ready, ProcessPoolEngine",
+        "idle RSS, user endpoint process",
+        "no-op tasks/s through the channel, ProcessPoolEngine",
+    ):
         assert label in out, out
     row = next(line for line in out.splitlines() if line.startswith("start → ready, Process"))
     assert "p50" in row and "p95" in row

@@ -8,9 +8,12 @@ broken suite (``check``); 2 on a usage error.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TextIO
 
 from mepconf.adapters import AdapterError, create_adapter
 from mepconf.report import FORMATS, WRITERS
@@ -97,24 +100,47 @@ def cmd_run(args: argparse.Namespace) -> int:
         sys.stderr.write("mepconf: no case matches the selection\n")
         return EXIT_USAGE
     expected = ExpectedFailures.from_file(args.expected_failures) if args.expected_failures else None
-    adapter = create_adapter(args.adapter, _adapter_options(args))
-    try:
-        results = run(adapter, cases, expected)
-    finally:
-        adapter.close()
-    summary = Summary.of(results)
-    writer = WRITERS[args.format]
-    summary_stream = sys.stdout
-    if args.output:
-        with args.output.open("w", encoding="utf-8") as fh:
-            writer(results, fh)
-    else:
-        writer(results, sys.stdout)
-        if args.format == "junit":
-            summary_stream = sys.stderr  # keep the XML on stdout well-formed
-    summary_stream.write(summary.line() + "\n")
-    summary_stream.flush()
+    options = _adapter_options(args)
+    with report_stream() as out:
+        adapter = create_adapter(args.adapter, options)
+        try:
+            results = run(adapter, cases, expected)
+        finally:
+            adapter.close()
+        summary = Summary.of(results)
+        writer = WRITERS[args.format]
+        summary_stream = out
+        if args.output:
+            with args.output.open("w", encoding="utf-8") as fh:
+                writer(results, fh)
+        else:
+            writer(results, out)
+            if args.format == "junit":
+                summary_stream = sys.stderr  # keep the XML on stdout well-formed
+        summary_stream.write(summary.line() + "\n")
+        summary_stream.flush()
     return EXIT_OK if summary.ok else EXIT_FAILED
+
+
+@contextlib.contextmanager
+def report_stream() -> Iterator[TextIO]:
+    """The real stdout for the report, while file descriptor 1 points at stderr.
+
+    Components run in-process may log to stdout; sending that to stderr keeps TAP,
+    JUnit XML and the exec protocol on stdout clean.
+    """
+    sys.stdout.flush()
+    saved = os.dup(1)
+    out = os.fdopen(os.dup(saved), "w", encoding="utf-8", closefd=True)
+    os.dup2(2, 1)
+    try:
+        yield out
+    finally:
+        out.flush()
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+        out.close()
 
 
 def cmd_list(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ from typing import IO, Any
 from mepconf import EXEC_PROTOCOL
 from mepconf.adapters import AdapterError, Skip
 from mepconf.adapters.inprocess import BROKEN_VARIANTS, InProcessAdapter
+from mepconf.cli import report_stream
 from mepconf.suite import Case
 
 
@@ -84,10 +85,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--broken", choices=BROKEN_VARIANTS)
     args = parser.parse_args(argv)
     adapter = InProcessAdapter(broken=args.broken)
-    try:
-        return serve(adapter, sys.stdin, sys.stdout)
-    finally:
-        adapter.close()
+    # The protocol owns stdout; anything else printed (component logs) goes to stderr.
+    with report_stream() as protocol_out:
+        try:
+            return serve(adapter, sys.stdin, protocol_out)
+        finally:
+            adapter.close()
 
 
 if __name__ == "__main__":

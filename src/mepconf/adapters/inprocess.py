@@ -75,13 +75,15 @@ class InProcessAdapter:
             "config.validate": self._config_validate,
             "config.render": self._config_render,
             "config.key": self._config_key,
+            "task.run": self._task_run,
+            "task.batch": self._task_batch,
         }
 
     def ops(self) -> frozenset[str]:
         return frozenset(self._handlers())
 
     def properties(self) -> frozenset[str]:
-        props = set()
+        props = {"tasks", "walltime", "worker_crash"}
         if shutil.which("sh", path="/bin:/usr/bin"):
             props.add("external_programs")
         if os.geteuid() == 0:
@@ -247,6 +249,89 @@ class InProcessAdapter:
             return str(config.config_key(side["account"], digest, side["variables"]))
 
         return Observation.ok({"equal": key(case.input["a"]) == key(case.input["b"])})
+
+    # -- tasks -----------------------------------------------------------------------
+
+    def _task_run(self, case: Case) -> Observation:
+        outcome = self._run_calls(case, [case.input])[0]
+        if "error" in outcome:
+            details = {k: outcome[k] for k in ("type_name", "message", "traceback")}
+            return Observation.failed(outcome["error"], outcome["message"], (), details)
+        return Observation.ok({"value": outcome["value"]})
+
+    def _task_batch(self, case: Case) -> Observation:
+        outcomes = self._run_calls(case, case.input["calls"])
+        return Observation.ok({"outcomes": outcomes})
+
+    def _run_calls(self, case: Case, calls: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Run calls on a fresh process-pool executor as this process's own user."""
+        tasks = _component("mepcore.tasks")
+        given = case.given
+        functions: dict[str, tuple[str, bytes]] = {}
+        for call in calls:
+            spec = call["function"]
+            if spec["name"] not in functions:
+                functions[spec["name"]] = tasks.pack_function(_load_function(spec))
+        allowed = None
+        if "allowed_functions" in given:
+            allowed = [functions[n][0] for n in given["allowed_functions"] if n in functions]
+        limit_kwargs = {}
+        if "max_result_bytes" in given:
+            limit_kwargs["max_result_bytes"] = int(given["max_result_bytes"])
+        executor = tasks.Executor.from_engine_config(
+            given.get("engine", {"type": "ProcessPoolEngine", "max_workers": 1}),
+            limits=tasks.ExecutorLimits(**limit_kwargs),
+            allowed_functions=allowed,
+        )
+        executor.start()
+        try:
+            for function_id, body in functions.values():
+                executor.register_function(function_id, body)
+            envelopes = [
+                tasks.TaskEnvelope(
+                    task_id=f"{case.id}#{i}",
+                    function_id=functions[call["function"]["name"]][0],
+                    payload=tasks.pack_args(tuple(call.get("args", ())), call.get("kwargs", {})),
+                    walltime=call.get("walltime"),
+                )
+                for i, call in enumerate(calls)
+            ]
+            futures = executor.submit_many(envelopes)
+            results = [f.result(timeout=_TASK_DEADLINE) for f in futures]
+        finally:
+            executor.shutdown()
+        out: list[dict[str, Any]] = []
+        for result in results:
+            if result.ok:
+                out.append({"value": tasks.unpack_value(result.payload)})
+            else:
+                err = result.error
+                out.append(
+                    {
+                        "error": result.reason,
+                        "type_name": err.type_name if err else "",
+                        "message": err.message if err else "",
+                        "traceback": err.traceback if err else "",
+                    }
+                )
+        return out
+
+
+# A bound on any one task of a case, so a broken engine cannot hang the run.
+_TASK_DEADLINE = 120.0
+
+
+def _load_function(spec: Mapping[str, Any]) -> Callable[..., Any]:
+    """The function a case names, built from its source text (a suite fixture).
+
+    The namespace's module name is not importable, so dill sends the function by value.
+    """
+    namespace: dict[str, Any] = {"__name__": "mepconf_case_function"}
+    exec(compile(spec["source"], f"<function {spec['name']}>", "exec"), namespace)  # noqa: S102
+    function = namespace.get(spec["name"])
+    if not callable(function):
+        raise AdapterError(f"the source of {spec['name']!r} defines no such function")
+    return function
 
 
 _DEFAULT_ACCOUNT: Mapping[str, Any] = {

@@ -222,16 +222,13 @@ def _read(path: StrPath, what: str) -> str:
             "authz.model_invalid" if what == "model" else "authz.policy_invalid",
             f"{path}: cannot read the {what}: {exc.strerror or exc}",
         ) from exc
+    reason = "authz.model_invalid" if what == "model" else "authz.policy_invalid"
     if len(data) > MAX_FILE_BYTES:
-        raise AuthzConfigError(
-            "authz.policy_invalid", f"{path}: the {what} is larger than {MAX_FILE_BYTES} bytes"
-        )
+        raise AuthzConfigError(reason, f"{path}: the {what} is larger than {MAX_FILE_BYTES} bytes")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise AuthzConfigError(
-            "authz.policy_invalid", f"{path}: the {what} is not UTF-8 ({exc.reason})"
-        ) from exc
+        raise AuthzConfigError(reason, f"{path}: the {what} is not UTF-8 ({exc.reason})") from exc
 
 
 @attrs.define

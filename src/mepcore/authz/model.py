@@ -61,7 +61,7 @@ def _normalized(text: str, source: str) -> dict[tuple[str, str], str]:
             ) from exc
         out[(sec, key)] = _matcher_ast(str(value)) if sec == "m" else re.sub(r"\s+", "", value)
     # casbin's Model has keys() but is not iterable, hence the explicit .keys().
-    sections = model.keys()  # noqa: SIM118
+    sections = model.keys()
     extra = [f"{sec}.{key}" for sec in sections for key in model[sec] if (sec, key) not in _KEYS]
     if extra:
         raise AuthzConfigError(

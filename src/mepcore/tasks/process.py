@@ -39,6 +39,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
+import structlog
 
 from mepcore.errors import TaskError
 from mepcore.tasks._run import FunctionLoadFailed, failure, load_function, run_task
@@ -50,6 +51,7 @@ _PIPE_SIZE = 1 << 20
 _PR_SET_PDEATHSIG = 1
 _START_TIMEOUT = 30.0
 _DRAIN_GRACE = 2.0
+_RESPAWN_DELAY = 1.0
 # Headroom for the framing and the error text around a result at the size limit.
 _FRAME_OVERHEAD = 256 * 1024
 
@@ -111,6 +113,8 @@ class ProcessPoolEngine:
     _seq: int = attrs.field(init=False, default=0)
     _selector: selectors.BaseSelector | None = attrs.field(init=False, default=None)
     _prctl: Callable[..., int] | None = attrs.field(init=False, default=None)
+    _crashed: bool = attrs.field(init=False, default=False)
+    _respawn_at: float = attrs.field(init=False, default=0.0)
 
     def __attrs_post_init__(self) -> None:
         if self.max_workers < 1:
@@ -188,6 +192,11 @@ class ProcessPoolEngine:
         self._ready.set()
         try:
             self._loop()
+        except BaseException:
+            # A bug here must not leave callers waiting forever: teardown fails every
+            # accepted task, and the engine refuses new ones.
+            self._crashed = True
+            structlog.get_logger("mepcore.tasks").exception("task.engine_crashed")
         finally:
             self._teardown()
 
@@ -219,6 +228,8 @@ class ProcessPoolEngine:
             if state == "stopping":
                 return
             self._watchdog()
+            if len(self._workers) < self.max_workers:
+                self._replenish()
             if self._backlog:
                 self._dispatch()
             if (
@@ -236,6 +247,8 @@ class ProcessPoolEngine:
                 if walltime is not None:
                     due = worker.head_started + walltime
                     nearest = due if nearest is None else min(nearest, due)
+        if len(self._workers) < self.max_workers:
+            nearest = self._respawn_at if nearest is None else min(nearest, self._respawn_at)
         if nearest is None:
             return None
         return max(0.0, nearest - time.monotonic())
@@ -388,6 +401,13 @@ class ProcessPoolEngine:
         status = _reap(worker.pid)
         self._close(worker)
         self._workers.remove(worker)
+        structlog.get_logger("mepcore.tasks").info(
+            "task.worker_replaced",
+            pid=worker.pid,
+            how=how,
+            status=_describe(status),
+            timed_out=worker.killed_seq is not None,
+        )
         if worker.queue:
             seq, job = worker.queue.popleft()
             if worker.killed_seq == seq:
@@ -403,10 +423,26 @@ class ProcessPoolEngine:
                 )
             self._backlog.extendleft(job for _, job in reversed(worker.queue))
             worker.queue.clear()
-        with self._lock:
-            state = self._state
-        if state in ("running", "draining"):
-            self._spawn()
+        # The replacement is forked by the loop (_replenish), which also retries it.
+
+    def _replenish(self) -> None:
+        """Keep ``max_workers`` workers; if forking fails (RLIMIT_NPROC, memory), retry
+        later, and with no worker at all fail the waiting tasks rather than hold them."""
+        now = time.monotonic()
+        while len(self._workers) < self.max_workers and now >= self._respawn_at:
+            try:
+                self._spawn()
+            except OSError as exc:
+                self._respawn_at = now + _RESPAWN_DELAY
+                structlog.get_logger("mepcore.tasks").warning(
+                    "task.worker_start_failed", error=str(exc)
+                )
+                if not self._workers:
+                    while self._backlog:
+                        self._backlog.popleft().fail(
+                            "task.engine_failed", f"no worker process could be started: {exc}"
+                        )
+                return
 
     def _drain(self, worker: _Worker) -> None:
         # Results the worker wrote before it ended are still in the pipe.
@@ -458,7 +494,10 @@ class ProcessPoolEngine:
         self._workers.clear()
         self._backlog.clear()
         for job in orphans:
-            job.fail("task.cancelled", "the executor shut down before the task finished")
+            if self._crashed:
+                job.fail("task.engine_failed", "the process pool failed")
+            else:
+                job.fail("task.cancelled", "the executor shut down before the task finished")
         if self._selector is not None:
             self._selector.close()
         for fd in (self._wake_r, self._wake_w):

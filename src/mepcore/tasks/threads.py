@@ -76,7 +76,8 @@ class ThreadPoolEngine:
             self._stopping = True
             leftovers = list(self._outstanding)
             self._outstanding.clear()
-        pool.shutdown(wait=False, cancel_futures=True)
+        # Join the threads unless some are still held by timed-out tasks (unkillable).
+        pool.shutdown(wait=wait and not leftovers, cancel_futures=True)
         self._watchdog.stop()
         for job in leftovers:
             job.fail("task.cancelled", "the executor shut down before the task finished")

@@ -1,0 +1,82 @@
+"""Reload: a broken policy on SIGHUP (or ``mepd reload``) keeps the old one; a fixed one
+takes effect. Drain on SIGTERM: exit 0, port file and admin socket removed."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.daemon_harness import RunningDaemon, running_daemon, write_deployment
+
+pytestmark = [pytest.mark.root]
+
+
+def status_code(client: httpx.Client) -> int:
+    return client.get("/v1/endpoints/hpc/status").status_code
+
+
+def wait_for_reloads(daemon: RunningDaemon, count: int, deadline: float = 30.0) -> dict[str, Any]:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        out = subprocess.run(
+            [sys.executable, "-m", "mepd", "status", "--state-dir", str(daemon.state_dir)],
+            capture_output=True, text=True, timeout=30,
+        )
+        status: dict[str, Any] = json.loads(out.stdout)
+        if status["reloads"] >= count:
+            return status
+        time.sleep(0.05)
+    raise AssertionError("the daemon did not reload in time")
+
+
+def test_broken_policy_keeps_the_old_one_and_a_fixed_one_takes_effect(
+    tmp_path: Path, make_account: Any
+) -> None:
+    acct = make_account()
+    config = write_deployment(tmp_path / "site", python=sys.executable)
+    policy = tmp_path / "site" / "policy.csv"
+    with running_daemon(config, tmp_path / "site" / "state") as daemon:
+        client = daemon.client(daemon.token(f"{acct.pw_name}@example.org"))
+        assert status_code(client) == 200
+
+        good = policy.read_text()
+        policy.write_text(good + "p, this line, is broken\n")
+        daemon.process.send_signal(signal.SIGHUP)
+        wait_for_reloads(daemon, 1)
+        assert status_code(client) == 200  # the old policy is still in force
+        assert "the previous version stays in force" in daemon.stderr()
+
+        # The fixed policy no longer grants read_status: it takes effect.
+        policy.write_text("".join(line + "\n" for line in good.splitlines()
+                                  if "read_status" not in line))
+        daemon.process.send_signal(signal.SIGHUP)
+        wait_for_reloads(daemon, 2)
+        assert status_code(client) == 403
+
+        # `mepd reload` reports a broken file and exits 1; the policy stays as it was.
+        policy.write_text("garbage without commas\n")
+        out = subprocess.run(
+            [sys.executable, "-m", "mepd", "reload", "--config", str(config)],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert out.returncode == 1
+        assert "policy" in out.stderr
+        assert status_code(client) == 403
+
+        audit = (daemon.state_dir / "audit.jsonl").read_text()
+        assert audit.count('"event":"daemon.reloaded"') == 3
+
+        port_file = daemon.state_dir / "port"
+        assert port_file.exists()
+        assert daemon.stop() == 0
+        assert not port_file.exists()
+        assert not (daemon.state_dir / "admin.sock").exists()
+        assert '"event":"daemon.stopped"' in (daemon.state_dir / "audit.jsonl").read_text()
