@@ -354,6 +354,24 @@ def bench_deployment(
                 limits=all_limits,
                 settings_extra={"log_level": "warning"},
             )
+            if not is_root():
+                # Every bench identity maps to the one account there is: this user.
+                (Path(top) / "site" / "mapping.json").write_text(
+                    json.dumps(
+                        [
+                            {
+                                "DATA_TYPE": "expression_identity_mapping#1.0.0",
+                                "mappings": [
+                                    {
+                                        "source": "{username}",
+                                        "match": "mept[0-9a-f]{8}@example\\.org",
+                                        "output": names[0],
+                                    }
+                                ],
+                            }
+                        ]
+                    )
+                )
             with running_daemon(config, Path(top) / "site" / "state") as daemon:
                 yield BenchDeployment(
                     daemon, identities, names, {entry.pw_uid for entry in made}

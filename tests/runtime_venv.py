@@ -5,8 +5,9 @@ PATH may be a build under /root (mode 700). User endpoints must run an interpret
 packages the mapped account can read, so root tests build one under /var/tmp: made with
 ``/usr/bin/python3 -m venv``, every directory mode 755, the project installed *not*
 editable. Dependencies are installed once per hash of pyproject.toml; the project is
-reinstalled (``--no-deps``) only when the content of src/ changes. A file lock makes
-parallel test processes share one build.
+installed (``--no-deps``) only when the content of src/ changes. A file lock makes
+parallel test processes share one build; each source digest gets its own copy of the
+venv (built aside, renamed into place), so a run never sees a half-reinstalled runtime.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,31 +72,48 @@ def _base_dependencies() -> list[str]:
     return list(data["project"]["dependencies"])
 
 
+def _prune(keep: Path) -> None:
+    """Remove runtimes of older sources, unless recent (another run may still use one)."""
+    horizon = time.time() - 1800
+    for path in BASE.glob("rt-*"):
+        if path != keep and path.is_dir() and path.stat().st_mtime < horizon:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def runtime_python() -> str:
-    """The path of the runtime venv's python, building or refreshing the venv if needed."""
+    """The path of a runtime venv's python for the current sources, built if needed.
+
+    Each source digest gets its own directory, built aside and renamed into place, so a
+    test run never sees a runtime half-reinstalled by a concurrent run.
+    """
     BASE.mkdir(mode=0o755, exist_ok=True)
     os.chmod(BASE, 0o755)
-    venv = BASE / f"deps-{_digest_pyproject()}"
-    python = venv / "bin" / "python"
-    stamp = venv / "mep-src.stamp"
+    deps = BASE / f"deps-{_digest_pyproject()}"
     with open(BASE / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (venv / "deps.stamp").exists():
-            shutil.rmtree(venv, ignore_errors=True)
+        if not (deps / "deps.stamp").exists():
+            shutil.rmtree(deps, ignore_errors=True)
             subprocess.run(
-                [SYSTEM_PYTHON, "-m", "venv", "--without-pip", str(venv)],
+                [SYSTEM_PYTHON, "-m", "venv", "--without-pip", str(deps)],
                 check=True,
                 capture_output=True,
             )
-            _pip(python, *_base_dependencies())
-            (venv / "deps.stamp").write_text("ok\n")
-        want = _digest_src()
-        if not stamp.exists() or stamp.read_text().strip() != want:
-            _pip(python, "--no-deps", "--force-reinstall", str(ROOT))
-            _make_world_readable(venv)
-            stamp.write_text(want + "\n")
-            os.chmod(stamp, 0o644)
-    return str(python)
+            _pip(deps / "bin" / "python", *_base_dependencies())
+            _make_world_readable(deps)
+            (deps / "deps.stamp").write_text("ok\n")
+        runtime = BASE / f"rt-{_digest_pyproject()}-{_digest_src()}"
+        if not runtime.exists():
+            building = BASE / f".building-{os.getpid()}"
+            shutil.rmtree(building, ignore_errors=True)
+            # A copy of the dependencies' venv works in place: its python is a symlink
+            # to the system interpreter and site-packages is found relative to it.
+            shutil.copytree(deps, building, symlinks=True)
+            _pip(building / "bin" / "python", "--no-deps", "--force-reinstall", str(ROOT))
+            _make_world_readable(building)
+            os.rename(building, runtime)
+        os.utime(runtime)
+        _prune(runtime)
+    return str(runtime / "bin" / "python")
 
 
 def package_paths(python: str) -> tuple[str, ...]:

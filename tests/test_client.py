@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import CancelledError, wait
@@ -36,8 +35,9 @@ from mepcore.client import (
 from mepcore.client.executor import _SENT, TaskFuture
 from mepcore.errors import REASONS
 
-FAST = RetryPolicy(attempts=4, deadline=10.0, initial_wait=0.001, max_wait=0.002,
-                   max_retry_after=0.01)
+FAST = RetryPolicy(
+    attempts=4, deadline=10.0, initial_wait=0.001, max_wait=0.002, max_retry_after=0.01
+)
 FID = "a" * 64
 
 
@@ -62,19 +62,22 @@ class Recorder:
         return answer(request)
 
 
-def reply(status: int, body: Any, headers: dict[str, str] | None = None
-          ) -> Callable[[httpx.Request], httpx.Response]:
+def reply(
+    status: int, body: Any, headers: dict[str, str] | None = None
+) -> Callable[[httpx.Request], httpx.Response]:
     return lambda request: httpx.Response(status, json=body, headers=headers)
 
 
-def refuse(status: int, reason: str, message: str = "no", **extra: Any
-           ) -> Callable[[httpx.Request], httpx.Response]:
+def refuse(
+    status: int, reason: str, message: str = "no", **extra: Any
+) -> Callable[[httpx.Request], httpx.Response]:
     return reply(status, {"error": {"reason": reason, "message": message, **extra}})
 
 
 def raise_(exc: Exception) -> Callable[[httpx.Request], httpx.Response]:
     def answer(request: httpx.Request) -> httpx.Response:
         raise exc
+
     return answer
 
 
@@ -141,27 +144,45 @@ def test_success_record_unpacks_its_value() -> None:
 
 
 def test_failed_record_with_task_failed_is_a_remote_exception() -> None:
-    record = TaskRecord.from_mapping({
-        "task_id": "t1", "state": "failed",
-        "error": {"reason": "task.failed", "type_name": "KeyError", "message": "'k'",
-                  "traceback": "Traceback (most recent call last):\n  ...\nKeyError: 'k'"},
-    })
+    record = TaskRecord.from_mapping(
+        {
+            "task_id": "t1",
+            "state": "failed",
+            "error": {
+                "reason": "task.failed",
+                "type_name": "KeyError",
+                "message": "'k'",
+                "traceback": "Traceback (most recent call last):\n  ...\nKeyError: 'k'",
+            },
+        }
+    )
     with pytest.raises(RemoteException) as info:
         record.outcome()
     exc = info.value
     assert (exc.type_name, exc.message, exc.reason, exc.task_id) == (
-        "KeyError", "'k'", "task.failed", "t1")
+        "KeyError",
+        "'k'",
+        "task.failed",
+        "t1",
+    )
     assert "KeyError: 'k'" in exc.traceback
     assert str(exc).startswith("KeyError: 'k'\n\nRemote traceback:\nTraceback")
 
 
 @pytest.mark.parametrize("reason", ["task.endpoint_lost", "task.timeout", "task.worker_lost"])
 def test_infrastructure_failures_have_their_own_type(reason: str) -> None:
-    record = TaskRecord.from_mapping({
-        "task_id": "t9", "state": "failed",
-        "error": {"reason": reason, "type_name": None, "message": REASONS[reason],
-                  "traceback": None},
-    })
+    record = TaskRecord.from_mapping(
+        {
+            "task_id": "t9",
+            "state": "failed",
+            "error": {
+                "reason": reason,
+                "type_name": None,
+                "message": REASONS[reason],
+                "traceback": None,
+            },
+        }
+    )
     with pytest.raises(TaskInfrastructureError) as info:
         record.outcome()
     assert not isinstance(info.value, RemoteException)
@@ -193,14 +214,27 @@ def test_wait_report_keeps_pending_and_unknown_ids() -> None:
 
 
 def test_a_4xx_is_raised_once_with_the_servers_reason_message_and_violations() -> None:
-    rec = Recorder({SUBMIT: [refuse(422, "config.invalid_variables", "bad variables",
-                                    violations=[{"path": "$.workers", "message": "too big"}])]})
+    rec = Recorder(
+        {
+            SUBMIT: [
+                refuse(
+                    422,
+                    "config.invalid_variables",
+                    "bad variables",
+                    violations=[{"path": "$.workers", "message": "too big"}],
+                )
+            ]
+        }
+    )
     with pytest.raises(RequestRefused) as info:
         client_for(rec).submit("hpc", FID, (1,))
     exc = info.value
     assert rec.calls[SUBMIT] == 1
-    assert (exc.status, exc.reason, exc.message) == (422, "config.invalid_variables",
-                                                     "bad variables")
+    assert (exc.status, exc.reason, exc.message) == (
+        422,
+        "config.invalid_variables",
+        "bad variables",
+    )
     assert [(v.path, v.message) for v in exc.violations] == [("$.workers", "too big")]
 
 
@@ -227,8 +261,12 @@ def test_submit_is_retried_when_no_connection_was_made() -> None:
 
 @pytest.mark.parametrize(
     "failure",
-    [refuse(502, "mep.internal"), refuse(504, "mep.internal"),
-     raise_(httpx.ReadTimeout("slow")), raise_(httpx.RemoteProtocolError("dropped"))],
+    [
+        refuse(502, "mep.internal"),
+        refuse(504, "mep.internal"),
+        raise_(httpx.ReadTimeout("slow")),
+        raise_(httpx.RemoteProtocolError("dropped")),
+    ],
 )
 def test_submit_is_not_repeated_once_the_server_may_have_acted(failure: Any) -> None:
     rec = Recorder({SUBMIT: [failure, OK_SUBMIT]})
@@ -239,8 +277,11 @@ def test_submit_is_not_repeated_once_the_server_may_have_acted(failure: Any) -> 
 
 @pytest.mark.parametrize(
     "failure",
-    [refuse(502, "mep.internal"), raise_(httpx.ReadTimeout("slow")),
-     raise_(httpx.ConnectError("down"))],
+    [
+        refuse(502, "mep.internal"),
+        raise_(httpx.ReadTimeout("slow")),
+        raise_(httpx.ConnectError("down")),
+    ],
 )
 def test_safe_calls_are_retried_after_any_transient_failure(failure: Any) -> None:
     done = {"task_id": "t1", "state": "success", "result": b64(pack_value(5))}
@@ -258,11 +299,16 @@ def test_retries_stop_after_the_allowed_attempts() -> None:
 
 
 def test_retry_after_is_honoured_up_to_a_cap() -> None:
-    client = Client("http://mep.test", "tok",
-                    retry=RetryPolicy(max_retry_after=7.0, initial_wait=0.1, max_wait=0.2))
-    response = httpx.Response(429, json={"error": {"reason": "api.too_many_requests",
-                                                   "message": "later"}},
-                              headers={"Retry-After": "5"})
+    client = Client(
+        "http://mep.test",
+        "tok",
+        retry=RetryPolicy(max_retry_after=7.0, initial_wait=0.1, max_wait=0.2),
+    )
+    response = httpx.Response(
+        429,
+        json={"error": {"reason": "api.too_many_requests", "message": "later"}},
+        headers={"Retry-After": "5"},
+    )
     from mepcore.client.service import _refusal, _Transient
 
     def state_after(failure: Exception) -> tenacity.RetryCallState:

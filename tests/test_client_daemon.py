@@ -42,7 +42,7 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 
 REMOTE_SOURCE = textwrap.dedent(
-    '''
+    """
     def square(x):
         return x * x
 
@@ -60,13 +60,13 @@ REMOTE_SOURCE = textwrap.dedent(
         import time
         time.sleep(seconds)
         return seconds
-    '''
+    """
 )
 
 
 def remote_functions() -> dict[str, Any]:
     namespace: dict[str, Any] = {"__name__": "__main__"}
-    exec(compile(REMOTE_SOURCE, "<remote>", "exec"), namespace)  # noqa: S102 - test data
+    exec(compile(REMOTE_SOURCE, "<remote>", "exec"), namespace)
     return namespace
 
 
@@ -90,8 +90,9 @@ class Site:
         self.daemon = start_daemon(self.config, self.state_dir)
         return self.daemon
 
-    def executor(self, who: str = "alice@example.org", endpoint: str = "demo",
-                 **kwargs: Any) -> Executor:
+    def executor(
+        self, who: str = "alice@example.org", endpoint: str = "demo", **kwargs: Any
+    ) -> Executor:
         assert self.daemon is not None
         return Executor(endpoint, url=self.daemon.url, token=self.daemon.token(who), **kwargs)
 
@@ -102,12 +103,17 @@ def write_site(top: Path, accounts: dict[str, Any], *, port: int = 0) -> Path:
     (top / "state").mkdir(parents=True, exist_ok=True, mode=0o700)
     template_dir = REPO / "examples" / "templates" / "local"
     rules = [
-        {"source": "{username}", "match": username.replace(".", "\\."), "output": entry.pw_name,
-         "literal": False}
+        {
+            "source": "{username}",
+            "match": username.replace(".", "\\."),
+            "output": entry.pw_name,
+            "literal": False,
+        }
         for username, entry in accounts.items()
     ]
-    (top / "mapping.json").write_text(json.dumps(
-        [{"DATA_TYPE": "expression_identity_mapping#1.0.0", "mappings": rules}]))
+    (top / "mapping.json").write_text(
+        json.dumps([{"DATA_TYPE": "expression_identity_mapping#1.0.0", "mappings": rules}])
+    )
     (top / "policy.csv").write_text(
         "p, domain:example.org, demo, **, *, -, allow\n"
         "p, domain:example.org, strict, **, *, -, allow\n"
@@ -179,8 +185,7 @@ def test_map(site: Site) -> None:
 def test_each_identity_runs_as_its_own_account(site: Site) -> None:
     for who, entry in site.accounts.items():
         with site.executor(who) as ex:
-            assert ex.submit(REMOTE["whoami"], who).result(60) == (
-                who, entry.pw_uid, entry.pw_name)
+            assert ex.submit(REMOTE["whoami"], who).result(60) == (who, entry.pw_uid, entry.pw_name)
 
 
 def test_remote_exception_type_message_and_traceback(site: Site) -> None:
@@ -201,8 +206,7 @@ def test_cancellation_before_dispatch(site: Site) -> None:
     assert site.daemon is not None
     transport = CountingTransport()
     transport.gate.clear()
-    client = Client(site.daemon.url, site.daemon.token("alice@example.org"),
-                    transport=transport)
+    client = Client(site.daemon.url, site.daemon.token("alice@example.org"), transport=transport)
     ex = Executor("demo", client=client)
     try:
         first = ex.submit(REMOTE["square"], 3)
@@ -270,7 +274,11 @@ def test_the_client_process_exits_after_shutdown(site: Site, tmp_path: Path) -> 
     env = {k: v for k, v in os.environ.items() if k != "MEP_TOKEN"}
     done = subprocess.run(
         [sys.executable, str(script), site.daemon.url, site.daemon.token("alice@example.org")],
-        capture_output=True, text=True, timeout=60, env=env, cwd=str(REPO),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=str(REPO),
     )
     assert (done.returncode, done.stdout.strip()) == (0, "bye"), done.stderr
 

@@ -197,7 +197,8 @@ def test_cancel_of_a_task_queued_in_the_daemon_and_of_a_running_one(
     owner = f"mepd-local|{local_identity_id('alice@example.org')}"
     daemon.kit.pipeline.store.add_tasks(
         [NewTask(queued, owner, "hpc", "alice", "spec", fid, pack_args((1,), {}), None)],
-        state="queued", now=time.time(),
+        state="queued",
+        now=time.time(),
     )
     assert client.cancel(queued) is True
     assert client.get_task(queued).state == "cancelled"
@@ -368,7 +369,11 @@ def test_the_client_process_exits_promptly(daemon: FakeDaemon, tmp_path: Path, m
     env = {k: v for k, v in os.environ.items() if k != "MEP_TOKEN"}
     done = subprocess.run(
         [sys.executable, str(script), daemon.url, daemon.token(), mode],
-        capture_output=True, text=True, timeout=60, env=env, cwd=str(REPO),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=str(REPO),
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"bye {mode}"

@@ -33,7 +33,7 @@ from mepd.pipeline import DispatchTask, Pipeline, StartSpec
 from tests.daemon_harness import PipelineKit, make_pipeline
 
 
-class LoseTask(Exception):  # noqa: N818 - a signal to the fake, not an error
+class LoseTask(Exception):
     """Raised by a test function to make the fake report ``reason`` for its task."""
 
     def __init__(self, reason: str) -> None:
@@ -172,8 +172,9 @@ class FakeDaemon:
         self.kit, self.endpoints = _pipeline(self.state_dir)
         self.kit.pipeline.store.recover(time.time())
         self.kit.pipeline.load_pending_counts()
-        self.server, self.thread = _serve(create_app(self.kit.pipeline, self.kit.pipeline.limits),
-                                          self.port)
+        self.server, self.thread = _serve(
+            create_app(self.kit.pipeline, self.kit.pipeline.limits), self.port
+        )
 
 
 def _pipeline(state_dir: Path) -> tuple[PipelineKit, RunningEndpoints]:

@@ -397,7 +397,8 @@ def test_tasks_run_as_the_account_and_every_result_comes_back(
 def test_results_for_tasks_not_dispatched_to_that_endpoint_are_refused(
     settings: SpawnSettings, make_account: Any
 ) -> None:
-    """A user endpoint can only complete tasks the daemon gave it."""
+    """A user endpoint can only complete tasks the daemon gave it, with valid headers."""
+    from mepcore.tasks import ResultEnvelope
     from mepd.channel import Frame
 
     account = account_of(make_account())
@@ -408,21 +409,29 @@ def test_results_for_tasks_not_dispatched_to_that_endpoint_are_refused(
         try:
             handle = await registry.get_or_start(request(account))
             handle.in_flight.add("mine")
+            ok = ResultEnvelope("mine", "success", b"y").to_header()
             forged = Frame(
                 {
                     "v": 1,
                     "kind": "result",
-                    "items": [{"task_id": "someone-elses"}, {"task_id": "mine"}],
+                    "items": [{**ok, "task_id": "someone-elses"}, ok],
                     "sizes": [1, 1],
                 },
                 b"xy",
             )
             handle._on_frame(forged)
+            handle.in_flight.add("junk")
+            junk = Frame(
+                {"v": 1, "kind": "result", "items": [{"task_id": "junk", "x": 1}], "sizes": [3]},
+                b"abc",
+            )
+            handle._on_frame(junk)
         finally:
             await registry.shutdown()
 
     run(scenario)
-    assert [(h["task_id"], p) for _u, h, p in rec.results] == [("mine", b"y")]
+    assert [(h["task_id"], p) for _u, h, p in rec.results] == [("mine", b"y"), ("junk", b"")]
+    assert rec.results[1][1]["error"]["reason"] == "task.envelope_invalid"
 
 
 def test_limits_per_account_in_total_and_on_concurrent_starts(

@@ -317,3 +317,43 @@ def test_importing_the_package_imports_neither_parsl_nor_an_engine() -> None:
     ).stdout.split("\n")
     assert out[0] == "[]"
     assert out[1] == "1"  # building an executor starts no thread
+
+
+json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=70)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=10), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+task_keys = st.sampled_from(["version", "task_id", "function_id", "walltime"]) | st.text(max_size=8)
+result_keys = st.sampled_from(["version", "task_id", "status", "error", "timings"]) | st.text(
+    max_size=8
+)
+
+
+@given(st.dictionaries(task_keys, json_values, max_size=6), st.binary(max_size=16))
+def test_any_task_header_is_either_valid_or_refused_with_a_reason(
+    header: dict[str, object], payload: bytes
+) -> None:
+    reason = None
+    try:
+        envelope = TaskEnvelope.from_header(header, payload)
+    except TaskError as exc:
+        reason = exc.reason
+    else:
+        assert TaskEnvelope.from_header(envelope.to_header(), payload) == envelope
+    assert reason in (None, "task.envelope_invalid")
+
+
+@given(st.dictionaries(result_keys, json_values, max_size=6))
+def test_any_result_header_is_either_valid_or_refused_with_a_reason(
+    header: dict[str, object],
+) -> None:
+    reason = None
+    try:
+        ResultEnvelope.from_header(header, b"")
+    except TaskError as exc:
+        reason = exc.reason
+    assert reason in (None, "task.envelope_invalid")

@@ -135,8 +135,20 @@ def main() -> int:
     return 0
 
 
+def run() -> int:
+    try:
+        return main()
+    except RequestRefused as exc:
+        print(f"   refused: {exc}")
+        if exc.reason == "identity.account_daemon":
+            print("   Not as root, mepd can serve only its own account, and this mepd refuses")
+            print("   to run tasks as the account it runs as. Run `make demo` as root to see")
+            print("   two accounts, or use a mepd with single-account mode.")
+        return 1
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["--function-ids"]:
         print(json.dumps(function_ids()))
         sys.exit(0)
-    sys.exit(main())
+    sys.exit(run())

@@ -33,7 +33,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m mepconf", description="the mep conformance suite")
     parser.add_argument(
-        "--suite", type=Path, help="suite folder (default: the packaged suite or <repo>/conformance)"
+        "--suite",
+        type=Path,
+        help="suite folder (default: the packaged suite or <repo>/conformance)",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -99,7 +101,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not cases:
         sys.stderr.write("mepconf: no case matches the selection\n")
         return EXIT_USAGE
-    expected = ExpectedFailures.from_file(args.expected_failures) if args.expected_failures else None
+    expected = (
+        ExpectedFailures.from_file(args.expected_failures) if args.expected_failures else None
+    )
     options = _adapter_options(args)
     with report_stream() as out:
         adapter = create_adapter(args.adapter, options)

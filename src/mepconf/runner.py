@@ -15,6 +15,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+
 import attrs
 
 from mepconf.adapters import Adapter, AdapterError, Observation, Skip
@@ -96,7 +97,9 @@ def judge(case: Case, observed: Observation) -> list[str]:
     return problems
 
 
-def run_case(adapter: Adapter, case: Case, ops: frozenset[str], props: frozenset[str]) -> tuple[str, str]:
+def run_case(
+    adapter: Adapter, case: Case, ops: frozenset[str], props: frozenset[str]
+) -> tuple[str, str]:
     if case.op not in ops:
         return SKIP, f"op {case.op} is not supported by the {adapter.name} adapter"
     missing = [n for n in case.needs if n not in props]

@@ -43,6 +43,7 @@ MAX_JWKS_BYTES = 1024 * 1024
 JWKS_REFRESH_INTERVAL = 60.0
 LOCAL_KEY_FILE = "local_issuer.pem"
 LOCAL_AUDIENCE = "mepd"
+VERIFIED_CACHE_SECONDS = 300.0
 
 
 @attrs.frozen
@@ -326,6 +327,9 @@ class Authenticator:
     _jwt: dict[str, _JwtVerifier] = attrs.field(factory=dict)
     _introspectors: list[_Introspector] = attrs.field(factory=list)
     _http: httpx.AsyncClient | None = None
+    # Verified JWTs: token -> (valid until, caller). A signature check costs ~0.3 ms;
+    # a client sends the same token many times. Bounded, and never past the expiry.
+    _verified: dict[str, tuple[float, Caller]] = attrs.field(factory=dict)
 
     def load(self) -> None:
         """Read the keys (creating the local issuer's key on first start)."""
@@ -351,6 +355,7 @@ class Authenticator:
                 introspectors.append(intro)
         self._jwt = verifiers
         self._introspectors = introspectors
+        self._verified = {}
 
     async def aclose(self) -> None:
         if self._http is not None:
@@ -371,6 +376,11 @@ class Authenticator:
             raise AuthError("auth.missing_token", "Authorization is not a bearer token")
         if len(token) > MAX_TOKEN_BYTES:
             raise AuthError("auth.invalid_token", "token too long")
+        hit = self._verified.get(token)
+        if hit is not None:
+            if hit[0] > time.time():
+                return hit[1]
+            del self._verified[token]
         header: dict[str, Any] | None
         try:
             header = jwt.get_unverified_header(token)
@@ -382,7 +392,14 @@ class Authenticator:
             iss = unverified.get("iss")
             verifier = self._jwt.get(iss) if isinstance(iss, str) else None
             if verifier is not None:
-                return await verifier.verify(token, header, self._client())
+                caller = await verifier.verify(token, header, self._client())
+                exp = unverified.get("exp")
+                if isinstance(exp, int | float):
+                    until = min(float(exp), time.time() + VERIFIED_CACHE_SECONDS)
+                    while len(self._verified) >= self.introspection_cache_entries:
+                        self._verified.pop(next(iter(self._verified)))
+                    self._verified[token] = (until, caller)
+                return caller
         if self._introspectors:
             last: AuthError | None = None
             for intro in self._introspectors:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import os
 import signal
@@ -65,9 +66,15 @@ MAX_ADMIN_REQUEST = 64 * 1024
 # -- one endpoint's loaded files ---------------------------------------------------------
 
 
-@attrs.frozen
+VALIDATED_CACHE_ENTRIES = 1024
+
+
+@attrs.define(eq=False)
 class LoadedSite:
-    """An endpoint with its mapping, policy and template loaded (the pipeline's ``Site``)."""
+    """An endpoint with its mapping, policy and template loaded (the pipeline's ``Site``).
+
+    Files never change under a ``LoadedSite`` (a reload builds a new one), so the result of
+    validating the same variables again is remembered (validation costs ~1 ms)."""
 
     settings: EndpointSettings
     mapper: IdentityMapper
@@ -76,6 +83,7 @@ class LoadedSite:
     accounts: AccountDatabase
     account_policy: AccountPolicy
     variable_limits: VariableLimits = attrs.field(factory=VariableLimits)
+    _validated: dict[str, dict[str, Any]] = attrs.field(factory=dict, init=False)
 
     @property
     def name(self) -> str:
@@ -120,7 +128,14 @@ class LoadedSite:
         )
 
     def validate_variables(self, variables: Mapping[str, Any]) -> dict[str, Any]:
-        return validate_variables(variables, self.files.schema, self.variable_limits)
+        key = json.dumps(variables, sort_keys=True, separators=(",", ":"))
+        hit = self._validated.get(key)
+        if hit is None:
+            hit = validate_variables(variables, self.files.schema, self.variable_limits)
+            if len(self._validated) >= VALIDATED_CACHE_ENTRIES:
+                self._validated.pop(next(iter(self._validated)))
+            self._validated[key] = hit
+        return copy.deepcopy(hit)
 
     def config_key(self, account: Account, variables: Mapping[str, Any]) -> str:
         return config_key(account.name, self.files.template_digest, variables)

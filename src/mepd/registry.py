@@ -51,6 +51,7 @@ from mepcore.spawn import (
     plan_spawn,
     stop_ladder,
 )
+from mepcore.tasks import RemoteError, ResultEnvelope
 from mepcore.types import Account, Identity
 from mepd.channel import AsyncChannel, ChannelLimits, Frame, batch_frames, check_items
 
@@ -304,6 +305,7 @@ class UserEndpointHandle:
                 log.warning("channel.result_refused", uep=self.id, task_id=task_id[:128])
                 continue
             self.in_flight.discard(task_id)
+            header, payload = _checked_result(header, payload)
             try:
                 registry.on_result(self.id, header, payload)
             except Exception:
@@ -392,7 +394,15 @@ class UserEndpointHandle:
 
 @attrs.define
 class Registry:
-    """All user endpoints of this daemon. Use from the daemon's event loop only."""
+    """All user endpoints of this daemon. Use from the daemon's event loop only.
+
+    ``on_result(handle_id, result_header, result_payload)`` is called in the event loop
+    for every result of a task dispatched through a handle (``handle_id`` is
+    ``UserEndpointHandle.id``); the payload is opaque bytes, to be stored as they are.
+    ``on_lost(task_ids, "task.endpoint_lost")`` is called once for the tasks still in
+    flight when a user endpoint dies or is stopped. Both must not raise (errors are
+    logged and ignored) and must not block.
+    """
 
     spawn_settings: SpawnSettings
     limits: RegistryLimits
@@ -619,6 +629,28 @@ class Registry:
                 process.signal_group(signal.SIGKILL)
                 await asyncio.to_thread(process.reap, deadline=1.0)
         self._leaving.clear()
+
+
+def _checked_result(header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
+    """The result as sent if its header is valid, else a failed result saying so.
+
+    Only the header is checked (``ResultEnvelope.from_header`` never loads a payload):
+    the user endpoint runs as the user, so the daemon stores nothing it did not check.
+    """
+    try:
+        ResultEnvelope.from_header(header, payload)  # validates; keys are exactly known
+        return header, payload
+    except MepError as exc:
+        now = time.time()
+        failed = ResultEnvelope(
+            task_id=str(header["task_id"]),
+            status="failed",
+            error=RemoteError.of("task.envelope_invalid", exc.public_message),
+            received=now,
+            started=now,
+            finished=now,
+        )
+        return failed.to_header(), b""
 
 
 def _as_start_error(exc: BaseException, handle: UserEndpointHandle) -> MepError:

@@ -273,22 +273,38 @@ class TaskStore:
     def finish(self, outcomes: Sequence[Outcome], now: float) -> list[str]:
         """Record final outcomes in one transaction. Returns the ids that changed (a task
         already final — cancelled, or lost then reported — keeps its first outcome)."""
-        changed: list[str] = []
         with self._transaction():
-            for o in outcomes:
-                cur = self._db.execute(
-                    "UPDATE tasks SET state=?, error=?, result=?, finished=?, payload=NULL"
-                    " WHERE id=? AND state IN ('queued','dispatched')",
-                    (
-                        o.state,
-                        json.dumps(o.error) if o.error is not None else None,
-                        o.result,
-                        now,
-                        o.task_id,
-                    ),
+            ids = [o.task_id for o in outcomes]
+            open_ids: set[str] = set()
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = self._db.execute(
+                    f"SELECT id FROM tasks WHERE id IN ({marks})"  # noqa: S608
+                    " AND state IN ('queued','dispatched')",
+                    chunk,
                 )
-                if cur.rowcount:
+                open_ids.update(r[0] for r in rows)
+            changed: list[str] = []
+            params = []
+            for o in outcomes:
+                if o.task_id in open_ids:
+                    open_ids.discard(o.task_id)  # a duplicate in the batch: first one wins
                     changed.append(o.task_id)
+                    params.append(
+                        (
+                            o.state,
+                            json.dumps(o.error) if o.error is not None else None,
+                            o.result,
+                            now,
+                            o.task_id,
+                        )
+                    )
+            self._db.executemany(
+                "UPDATE tasks SET state=?, error=?, result=?, finished=?, payload=NULL"
+                " WHERE id=?",
+                params,
+            )
         return changed
 
     def get(self, task_id: str) -> TaskRecord | None:

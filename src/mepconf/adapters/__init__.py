@@ -13,7 +13,7 @@ imports ``mepcore`` (only ``mepconf.adapters.inprocess`` may).
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 import attrs
@@ -32,15 +32,19 @@ class AdapterError(Exception):
     """The adapter or the deployment behind it broke (reported as an *error*, not a fail)."""
 
 
-class Skip(Exception):  # noqa: N818 - it is a verdict, not an error
+class Skip(Exception):
     """This case cannot run against this deployment; the message says why."""
+
+
+def _str_tuple(value: Iterable[str]) -> tuple[str, ...]:
+    return tuple(value)
 
 
 @attrs.frozen
 class ErrorInfo:
     reason: str
     message: str = ""
-    violations: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    violations: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
     details: Mapping[str, Any] = attrs.field(factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -148,7 +148,8 @@ class ExecAdapter:
                 stream.close()
 
     def _send(self, message: Mapping[str, Any]) -> None:
-        assert self._proc is not None and self._proc.stdin is not None
+        if self._proc is None or self._proc.stdin is None:
+            raise AdapterError("the harness is not running")
         data = json.dumps(message, separators=(",", ":"), ensure_ascii=False) + "\n"
         try:
             self._proc.stdin.write(data.encode("utf-8"))
@@ -157,7 +158,8 @@ class ExecAdapter:
             raise AdapterError(f"the harness closed its input: {exc}") from exc
 
     def _receive(self) -> dict[str, Any]:
-        assert self._proc is not None and self._proc.stdout is not None
+        if self._proc is None or self._proc.stdout is None:
+            raise AdapterError("the harness is not running")
         fd = self._proc.stdout.fileno()
         deadline = time.monotonic() + self.timeout
         with selectors.DefaultSelector() as sel:

@@ -168,7 +168,6 @@ class InProcessAdapter:
         account = self._check(result.username, case.given)
         return Observation.ok({**result.to_dict(), "account": account.to_dict()})
 
-
     # -- authorization -------------------------------------------------------------
 
     def _authz_decide(self, case: Case) -> Observation:
@@ -331,7 +330,8 @@ def _load_function(spec: Mapping[str, Any]) -> Callable[..., Any]:
     function = namespace.get(spec["name"])
     if not callable(function):
         raise AdapterError(f"the source of {spec['name']!r} defines no such function")
-    return function
+    built: Callable[..., Any] = function
+    return built
 
 
 _DEFAULT_ACCOUNT: Mapping[str, Any] = {
@@ -373,7 +373,7 @@ def _prefix_matching(docs: Any) -> Any:
                     if rule.get("literal") is True:
                         rule = {**rule, "literal": False, "match": _escape(match)}
                         match = rule["match"]
-                    rule = {**rule, "match": f"(?:{match}).*"}
+                    rule = {**rule, "match": f"(?:{match})(?s:.*)"}
                 rules.append(rule)
             doc = {**doc, "mappings": rules}
         out.append(doc)

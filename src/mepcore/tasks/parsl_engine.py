@@ -300,7 +300,10 @@ class ParslEngine:
             self._finish(job)
             error = future.exception()
             if error is None:
-                job.complete(future.result())
+                try:
+                    job.complete(future.result())
+                except Exception as exc:  # not an Outcome: never leave the caller waiting
+                    job.fail("task.engine_failed", f"unexpected result from Parsl: {exc}")
                 return
             name = type(error).__name__
             reason = (

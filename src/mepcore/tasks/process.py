@@ -150,10 +150,9 @@ class ProcessPoolEngine:
             if self._state != "running":
                 raise RuntimeError("cannot submit to an engine that is not running")
             self._pending.extend(jobs)
-            wake = not self._woken
-            self._woken = True
-        if wake:
-            self._wake()
+            if not self._woken:
+                self._woken = True
+                self._wake_locked()
 
     def shutdown(self, wait: bool = True) -> None:
         with self._lock:
@@ -164,7 +163,7 @@ class ProcessPoolEngine:
                 self._state = "draining" if wait else "stopping"
             elif self._state == "draining" and not wait:
                 self._state = "stopping"
-        self._wake()
+            self._wake_locked()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
 
@@ -174,9 +173,12 @@ class ProcessPoolEngine:
 
     # -- I/O thread ------------------------------------------------------------------
 
-    def _wake(self) -> None:
-        with contextlib.suppress(BlockingIOError, OSError):
-            os.write(self._wake_w, b"!")
+    def _wake_locked(self) -> None:
+        # Under the lock, so the descriptor cannot be closed (and its number reused by
+        # something else) between the check and the write.
+        if self._wake_w >= 0:
+            with contextlib.suppress(BlockingIOError, OSError):
+                os.write(self._wake_w, b"!")
 
     def _io_main(self) -> None:
         self._selector = selectors.DefaultSelector()
@@ -388,8 +390,9 @@ class ProcessPoolEngine:
                 self._kill(worker)
 
     def _kill(self, worker: _Worker) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(worker.pid, signal.SIGKILL)
+        # Through the pidfd: it names this very process even if its pid were reused.
+        with contextlib.suppress(OSError):
+            signal.pidfd_send_signal(worker.pidfd, signal.SIGKILL)
 
     def _on_exit(self, worker: _Worker, how: str) -> None:
         """The worker ended (or must): deliver what it wrote, fail its task, replace it."""
@@ -500,11 +503,12 @@ class ProcessPoolEngine:
                 job.fail("task.cancelled", "the executor shut down before the task finished")
         if self._selector is not None:
             self._selector.close()
-        for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
         with self._lock:
             self._state = "stopped"
+            for fd in (self._wake_r, self._wake_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._wake_r = self._wake_w = -1
 
 
 def _wait_exit(pidfd: int, deadline: float) -> None:

@@ -363,8 +363,7 @@ class UserEndpoint:
             future.add_done_callback(self._completed)
 
     def _fail(self, task_id: str, reason: str, message: str) -> None:
-        from mepcore.tasks import ResultEnvelope
-        from mepcore.tasks.envelopes import RemoteError
+        from mepcore.tasks import RemoteError, ResultEnvelope
 
         now = time.time()
         self._results.put(

@@ -1,0 +1,746 @@
+"""Run every bench script and write ``docs/performance.md``.
+
+Each ``bench/*.py`` except this file and ``common.py`` runs in its own process and
+session, with a time limit (the whole run stays within the 15 minutes of ``make bench``),
+its standard output captured as its table. A script that supports ``--json PATH`` also
+hands over its figures as JSON. The report holds: the machine (CPUs, memory, CPU model,
+kernel), Python and library versions, the date and commit, every script's output
+verbatim, and a *Targets* section that compares each figure of the issue's targets with
+what was measured (met / missed / not measured, and for a missed one what limits it).
+
+After each script and at the end it scans ``/proc`` for anything a bench left running
+(a descendant of this process — it is the subreaper of its tree, so orphans count — or a
+process carrying this run's environment marker), kills it and prints a warning line
+per process. It never touches other processes of the machine.
+
+Deliberately not here: measurements of its own (the scripts measure) and any change to
+the figures (the tables are copied as printed).
+
+    python bench/report.py [--smoke] [--output docs/performance.md] [--only NAME ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import pwd
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+NOT_SCRIPTS = {"report.py", "common.py"}
+# The order of the report: cheap component benches first, the whole system last.
+ORDER = [
+    "identity.py",
+    "authz.py",
+    "executor.py",
+    "uep_start.py",
+    "api.py",
+    "client.py",
+    "payload.py",
+    "scale.py",
+]
+# Seconds each script may take in a full run (their sum stays under 15 minutes).
+TIMEOUTS = {
+    "identity.py": 60,
+    "authz.py": 120,
+    "executor.py": 150,
+    "uep_start.py": 90,
+    "api.py": 120,
+    "client.py": 120,
+    "payload.py": 90,
+    "scale.py": 240,
+}
+DEFAULT_TIMEOUT = 90
+SMOKE_TIMEOUT = 180
+MARKER = "MEP_BENCH_RUN"
+PR_SET_CHILD_SUBREAPER = 36
+LIBRARIES = [
+    "mep",
+    "pycasbin",
+    "parsl",
+    "dask",
+    "distributed",
+    "uvicorn",
+    "starlette",
+    "httpx",
+    "dill",
+    "attrs",
+    "PyJWT",
+    "jinja2",
+]
+
+# What limits a figure that misses its target, from profiles of this code base
+# (py-spy / pyinstrument; see the lead's report for the hot spots). Shown only when missed.
+LIMITS: dict[str, str] = {}
+
+
+@dataclass
+class ScriptRun:
+    name: str
+    argv: list[str]
+    returncode: int | None = None
+    seconds: float = 0.0
+    stdout: str = ""
+    stderr: str = ""
+    timed_out: bool = False
+    figures: Any = None
+    leftovers: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.timed_out
+
+    @property
+    def status(self) -> str:
+        if self.timed_out:
+            return f"timed out after {self.seconds:.0f} s"
+        if self.returncode == 0:
+            return f"ok in {self.seconds:.1f} s"
+        return f"failed (exit {self.returncode}) after {self.seconds:.1f} s"
+
+
+# -- running the scripts ---------------------------------------------------------------
+
+
+def discover(only: Sequence[str] | None) -> list[Path]:
+    found = [
+        p
+        for p in BENCH.glob("*.py")
+        if p.name not in NOT_SCRIPTS and not p.name.startswith("_")
+    ]
+    found.sort(key=lambda p: (ORDER.index(p.name) if p.name in ORDER else len(ORDER), p.name))
+    if only:
+        found = [p for p in found if any(part in p.name for part in only)]
+    return found
+
+
+def _session_members(sid: int) -> list[int]:
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                raw = handle.read()
+        except OSError:
+            continue
+        fields = raw[raw.rfind(b")") + 2 :].split()
+        if int(fields[3]) == sid:
+            members.append(int(entry))
+    return members
+
+
+def _kill_session(sid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(sid, signal.SIGKILL)
+    for pid in _session_members(sid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def run_script(path: Path, *, smoke: bool, timeout: float, marker: str) -> ScriptRun:
+    argv = [sys.executable, str(path)]
+    if smoke:
+        argv.append("--smoke")
+    text = path.read_text()
+    with tempfile.TemporaryDirectory(prefix="mep-bench-report-") as top:
+        json_path = Path(top) / "figures.json"
+        if '"--json"' in text:
+            argv += ["--json", str(json_path)]
+        run = ScriptRun(path.name, argv)
+        env = {**os.environ, MARKER: marker, "PYTHONUNBUFFERED": "1"}
+        env.pop("MEP_TOKEN", None)
+        with (
+            open(Path(top) / "out", "w+b") as out,
+            open(Path(top) / "err", "w+b") as err,
+        ):
+            began = time.monotonic()
+            process = subprocess.Popen(
+                argv, stdout=out, stderr=err, cwd=REPO, env=env, start_new_session=True
+            )
+            try:
+                run.returncode = process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                run.timed_out = True
+                # Ask first, so the script's own clean-up (daemon stop, userdel) runs.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGINT)
+                try:
+                    process.wait(30)
+                except subprocess.TimeoutExpired:
+                    _kill_session(process.pid)
+                    process.wait(10)
+                run.returncode = process.returncode
+            run.seconds = time.monotonic() - began
+            for pid in _session_members(process.pid):
+                run.leftovers.append(describe(pid))
+            _kill_session(process.pid)
+            out.seek(0)
+            err.seek(0)
+            run.stdout = out.read().decode(errors="replace")
+            run.stderr = err.read().decode(errors="replace")
+        if json_path.exists():
+            with contextlib.suppress(ValueError):
+                run.figures = json.loads(json_path.read_text())
+    return run
+
+
+def describe(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            cmd = handle.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        uid = os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return f"pid {pid} (gone)"
+    try:
+        owner = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        owner = str(uid)
+    return f"pid {pid} ({owner}): {cmd[:160]}"
+
+
+def become_subreaper() -> bool:
+    """Make this process the reaper of every orphan below it, so a user endpoint or a
+    Parsl worker whose parent died is still ours to find (and not init's)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def reap() -> None:
+    """Collect the exit status of orphans that were handed to us."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def leftover_processes(marker: str) -> list[int]:
+    """Processes this run left: descendants of this process (with ``become_subreaper``
+    that includes orphans) or carrying this run's marker in their environment. Nothing
+    else on the machine is touched: others may run their own work there."""
+    me = os.getpid()
+    parents: dict[int, int] = {}
+    found: set[int] = set()
+    needle = f"{MARKER}={marker}".encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        pid = int(entry)
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                raw = handle.read()
+        except OSError:
+            continue
+        fields = raw[raw.rfind(b")") + 2 :].split()
+        if fields[0] == b"Z":
+            continue  # already dead, waiting to be reaped
+        parents[pid] = int(fields[1])
+        with contextlib.suppress(OSError), open(f"/proc/{entry}/environ", "rb") as handle:
+            if needle in handle.read().split(b"\0"):
+                found.add(pid)
+    for pid in parents:
+        ancestor, steps = parents.get(pid), 0
+        while ancestor and steps < 64:
+            if ancestor == me:
+                found.add(pid)
+                break
+            ancestor, steps = parents.get(ancestor), steps + 1
+    return sorted(found)
+
+
+def sweep(marker: str) -> list[str]:
+    """Kill what a bench left running; one warning line per process."""
+    warnings = []
+    for pid in leftover_processes(marker):
+        warnings.append(f"WARNING: left running by a bench, killed: {describe(pid)}")
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    reap()
+    return warnings
+
+
+# -- the machine -----------------------------------------------------------------------
+
+
+def _first(path: str, key: str) -> str | None:
+    with contextlib.suppress(OSError), open(path) as handle:
+        for line in handle:
+            if line.startswith(key):
+                return line.split(":", 1)[1].strip()
+    return None
+
+
+def machine() -> list[tuple[str, str]]:
+    mem_kib = _first("/proc/meminfo", "MemTotal")
+    memory = f"{int(mem_kib.split()[0]) / 1024 / 1024:.1f} GiB" if mem_kib else "unknown"
+    usable = len(os.sched_getaffinity(0))
+    try:
+        load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        load = "unknown"
+    return [
+        ("CPUs (nproc)", f"{usable} usable of {os.cpu_count()}"),
+        ("CPU model", _first("/proc/cpuinfo", "model name") or platform.processor() or "unknown"),
+        ("memory", memory),
+        ("kernel", f"{platform.system()} {platform.release()}"),
+        ("load average at start", load),
+        ("running as", "root" if os.geteuid() == 0 else pwd.getpwuid(os.getuid()).pw_name),
+    ]
+
+
+def versions() -> list[tuple[str, str]]:
+    found = [("Python", f"{platform.python_implementation()} {platform.python_version()}")]
+    for name in LIBRARIES:
+        try:
+            found.append((name, importlib.metadata.version(name)))
+        except importlib.metadata.PackageNotFoundError:
+            found.append((name, "not installed"))
+    return found
+
+
+def commit() -> str:
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + (" (with uncommitted changes)" if dirty else "")
+
+
+# -- reading figures out of the tables -------------------------------------------------
+
+_UNITS = {"ns": 1e-9, "µs": 1e-6, "us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds from ``12.3 µs`` / ``1.5 ms`` / ``2 s`` (None if not a duration)."""
+    match = re.search(r"([0-9][0-9,]*\.?[0-9]*)\s*(ns|µs|us|ms|s)\b", text)
+    if not match:
+        return None
+    return float(match.group(1).replace(",", "")) * _UNITS[match.group(2)]
+
+
+def parse_number(text: str) -> float | None:
+    match = re.search(r"-?[0-9][0-9,]*\.?[0-9]*", text)
+    return float(match.group(0).replace(",", "")) if match else None
+
+
+def find_line(text: str, pattern: str) -> str | None:
+    """The first output line matching the regex ``pattern`` (case-insensitive)."""
+    for line in text.splitlines():
+        if re.search(pattern, line, re.IGNORECASE):
+            return line
+    return None
+
+
+def cells(line: str) -> list[str]:
+    """A table row's cells: markdown pipes, or runs of two or more spaces."""
+    if line.strip().startswith("|"):
+        return [c.strip() for c in line.strip().strip("|").split("|")]
+    return [c for c in re.split(r"\s{2,}", line.strip()) if c]
+
+
+def column(text: str, header_pattern: str, row_pattern: str, column_pattern: str) -> str | None:
+    """The cell of the row matching ``row_pattern`` under the header cell matching
+    ``column_pattern``, in the table whose header line matches ``header_pattern``."""
+    lines = text.splitlines()
+    for index, line in enumerate(lines):
+        if not re.search(header_pattern, line, re.IGNORECASE):
+            continue
+        head = cells(line)
+        wanted = [i for i, c in enumerate(head) if re.search(column_pattern, c, re.IGNORECASE)]
+        if not wanted:
+            continue
+        for row in lines[index + 1 :]:
+            if not row.strip():
+                break
+            if re.search(row_pattern, row, re.IGNORECASE):
+                values = cells(row)
+                if wanted[0] < len(values):
+                    return values[wanted[0]]
+    return None
+
+
+# -- targets ---------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    key: str
+    what: str
+    goal: str
+    measured: str = "-"
+    met: bool | None = None
+    source: str = ""
+    why: str = ""
+
+    @property
+    def verdict(self) -> str:
+        if self.met is None:
+            return "not measured" + (f": {self.why}" if self.why else "")
+        return "met" if self.met else "**missed**"
+
+
+def _output(runs: dict[str, ScriptRun], name: str) -> tuple[str, str]:
+    """(stdout, why not) of a script's run."""
+    run = runs.get(name)
+    if run is None:
+        return "", f"bench/{name} not present or not run"
+    if not run.stdout.strip():
+        return "", f"bench/{name} {run.status} without output"
+    return run.stdout, ""
+
+
+def _authz(runs: dict[str, ScriptRun]) -> list[Target]:
+    target = Target("authz", "authorization decision p50 at 10,000 policy lines", "<= 100 µs")
+    text, target.why = _output(runs, "authz.py")
+    cell = column(text, r"decide p50", r"^\s*\|?\s*10,000\b", r"^decide p50$") if text else None
+    value = parse_duration(cell) if cell else None
+    if value is not None:
+        target.measured, target.met = f"{value * 1e6:.1f} µs", value <= 100e-6
+        target.source = "bench/authz.py, Authorizer.decide, distinct requests"
+    elif text:
+        target.why = "no 10,000-line row in bench/authz.py output"
+    return [target]
+
+
+def _uep(runs: dict[str, ScriptRun]) -> list[Target]:
+    start = Target("uep_start", "user endpoint cold start p50 (process pool)", "<= 250 ms")
+    idle = Target("uep_rss", "idle user endpoint RSS", "<= 40 MB")
+    text, why = _output(runs, "uep_start.py")
+    start.why = idle.why = why
+    line = find_line(text, r"start.*ready.*ProcessPool") if text else None
+    if line:
+        match = re.search(r"p50\s+([0-9.,]+)", line)
+        if match:
+            ms = float(match.group(1).replace(",", ""))
+            start.measured, start.met = f"{ms:.0f} ms", ms <= 250
+            start.source = "bench/uep_start.py (registry start to ready)"
+    line = find_line(text, r"idle RSS, user endpoint process") if text else None
+    if line:
+        mib = parse_number(line.split(")", 1)[-1])
+        if mib is not None:
+            # 40 MB read as 40 MiB: the stricter reading is 38.1 MiB; report both.
+            idle.measured = f"{mib:.1f} MiB ({mib * 1.048576:.1f} MB)"
+            idle.met = mib * 1.048576 <= 40
+            idle.source = "bench/uep_start.py (the user endpoint process, without its workers)"
+    return [start, idle]
+
+
+def _first_number_after(text: str, row_pattern: str, column_pattern: str) -> float | None:
+    for header in text.splitlines():
+        if re.search(column_pattern, header, re.IGNORECASE):
+            cell = column(text, re.escape(header.strip()), row_pattern, column_pattern)
+            if cell is not None:
+                return parse_number(cell)
+    return None
+
+
+def _api(runs: dict[str, ScriptRun]) -> list[Target]:
+    warm = Target("rtt", "single warm task round trip p50 through HTTP", "<= 2 ms")
+    text, warm.why = _output(runs, "api.py")
+    if text:
+        line = find_line(text, r"warm|round.?trip|single")
+        value = None
+        if line:
+            p50 = re.search(r"p50[^0-9]*([0-9.,]+\s*(?:µs|us|ms|s))", line)
+            value = parse_duration(p50.group(1)) if p50 else None
+            if value is None:
+                for cell in cells(line):
+                    value = parse_duration(cell)
+                    if value is not None:
+                        break
+        if value is not None:
+            warm.measured, warm.met = f"{value * 1e3:.2f} ms", value <= 2e-3
+            warm.source = f"bench/api.py: `{line.strip()[:100] if line else ''}`"
+        else:
+            warm.why = "no warm round-trip p50 found in bench/api.py output"
+    return [warm]
+
+
+def _throughput(runs: dict[str, ScriptRun]) -> list[Target]:
+    """Whole-system no-op throughput and its ratios to HTEX and Dask in the same run."""
+    total = Target("throughput", "no-op tasks/s through the whole system (batched)", ">= 5,000/s")
+    htex = Target("vs_htex", "whole system vs Parsl HTEX, same run", ">= 5x")
+    dask = Target("vs_dask", "whole system vs Dask LocalCluster, same run", ">= 10x")
+    ours: float | None = None
+    api_text, why = _output(runs, "api.py")
+    if api_text:
+        line = find_line(api_text, r"batch|throughput|tasks/s")
+        for cell in cells(line) if line else []:
+            if re.search(r"[0-9][0-9,]{2,}", cell) and not parse_duration(cell):
+                ours = parse_number(cell)
+                break
+        if ours:
+            total.source = f"bench/api.py: `{line.strip()[:100] if line else ''}`"
+    if ours is None:
+        scale = runs.get("scale.py")
+        if scale and isinstance(scale.figures, dict) and scale.figures.get("endurance"):
+            ours = scale.figures["endurance"].get("tasks_per_s")
+            total.source = "bench/scale.py endurance run (one user, batched HTTP)"
+    if ours is None:
+        total.why = why or "no throughput figure found"
+        htex.why = dask.why = total.why
+        return [total, htex, dask]
+    total.measured, total.met = f"{ours:,.0f}/s", ours >= 5000
+    exec_text, exec_why = _output(runs, "executor.py")
+    for target, pattern, factor in ((htex, r"Parsl HTEX", 5), (dask, r"Dask", 10)):
+        line = find_line(exec_text, pattern) if exec_text else None
+        peer = None
+        if line:
+            numbers = [parse_number(c) for c in cells(line)[1:]]
+            # Columns: tasks, tasks/s, p50 ms, ratio: tasks/s is the second number.
+            if len(numbers) >= 2:
+                peer = numbers[1]
+        if peer:
+            ratio = ours / peer
+            target.measured = f"{ratio:.1f}x ({ours:,.0f}/s vs {peer:,.0f}/s)"
+            target.met = ratio >= factor
+            target.source = "whole system (above) / bench/executor.py peer row"
+        else:
+            target.why = exec_why or f"no {pattern} row in bench/executor.py output"
+    return [total, htex, dask]
+
+
+def _scale(runs: dict[str, ScriptRun]) -> list[Target]:
+    ready = Target("ready", "100 users ready", "<= 15 s")
+    growth = Target("growth", "daemon memory and descriptors over 100,000 tasks", "no growth")
+    run = runs.get("scale.py")
+    figures = run.figures if run and isinstance(run.figures, dict) else {}
+    why = "" if figures else _output(runs, "scale.py")[1] or "no figures from bench/scale.py"
+    ready.why = growth.why = why
+    users = figures.get("users") or {}
+    if users.get("ready_s") is not None:
+        ready.measured = f"{users['ready_s']:.1f} s for {users['count']} {users['kind']}"
+        ready.met = users["ready_s"] <= 15 and users["count"] >= 100 and users["ok"]
+        ready.source = "bench/scale.py"
+        if not users["ok"]:
+            ready.measured += f" ({users.get('problem')})"
+    elif users.get("problem"):
+        ready.why = users["problem"]
+    endurance = figures.get("endurance") or {}
+    if endurance.get("tasks"):
+        rss = endurance["rss_growth_bytes"]
+        fds = endurance["fd_growth"]
+        growth.measured = (
+            f"{endurance['tasks']:,} tasks: RSS {rss / 1048576:+.1f} MiB, fds {fds:+d}"
+        )
+        # Growth: descriptors must come back exactly; memory within allocator noise
+        # (the first tasks warm caches: measured after a warm-up, 8 MiB is noise).
+        growth.met = fds <= 0 and rss <= 8 * 1048576 and endurance["tasks"] >= 100_000
+        growth.source = "bench/scale.py (after warm-up vs after the run)"
+    elif endurance.get("problem"):
+        growth.why = endurance["problem"]
+    return [ready, growth]
+
+
+TARGETS: list[Callable[[dict[str, ScriptRun]], list[Target]]] = [
+    _authz,
+    _uep,
+    _api,
+    _throughput,
+    _scale,
+]
+
+
+def targets(runs: dict[str, ScriptRun]) -> list[Target]:
+    found: list[Target] = []
+    for extract in TARGETS:
+        try:
+            found.extend(extract(runs))
+        except Exception as exc:  # a table format changed: say so, keep the report
+            found.append(
+                Target(extract.__name__, extract.__name__, "-", why=f"could not read: {exc}")
+            )
+    return found
+
+
+# -- the document ----------------------------------------------------------------------
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    cells_ = [list(header)] + [[c.replace("|", "\\|") for c in row] for row in rows]
+    out = ["| " + " | ".join(cells_[0]) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(row) + " |" for row in cells_[1:]]
+    return "\n".join(out)
+
+
+def _verbatim(text: str) -> str:
+    """A script's output as printed: markdown as is, anything else in a code block."""
+    stripped = text.strip("\n")
+    if "\n|" in "\n" + stripped and "**" in stripped.splitlines()[0]:
+        return stripped
+    return "```text\n" + stripped + "\n```"
+
+
+def render(
+    runs: list[ScriptRun],
+    found: list[Target],
+    *,
+    smoke: bool,
+    started: datetime.datetime,
+    total_seconds: float,
+    warnings: list[str],
+) -> str:
+    parts = [
+        "# Performance",
+        "",
+        "Generated by `bench/report.py` (`make bench`); do not edit by hand. Every figure "
+        "below comes from one run on one machine; peers (bare `ProcessPoolExecutor`, Parsl "
+        "HTEX, Dask `LocalCluster`) ran in the same run, so their ratios hold better than "
+        "absolute numbers on a shared, noisy machine.",
+        "",
+    ]
+    if smoke:
+        parts += ["> **Smoke run** (`--smoke`): tiny counts, the figures mean nothing.", ""]
+    parts += [
+        "## Run",
+        "",
+        _table(
+            ["item", "value"],
+            [
+                ("date (UTC)", started.strftime("%Y-%m-%d %H:%M:%S")),
+                ("commit", commit()),
+                ("duration", f"{total_seconds:.0f} s"),
+                *machine(),
+            ],
+        ),
+        "",
+        "### Versions",
+        "",
+        _table(["component", "version"], versions()),
+        "",
+        "## Targets",
+        "",
+        "The issue's targets on this 2-core machine, against this run's figures.",
+        "",
+        _table(
+            ["target", "goal", "measured", "verdict", "source"],
+            [(t.what, t.goal, t.measured, t.verdict, t.source) for t in found],
+        ),
+        "",
+    ]
+    missed = [t for t in found if t.met is False]
+    if missed:
+        parts += ["### What limits the missed targets", ""]
+        for t in missed:
+            note = LIMITS.get(t.key, "not profiled yet in this run.")
+            parts.append(f"- **{t.what}** ({t.measured}, goal {t.goal}): {note}")
+        parts.append("")
+    parts += ["## Results", ""]
+    for run in runs:
+        parts += [f"### bench/{run.name}", "", f"`{' '.join(_short(run.argv))}` — {run.status}", ""]
+        if run.stdout.strip():
+            parts += [_verbatim(run.stdout), ""]
+        if not run.ok:
+            tail = "\n".join(run.stderr.strip().splitlines()[-15:])
+            parts += ["Not measured (or incomplete): the script did not finish cleanly.", ""]
+            if tail:
+                parts += ["```text", tail, "```", ""]
+        if run.leftovers:
+            parts += ["Left running and killed after the script:", ""]
+            parts += [f"- {line}" for line in run.leftovers] + [""]
+    if warnings:
+        parts += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def _short(argv: Sequence[str]) -> list[str]:
+    out = ["python"]
+    for arg in argv[1:]:
+        if arg.startswith(str(REPO)):
+            arg = os.path.relpath(arg, REPO)
+        out.append("PATH" if arg.startswith(tempfile.gettempdir()) else arg)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="each script with --smoke")
+    parser.add_argument("--output", default=str(REPO / "docs" / "performance.md"))
+    parser.add_argument("--only", nargs="*", help="run only scripts whose name contains this")
+    parser.add_argument(
+        "--timeout-scale", type=float, default=1.0, help="multiply every script's time limit"
+    )
+    args = parser.parse_args(argv)
+    marker = secrets.token_hex(8)
+    become_subreaper()
+    started = datetime.datetime.now(datetime.UTC)
+    began = time.monotonic()
+    runs: list[ScriptRun] = []
+    warnings: list[str] = []
+    for path in discover(args.only):
+        limit = SMOKE_TIMEOUT if args.smoke else TIMEOUTS.get(path.name, DEFAULT_TIMEOUT)
+        print(f"== bench/{path.name} (limit {limit * args.timeout_scale:.0f} s)", flush=True)
+        run = run_script(
+            path, smoke=args.smoke, timeout=limit * args.timeout_scale, marker=marker
+        )
+        runs.append(run)
+        print(run.stdout.rstrip())
+        print(f"-- bench/{path.name}: {run.status}", flush=True)
+        if not run.ok:
+            print("\n".join(run.stderr.strip().splitlines()[-15:]), file=sys.stderr)
+        for line in run.leftovers:
+            warnings.append(f"WARNING: bench/{path.name} left running (killed): {line}")
+        warnings.extend(sweep(marker))
+    # A last look, once every script's clean-up has had its chance.
+    warnings.extend(sweep(marker))
+    found = targets({run.name: run for run in runs})
+    document = render(
+        runs,
+        found,
+        smoke=args.smoke,
+        started=started,
+        total_seconds=time.monotonic() - began,
+        warnings=warnings,
+    )
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(document)
+    print(f"\nTargets:")
+    for t in found:
+        print(f"  {t.what}: {t.measured} (goal {t.goal}) -> {t.verdict}")
+    for line in warnings:
+        print(line)
+    print(f"wrote {args.output}")
+    return 0 if all(run.ok for run in runs) and not warnings else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

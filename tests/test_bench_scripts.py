@@ -1,0 +1,168 @@
+"""The bench scripts of the performance issue keep working: each runs once in ``--smoke``
+mode (tiny counts: the figures mean nothing and nothing here judges them), and
+``bench/report.py --smoke`` writes a complete report. Plus the helpers the report relies
+on: statistics, reading figures back out of printed tables, and the leftover sweep."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+
+
+def load(name: str) -> ModuleType:
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"mep_bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_smoke(script: str, tmp_path: Path, timeout: float = 280) -> tuple[str, Any]:
+    figures = tmp_path / f"{script}.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCH / f"{script}.py"), "--smoke", "--json", str(figures)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    return done.stdout, json.loads(figures.read_text())
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+
+def test_stats_and_percentiles() -> None:
+    common = load("common")
+    stats = common.Stats.of([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (stats.count, stats.min, stats.p50, stats.max, stats.mean) == (5, 1.0, 3.0, 5.0, 3.0)
+    assert stats.p95 == pytest.approx(4.8)
+    assert common.percentile([7.0], 99) == 7.0
+    with pytest.raises(ValueError, match="no samples"):
+        common.percentile([], 50)
+    assert common.fmt_seconds(12.5e-6) == "12.5 µs"
+    assert common.fmt_seconds(0.0025) == "2.50 ms"
+    assert common.fmt_ratio(10.0, 2.0, higher_is_better=True) == "5.00x"
+    assert common.fmt_ratio(2.0, 10.0, higher_is_better=False) == "5.00x"
+    table = common.markdown_table(["a", "long header"], [["1", "2"]])
+    assert table.splitlines()[0] == "| a | long header |"
+    assert table.splitlines()[2] == "| 1 | 2           |"
+
+
+def test_report_reads_figures_from_plain_and_markdown_tables() -> None:
+    report = load("report")
+    plain = (
+        "  lines  decide p50  decide p99\n"
+        "-------  ----------  ----------\n"
+        "     10      5.4 µs     11.7 µs\n"
+        " 10,000     27.0 µs     54.2 µs\n"
+    )
+    run = report.ScriptRun("authz.py", [], returncode=0, stdout=plain)
+    (target,) = report._authz({"authz.py": run})
+    assert (target.measured, target.met) == ("27.0 µs", True)
+    slow = plain.replace("27.0 µs", "1.5 ms")
+    (target,) = report._authz({"authz.py": report.ScriptRun("authz.py", [], 0, stdout=slow)})
+    assert target.met is False
+    markdown = "| path | p50 |\n|---|---|\n| mep | 3.10 ms |\n"
+    assert report.column(markdown, r"\| path", r"^\| mep", r"^p50$") == "3.10 ms"
+    assert report.parse_duration("3.10 ms") == pytest.approx(3.1e-3)
+    assert report.parse_duration("n/a") is None
+    # A script that did not run is "not measured", never a pass.
+    targets = report.targets({})
+    assert targets and all(t.met is None and t.why for t in targets)
+
+
+def test_report_sweep_kills_what_a_bench_left_running() -> None:
+    report = load("report")
+    marker = os.urandom(6).hex()
+    straggler = subprocess.Popen(
+        ["sleep", "120"], env={**os.environ, report.MARKER: marker}, start_new_session=True
+    )
+    try:
+        warnings = report.sweep(marker)
+        assert any(f"pid {straggler.pid} " in w for w in warnings), warnings
+        assert straggler.wait(10) != 0
+    finally:
+        if straggler.poll() is None:
+            straggler.kill()
+            straggler.wait(10)
+    assert report.sweep(marker) == []
+
+
+# -- the scripts, once each -------------------------------------------------------------
+
+
+def test_identity_bench_smoke(tmp_path: Path) -> None:
+    out, figures = run_smoke("identity", tmp_path)
+    assert "| expression, 10 rules, last rule maps" in out
+    assert "external program, example_mapper.py" in out
+    assert "carol" in out  # the example program really mapped its identity
+    assert {"expression_1", "expression_10"} <= set(figures)
+    assert figures["expression_10"]["hit"]["count"] == 50
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_payload_bench_smoke(tmp_path: Path) -> None:
+    out, figures = run_smoke("payload", tmp_path)
+    for path in ("mep, HTTP", "mep, Executor", "bare ProcessPoolExecutor"):
+        assert isinstance(figures[path], dict), figures[path]
+        assert set(figures[path]) == {
+            "1 MiB argument, small result",
+            "small argument, 1 MiB result",
+            "1 MiB argument, 1 MiB result",
+        }
+    assert "| mep, Executor" in out
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_scale_bench_smoke(tmp_path: Path) -> None:
+    out, figures = run_smoke("scale", tmp_path)
+    endurance, users = figures["endurance"], figures["users"]
+    assert endurance["tasks"] == 2000
+    assert {"fd_growth", "rss_growth_bytes"} <= set(endurance)
+    assert users["ok"] and users["count"] == users["ready_count"] == 3
+    assert "all ready" in out
+    # Every account made for the run is gone again.
+    import pwd
+
+    names = {e.pw_name for e in pwd.getpwall()}
+    assert not any(f"{n}@example.org" in out for n in names if n.startswith("mept"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_report_smoke_writes_every_table(tmp_path: Path) -> None:
+    output = tmp_path / "performance.md"
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "report.py"), "--smoke", "--output", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=880,
+        cwd=ROOT,
+        check=False,
+    )
+    text = output.read_text()
+    assert "## Targets" in text and "## Run" in text and "Smoke run" in text
+    for script in sorted(BENCH.glob("*.py")):
+        if script.name not in ("report.py", "common.py"):
+            assert f"### bench/{script.name}" in text
+    assert "| authorization decision p50 at 10,000 policy lines |" in text
+    assert "WARNING" not in done.stdout, done.stdout[-3000:]
