@@ -284,6 +284,13 @@ class BenchDeployment:
     def pid(self) -> int:
         return int(self.daemon.process.pid)
 
+    def log_tail(self, lines: int = 40) -> str:
+        """The end of the daemon's log (for a bench that failed)."""
+        try:
+            return "\n".join(str(self.daemon.stderr()).splitlines()[-lines:])
+        except OSError:
+            return ""
+
     def token(self, identity: str) -> str:
         return str(self.daemon.token(identity))
 
@@ -373,9 +380,7 @@ def bench_deployment(
                     )
                 )
             with running_daemon(config, Path(top) / "site" / "state") as daemon:
-                yield BenchDeployment(
-                    daemon, identities, names, {entry.pw_uid for entry in made}
-                )
+                yield BenchDeployment(daemon, identities, names, {entry.pw_uid for entry in made})
         finally:
             for entry in made:
                 delete_account(entry.pw_name)
@@ -406,7 +411,11 @@ def parsl_htex(workers: int = WORKERS) -> Iterator[Any]:
         loopback_address="127.0.0.1",
         max_workers_per_node=workers,
         launch_cmd=launch,
-        interchange_launch_cmd=[sys.executable, "-m", "parsl.executors.high_throughput.interchange"],
+        interchange_launch_cmd=[
+            sys.executable,
+            "-m",
+            "parsl.executors.high_throughput.interchange",
+        ],
     )
     with tempfile.TemporaryDirectory(prefix="mep-bench-parsl-") as run_dir:
         htex.run_dir = run_dir

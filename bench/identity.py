@@ -26,11 +26,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, Stats, fmt_seconds, print_table, time_calls, write_json  # noqa: E402
+from common import REPO, Stats, fmt_seconds, print_table, time_calls, write_json
 
-from mepcore.identity import AccountPolicy, IdentityMapper, check_account  # noqa: E402
-from mepcore.ports import SystemAccountDatabase  # noqa: E402
-from mepcore.types import Identity, IdentitySet  # noqa: E402
+from mepcore.identity import AccountPolicy, IdentityMapper, check_account
+from mepcore.ports import SystemAccountDatabase
+from mepcore.types import Identity, IdentitySet
 
 SH_PROGRAM = """#!/bin/sh
 cat >/dev/null

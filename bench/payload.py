@@ -31,7 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (  # noqa: E402
+from common import (
     ENDPOINT,
     WORKERS,
     Stats,
@@ -84,7 +84,7 @@ def mep_http(deployment: Any) -> Iterator[Call]:
 
         def call(fn: Callable[[Any], Any], arg: Any) -> Any:
             if fn not in ids:
-                fid, body = pack_function(fn)
+                _, body = pack_function(fn)
                 r = http.post("/v1/functions", json={"function": base64.b64encode(body).decode()})
                 r.raise_for_status()
                 ids[fn] = r.json()["function_id"]
@@ -225,10 +225,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     write_json(
         args.json,
-        {k: (v if isinstance(v, str) else {c: s.to_dict() for c, s in v.items()})
-         for k, v in results.items()},
+        {
+            k: (v if isinstance(v, str) else {c: s.to_dict() for c, s in v.items()})
+            for k, v in results.items()
+        },
     )
-    return 0 if all(not isinstance(v, str) for k, v in results.items() if k.startswith("mep")) else 1
+    return (
+        0 if all(not isinstance(v, str) for k, v in results.items() if k.startswith("mep")) else 1
+    )
 
 
 if __name__ == "__main__":

@@ -121,9 +121,7 @@ class ScriptRun:
 
 def discover(only: Sequence[str] | None) -> list[Path]:
     found = [
-        p
-        for p in BENCH.glob("*.py")
-        if p.name not in NOT_SCRIPTS and not p.name.startswith("_")
+        p for p in BENCH.glob("*.py") if p.name not in NOT_SCRIPTS and not p.name.startswith("_")
     ]
     found.sort(key=lambda p: (ORDER.index(p.name) if p.name in ORDER else len(ORDER), p.name))
     if only:
@@ -709,9 +707,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in discover(args.only):
         limit = SMOKE_TIMEOUT if args.smoke else TIMEOUTS.get(path.name, DEFAULT_TIMEOUT)
         print(f"== bench/{path.name} (limit {limit * args.timeout_scale:.0f} s)", flush=True)
-        run = run_script(
-            path, smoke=args.smoke, timeout=limit * args.timeout_scale, marker=marker
-        )
+        run = run_script(path, smoke=args.smoke, timeout=limit * args.timeout_scale, marker=marker)
         runs.append(run)
         print(run.stdout.rstrip())
         print(f"-- bench/{path.name}: {run.status}", flush=True)
@@ -733,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(document)
-    print(f"\nTargets:")
+    print("\nTargets:")
     for t in found:
         print(f"  {t.what}: {t.measured} (goal {t.goal}) -> {t.verdict}")
     for line in warnings:

@@ -36,19 +36,19 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (  # noqa: E402
+from common import (
     ENDPOINT,
+    Stats,
+    bench_deployment,
+    descendants,
     fmt_bytes,
     fmt_rate,
     fmt_seconds,
     is_root,
-    bench_deployment,
     open_fds,
     print_table,
     rss_bytes,
     tree_rss,
-    descendants,
-    Stats,
     write_json,
 )
 
@@ -297,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
                 figures["users"] = many_users(deployment, users, 5, 100, budget=90)
             except Exception as exc:
                 figures["users"] = {"problem": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            if figures["users"].get("problem") or figures["endurance"].get("problem"):
+                print(f"daemon log (end):\n{deployment.log_tail()}", file=sys.stderr)
     except Exception as exc:
         problem = f"no daemon: {type(exc).__name__}: {str(exc)[:300]}"
         figures.setdefault("endurance", {"problem": problem})
@@ -312,7 +314,7 @@ def report(figures: dict[str, Any], users: int, tasks: int) -> None:
     rows: list[list[str]] = []
     if e.get("tasks"):
         rows += [
-            ["endurance", "no-op tasks (one user, batches of %d)" % e["batch"], f"{e['tasks']:,}"],
+            ["endurance", f"no-op tasks (one user, batches of {e['batch']})", f"{e['tasks']:,}"],
             ["endurance", "throughput, batched HTTP", fmt_rate(e["tasks_per_s"], " tasks/s")],
             [
                 "endurance",
@@ -347,7 +349,8 @@ def report(figures: dict[str, Any], users: int, tasks: int) -> None:
             [
                 "users",
                 "all ready (first results of every user)",
-                fmt_seconds(u["ready_s"]) if u["ready_s"] is not None
+                fmt_seconds(u["ready_s"])
+                if u["ready_s"] is not None
                 else f"{u['ready_count']} of {u['count']} ready",
             ],
             [

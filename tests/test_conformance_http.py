@@ -96,7 +96,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
     schema_path.write_text(json.dumps(schema))
     template = top / "templates" / "user_config_template.yaml.j2"
     template.write_text(
-        template.read_text() + "{% if fail_render %}display_name: {{ no_such_variable }}\n{% endif %}"
+        template.read_text() + "{% if fail_render | default(false) %}display_name: {{ no_such_variable }}\n{% endif %}"
     )
     daemon = start_daemon(config, top / "state")
     pidfile = top / "mepd.pid"

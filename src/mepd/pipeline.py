@@ -690,20 +690,32 @@ class Pipeline:
 
     def _finish_now(self, outcomes: Sequence[Outcome]) -> None:
         now = time.time()
-        changed = set(self.store.finish(outcomes, now))
-        events: list[tuple[str, Mapping[str, Any]]] = []
+        # Tasks this daemon dispatched are open for sure (popped here, so a duplicate
+        # outcome falls to the checked path); others (queued after a restart, stray
+        # duplicates) are checked row by row.
+        mine: list[tuple[Outcome, tuple[str, str, float, str]]] = []
+        others: list[Outcome] = []
         for o in outcomes:
-            if o.task_id not in changed:
-                continue
             info = self._inflight.pop(o.task_id, None)
-            if info is not None:
-                account, function_id, started, _owner = info
+            if info is None:
+                others.append(o)
+            else:
+                mine.append((o, info))
+        self.store.finish([o for o, _ in mine], now, known_open=True)
+        changed = set(self.store.finish(others, now)) if others else set()
+        for _, info in mine:
+            self.metrics.task_seconds.observe(now - info[2])
+        finished = [(o, info[0], info[1]) for o, info in mine]
+        for o in others:
+            if o.task_id in changed:
+                rec = self.store.get(o.task_id)
+                finished.append((o, rec.account if rec else "", rec.function_id if rec else ""))
+        events: list[tuple[str, Mapping[str, Any]]] = []
+        for o, account, function_id in finished:
+            if account:
                 self._pending[account] -= 1
                 if self._pending[account] <= 0:
                     del self._pending[account]
-                self.metrics.task_seconds.observe(now - started)
-            else:
-                account, function_id = "", ""
             reason = (o.error or {}).get("reason") if o.state != "success" else None
             self.metrics.tasks.inc(state=o.state)
             events.append(

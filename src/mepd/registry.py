@@ -93,6 +93,9 @@ class StartRequest:
     environment: Mapping[str, str] = attrs.field(converter=_freeze)
     endpoint: str
     executor_limits: Mapping[str, Any] = attrs.field(converter=_freeze, factory=dict)
+    # The bounds the daemon validated the variables with; the user endpoint re-checks
+    # with the same ones, so a site that raises them is not refused at render time.
+    variable_limits: Mapping[str, Any] = attrs.field(converter=_freeze, factory=dict)
     setup_timeout: float = 300.0
     teardown_timeout: float = 300.0
 
@@ -110,6 +113,7 @@ class StartRequest:
             "setup_timeout": self.setup_timeout,
             "teardown_timeout": self.teardown_timeout,
             "executor_limits": dict(self.executor_limits),
+            "variable_limits": dict(self.variable_limits),
         }
 
 

@@ -270,42 +270,32 @@ class TaskStore:
                 [(t,) for t in task_ids],
             )
 
-    def finish(self, outcomes: Sequence[Outcome], now: float) -> list[str]:
-        """Record final outcomes in one transaction. Returns the ids that changed (a task
-        already final — cancelled, or lost then reported — keeps its first outcome)."""
+    def finish(
+        self, outcomes: Sequence[Outcome], now: float, *, known_open: bool = False
+    ) -> list[str]:
+        """Record final outcomes in one transaction; returns the ids that changed. A task
+        already final (cancelled, or lost then reported) keeps its first outcome.
+
+        ``known_open``: the caller knows every task is still open (the pipeline's own
+        in-flight tasks), which allows one ``executemany``; the state guard stays."""
+        sql = (
+            "UPDATE tasks SET state=?, error=?, result=?, finished=?, payload=NULL"
+            " WHERE id=? AND state IN ('queued','dispatched')"
+        )
+        rows = [
+            (o.state, json.dumps(o.error) if o.error is not None else None, o.result, now,
+             o.task_id)
+            for o in outcomes
+        ]
         with self._transaction():
-            ids = [o.task_id for o in outcomes]
-            open_ids: set[str] = set()
-            for start in range(0, len(ids), 500):
-                chunk = ids[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                rows = self._db.execute(
-                    f"SELECT id FROM tasks WHERE id IN ({marks})"  # noqa: S608
-                    " AND state IN ('queued','dispatched')",
-                    chunk,
-                )
-                open_ids.update(r[0] for r in rows)
+            if known_open:
+                self._db.executemany(sql, rows)
+                return [o.task_id for o in outcomes]
             changed: list[str] = []
-            params = []
-            for o in outcomes:
-                if o.task_id in open_ids:
-                    open_ids.discard(o.task_id)  # a duplicate in the batch: first one wins
-                    changed.append(o.task_id)
-                    params.append(
-                        (
-                            o.state,
-                            json.dumps(o.error) if o.error is not None else None,
-                            o.result,
-                            now,
-                            o.task_id,
-                        )
-                    )
-            self._db.executemany(
-                "UPDATE tasks SET state=?, error=?, result=?, finished=?, payload=NULL"
-                " WHERE id=?",
-                params,
-            )
-        return changed
+            for row in rows:
+                if self._db.execute(sql, row).rowcount:
+                    changed.append(row[4])
+            return changed
 
     def get(self, task_id: str) -> TaskRecord | None:
         row = self._db.execute(

@@ -91,6 +91,7 @@ class StartMessage:
     setup_timeout: float
     teardown_timeout: float
     executor_limits: Mapping[str, Any]
+    variable_limits: Mapping[str, Any]
 
     @classmethod
     def from_header(cls, header: Mapping[str, Any]) -> StartMessage:
@@ -123,6 +124,7 @@ class StartMessage:
             setup_timeout=float(timeouts[0]),
             teardown_timeout=float(timeouts[1]),
             executor_limits=header.get("executor_limits") or {},
+            variable_limits=header.get("variable_limits") or {},
         )
 
 
@@ -218,7 +220,7 @@ class UserEndpoint:
 
     def _render(self, start: StartMessage) -> Any:
         # Rendering happens here, as the user, never in the daemon (DESIGN.md §3.5).
-        from mepcore.config import MappedIdentity, render_endpoint_config
+        from mepcore.config import MappedIdentity, VariableLimits, render_endpoint_config
         from mepcore.types import Account, Identity
 
         acc = start.account
@@ -235,6 +237,10 @@ class UserEndpoint:
         except (KeyError, TypeError, ValueError) as exc:
             raise _refuse("spawn.start_failed", f"start message: bad account: {exc}") from exc
         identity = None if start.identity is None else Identity.from_mapping(start.identity)
+        try:
+            variable_limits = VariableLimits(**dict(start.variable_limits))
+        except TypeError as exc:
+            raise _refuse("spawn.start_failed", f"start message: bad variable_limits: {exc}") from exc
         return render_endpoint_config(
             start.template_text,
             start.variables,
@@ -242,6 +248,7 @@ class UserEndpoint:
             user_runtime=start.user_runtime,
             includes=start.includes,
             template_name=start.template_name,
+            variable_limits=variable_limits,
         )
 
     def _engine_dict(self) -> dict[str, Any]:
