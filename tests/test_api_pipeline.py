@@ -553,3 +553,111 @@ def test_openapi_is_served_and_the_committed_copy_is_current(tmp_path: Path) -> 
     assert committed == openapi_text(), (
         "docs/openapi.json is stale: run `.venv/bin/python -m mepd.api > docs/openapi.json`"
     )
+
+
+FID = "a" * 64
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"tasks": [{"function_id": FID, "args": "eA=="}]},
+        {"tasks": [{"function_id": FID, "args": "", "walltime": 2.5}],
+         "user_endpoint_config": {"a": 1}, "user_runtime": {}},
+        {"tasks": [{"function_id": FID, "args": "", "walltime": 1}]},
+        {"tasks": []},
+        {"tasks": [{"function_id": FID}]},
+        {"tasks": [{"function_id": FID.upper(), "args": ""}]},
+        {"tasks": [{"function_id": FID, "args": "", "walltime": 0}]},
+        {"tasks": [{"function_id": FID, "args": "", "walltime": True}]},
+        {"tasks": [{"function_id": FID, "args": 1}]},
+        {"tasks": [{"function_id": FID, "args": "", "x": 1}]},
+        {"tasks": [{"function_id": FID, "args": ""}], "user_endpoint_config": []},
+        {"tasks": [{"function_id": FID, "args": ""}], "other": 1},
+        {"tasks": "no"},
+        [],
+        None,
+    ],
+)
+def test_fast_submit_check_agrees_with_the_schema(body: Any) -> None:
+    import jsonschema
+
+    from mepd.pipeline import SUBMIT_SCHEMA, submit_shape_ok
+
+    schema_ok = not list(jsonschema.Draft202012Validator(SUBMIT_SCHEMA).iter_errors(body))
+    assert submit_shape_ok(body) == schema_ok
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"task_ids": ["a", "b"], "timeout": 1}, {"task_ids": []}, {"task_ids": [1]},
+     {"task_ids": ["a"], "timeout": -1}, {"task_ids": ["a"], "timeout": False},
+     {"task_ids": ["a"], "x": 1}, {"timeout": 1}, "x"],
+)
+def test_fast_wait_check_agrees_with_the_schema(body: Any) -> None:
+    import jsonschema
+
+    from mepd.pipeline import WAIT_SCHEMA, wait_shape_ok
+
+    schema_ok = not list(jsonschema.Draft202012Validator(WAIT_SCHEMA).iter_errors(body))
+    assert wait_shape_ok(body) == schema_ok
+
+
+def test_queued_tasks_are_dispatched_after_a_restart_and_can_be_cancelled(
+    tmp_path: Path,
+) -> None:
+    from mepd.store import NewTask, Spec
+
+    async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
+        fid = await register(client, kit)
+        store = kit.pipeline.store
+        owner = (await kit.pipeline.authenticate(
+            kit.headers(ALICE)["Authorization"], route="test")).owner
+        store.put_spec(Spec("spec1", "hpc", "alice", {"workers": 1}, {}, {"id": "x"}), 1.0)
+        store.add_tasks(
+            [NewTask(f"q{i}", owner, "hpc", "alice", "spec1", fid, f"p{i}".encode(), None)
+             for i in range(3)],
+            state="queued", now=1.0,
+        )
+        recovery = store.recover(2.0)
+        assert len(recovery.queued) == 3
+        kit.pipeline.load_pending_counts()
+        cancelled = await client.delete("/v1/tasks/q1", headers=kit.headers(ALICE))
+        assert cancelled.json()["state"] == "cancelled"
+        assert cancelled.json()["error"]["reason"] == "task.cancelled"
+        await kit.pipeline.redispatch(recovery.queued)
+        w = await client.post("/v1/tasks/wait", headers=kit.headers(ALICE),
+                              json={"task_ids": ["q0", "q1", "q2"], "timeout": 5})
+        views = {t["task_id"]: t for t in w.json()["tasks"]}
+        for _ in range(10):
+            if len(views) == 3:
+                break
+            w = await client.post("/v1/tasks/wait", headers=kit.headers(ALICE),
+                                  json={"task_ids": ["q0", "q1", "q2"], "timeout": 5})
+            views.update({t["task_id"]: t for t in w.json()["tasks"]})
+        assert base64.b64decode(views["q0"]["result"]) == b"echo:p0"
+        assert base64.b64decode(views["q2"]["result"]) == b"echo:p2"
+        assert views["q1"]["state"] == "cancelled"
+        assert kit.endpoints.starts[0].variables == {"workers": 1}
+
+    run(tmp_path, scenario)
+
+
+def test_redispatch_of_an_unusable_spec_fails_the_tasks_with_a_reason(tmp_path: Path) -> None:
+    from mepd.store import NewTask, Spec
+
+    async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
+        fid = await register(client, kit)
+        store = kit.pipeline.store
+        owner = (await kit.pipeline.authenticate(
+            kit.headers(ALICE)["Authorization"], route="test")).owner
+        # The account vanished while the daemon was down.
+        store.put_spec(Spec("spec2", "hpc", "carol", {}, {}, {"id": "x"}), 1.0)
+        store.add_tasks([NewTask("r0", owner, "hpc", "carol", "spec2", fid, b"x", None)],
+                        state="queued", now=1.0)
+        await kit.pipeline.redispatch(store.recover(2.0).queued)
+        view = (await client.get("/v1/tasks/r0", headers=kit.headers(ALICE))).json()
+        assert view["state"] == "failed"
+        assert view["error"]["reason"] == "identity.account_missing"
+
+    run(tmp_path, scenario)

@@ -141,6 +141,35 @@ class LoadedSite:
         return config_key(account.name, self.files.template_digest, variables)
 
 
+ACCOUNT_CACHE_SECONDS = 2.0
+ACCOUNT_CACHE_ENTRIES = 4096
+
+
+@attrs.define
+class CachedAccounts:
+    """The password database with a short memory (an NSS look-up with all groups costs
+    ~0.2 ms). A changed or removed account is seen after at most ``ttl`` seconds; the
+    account policy (uid 0, min_uid, deny list, the daemon's uid) is applied every time."""
+
+    inner: AccountDatabase
+    ttl: float = ACCOUNT_CACHE_SECONDS
+    _by_name: dict[str, tuple[float, Account | None]] = attrs.field(factory=dict)
+
+    def by_name(self, name: str) -> Account | None:
+        now = time.monotonic()
+        hit = self._by_name.get(name)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        account = self.inner.by_name(name)
+        if len(self._by_name) >= ACCOUNT_CACHE_ENTRIES:
+            self._by_name.clear()
+        self._by_name[name] = (now + self.ttl, account)
+        return account
+
+    def by_uid(self, uid: int) -> Account | None:
+        return self.inner.by_uid(uid)
+
+
 def account_policy(settings: Settings) -> AccountPolicy:
     return AccountPolicy(
         min_uid=settings.min_uid, daemon_uid=os.getuid(), deny=frozenset(settings.deny_accounts)
@@ -157,7 +186,7 @@ def load_sites(settings: Settings, previous: Mapping[str, LoadedSite] | None = N
     """Load every endpoint's files. With ``previous`` (a reload), a part that fails keeps
     its previous version; without it (a start), an endpoint with a failed part is left
     out and the problem reported."""
-    accounts = SystemAccountDatabase()
+    accounts = CachedAccounts(SystemAccountDatabase())
     policy = account_policy(settings)
     problems: list[str] = []
     sites: dict[str, LoadedSite] = {}
