@@ -39,8 +39,9 @@ def b64(data: bytes) -> str:
 
 
 def register_noop(client: httpx.Client) -> tuple[str, str]:
-    from mepcore.tasks import pack_args, pack_function
     from tests.daemon_harness import remote_function
+
+    from mepcore.tasks import pack_args, pack_function
 
     fid, body = pack_function(remote_function(NOOP_SOURCE, "noop"))
     client.post("/v1/functions", json={"function": b64(body)}).raise_for_status()
@@ -63,14 +64,17 @@ def wait_for(client: httpx.Client, ids: list[str], deadline: float) -> int:
     return failed
 
 
-def throughput(url: str, token: str, total: int, batch: int, threads: int,
-               variables: dict[str, Any]) -> dict[str, float]:
+def throughput(
+    url: str, token: str, total: int, batch: int, threads: int, variables: dict[str, Any]
+) -> dict[str, float]:
     headers = {"Authorization": f"Bearer {token}"}
     with httpx.Client(base_url=url, headers=headers, timeout=120) as client:
         fid, args = register_noop(client)
         # Warm the user endpoint up (its start is not what this measures).
-        r = client.post("/v1/endpoints/hpc/submit", json={
-            "user_endpoint_config": variables, "tasks": [{"function_id": fid, "args": args}]})
+        r = client.post(
+            "/v1/endpoints/hpc/submit",
+            json={"user_endpoint_config": variables, "tasks": [{"function_id": fid, "args": args}]},
+        )
         r.raise_for_status()
         wait_for(client, r.json()["task_ids"], 120)
     per_thread = total // threads
@@ -83,9 +87,13 @@ def throughput(url: str, token: str, total: int, batch: int, threads: int,
                 ids: list[str] = []
                 for start in range(0, per_thread, batch):
                     n = min(batch, per_thread - start)
-                    r = client.post("/v1/endpoints/hpc/submit", json={
-                        "user_endpoint_config": variables,
-                        "tasks": [{"function_id": fid, "args": args}] * n})
+                    r = client.post(
+                        "/v1/endpoints/hpc/submit",
+                        json={
+                            "user_endpoint_config": variables,
+                            "tasks": [{"function_id": fid, "args": args}] * n,
+                        },
+                    )
                     r.raise_for_status()
                     ids += r.json()["task_ids"]
                 failures.append(wait_for(client, ids, 600))
@@ -102,8 +110,12 @@ def throughput(url: str, token: str, total: int, batch: int, threads: int,
     if errors:
         raise errors[0]
     done = per_thread * threads
-    return {"tasks": float(done), "seconds": elapsed, "tasks_per_s": done / elapsed,
-            "failed": float(sum(failures))}
+    return {
+        "tasks": float(done),
+        "seconds": elapsed,
+        "tasks_per_s": done / elapsed,
+        "failed": float(sum(failures)),
+    }
 
 
 def latency(url: str, token: str, rounds: int, variables: dict[str, Any]) -> dict[str, float]:
@@ -125,9 +137,11 @@ def latency(url: str, token: str, rounds: int, variables: dict[str, Any]) -> dic
             if i >= 5:  # the first rounds warm up the user endpoint
                 samples.append(time.perf_counter() - began)
     samples.sort()
-    return {"p50_ms": 1000 * statistics.median(samples),
-            "p99_ms": 1000 * samples[min(len(samples) - 1, int(len(samples) * 0.99))],
-            "rounds": float(len(samples))}
+    return {
+        "p50_ms": 1000 * statistics.median(samples),
+        "p99_ms": 1000 * samples[min(len(samples) - 1, int(len(samples) * 0.99))],
+        "rounds": float(len(samples)),
+    }
 
 
 def own_daemon(workdir: Path) -> tuple[Any, str, str, Any]:
@@ -140,7 +154,8 @@ def own_daemon(workdir: Path) -> tuple[Any, str, str, Any]:
     account = create_account()
     try:
         config = write_deployment(
-            workdir / "site", python=python,
+            workdir / "site",
+            python=python,
             package_paths=[p for p in package_paths(python) if os.path.isdir(p)],
             settings_extra={"log_level": "warning"},
         )
@@ -191,13 +206,23 @@ def main(argv: list[str] | None = None) -> int:
         if cleanup is not None:
             cleanup()
     rows = [
-        ("batched no-op tasks", f"{int(tp['tasks'])}", f"{tp['seconds']:.2f} s",
-         f"{tp['tasks_per_s']:.0f} tasks/s"),
-        ("single warm round trip", f"{int(lat['rounds'])}", f"p50 {lat['p50_ms']:.2f} ms",
-         f"p99 {lat['p99_ms']:.2f} ms"),
+        (
+            "batched no-op tasks",
+            f"{int(tp['tasks'])}",
+            f"{tp['seconds']:.2f} s",
+            f"{tp['tasks_per_s']:.0f} tasks/s",
+        ),
+        (
+            "single warm round trip",
+            f"{int(lat['rounds'])}",
+            f"p50 {lat['p50_ms']:.2f} ms",
+            f"p99 {lat['p99_ms']:.2f} ms",
+        ),
     ]
-    print(f"mepd API on loopback ({args.threads} client threads, batch {args.batch},"
-          f" {args.workers} workers)")
+    print(
+        f"mepd API on loopback ({args.threads} client threads, batch {args.batch},"
+        f" {args.workers} workers)"
+    )
     print(f"{'measure':<26}{'n':>8}  {'time':<16}{'result'}")
     for name, n, t, result in rows:
         print(f"{name:<26}{n:>8}  {t:<16}{result}")

@@ -231,6 +231,17 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            raw = handle.read()
+    except OSError:
+        return 0.0
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def tree_rss(pid: int) -> int:
     """RSS of a process and all its descendants (shared pages are counted per process)."""
     return rss_bytes(pid) + sum(rss_bytes(p) for p in descendants(pid))
@@ -384,6 +395,17 @@ def bench_deployment(
         finally:
             for entry in made:
                 delete_account(entry.pw_name)
+
+
+def why_not_measured(exc: BaseException) -> str:
+    """A "not measured" cell for a failed measurement, naming the known non-root case."""
+    text = f"{type(exc).__name__}: {str(exc)[:200]}"
+    if "identity.account_daemon" in text:
+        return (
+            "not root: the one account is the daemon's own uid, which mep refuses to run "
+            "work as by design (DESIGN §3.2); run the bench as root"
+        )
+    return text
 
 
 # -- peers ------------------------------------------------------------------------------

@@ -38,9 +38,11 @@ from common import (
     bench_deployment,
     dask_client,
     fmt_seconds,
+    is_root,
     parsl_htex,
     peer_available,
     print_table,
+    why_not_measured,
     write_json,
 )
 
@@ -172,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                     with runner(deployment) as call:
                         results[name] = measure(call, repeats)
                 except Exception as exc:
-                    results[name] = f"not measured: {type(exc).__name__}: {str(exc)[:160]}"
+                    results[name] = f"not measured: {why_not_measured(exc)}"
     except Exception as exc:
         for name in ("mep, HTTP", "mep, Executor"):
             results[name] = f"not measured: no daemon: {type(exc).__name__}: {str(exc)[:160]}"
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             with runner() as call:
                 results[name] = measure(call, repeats)
         except Exception as exc:
-            results[name] = f"not measured: {type(exc).__name__}: {str(exc)[:160]}"
+            results[name] = f"not measured: {why_not_measured(exc)}"
 
     reference = results.get("mep, Executor")
     rows = []
@@ -230,9 +232,9 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in results.items()
         },
     )
-    return (
-        0 if all(not isinstance(v, str) for k, v in results.items() if k.startswith("mep")) else 1
-    )
+    measured = all(not isinstance(v, str) for k, v in results.items() if k.startswith("mep"))
+    # Not root: the daemon refuses its own uid on purpose; the table says so, not a failure.
+    return 0 if measured or not is_root() else 1
 
 
 if __name__ == "__main__":

@@ -16,8 +16,10 @@ import hashlib
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -60,8 +62,11 @@ class FakeSite:
     denied: set[tuple[str, str]] = attrs.field(factory=set)  # (obj, action)
     admins: set[str] = attrs.field(factory=set)  # account names allowed "admin"
     decisions: list[tuple[str, str, tuple[str, ...]]] = attrs.field(factory=list)
+    mapping_blocks: bool = False
+    map_threads: list[str] = attrs.field(factory=list)
 
     def map_identity(self, identities: IdentitySet) -> str | None:
+        self.map_threads.append(threading.current_thread().name)
         for ident in identities:
             if ident.username in self.mapping:
                 return self.mapping[ident.username]
@@ -297,7 +302,12 @@ class RunningDaemon:
 
 
 def start_daemon(
-    config: Path, state_dir: Path, *, deadline: float = 60.0, log_name: str = "mepd.log"
+    config: Path,
+    state_dir: Path,
+    *,
+    deadline: float = 60.0,
+    log_name: str = "mepd.log",
+    ca: Path | None = None,
 ) -> RunningDaemon:
     """Start ``mepd serve`` and wait until /healthz answers (or fail with its log)."""
     port_file = state_dir / "port"
@@ -320,9 +330,11 @@ def start_daemon(
         if process.poll() is not None:
             raise RuntimeError(f"mepd exited {process.returncode}:\n{stderr_path.read_text()}")
         if port_file.exists() and port_file.read_text().strip():
-            url = f"http://127.0.0.1:{int(port_file.read_text())}"
+            scheme = "https" if ca else "http"
+            url = f"{scheme}://127.0.0.1:{int(port_file.read_text())}"
             try:
-                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                verify: Any = ssl.create_default_context(cafile=str(ca)) if ca else True
+                if httpx.get(url + "/healthz", timeout=2, verify=verify).status_code == 200:
                     return RunningDaemon(config, state_dir, process, url, stderr_path)
             except httpx.HTTPError:
                 pass
@@ -405,19 +417,20 @@ def write_deployment(
 def remote_function(source: str, name: str) -> Any:
     """A function defined as if in ``__main__``, so dill sends it by value."""
     namespace: dict[str, Any] = {"__name__": "__main__"}
-    exec(compile(source, f"<{name}>", "exec"), namespace)  # noqa: S102 - test helper
+    exec(compile(source, f"<{name}>", "exec"), namespace)
     return namespace[name]
 
 
-def wait_all(client: httpx.Client, ids: Sequence[str], *, deadline: float = 120.0
-             ) -> dict[str, dict[str, Any]]:
+def wait_all(
+    client: httpx.Client, ids: Sequence[str], *, deadline: float = 120.0
+) -> dict[str, dict[str, Any]]:
     """Long-poll until every id is final (or the deadline passes); views by id."""
     done: dict[str, dict[str, Any]] = {}
     end = time.monotonic() + deadline
     while len(done) < len(ids) and time.monotonic() < end:
         pending = [i for i in ids if i not in done]
         for start in range(0, len(pending), 5000):
-            chunk = pending[start:start + 5000]
+            chunk = pending[start : start + 5000]
             r = client.post("/v1/tasks/wait", json={"task_ids": chunk, "timeout": 5})
             r.raise_for_status()
             for view in r.json()["tasks"]:

@@ -29,8 +29,13 @@ pytestmark = pytest.mark.root
 RESTART = """#!/bin/sh
 # Kill the daemon without warning (as a crash would) and start it again.
 set -e
-kill -9 "$(cat {pidfile})" 2>/dev/null || true
-while kill -0 "$(cat {pidfile})" 2>/dev/null; do sleep 0.05; done
+pid="$(cat {pidfile})"
+kill -9 "$pid" 2>/dev/null || true
+# Dead is gone or a zombie (the test process reaps its own child later); bounded wait.
+i=0
+while [ $i -lt 200 ] && [ -e /proc/$pid ] && ! grep -q ') Z ' /proc/$pid/stat 2>/dev/null; do
+  sleep 0.05; i=$((i + 1))
+done
 cd {repo}
 setsid {python} -m mepd serve --config {config} >>{log} 2>&1 </dev/null &
 echo $! > {pidfile}
@@ -96,7 +101,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
     schema_path.write_text(json.dumps(schema))
     template = top / "templates" / "user_config_template.yaml.j2"
     template.write_text(
-        template.read_text() + "{% if fail_render | default(false) %}display_name: {{ no_such_variable }}\n{% endif %}"
+        template.read_text()
+        + "{% if fail_render | default(false) %}display_name: {{ no_such_variable }}\n{% endif %}"
     )
     daemon = start_daemon(config, top / "state")
     pidfile = top / "mepd.pid"
@@ -153,7 +159,8 @@ def test_whole_suite_against_a_live_daemon(deployment: dict[str, Any]) -> None:
         "--format", "text", timeout=1200,
     )  # fmt: skip
     log = deployment["top"] / "mepd.log"
-    detail = done.stdout[-6000:] + done.stderr[-3000:]
+    bad = [line for line in done.stdout.splitlines() if line.startswith(("FAIL", "ERROR", "XPASS"))]
+    detail = "\n".join(bad) + "\n" + done.stdout[-300:] + done.stderr[-3000:]
     if log.exists():
         detail += log.read_text(errors="replace")[-3000:]
     assert done.returncode == 0, detail

@@ -70,20 +70,26 @@ def register(client: Any, fn: Any) -> str:
     return fid
 
 
-def submit(client: Any, fid: str, args_list: list[tuple[Any, ...]],
-           variables: dict[str, Any] | None = None) -> Any:
-    return client.post("/v1/endpoints/hpc/submit", json={
-        "user_endpoint_config": variables if variables is not None else {"max_workers": 2},
-        "tasks": [{"function_id": fid, "args": b64(pack_args(a, {}))} for a in args_list],
-    })
+def submit(
+    client: Any, fid: str, args_list: list[tuple[Any, ...]], variables: dict[str, Any] | None = None
+) -> Any:
+    return client.post(
+        "/v1/endpoints/hpc/submit",
+        json={
+            "user_endpoint_config": variables if variables is not None else {"max_workers": 2},
+            "tasks": [{"function_id": fid, "args": b64(pack_args(a, {}))} for a in args_list],
+        },
+    )
 
 
 def test_two_identities_run_under_their_own_uids_and_refusals_are_honest(
     deployment: tuple[RunningDaemon, list[pwd.struct_passwd]],
 ) -> None:
     daemon, (one, two) = deployment
-    clients = {acct.pw_name: daemon.client(daemon.token(f"{acct.pw_name}@example.org"))
-               for acct in (one, two)}
+    clients = {
+        acct.pw_name: daemon.client(daemon.token(f"{acct.pw_name}@example.org"))
+        for acct in (one, two)
+    }
     ids: dict[str, list[str]] = {}
     for acct in (one, two):
         client = clients[acct.pw_name]
@@ -143,8 +149,11 @@ def test_two_identities_run_under_their_own_uids_and_refusals_are_honest(
     assert len(error["violations"]) == 3, error
 
     # A body over the limit.
-    r = client.post("/v1/endpoints/hpc/submit", content=b"x" * (2 * 1024 * 1024),
-                    headers={"Content-Type": "application/json"})
+    r = client.post(
+        "/v1/endpoints/hpc/submit",
+        content=b"x" * (2 * 1024 * 1024),
+        headers={"Content-Type": "application/json"},
+    )
     assert r.status_code == 413
     assert r.json()["error"]["reason"] == "api.body_too_large"
 
@@ -156,15 +165,28 @@ def test_two_identities_run_under_their_own_uids_and_refusals_are_honest(
     assert audit.stat().st_mode & 0o777 == 0o600
     events = [json.loads(line) for line in audit.read_text().splitlines()]
     kinds = {e["event"] for e in events}
-    assert {"auth.failed", "identity.mapping_resolved", "identity.mapping_failed",
-            "authz.decided", "uep.started", "task.received", "task.finished"} <= kinds
+    assert {
+        "auth.failed",
+        "identity.mapping_resolved",
+        "identity.mapping_failed",
+        "authz.decided",
+        "uep.started",
+        "task.received",
+        "task.finished",
+    } <= kinds
     started = [e for e in events if e["event"] == "uep.started"]
     assert {e["uid"] for e in started} == {one.pw_uid, two.pw_uid}
+    assert all(isinstance(e["pid"], int) and len(e["config_key"]) == 64 for e in started)
+    stopped = [e for e in events if e["event"] == "uep.stopped"]
+    assert [(e["account"], e["reason"]) for e in stopped] == [(one.pw_name, "stopped by caller")]
 
     # mepd status over the admin socket.
     out = subprocess.run(
         [sys.executable, "-m", "mepd", "status", "--config", str(daemon.config)],
-        capture_output=True, text=True, timeout=60, check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     assert json.loads(out.stdout)["pid"] == daemon.process.pid
     sock = daemon.state_dir / "admin.sock"

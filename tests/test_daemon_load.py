@@ -35,7 +35,8 @@ def test_fifty_thousand_noop_tasks_all_arrive(tmp_path: Path, make_account: Any)
     python = runtime_python()
     acct = make_account()
     config = write_deployment(
-        tmp_path / "site", python=python,
+        tmp_path / "site",
+        python=python,
         package_paths=[p for p in package_paths(python) if os.path.isdir(p)],
         settings_extra={"log_level": "warning"},
     )
@@ -55,17 +56,23 @@ def test_fifty_thousand_noop_tasks_all_arrive(tmp_path: Path, make_account: Any)
                 with daemon.client(token, timeout=120) as client:
                     ids: list[str] = []
                     for _ in range(TOTAL // THREADS // BATCH):
-                        r = client.post("/v1/endpoints/hpc/submit", json={
-                            "user_endpoint_config": variables,
-                            "tasks": [{"function_id": fid, "args": args}] * BATCH})
+                        r = client.post(
+                            "/v1/endpoints/hpc/submit",
+                            json={
+                                "user_endpoint_config": variables,
+                                "tasks": [{"function_id": fid, "args": args}] * BATCH,
+                            },
+                        )
                         r.raise_for_status()
                         ids += r.json()["task_ids"]
                     pending = set(ids)
                     ok = 0
                     end = time.monotonic() + 300  # bounded: the test stops by itself
                     while pending and time.monotonic() < end:
-                        w = client.post("/v1/tasks/wait",
-                                        json={"task_ids": list(pending)[:10_000], "timeout": 10})
+                        w = client.post(
+                            "/v1/tasks/wait",
+                            json={"task_ids": list(pending)[:10_000], "timeout": 10},
+                        )
                         w.raise_for_status()
                         for view in w.json()["tasks"]:
                             pending.discard(view["task_id"])
@@ -89,8 +96,13 @@ def test_fifty_thousand_noop_tasks_all_arrive(tmp_path: Path, make_account: Any)
 
 
 def test_bench_api_smoke_runs() -> None:
-    out = subprocess.run([sys.executable, str(REPO / "bench" / "api.py"), "--smoke"],
-                         capture_output=True, text=True, timeout=600, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "api.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "tasks/s" in out.stdout
     assert "p50" in out.stdout and "p99" in out.stdout

@@ -28,7 +28,9 @@ def wait_for_reloads(daemon: RunningDaemon, count: int, deadline: float = 30.0) 
     while time.monotonic() < end:
         out = subprocess.run(
             [sys.executable, "-m", "mepd", "status", "--state-dir", str(daemon.state_dir)],
-            capture_output=True, text=True, timeout=30,
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
         status: dict[str, Any] = json.loads(out.stdout)
         if status["reloads"] >= count:
@@ -55,8 +57,9 @@ def test_broken_policy_keeps_the_old_one_and_a_fixed_one_takes_effect(
         assert "the previous version stays in force" in daemon.stderr()
 
         # The fixed policy no longer grants read_status: it takes effect.
-        policy.write_text("".join(line + "\n" for line in good.splitlines()
-                                  if "read_status" not in line))
+        policy.write_text(
+            "".join(line + "\n" for line in good.splitlines() if "read_status" not in line)
+        )
         daemon.process.send_signal(signal.SIGHUP)
         wait_for_reloads(daemon, 2)
         assert status_code(client) == 403
@@ -65,7 +68,9 @@ def test_broken_policy_keeps_the_old_one_and_a_fixed_one_takes_effect(
         policy.write_text("garbage without commas\n")
         out = subprocess.run(
             [sys.executable, "-m", "mepd", "reload", "--config", str(config)],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert out.returncode == 1
         assert "policy" in out.stderr

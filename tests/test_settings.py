@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -13,10 +14,17 @@ from mepcore.errors import SiteConfigError
 from mepd.settings import Settings
 from tests.daemon_harness import EXAMPLE, REPO
 
-MINIMAL = {
+MINIMAL: dict[str, Any] = {
     "state_dir": "state",
-    "endpoints": [{"name": "hpc", "template": "t.j2", "mapping": "m.json",
-                   "policy_model": "model.conf", "policy": "p.csv"}],
+    "endpoints": [
+        {
+            "name": "hpc",
+            "template": "t.j2",
+            "mapping": "m.json",
+            "policy_model": "model.conf",
+            "policy": "p.csv",
+        }
+    ],
 }
 
 
@@ -42,14 +50,26 @@ def test_every_violation_is_reported_with_its_key() -> None:
         **MINIMAL,
         "listen": {"port": 70000},
         "limits": {"max_body_bytes": 0, "bogus": 1},
-        "issuers": [{"type": "jwt", "issuer": "https://idp", "audience": "a",
-                     "algorithms": ["HS256", "none"]}],
+        "issuers": [
+            {
+                "type": "jwt",
+                "issuer": "https://idp",
+                "audience": "a",
+                "algorithms": ["HS256", "none"],
+            }
+        ],
         "min_uid": 0,
     }
     found = violations_of(bad)
-    for key in ("$.listen.port", "$.limits.max_body_bytes", "$.limits",
-                "$.issuers[0].algorithms[0]", "$.issuers[0].algorithms[1]", "$.issuers[0]",
-                "$.min_uid"):
+    for key in (
+        "$.listen.port",
+        "$.limits.max_body_bytes",
+        "$.limits",
+        "$.issuers[0].algorithms[0]",
+        "$.issuers[0].algorithms[1]",
+        "$.issuers[0]",
+        "$.min_uid",
+    ):
         assert key in found, (key, found)
 
 
@@ -58,7 +78,8 @@ def test_endpoints_are_required_and_names_unique() -> None:
     dup = {**MINIMAL, "endpoints": MINIMAL["endpoints"] * 2}
     assert "$.endpoints[1].name" in violations_of(dup)
     assert "$.endpoints[0].name" in violations_of(
-        {**MINIMAL, "endpoints": [{**MINIMAL["endpoints"][0], "name": "../x"}]})
+        {**MINIMAL, "endpoints": [{**MINIMAL["endpoints"][0], "name": "../x"}]}
+    )
 
 
 def test_duplicate_yaml_keys_are_refused(tmp_path: Path) -> None:
@@ -76,19 +97,30 @@ def test_allowed_functions_must_be_sha256() -> None:
 def test_the_example_settings_are_valid_and_mepd_check_accepts_them() -> None:
     settings = Settings.from_file(EXAMPLE / "mepd.yaml")
     assert settings.endpoints[0].policy_tests is not None
-    out = subprocess.run([sys.executable, "-m", "mepd", "check", "--config",
-                          str(EXAMPLE / "mepd.yaml")], capture_output=True, text=True,
-                         timeout=120, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "-m", "mepd", "check", "--config", str(EXAMPLE / "mepd.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert out.returncode == 0, out.stderr
 
 
 def test_mepd_check_lists_every_problem(tmp_path: Path) -> None:
     data = yaml.safe_load((EXAMPLE / "mepd.yaml").read_text())
-    for key in ("template", "schema", "environment", "mapping", "policy_model", "policy",
-                "policy_tests"):
+    for key in (
+        "template",
+        "schema",
+        "environment",
+        "mapping",
+        "policy_model",
+        "policy",
+        "policy_tests",
+    ):
         value = data["endpoints"][0][key]
         data["endpoints"][0][key] = str((EXAMPLE / value).resolve())
-    (tmp_path / "mapping.json").write_text("[{\"DATA_TYPE\": \"nope\"}]")
+    (tmp_path / "mapping.json").write_text('[{"DATA_TYPE": "nope"}]')
     (tmp_path / "policy.csv").write_text("p, only, three\n")
     data["endpoints"][0]["mapping"] = str(tmp_path / "mapping.json")
     data["endpoints"][0]["policy"] = str(tmp_path / "policy.csv")
@@ -96,8 +128,13 @@ def test_mepd_check_lists_every_problem(tmp_path: Path) -> None:
     data["state_dir"] = str(tmp_path / "state")
     path = tmp_path / "mepd.yaml"
     path.write_text(yaml.safe_dump(data))
-    out = subprocess.run([sys.executable, "-m", "mepd", "check", "--config", str(path)],
-                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "-m", "mepd", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert out.returncode == 2
     lines = out.stderr.splitlines()
     assert any("mapping" in line for line in lines), out.stderr
@@ -108,8 +145,13 @@ def test_mepd_check_lists_every_problem(tmp_path: Path) -> None:
 def test_mepd_check_reports_schema_errors_by_key(tmp_path: Path) -> None:
     path = tmp_path / "mepd.yaml"
     path.write_text(yaml.safe_dump({**MINIMAL, "limits": {"max_body_bytes": -5}}))
-    out = subprocess.run([sys.executable, "-m", "mepd", "check", "--config", str(path)],
-                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "-m", "mepd", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert out.returncode == 2
     assert "$.limits.max_body_bytes" in out.stderr
 
@@ -119,14 +161,71 @@ def test_failing_decision_table_is_a_problem(tmp_path: Path) -> None:
     ep = data["endpoints"][0]
     for key in ("template", "schema", "environment", "mapping", "policy_model", "policy"):
         ep[key] = str((EXAMPLE / ep[key]).resolve())
-    (tmp_path / "tables.yaml").write_text(yaml.safe_dump([
-        {"request": {"obj": "endpoint", "action": "admin", "principals": ["domain:example.org"]},
-         "expect": "allow"}]))
+    (tmp_path / "tables.yaml").write_text(
+        yaml.safe_dump(
+            [
+                {
+                    "request": {
+                        "obj": "endpoint",
+                        "action": "admin",
+                        "principals": ["domain:example.org"],
+                    },
+                    "expect": "allow",
+                }
+            ]
+        )
+    )
     ep["policy_tests"] = str(tmp_path / "tables.yaml")
     data["state_dir"] = str(tmp_path / "state")
     path = tmp_path / "mepd.yaml"
     path.write_text(yaml.safe_dump(data))
-    out = subprocess.run([sys.executable, "-m", "mepd", "check", "--config", str(path)],
-                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "-m", "mepd", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert out.returncode == 2
     assert "expected allow, got deny" in out.stderr
+
+
+def test_policy_test_format_tables_are_run_by_mepd_policy(tmp_path: Path) -> None:
+    data = yaml.safe_load((EXAMPLE / "mepd.yaml").read_text())
+    ep = data["endpoints"][0]
+    for key in ("template", "schema", "environment", "mapping", "policy_model", "policy"):
+        ep[key] = str((EXAMPLE / ep[key]).resolve())
+    (tmp_path / "table.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "description": "admins need MFA",
+                "policy": ep["policy"],
+                "model": ep["policy_model"],
+                "cases": [
+                    {
+                        "name": "operator without mfa",
+                        "request": {
+                            "endpoint": "hpc",
+                            "obj": "endpoint",
+                            "action": "admin",
+                            "principals": ["username:operator@example.org"],
+                        },
+                        "expect": "allow",
+                    }
+                ],
+            }
+        )
+    )
+    ep["policy_tests"] = str(tmp_path / "table.yaml")
+    data["state_dir"] = str(tmp_path / "state")
+    path = tmp_path / "mepd.yaml"
+    path.write_text(yaml.safe_dump(data))
+    out = subprocess.run(
+        [sys.executable, "-m", "mepd", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert out.returncode == 2
+    assert "operator without mfa" in out.stderr

@@ -13,6 +13,7 @@ This module deliberately holds no policy about *which* events to record.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -56,8 +57,10 @@ class AuditLog:
 
     path: Path
     _encode: json.JSONEncoder = attrs.field(factory=_encoder, init=False)
+    retry_interval: float = 1.0
     _fd: int | None = None
     _failed: bool = False
+    _failed_at: float = 0.0
 
     def open(self) -> None:
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
@@ -66,6 +69,7 @@ class AuditLog:
             fd = os.open(self.path, flags, 0o600)
         except OSError as exc:
             self._failed = True
+            self._failed_at = time.monotonic()
             raise AuditUnavailable(detail=f"cannot open audit log {self.path}: {exc}") from exc
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
@@ -80,6 +84,13 @@ class AuditLog:
 
     @property
     def available(self) -> bool:
+        """Whether records can be written. After a failure, at most once per
+        ``retry_interval`` this reopens the file, so service resumes by itself once the
+        cause (a full disk, a removed file) is gone; the next write proves it."""
+        if self._failed and time.monotonic() - self._failed_at >= self.retry_interval:
+            self._failed_at = time.monotonic()
+            with contextlib.suppress(AuditUnavailable):
+                self.reopen()
         return self._fd is not None and not self._failed
 
     def _line(self, event: str, fields: Mapping[str, Any], now: float) -> str:
@@ -118,6 +129,7 @@ class AuditLog:
                 view = view[written:]
         except OSError as exc:
             self._failed = True
+            self._failed_at = time.monotonic()
             raise AuditUnavailable(detail=f"cannot write audit log {self.path}: {exc}") from exc
         self._failed = False
 

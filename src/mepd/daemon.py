@@ -51,7 +51,13 @@ from mepd.audit import AuditLog, AuditUnavailable
 from mepd.auth import Authenticator
 from mepd.metrics import Labels, Metrics, labels
 from mepd.pipeline import DecisionView, DispatchTask, Handle, Pipeline, StartSpec
-from mepd.registry import Registry, RegistryLimits, StartRequest, UserEndpointHandle
+from mepd.registry import (
+    EndpointStatus,
+    Registry,
+    RegistryLimits,
+    StartRequest,
+    UserEndpointHandle,
+)
 from mepd.settings import EndpointSettings, Settings
 from mepd.store import TaskStore
 
@@ -97,6 +103,10 @@ class LoadedSite:
     def allowed_functions(self) -> frozenset[str] | None:
         allowed = self.settings.allowed_functions
         return None if allowed is None else frozenset(allowed)
+
+    @property
+    def mapping_blocks(self) -> bool:
+        return any(hasattr(m, "command") for m in self.mapper.mappers)
 
     def map_identity(self, identities: IdentitySet) -> str | None:
         return self.mapper.map(identities).username
@@ -296,9 +306,8 @@ class RegistryEndpoints:
                 pid=handle.pid,
                 config_key=spec.config_key,
             )
-            live = {s.config_key for s in self.registry.status()}
             self._adapters = {
-                k: a for k, a in self._adapters.items() if a.handle.config_key in live
+                k: a for k, a in self._adapters.items() if a.handle.state in ("starting", "ready")
             }
             adapter = HandleAdapter(handle)
             self._adapters[handle.id] = adapter
@@ -313,15 +322,29 @@ class RegistryEndpoints:
 
     async def stop(self, account_name: str, endpoint: str, reason: str) -> int:
         assert self.registry is not None
-        keys = {s.config_key for s in self.registry.status(account_name) if s.endpoint == endpoint}
+        chosen = [s for s in self.registry.status(account_name) if s.endpoint == endpoint]
         stopped = 0
-        for key in keys:
+        for key in {s.config_key for s in chosen}:
             stopped += await self.registry.stop(account_name, key, reason=reason)
-        if stopped:
-            self.audit.record(
-                "uep.stopped", account=account_name, endpoint=endpoint, count=stopped, reason=reason
-            )
+        self.audit_stopped(chosen, reason)
         return stopped
+
+    def audit_stopped(self, statuses: Sequence[EndpointStatus], reason: str) -> None:
+        with contextlib.suppress(AuditUnavailable):
+            self.audit.record_many(
+                (
+                    "uep.stopped",
+                    {
+                        "endpoint": s.endpoint,
+                        "account": s.account,
+                        "uid": s.uid,
+                        "pid": s.pid,
+                        "config_key": s.config_key,
+                        "reason": reason,
+                    },
+                )
+                for s in statuses
+            )
 
     def gauge(self) -> Mapping[Labels, float]:
         if self.registry is None:
@@ -387,6 +410,7 @@ class Daemon:
     store: TaskStore | None = None
     pipeline: Pipeline | None = None
     registry: Registry | None = None
+    endpoints: RegistryEndpoints | None = None
     authenticator: Authenticator | None = None
     server: _Server | None = None
     started: float = 0.0
@@ -451,6 +475,7 @@ class Daemon:
         )
         endpoints.registry = registry
         self.registry = registry
+        self.endpoints = endpoints
         self.pipeline = pipeline
         pipeline.load_pending_counts()
         metrics.gauge("mepd_user_endpoints", "user endpoints by state", endpoints.gauge)
@@ -553,7 +578,10 @@ class Daemon:
         try:
             left = await self.pipeline.drain(self.settings.limits.drain_timeout)
             log.info("daemon.drained", tasks_left=left)
+            running = self.registry.status()
             await self.registry.shutdown()
+            if self.endpoints is not None:
+                self.endpoints.audit_stopped(running, "daemon shutdown")
             self.pipeline.flush()
         except Exception:
             log.exception("daemon.drain_failed")

@@ -89,6 +89,11 @@ class Site(Protocol):
     @property
     def allowed_functions(self) -> frozenset[str] | None: ...
 
+    @property
+    def mapping_blocks(self) -> bool:
+        """True when mapping may run a program (then it runs off the event loop)."""
+        ...
+
     def map_identity(self, identities: IdentitySet) -> str | None: ...
 
     def check_account(self, name: str) -> Account: ...
@@ -307,7 +312,6 @@ class _Waiter:
     fired: set[str] = attrs.field(factory=set)
 
 
-
 @attrs.define
 class Pipeline:
     """The daemon's request handling and result delivery (one per running daemon)."""
@@ -368,10 +372,14 @@ class Pipeline:
             raise ApiError("api.endpoint_unknown", f"no endpoint {endpoint!r}")
         return site
 
-    def _map(self, site: Site, caller: Caller) -> Account:
+    async def _map(self, site: Site, caller: Caller) -> Account:
         audit_ids = [i.id for i in caller.identities]
         try:
-            name = site.map_identity(caller.identities)
+            if site.mapping_blocks:
+                # An external mapping program may run for seconds: not on the loop.
+                name = await asyncio.to_thread(site.map_identity, caller.identities)
+            else:
+                name = site.map_identity(caller.identities)
             if name is None:
                 raise IdentityError("identity.no_mapping", "no mapping rule matched")
             account = site.check_account(name)
@@ -477,7 +485,7 @@ class Pipeline:
             payloads.append(payload)
         function_ids = list(dict.fromkeys(t["function_id"] for t in raw_tasks))
 
-        account = self._map(site, caller)
+        account = await self._map(site, caller)
         checks = [
             (f"user:{account.name}", "map_identity"),
             (f"template:{site.template_name}", "start_endpoint"),
@@ -815,7 +823,7 @@ class Pipeline:
 
     async def status(self, caller: Caller, endpoint: str) -> dict[str, Any]:
         site = self._site(endpoint)
-        account = self._map(site, caller)
+        account = await self._map(site, caller)
         self._authorize(site, caller, account, [(f"user:{account.name}", "read_status")])
         entries = [
             e for e in self.ueps.status(account.name) if e.get("endpoint") in (None, site.name)
@@ -825,20 +833,19 @@ class Pipeline:
     async def stop(self, caller: Caller, endpoint: str, body: Any) -> dict[str, Any]:
         site = self._site(endpoint)
         check_shape(body or {}, STOP_SCHEMA)
-        account = self._map(site, caller)
+        account = await self._map(site, caller)
         target = (body or {}).get("account") or account.name
         if target == account.name:
             self._authorize(site, caller, account, [(f"user:{account.name}", "stop_endpoint")])
         else:
             self._authorize(site, caller, account, [("endpoint", "admin")])
-        stopped = await self.ueps.stop(target, site.name, "stopped by caller")
         self.audit.record(
             "uep.stop_requested",
             endpoint=site.name,
             identity=caller.identities.primary.id,
             account=target,
-            stopped=stopped,
         )
+        stopped = await self.ueps.stop(target, site.name, "stopped by caller")
         return {"stopped": stopped}
 
     # -- drain ------------------------------------------------------------------------

@@ -283,8 +283,13 @@ class TaskStore:
             " WHERE id=? AND state IN ('queued','dispatched')"
         )
         rows = [
-            (o.state, json.dumps(o.error) if o.error is not None else None, o.result, now,
-             o.task_id)
+            (
+                o.state,
+                json.dumps(o.error) if o.error is not None else None,
+                o.result,
+                now,
+                o.task_id,
+            )
             for o in outcomes
         ]
         with self._transaction():

@@ -7,9 +7,11 @@ its ``allowed_functions``; the issuers' key files; TLS certificate and key; the 
 endpoint interpreter and spawn settings. Nothing is started and nothing is written
 (except that the state directory must be creatable).
 
-Decision tables (``policy_tests``): a YAML or JSON list (or ``{"cases": [...]}``) of
-``{"request": {endpoint, obj, action, principals, mfa?, auth_age?, uid?},
-"expect": "allow" | "deny"}``.
+Decision tables (``policy_tests``): either a table of ``mepd policy test`` (a mapping
+that names its ``policy``; that tool runs it), or a YAML/JSON list (or ``{"cases":
+[...]}``) of ``{"name"?, "request": {endpoint?, obj, action, principals, mfa?,
+auth_age?, uid?}, "expect": "allow" | "deny", "reason"?}`` checked against the
+endpoint's own policy (``endpoint`` defaults to the endpoint being checked).
 
 Exit status: 0 everything loads, 2 at least one problem (each on its own stderr line).
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import ssl
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,18 +31,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, metavar="FILE", help="the settings YAML")
 
 
+def _policy_test(path: Path) -> list[str]:
+    """A table in ``mepd policy test`` format (it names its own policy): run that tool."""
+    out = subprocess.run(
+        [sys.executable, "-m", "mepd", "policy", "test", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if out.returncode == 0:
+        return []
+    lines = [ln for ln in (out.stdout + out.stderr).splitlines() if not ln.startswith("ok ")]
+    return [f"{path}: {ln}" for ln in lines if ln.strip()] or [f"{path}: decision tables failed"]
+
+
 def check_decision_tables(path: Path, authorizer: Any, endpoint: str) -> list[str]:
     from mepcore.authz import AuthzRequest
     from mepcore.errors import MepError
     from mepd.settings import load_yaml
 
     data = load_yaml(path)
+    if isinstance(data, dict) and "policy" in data:
+        return _policy_test(path)
     cases = data.get("cases") if isinstance(data, dict) else data
     if not isinstance(cases, list):
         return [f"{path}: expected a list of cases"]
     problems: list[str] = []
     for i, case in enumerate(cases):
-        where = f"{path}: case {i}"
+        name = case.get("name") if isinstance(case, dict) else None
+        where = f"{path}: case {name or i}"
         if not isinstance(case, dict) or case.get("expect") not in ("allow", "deny"):
             problems.append(f"{where}: needs request and expect: allow|deny")
             continue
@@ -54,6 +75,8 @@ def check_decision_tables(path: Path, authorizer: Any, endpoint: str) -> list[st
             got = "allow" if decision.allowed else "deny"
             lines = "; ".join(str(x) for x in decision.lines) or "no line matched"
             problems.append(f"{where}: expected {case['expect']}, got {got} ({lines})")
+        elif "reason" in case and case["reason"] != decision.reason:
+            problems.append(f"{where}: expected reason {case['reason']}, got {decision.reason}")
     return problems
 
 
