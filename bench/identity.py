@@ -107,9 +107,10 @@ def main(argv: list[str] | None = None) -> int:
             check_account(name, accounts, policy)
 
         checked = time_calls(map_and_check, calls)
-        rows.append(row(f"expression, {size:,} rules, last rule maps", hit_samples, produced))
-        rows.append(row(f"expression, {size:,} rules, no rule maps", miss_samples, None))
-        rows.append(row(f"expression, {size:,} rules, map + check_account", checked, produced))
+        rules = f"{size:,} rule" + ("s" if size != 1 else "")
+        rows.append(row(f"expression, {rules}, last rule maps", hit_samples, produced))
+        rows.append(row(f"expression, {rules}, no rule maps", miss_samples, None))
+        rows.append(row(f"expression, {rules}, map + check_account", checked, produced))
         figures[f"expression_{size}"] = {
             "hit": Stats.of(hit_samples).to_dict(),
             "miss": Stats.of(miss_samples).to_dict(),

@@ -140,10 +140,6 @@ def run() -> int:
         return main()
     except RequestRefused as exc:
         print(f"   refused: {exc}")
-        if exc.reason == "identity.account_daemon":
-            print("   Not as root, mepd can serve only its own account, and this mepd refuses")
-            print("   to run tasks as the account it runs as. Run `make demo` as root to see")
-            print("   two accounts, or use a mepd with single-account mode.")
         return 1
 
 

@@ -40,7 +40,7 @@ import uvicorn
 
 from mepcore.authz import Authorizer, AuthzRequest
 from mepcore.config import SiteFiles, VariableLimits, config_key, validate_variables
-from mepcore.errors import MepError, SiteConfigError
+from mepcore.errors import IdentityError, MepError, SiteConfigError
 from mepcore.identity import AccountPolicy, IdentityMapper, check_account
 from mepcore.ports import AccountDatabase, SystemAccountDatabase
 from mepcore.spawn import SpawnSettings
@@ -112,7 +112,16 @@ class LoadedSite:
         return self.mapper.map(identities).username
 
     def check_account(self, name: str) -> Account:
-        return check_account(name, self.accounts, self.account_policy)
+        account = check_account(name, self.accounts, self.account_policy)
+        only = single_account_uid()
+        if only is not None and account.uid != only:
+            raise IdentityError(
+                "identity.account_not_served",
+                f"account {name!r} refused: this daemon runs unprivileged (uid {only}) "
+                "and can only serve its own account",
+                context={"username": name},
+            )
+        return account
 
     def decide(
         self,
@@ -181,9 +190,24 @@ class CachedAccounts:
 
 
 def account_policy(settings: Settings) -> AccountPolicy:
+    """The account checks of this daemon.
+
+    As root (the deployment this is built for) the daemon's own uid is refused like uid 0.
+    Unprivileged, the daemon can only start user endpoints as itself (single-account mode,
+    for trying mep out or a personal server): its own uid is then the one account it
+    serves, and ``LoadedSite.check_account`` refuses every other."""
+    own = os.geteuid()
     return AccountPolicy(
-        min_uid=settings.min_uid, daemon_uid=os.getuid(), deny=frozenset(settings.deny_accounts)
+        min_uid=settings.min_uid,
+        daemon_uid=own if own == 0 else None,
+        deny=frozenset(settings.deny_accounts),
     )
+
+
+def single_account_uid() -> int | None:
+    """The only uid an unprivileged daemon can serve; None when running as root."""
+    own = os.geteuid()
+    return None if own == 0 else own
 
 
 @attrs.frozen
