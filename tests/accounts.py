@@ -51,7 +51,9 @@ def delete_account(name: str) -> None:
 
 
 @contextmanager
-def temporary_accounts(count: int, *, groups: Sequence[str] = ()) -> Iterator[list[pwd.struct_passwd]]:
+def temporary_accounts(
+    count: int, *, groups: Sequence[str] = ()
+) -> Iterator[list[pwd.struct_passwd]]:
     made: list[pwd.struct_passwd] = []
     try:
         for _ in range(count):

@@ -240,7 +240,7 @@ class UserEndpoint:
         try:
             variable_limits = VariableLimits(**dict(start.variable_limits))
         except TypeError as exc:
-            raise _refuse("spawn.start_failed", f"start message: bad variable_limits: {exc}") from exc
+            raise _refuse("spawn.start_failed", f"start message: variable_limits: {exc}") from exc
         return render_endpoint_config(
             start.template_text,
             start.variables,
