@@ -51,7 +51,8 @@ def pack_value(value: Any) -> bytes:
     buffer = io.BytesIO()
     buffer.write(DEFAULT_TAG.encode("ascii") + SEPARATOR)
     try:
-        dill.dump(value, buffer, protocol=_PROTOCOL)
+        # recurse=True, as mepcore.tasks does: script functions carry the globals they use.
+        dill.dump(value, buffer, protocol=_PROTOCOL, recurse=True)
     except Exception as exc:
         raise SerializationError(
             "task.serialization_failed", f"{type(exc).__name__}: {exc}"[:500]

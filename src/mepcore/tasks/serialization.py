@@ -44,7 +44,10 @@ class Strategy:
 
 
 def _dill_dump(value: Any, stream: IO[bytes]) -> None:
-    dill.dump(value, stream, protocol=_PROTOCOL)
+    # recurse=True: a function defined in a script (__main__) carries the globals it
+    # uses (helpers, constants) rather than a reference to a namespace the user endpoint
+    # does not have. The client serializes the same way (byte-compatible, tested).
+    dill.dump(value, stream, protocol=_PROTOCOL, recurse=True)
 
 
 def _dill_loads(data: bytes) -> Any:
