@@ -179,6 +179,10 @@ def test_two_identities_run_under_their_own_uids_and_refusals_are_honest(
     assert all(isinstance(e["pid"], int) and len(e["config_key"]) == 64 for e in started)
     stopped = [e for e in events if e["event"] == "uep.stopped"]
     assert [(e["account"], e["reason"]) for e in stopped] == [(one.pw_name, "stopped by caller")]
+    exited = [e for e in events if e["event"] == "uep.exited"]
+    assert [(e["account"], e["uid"], e["state"]) for e in exited] == [
+        (one.pw_name, one.pw_uid, "stopped")
+    ]
 
     # mepd status over the admin socket.
     out = subprocess.run(

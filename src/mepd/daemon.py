@@ -287,6 +287,9 @@ class RegistryEndpoints:
     """Adapts ``mepd.registry.Registry`` to the pipeline's ``UserEndpoints`` port."""
 
     audit: AuditLog
+    # What the user endpoint's executor enforces itself (result size is refused in the
+    # worker, before megabytes cross the channel).
+    executor_limits: Mapping[str, Any] = attrs.field(factory=dict)
     registry: Registry | None = None
     _adapters: dict[str, HandleAdapter] = attrs.field(factory=dict)
 
@@ -306,6 +309,8 @@ class RegistryEndpoints:
             user_runtime=spec.user_runtime or None,
             environment=files.environment,
             endpoint=site.name,
+            executor_limits=self.executor_limits,
+            variable_limits=attrs.asdict(site.variable_limits),
         )
         try:
             handle = await self.registry.get_or_start(request)
@@ -352,6 +357,20 @@ class RegistryEndpoints:
             stopped += await self.registry.stop(account_name, key, reason=reason)
         self.audit_stopped(chosen, reason)
         return stopped
+
+    def audit_exited(self, handle: UserEndpointHandle, why: str) -> None:
+        """Every user endpoint process that ends (idle, crash, stop) leaves an audit line."""
+        with contextlib.suppress(AuditUnavailable):
+            self.audit.record(
+                "uep.exited",
+                endpoint=handle.endpoint,
+                account=handle.account.name,
+                uid=handle.account.uid,
+                pid=handle.pid,
+                config_key=handle.config_key,
+                state=handle.state,
+                reason=why,
+            )
 
     def audit_stopped(self, statuses: Sequence[EndpointStatus], reason: str) -> None:
         with contextlib.suppress(AuditUnavailable):
@@ -481,7 +500,13 @@ class Daemon:
             raise SiteConfigError("settings.invalid", "; ".join(report.problems))
 
         metrics = Metrics()
-        endpoints = RegistryEndpoints(audit)
+        endpoints = RegistryEndpoints(
+            audit,
+            executor_limits={
+                "max_result_bytes": settings.limits.max_result_bytes,
+                "max_payload_bytes": settings.limits.max_payload_bytes,
+            },
+        )
         pipeline = Pipeline(
             store=store,
             audit=audit,
@@ -496,6 +521,7 @@ class Daemon:
             registry_limits(settings),
             on_result=pipeline.on_result,
             on_lost=pipeline.on_lost,
+            on_exit=endpoints.audit_exited,
         )
         endpoints.registry = registry
         self.registry = registry

@@ -59,6 +59,9 @@ log = structlog.get_logger("mepd.registry")
 
 ResultCallback = Callable[[str, dict[str, Any], bytes], None]
 LostCallback = Callable[[list[str], str], None]
+# (handle, why): a user endpoint's process is gone, for whatever reason (idle, crash,
+# stop). Called once per user endpoint, in the event loop, after on_lost.
+ExitCallback = Callable[["UserEndpointHandle", str], None]
 _MAX_REASON_CHARS = 512
 
 
@@ -365,6 +368,11 @@ class UserEndpointHandle:
             log.warning(
                 "uep.lost", uep=self.id, why=why, exit_reason=self.exit_reason, lost=len(lost)
             )
+        if registry.on_exit is not None:
+            try:
+                registry.on_exit(self, self.exit_reason or why)
+            except Exception:
+                log.exception("registry.on_exit_failed", uep=self.id)
         if self.channel is not None:
             self.channel.close()
         self.ensure_stopped(None, registry.limits.stop_grace)
@@ -412,6 +420,7 @@ class Registry:
     limits: RegistryLimits
     on_result: ResultCallback = attrs.field(kw_only=True)
     on_lost: LostCallback = attrs.field(kw_only=True)
+    on_exit: ExitCallback | None = attrs.field(kw_only=True, default=None)
     channel_limits: ChannelLimits = attrs.field(kw_only=True, factory=ChannelLimits)
     clock: Callable[[], float] = attrs.field(kw_only=True, default=time.time)
     _handles: dict[tuple[str, str], UserEndpointHandle] = attrs.field(init=False, factory=dict)
