@@ -109,6 +109,15 @@ _BATCH_PATH = (
     "`mepcore/tasks/envelopes.py:ResultEnvelope.from_header`) 6.8%, JSON decoding of "
     "requests and frames ~5%."
 )
+_PAYLOAD_PATH = (
+    "mep's 1 MiB round trips are slower than Parsl HTEX's and Dask's (bench/payload.py; "
+    "no target). py-spy of mepd during 1 MiB echo round trips: SQLite commits of the payload and the "
+    "result (`mepd/store.py:_Transaction.__exit__`) 24%, JSON encoding of the base64 "
+    "strings (`json/encoder.py:iterencode` via `starlette/responses.py:JSONResponse.render` "
+    "and `mepd/pipeline.py:task_view`) 17%, base64 decode + encode 14%, JSON decoding of the "
+    "request (`mepd/api.py:read_json`) 7%, `mepd/store.py:TaskStore.finish` 4% — all on the "
+    "one event-loop thread, so a large payload also delays every other caller."
+)
 LIMITS: dict[str, str] = {
     "rtt": _HTTP_PATH,
     "throughput": _BATCH_PATH,
@@ -526,7 +535,7 @@ def _api(runs: dict[str, ScriptRun]) -> list[Target]:
                         break
         if value is not None:
             warm.measured, warm.met = f"{value * 1e3:.2f} ms", value <= 2e-3
-            warm.source = f"bench/api.py: `{line.strip()[:100] if line else ''}`"
+            warm.source = f"bench/api.py: `{' '.join((line or '').split())[:90]}`"
         else:
             warm.why = "no warm round-trip p50 found in bench/api.py output"
     return [warm]
@@ -733,7 +742,20 @@ def render(
             note = LIMITS.get(t.key, "not profiled yet in this run.")
             parts.append(f"- **{t.what}** ({t.measured}, goal {t.goal}): {note}")
         parts.append("")
-    parts += ["## Results", ""]
+    parts += [
+        "## Where the time goes",
+        "",
+        "From py-spy profiles of mepd taken on this machine while these benches ran (not "
+        "re-taken by every run; `py-spy record -p <mepd pid>` during `bench/api.py`).",
+        "",
+        f"- Single warm round trip: {_HTTP_PATH}",
+        f"- Batched throughput: {_BATCH_PATH}",
+        f"- Many users: {LIMITS['ready']}",
+        f"- Large payloads: {_PAYLOAD_PATH}",
+        "",
+        "## Results",
+        "",
+    ]
     for run in runs:
         parts += [f"### bench/{run.name}", "", f"`{' '.join(_short(run.argv))}` — {run.status}", ""]
         table, logs = table_text(run.stdout)

@@ -187,6 +187,13 @@ class FakeEndpoints:
             del self.handles[k]
         return len(keys)
 
+    async def introspect(self, account_name: str, endpoint: str) -> list[dict[str, Any]]:
+        # In-process fake: there is no user endpoint process to ask.
+        return [
+            {"config_key": e["config_key"], "pid": None, "process": {}}
+            for e in self.status(account_name)
+        ]
+
 
 class BrokenAudit:
     """An audit log whose disk is full."""

@@ -157,6 +157,19 @@ def test_two_identities_run_under_their_own_uids_and_refusals_are_honest(
     assert r.status_code == 413
     assert r.json()["error"]["reason"] == "api.body_too_large"
 
+    # Introspection: the caller's own user endpoint process, as it reports itself.
+    seen = client.get("/v1/endpoints/hpc/introspect").json()["user_endpoints"]
+    assert len(seen) == 1
+    process = seen[0]["process"]
+    assert process["uid"] == process["euid"] == one.pw_uid
+    assert process["gid"] == one.pw_gid
+    assert 0 not in process["groups"]
+    assert process["umask"] == 0o077
+    assert process["cwd"] == one.pw_dir
+    assert process["inherited_fds"] == [0, 1, 2, process["channel_fd"]]
+    assert process["sid"] == process["pid"] == seen[0]["pid"]
+    assert process["setuid_refused"] is True
+
     # Stop: the caller's own user endpoints.
     assert client.post("/v1/endpoints/hpc/stop").json() == {"stopped": 1}
 

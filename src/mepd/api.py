@@ -221,6 +221,10 @@ def create_app(pipeline: Pipeline, limits: Limits, **starlette_options: Any) -> 
         caller = await caller_of(request, "status")
         return await pipeline.status(caller, request.path_params["endpoint"])
 
+    async def introspect(request: Request) -> Any:
+        caller = await caller_of(request, "introspect")
+        return await pipeline.introspect(caller, request.path_params["endpoint"])
+
     async def stop(request: Request) -> Any:
         caller = await caller_of(request, "stop")
         body = await read_json(request, limits, optional=True)
@@ -251,6 +255,11 @@ def create_app(pipeline: Pipeline, limits: Limits, **starlette_options: Any) -> 
         Route("/v1/functions", route("functions", functions), methods=["POST"]),
         Route("/v1/endpoints/{endpoint}/submit", route("submit", submit), methods=["POST"]),
         Route("/v1/endpoints/{endpoint}/status", route("status", status), methods=["GET"]),
+        Route(
+            "/v1/endpoints/{endpoint}/introspect",
+            route("introspect", introspect),
+            methods=["GET"],
+        ),
         Route("/v1/endpoints/{endpoint}/stop", route("stop", stop), methods=["POST"]),
         Route("/v1/tasks/wait", route("wait", wait), methods=["POST"]),
         Route("/v1/tasks/{task_id}", route("task", get_task), methods=["GET"]),
@@ -426,6 +435,33 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {
                         "200": {
                             "description": "user endpoints",
+                            **_json(
+                                {
+                                    "type": "object",
+                                    "properties": {
+                                        "endpoint": {"type": "string"},
+                                        "user_endpoints": {
+                                            "type": "array",
+                                            "items": {"type": "object"},
+                                        },
+                                    },
+                                }
+                            ),
+                        },
+                        **_errors(401, 403, 404),
+                    },
+                }
+            },
+            "/v1/endpoints/{endpoint}/introspect": {
+                "get": {
+                    "summary": "the process identity of the caller's ready user endpoints",
+                    "security": auth,
+                    "parameters": [endpoint_param],
+                    "responses": {
+                        "200": {
+                            "description": "one entry per ready user endpoint: config_key, "
+                            "pid, and process (uid, gid, groups, umask, cwd, env_keys, fds, "
+                            "channel_fd, sid, rlimits, capabilities, setuid_refused)",
                             **_json(
                                 {
                                     "type": "object",

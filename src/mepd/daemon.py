@@ -358,6 +358,22 @@ class RegistryEndpoints:
         self.audit_stopped(chosen, reason)
         return stopped
 
+    async def introspect(self, account_name: str, endpoint: str) -> list[dict[str, Any]]:
+        assert self.registry is not None
+        out: list[dict[str, Any]] = []
+        for status in self.registry.status(account_name):
+            if status.endpoint != endpoint or status.state != "ready":
+                continue
+            handle = self.registry.get(account_name, status.config_key)
+            if handle is None:
+                continue
+            try:
+                answer = await handle.introspect()
+            except MepError as exc:  # it went away meanwhile: report, don't fail the call
+                answer = {"error": exc.reason}
+            out.append({"config_key": status.config_key, "pid": status.pid, "process": answer})
+        return out
+
     def audit_exited(self, handle: UserEndpointHandle, why: str) -> None:
         """Every user endpoint process that ends (idle, crash, stop) leaves an audit line."""
         with contextlib.suppress(AuditUnavailable):

@@ -147,6 +147,8 @@ class UserEndpoints(Protocol):
 
     async def stop(self, account_name: str, endpoint: str, reason: str) -> int: ...
 
+    async def introspect(self, account_name: str, endpoint: str) -> list[dict[str, Any]]: ...
+
 
 class Authenticate(Protocol):
     async def authenticate(self, authorization: str | None) -> Caller: ...
@@ -828,6 +830,15 @@ class Pipeline:
         entries = [
             e for e in self.ueps.status(account.name) if e.get("endpoint") in (None, site.name)
         ]
+        return {"endpoint": site.name, "user_endpoints": entries}
+
+    async def introspect(self, caller: Caller, endpoint: str) -> dict[str, Any]:
+        """The process identity of the caller's own ready user endpoints (uid, groups,
+        umask, descriptors, limits, capabilities…), as each one reports it."""
+        site = self._site(endpoint)
+        account = await self._map(site, caller)
+        self._authorize(site, caller, account, [(f"user:{account.name}", "read_status")])
+        entries = await self.ueps.introspect(account.name, site.name)
         return {"endpoint": site.name, "user_endpoints": entries}
 
     async def stop(self, caller: Caller, endpoint: str, body: Any) -> dict[str, Any]:

@@ -399,17 +399,14 @@ class HttpAdapter:
         )
 
     def _uep_probe(self, case: Case) -> Observation:
-        if case.input.get("probe") == "endpoint":
-            raise Skip(
-                "observing the user endpoint process itself (its descriptors) needs the "
-                "daemon's admin introspection, which the HTTP API does not expose"
-            )
         who = str(case.input.get("as", "alice"))
         entry = self.account(who)
         whoami = {"name": "whoami", "source": _fixture_source(case, "whoami")}
         outcome = self.run_calls(case, [{"function": whoami}])[0]
         if "error" in outcome:
             return Observation.failed(outcome["error"], str(outcome.get("message")))
+        if case.input.get("probe") == "endpoint":
+            return self._endpoint_process(who)
         seen = outcome["value"]
         try:
             status = self.call(who, "GET", f"/v1/endpoints/{self.endpoint}/status")
@@ -417,6 +414,25 @@ class HttpAdapter:
             raise AdapterError(f"status refused: {exc}") from exc
         pids = {e.get("pid") for e in status.get("user_endpoints", [])}
         return Observation.ok(_relate(seen, entry, pids, self.profile.get("environment_keys", [])))
+
+    def _endpoint_process(self, who: str) -> Observation:
+        """The user endpoint process itself, as it answers the daemon's introspection
+        (``GET /v1/endpoints/{endpoint}/introspect``): its descriptors."""
+        try:
+            answer = self.call(who, "GET", f"/v1/endpoints/{self.endpoint}/introspect")
+        except _ApiFailure as exc:
+            if exc.status == 404:
+                raise Skip("this deployment does not offer user endpoint introspection") from exc
+            raise AdapterError(f"introspect refused: {exc}") from exc
+        entries = [e for e in answer.get("user_endpoints", []) if e.get("process")]
+        if not entries:
+            raise AdapterError("no ready user endpoint answered the introspection")
+        process = entries[0]["process"]
+        # What the process was handed at start; later descriptors are its engine's own.
+        handed = process.get("inherited_fds", process["fds"])
+        fds = sorted(int(d["fd"]) if isinstance(d, dict) else int(d) for d in handed)
+        channel = process.get("channel_fd")
+        return Observation.ok({"fds": "stdio+channel" if fds == [0, 1, 2, channel] else fds})
 
     def _uep_count(self, case: Case) -> Observation:
         who = str(case.input.get("as", "alice"))

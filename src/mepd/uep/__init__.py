@@ -46,7 +46,19 @@ def _lower_limits(limits: dict[str, int]) -> str | None:
     return None
 
 
+def _is_open(fd: int) -> bool:
+    # The descriptor of the /proc listing itself is closed again by the time we ask.
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    # What this process was handed, before it opens anything itself (the engine's pipes
+    # and the like come later): introspection reports it as ``inherited_fds``.
+    inherited = [fd for fd in sorted(map(int, os.listdir("/proc/self/fd"))) if _is_open(fd)]
     parent = os.getppid()
     fd, limits = _parse(sys.argv[1:] if argv is None else argv)
     # Children (setup scripts, workers) must not inherit the channel: its end-of-file is
@@ -86,4 +98,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from mepd.uep.server import UserEndpoint
 
-    return UserEndpoint(channel=channel, channel_fd=fd).run()
+    return UserEndpoint(channel=channel, channel_fd=fd, inherited_fds=inherited).run()

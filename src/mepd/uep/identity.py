@@ -15,6 +15,7 @@ import ctypes
 import os
 import resource
 import signal
+from collections.abc import Sequence
 from typing import Any
 
 _PR_SET_PDEATHSIG = 1
@@ -75,7 +76,7 @@ def open_fds() -> list[dict[str, Any]]:
     return out
 
 
-def introspect(*, channel_fd: int) -> dict[str, Any]:
+def introspect(*, channel_fd: int, inherited_fds: Sequence[int] = ()) -> dict[str, Any]:
     """The process identity, as the ``introspect`` answer carries it."""
     status = proc_status()
     rlimits: dict[str, list[int]] = {}
@@ -101,6 +102,7 @@ def introspect(*, channel_fd: int) -> dict[str, Any]:
         "env_keys": sorted(os.environ),
         "fds": open_fds(),
         "channel_fd": channel_fd,
+        "inherited_fds": list(inherited_fds),
         "sid": os.getsid(0),
         "pgid": os.getpgid(0),
         "rlimits": rlimits,

@@ -156,6 +156,7 @@ class UserEndpoint:
 
     channel: BlockingChannel
     channel_fd: int
+    inherited_fds: list[int] = attrs.field(factory=list)
     start: StartMessage | None = None
     config: Any = None
     executor: Any = None
@@ -327,7 +328,9 @@ class UserEndpoint:
                 "introspect",
                 {
                     "request_id": frame.header.get("request_id"),
-                    "answer": introspect(channel_fd=self.channel_fd),
+                    "answer": introspect(
+                        channel_fd=self.channel_fd, inherited_fds=self.inherited_fds
+                    ),
                 },
             )
         elif kind == "drain":
