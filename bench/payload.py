@@ -1,6 +1,7 @@
 """A 1 MB argument and a 1 MB result, round trip through the whole system, beside peers.
 
-Three cases, each one call at a time (submit, then wait for the result), repeated:
+Four cases, each one call at a time (submit, then wait for the result), repeated:
+- a small call (the warm single-task round trip, here also through the ``Executor``),
 - a 1 MiB ``bytes`` argument and a small result (``len``),
 - a small argument and a 1 MiB result,
 - a 1 MiB argument echoed back as a 1 MiB result;
@@ -64,6 +65,7 @@ def echo(data: bytes) -> bytes:
 
 PAYLOAD = bytes(range(256)) * (MIB // 256)
 CASES: list[tuple[str, Callable[[Any], Any], Any, Any]] = [
+    ("small argument, small result", size_of, b"x", 1),
     ("1 MiB argument, small result", size_of, PAYLOAD, MIB),
     ("small argument, 1 MiB result", make, MIB, bytes(MIB)),
     ("1 MiB argument, 1 MiB result", echo, PAYLOAD, PAYLOAD),
@@ -216,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                 ]
             )
     print_table(
-        "1 MiB argument / result round trip (one call at a time, submit to result)",
+        "Warm round trips: a small call, a 1 MiB argument, a 1 MiB result (one call at a time)",
         ["path", "case", "n", "min", "p50", "p95", "max", "p50 / mep Executor p50"],
         rows,
         [

@@ -135,6 +135,7 @@ def test_payload_bench_smoke(tmp_path: Path) -> None:
     for path in ("mep, HTTP", "mep, Executor", "bare ProcessPoolExecutor"):
         assert isinstance(figures[path], dict), figures[path]
         assert set(figures[path]) == {
+            "small argument, small result",
             "1 MiB argument, small result",
             "small argument, 1 MiB result",
             "1 MiB argument, 1 MiB result",
@@ -177,3 +178,25 @@ def test_report_smoke_writes_every_table(tmp_path: Path) -> None:
             assert f"### bench/{script.name}" in text
     assert "| authorization decision p50 at 10,000 policy lines |" in text
     assert "WARNING" not in done.stdout, done.stdout[-3000:]
+
+
+def test_report_stops_a_script_at_its_limit_and_finds_what_it_left(tmp_path: Path) -> None:
+    report = load("report")
+    script = tmp_path / "hang.py"
+    script.write_text(
+        "import subprocess, sys, time\n"
+        "subprocess.Popen(['sleep', '120'], start_new_session=True)\n"
+        "print('| started |', flush=True)\n"
+        "try:\n"
+        "    time.sleep(120)\n"
+        "finally:\n"
+        "    print('cleaned up', flush=True)\n"
+    )
+    marker = os.urandom(6).hex()
+    run = report.run_script(script, smoke=True, timeout=2, marker=marker)
+    assert run.timed_out and not run.ok
+    assert "timed out" in run.status
+    assert "cleaned up" in run.stdout  # asked with SIGINT first: its clean-up ran
+    # The grandchild in its own session escaped the script's session: the marker finds it.
+    warnings = report.sweep(marker)
+    assert any("sleep 120" in w for w in warnings), warnings
