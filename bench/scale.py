@@ -304,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
             users if is_root() else 1,
             limits={"concurrent_starts": users, "endpoints_per_user": users + 1},
         ) as deployment:
+            figures["accounts"] = sorted(set(deployment.accounts)) if is_root() else []
+            figures["uids"] = sorted(deployment.uids)
             try:
                 figures["endurance"] = endurance(
                     deployment, tasks, batch, budget=150, warmup=2 if args.smoke else 4

@@ -4,8 +4,10 @@ The project's own .venv may live where other accounts cannot read it, and ``pyth
 PATH may be a build under /root (mode 700). User endpoints must run an interpreter and
 packages the mapped account can read, so root tests build one under /var/tmp: made with
 ``/usr/bin/python3 -m venv``, every directory mode 755, the project installed *not*
-editable. Dependencies are installed once per hash of pyproject.toml; the project is
-installed (``--no-deps``) only when the content of src/ changes. A file lock makes
+editable, with the optional extras in ``EXTRAS`` (Parsl: the ``GlobusComputeEngine`` of a
+user endpoint runs its interchange and workers with this interpreter). Dependencies are
+installed once per hash of pyproject.toml and ``EXTRAS``; the project is installed
+(``--no-deps``) only when the content of src/ changes. A file lock makes
 parallel test processes share one build; each source digest gets its own copy of the
 venv (built aside, renamed into place), so a run never sees a half-reinstalled runtime.
 """
@@ -24,10 +26,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BASE = Path("/var/tmp/mep-test-runtime")
 SYSTEM_PYTHON = "/usr/bin/python3"
+# Optional dependency groups of pyproject.toml installed into the runtime as well.
+EXTRAS = ("parsl",)
 
 
 def _digest_pyproject() -> str:
-    return hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()[:16]
+    # The extras are part of the key: a runtime built without them is never reused.
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes())
+    digest.update(repr(EXTRAS).encode())
+    return digest.hexdigest()[:16]
 
 
 def _digest_src() -> str:
@@ -66,10 +73,12 @@ def _make_world_readable(top: Path) -> None:
 
 
 def _base_dependencies() -> list[str]:
+    """The project's dependencies and those of its ``EXTRAS``."""
     import tomllib
 
-    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    return list(data["project"]["dependencies"])
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project.get("optional-dependencies", {})
+    return [*project["dependencies"], *(req for name in EXTRAS for req in extras[name])]
 
 
 def _prune(keep: Path) -> None:

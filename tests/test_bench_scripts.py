@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import pwd
 import subprocess
 import sys
 from pathlib import Path
@@ -152,11 +153,12 @@ def test_scale_bench_smoke(tmp_path: Path) -> None:
     assert {"fd_growth", "rss_growth_bytes"} <= set(endurance)
     assert users["ok"] and users["count"] == users["ready_count"] == 3
     assert "all ready" in out
-    # Every account made for the run is gone again.
-    import pwd
-
+    # The three accounts made for the run are gone again, with their processes.
+    assert len(figures["accounts"]) == 3
     names = {e.pw_name for e in pwd.getpwall()}
-    assert not any(f"{n}@example.org" in out for n in names if n.startswith("mept"))
+    assert not names & set(figures["accounts"])
+    assert len(figures["uids"]) == 3
+    assert load("common").processes_of_users(set(figures["uids"])) == []
 
 
 @pytest.mark.slow
