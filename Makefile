@@ -40,7 +40,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[test,parsl,bench]'
-	set -e; for script in bench/*.py; do echo "== $$script"; $(PY) $$script; done
+	$(PY) bench/report.py --output docs/performance.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage

@@ -25,6 +25,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -208,6 +209,7 @@ class UepSite:
     def __init__(self) -> None:
         self.made: str | None = None
         self._ready: tuple[Any, Any] | None = None
+        self._tmp_before: set[str] = set()
 
     def get(self) -> tuple[Any, Any]:
         if self._ready is not None:
@@ -227,6 +229,8 @@ class UepSite:
             python = runtime_python()
             self.made = create_account().pw_name
             account = SystemAccountDatabase().by_name(self.made)
+            if account is not None:
+                self._tmp_before = _tmp_entries(account.uid)
         else:
             python = sys.executable
             account = SystemAccountDatabase().by_uid(os.getuid())
@@ -245,8 +249,23 @@ class UepSite:
         if self.made is not None:
             from tests.accounts import delete_account
 
+            if self._ready is not None:
+                # Parsl's worker pool leaves its multiprocessing socket directory in
+                # /tmp; the uid goes to the next account made, so clean up after it.
+                for path in _tmp_entries(self._ready[0].uid) - self._tmp_before:
+                    shutil.rmtree(path, ignore_errors=True)
             delete_account(self.made)
             self.made = None
+
+
+def _tmp_entries(uid: int) -> set[str]:
+    """Directories ``uid`` owns directly under /tmp."""
+    out = set()
+    for entry in os.scandir("/tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            if entry.is_dir(follow_symlinks=False) and entry.stat().st_uid == uid:
+                out.add(entry.path)
+    return out
 
 
 async def measure_async(

@@ -82,7 +82,10 @@ def mep_http(deployment: Any) -> Iterator[Call]:
 
     token = deployment.token(deployment.identities[0])
     with httpx.Client(
-        base_url=deployment.url, headers={"Authorization": f"Bearer {token}"}, timeout=60
+        base_url=deployment.url,
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=60,
+        limits=httpx.Limits(keepalive_expiry=1.0),  # below uvicorn's 5 s keep-alive
     ) as http:
         ids: dict[Any, str] = {}
 

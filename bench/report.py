@@ -361,18 +361,21 @@ def machine() -> list[tuple[str, str]]:
     mem_kib = _first("/proc/meminfo", "MemTotal")
     memory = f"{int(mem_kib.split()[0]) / 1024 / 1024:.1f} GiB" if mem_kib else "unknown"
     usable = len(os.sched_getaffinity(0))
-    try:
-        load = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        load = "unknown"
     return [
         ("CPUs (nproc)", f"{usable} usable of {os.cpu_count()}"),
         ("CPU model", _first("/proc/cpuinfo", "model name") or platform.processor() or "unknown"),
         ("memory", memory),
         ("kernel", f"{platform.system()} {platform.release()}"),
-        ("load average at start", load),
         ("running as", "root" if os.geteuid() == 0 else pwd.getpwuid(os.getuid()).pw_name),
     ]
+
+
+def load_average() -> str:
+    """1, 5 and 15 minute load averages: how busy the shared machine was."""
+    try:
+        return " / ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "unknown"
 
 
 def versions() -> list[tuple[str, str]]:
@@ -705,6 +708,7 @@ def render(
     started: datetime.datetime,
     total_seconds: float,
     warnings: list[str],
+    load_at_start: str = "unknown",
 ) -> str:
     parts = [
         "# Performance",
@@ -727,6 +731,8 @@ def render(
                 ("commit", commit()),
                 ("duration", f"{total_seconds:.0f} s"),
                 *machine(),
+                ("load average 1/5/15 min, at start", load_at_start),
+                ("load average 1/5/15 min, at end", load_average()),
             ],
         ),
         "",
@@ -827,6 +833,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     marker = secrets.token_hex(8)
+    load_at_start = load_average()
     become_subreaper()
     started = datetime.datetime.now(datetime.UTC)
     began = time.monotonic()
@@ -865,6 +872,7 @@ def main(argv: list[str] | None = None) -> int:
         started=started,
         total_seconds=time.monotonic() - began,
         warnings=warnings,
+        load_at_start=load_at_start,
     )
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(document)

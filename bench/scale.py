@@ -70,8 +70,13 @@ class Caller:
     def __init__(self, url: str, token: str, config: dict[str, Any]) -> None:
         import httpx
 
+        # Drop idle connections well before uvicorn's 5 s keep-alive timeout: a request
+        # sent on a connection the server is closing fails with "connection reset".
         self.http = httpx.Client(
-            base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=120
+            base_url=url,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=120,
+            limits=httpx.Limits(keepalive_expiry=1.0),
         )
         self.config = config
         self.function_id = ""
@@ -318,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
                 figures["users"] = many_users(deployment, users, 5, 100, budget=90)
             except Exception as exc:
                 figures["users"] = {"problem": why_not_measured(exc)}
-            if figures["users"].get("problem") or figures["endurance"].get("problem"):
+            failed = figures["users"].get("problem") or figures["endurance"].get("problem")
+            if failed and deployment.log_tail():
                 print(f"daemon log (end):\n{deployment.log_tail()}", file=sys.stderr)
     except Exception as exc:
         problem = f"no daemon: {type(exc).__name__}: {str(exc)[:300]}"

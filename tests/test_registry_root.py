@@ -532,3 +532,56 @@ def test_shutdown_drains_in_flight_tasks_before_stopping(
     assert all(h["status"] == "success" for _u, h, _p in rec.results)
     assert rec.lost == []
     assert processes_of(account.uid) == []
+
+
+def zombie_children_of_uid(uid: int) -> list[int]:
+    """Zombies whose parent is this (test, i.e. daemon) process and that ran as ``uid``."""
+    me, found = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                raw = fh.read()
+            fields = raw[raw.rfind(b")") + 2 :].split()
+            if (
+                fields[0] == b"Z"
+                and int(fields[1]) == me
+                and os.stat(f"/proc/{entry}").st_uid == uid
+            ):
+                found.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def test_orphans_of_a_user_endpoint_are_reaped_not_left_as_zombies(
+    settings: SpawnSettings, make_account: Any
+) -> None:
+    """The daemon is a subreaper: a descendant of a user endpoint whose parent has gone is
+    re-parented to it, and must be reaped when it dies (not pile up as a zombie)."""
+    account = account_of(make_account())
+    rec = Recorder()
+    # The subshell forks a short-lived child and exits at once: the child is orphaned
+    # while alive and dies as the daemon's (adopted) child.
+    setup = "for i in 1 2 3 4 5; do ( /bin/sleep 0.05 & ); done"
+
+    async def scenario() -> list[int]:
+        registry = make_registry(settings, rec)
+        try:
+            handle = await registry.get_or_start(request(account, setup=setup))
+            assert handle.state == "ready"
+            # Poll until the user endpoint is the account's only process (zombies count):
+            # the orphans have then died and been reaped (or the deadline passes).
+            deadline = time.monotonic() + 10
+            while processes_of(account.uid) != [handle.pid] and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)  # a poll interval, not a wait for a process
+            assert processes_of(account.uid) == [handle.pid]
+            # And the adopted ones were really ours to reap: reaping again finds nothing.
+            assert registry.reap_adopted() == []
+            return zombie_children_of_uid(account.uid)
+        finally:
+            await registry.shutdown()
+
+    assert run(scenario) == []
+    assert processes_of(account.uid) == []

@@ -17,8 +17,10 @@ deadline; nothing sleeps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
+import shutil
 import signal
 import time
 from collections.abc import Coroutine, Iterator, Mapping, Sequence
@@ -165,6 +167,28 @@ def process_states(uid: int) -> dict[int, str]:
     return out
 
 
+def tmp_entries(uid: int) -> set[str]:
+    """What ``uid`` owns directly under /tmp."""
+    out = set()
+    for entry in os.scandir("/tmp"):
+        try:
+            if entry.stat(follow_symlinks=False).st_uid == uid:
+                out.add(entry.path)
+        except FileNotFoundError:
+            continue
+    return out
+
+
+def remove_paths(paths: set[str]) -> None:
+    """Clean up what a test account left in /tmp (its uid goes to the next account)."""
+    for path in paths:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
 def living_processes(uid: int, *, besides: int | None = None) -> list[int]:
     return sorted(p for p, state in process_states(uid).items() if state != "Z" and p != besides)
 
@@ -185,6 +209,9 @@ class Endpoint:
     # moment the daemon saw that user endpoint go: what its engine left behind.
     alive_at_exit: dict[str, list[int]] = attrs.field(factory=dict)
     strays: list[str] = attrs.field(factory=list)
+    # /tmp entries of the uid before anything ran: uids are reused once an account is
+    # deleted, and files of an earlier owner are not this endpoint's doing.
+    tmp_before: set[str] = attrs.field(factory=set)
     serial: Iterator[int] = attrs.field(factory=itertools.count)
 
     def __attrs_post_init__(self) -> None:
@@ -303,7 +330,7 @@ def endpoint(request: pytest.FixtureRequest, settings: SpawnSettings) -> Iterato
     try:
         account = SystemAccountDatabase().by_name(entry.pw_name)
         assert account is not None
-        ep = Endpoint(request.param, account, settings)
+        ep = Endpoint(request.param, account, settings, tmp_before=tmp_entries(account.uid))
         try:
             ep.shared = ep.run(ep.registry.get_or_start(ep.request("shared")))
             yield ep
@@ -312,6 +339,7 @@ def endpoint(request: pytest.FixtureRequest, settings: SpawnSettings) -> Iterato
                 ep.shutdown()
             finally:
                 ep.loop.close()
+                remove_paths(tmp_entries(account.uid) - ep.tmp_before)
     finally:
         delete_account(entry.pw_name)
 
@@ -435,11 +463,13 @@ def test_reports_the_account_uid(endpoint: Endpoint) -> None:
 
 
 def test_stopping_leaves_no_process_of_the_account(endpoint: Endpoint) -> None:
-    """Runs last for each engine: the daemon's shutdown drains and stops the user endpoint.
+    """Runs last but one for each engine: the daemon's shutdown drains and stops the user endpoint.
 
     The engine must have stopped its own processes (pool workers; Parsl's interchange,
-    block and worker pool) *before* the user endpoint exited: what the daemon's reaper
-    would otherwise sweep up is checked at the moment the endpoint is seen to go.
+    block and worker pool) *before* the user endpoint exited: the daemon's reaper kills
+    whatever is left of the endpoint's session, so what the engine left behind is looked
+    for at the moment the daemon sees the endpoint go (zombies excepted: orphans adopted
+    by the daemon, a subreaper, are its own to reap).
     """
     handle = endpoint.shared
     assert handle is not None and handle.pid is not None
@@ -454,3 +484,11 @@ def test_stopping_leaves_no_process_of_the_account(endpoint: Endpoint) -> None:
     assert process_states(uid) == {}
     assert endpoint.waiters == {}
     assert endpoint.strays == []
+
+
+def test_stopping_leaves_no_file_in_tmp(endpoint: Endpoint) -> None:
+    # For Parsl this covers the worker pool's multiprocessing socket directory: local
+    # blocks get a TMPDIR inside the engine's run directory, which is removed.
+    endpoint.shutdown()  # done already when the test above ran
+    # Parsl's run directory (logs, submit scripts) is private and removed at shutdown.
+    assert sorted(tmp_entries(endpoint.account.uid) - endpoint.tmp_before) == []

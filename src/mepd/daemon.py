@@ -560,6 +560,9 @@ class Daemon:
             ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
             ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
             timeout_graceful_shutdown=5,
+            # Longer than clients keep an idle connection (httpx: 5 s, mep's client: 2 s),
+            # so the server never closes one a client is about to reuse.
+            timeout_keep_alive=30,
             server_header=False,
         )
         server = _Server(config)

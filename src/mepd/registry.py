@@ -49,6 +49,7 @@ from mepcore.spawn import (
     become_subreaper,
     launch,
     plan_spawn,
+    reap_adopted_orphans,
     stop_ladder,
 )
 from mepcore.tasks import RemoteError, ResultEnvelope
@@ -376,6 +377,7 @@ class UserEndpointHandle:
         if self.channel is not None:
             self.channel.close()
         self.ensure_stopped(None, registry.limits.stop_grace)
+        registry.reap_adopted()
 
     def ensure_stopped(self, reason: str | None, grace: float) -> asyncio.Task[None]:
         """The one task that takes this user endpoint down the stop ladder and reaps it."""
@@ -392,7 +394,11 @@ class UserEndpointHandle:
             if reason is not None and channel is not None and not channel.is_closed:
                 channel.send("stop", {"reason": reason})
 
-        outcome = await stop_ladder(self.process, ask=ask, grace=grace)
+        try:
+            outcome = await stop_ladder(self.process, ask=ask, grace=grace)
+        finally:
+            if self._registry is not None:
+                self._registry._unreaped.discard(self.process.pid)
         log.info(
             "uep.stopped",
             uep=self.id,
@@ -428,6 +434,8 @@ class Registry:
         init=False, factory=dict
     )
     _leaving: set[UserEndpointHandle] = attrs.field(init=False, factory=set)
+    # Leaders launched and not yet reaped by their stop ladder: never reaped elsewhere.
+    _unreaped: set[int] = attrs.field(init=False, factory=set)
     _start_tasks: set[asyncio.Task[None]] = attrs.field(init=False, factory=set)
     _shutting_down: bool = attrs.field(init=False, default=False)
     _subreaper: bool = attrs.field(init=False, default=False)
@@ -497,10 +505,12 @@ class Registry:
         try:
             if not self._subreaper:
                 self._subreaper = become_subreaper()
+                self._watch_adopted(loop)
             plan = plan_spawn(req.account, self.spawn_settings, req.environment)
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 handle.process = launch(plan, theirs.fileno())
+                self._unreaped.add(handle.process.pid)
             except BaseException:
                 ours.close()
                 raise
@@ -603,6 +613,17 @@ class Registry:
             del self._handles[key]
         handle.state = state
         self._leaving.add(handle)
+
+    def _watch_adopted(self, loop: asyncio.AbstractEventLoop) -> None:
+        # As a subreaper we inherit the orphans of user endpoints (Parsl blocks, workers
+        # whose endpoint died first): reap them when they die, or they pile up as zombies.
+        # Signal handlers need the main thread; elsewhere reaping happens at each exit.
+        with contextlib.suppress(RuntimeError, ValueError):
+            loop.add_signal_handler(signal.SIGCHLD, self.reap_adopted)
+
+    def reap_adopted(self) -> list[int]:
+        """Reap adopted descendants of user endpoints that have died (never a leader)."""
+        return reap_adopted_orphans(self._unreaped)
 
     async def shutdown(self) -> None:
         """Refuse new starts, drain, then the stop ladder for everyone; bounded in time."""

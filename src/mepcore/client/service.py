@@ -256,7 +256,13 @@ class Client:
                     verify=verify,
                     timeout=self.timeout,
                     transport=self.transport,
-                    limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
+                    limits=httpx.Limits(
+                        max_connections=16,
+                        max_keepalive_connections=8,
+                        # Below any server's keep-alive timeout (uvicorn's default is
+                        # 5 s): a reused idle connection must not be one being closed.
+                        keepalive_expiry=2.0,
+                    ),
                 )
             return self._http
 

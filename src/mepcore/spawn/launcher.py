@@ -35,7 +35,7 @@ import select
 import signal
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 
 import attrs
 
@@ -273,6 +273,45 @@ def _is_zombie_of_other(pid: int) -> bool:
         return True
     fields = raw[raw.rfind(b")") + 2 :].split()
     return fields[0] == b"Z" and int(fields[1]) != os.getpid()
+
+
+def reap_adopted_orphans(keep: Collection[int] = ()) -> list[int]:
+    """Reap zombie children this process adopted as a subreaper; returns their pids.
+
+    Only zombies of *another uid* than ours are reaped, and never a pid in ``keep`` (the
+    user endpoint leaders, whose exit status their ``LaunchedProcess`` collects): a
+    descendant of a user endpoint runs as the user, while the daemon's own children (an
+    external mapping program, run as the daemon) must keep their exit status for
+    whoever started them — reaping those here would make a failed program look like a
+    success.
+    """
+    me, my_uid = os.getpid(), os.getuid()
+    reaped: list[int] = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:  # pragma: no cover - Linux always has /proc
+        return reaped
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        if pid in keep:
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                raw = fh.read()
+            fields = raw[raw.rfind(b")") + 2 :].split()
+            if fields[0] != b"Z" or int(fields[1]) != me:
+                continue
+            if os.stat(f"/proc/{entry}").st_uid == my_uid:
+                continue
+        except (OSError, IndexError, ValueError):
+            continue
+        with contextlib.suppress(ChildProcessError):
+            got, _ = os.waitpid(pid, os.WNOHANG)
+            if got == pid:
+                reaped.append(pid)
+    return reaped
 
 
 def become_subreaper() -> bool:

@@ -190,6 +190,7 @@ class ParslEngine:
     run_dir: str | None = None
     _htex: Any = attrs.field(init=False, default=None)
     _owned_run_dir: str | None = attrs.field(init=False, default=None)
+    _block_tmp: str | None = attrs.field(init=False, default=None)
     _outstanding: set[Job] = attrs.field(init=False, factory=set)
     _lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
     _watchdog: Watchdog = attrs.field(
@@ -247,6 +248,16 @@ class ParslEngine:
         else:
             run_dir = self.run_dir
             os.makedirs(run_dir, mode=0o700, exist_ok=True)
+        if type(provider).__name__ == "LocalProvider":
+            # A block's worker pool keeps a multiprocessing socket directory in TMPDIR
+            # that outlives a cancelled block; local blocks get a private TMPDIR of
+            # their own, removed at shutdown. It is a short path on purpose: the socket
+            # path inside must fit AF_UNIX's 108 bytes. (Remote blocks keep their
+            # node's TMPDIR: a local directory need not exist there.)
+            block_tmp = tempfile.mkdtemp(prefix="mepb-")
+            self._block_tmp = block_tmp
+            tmp_arg = shlex.quote(block_tmp).replace("{", "{{").replace("}", "}}")
+            htex.launch_cmd = f"env TMPDIR={tmp_arg} {htex.launch_cmd}"
         # What Parsl's DataFlowKernel would otherwise set before starting an executor.
         htex.run_dir = run_dir
         htex.run_id = "mep"
@@ -351,6 +362,9 @@ class ParslEngine:
             if self._owned_run_dir is not None:
                 shutil.rmtree(self._owned_run_dir, ignore_errors=True)
                 self._owned_run_dir = None
+            if self._block_tmp is not None:
+                shutil.rmtree(self._block_tmp, ignore_errors=True)
+                self._block_tmp = None
 
 
 def _local_process_groups(provider: Any, job_ids: Sequence[Any]) -> list[int]:
