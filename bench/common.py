@@ -23,6 +23,7 @@ import json
 import math
 import os
 import pwd
+import signal
 import sys
 import tempfile
 import time
@@ -35,6 +36,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     # The daemon harness and account helpers live in tests/; benches import them.
     sys.path.insert(0, str(REPO))
+
+# bench/report.py stops an overrunning script with SIGINT first so its clean-up (daemon
+# stop, userdel) runs; a shell may have started us with SIGINT ignored (background jobs
+# are), which Python would then keep ignoring.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 WORKERS = 2  # the peers and our user endpoints get the same number of workers
 ENDPOINT = "hpc"

@@ -186,7 +186,10 @@ def test_report_stops_a_script_at_its_limit_and_finds_what_it_left(tmp_path: Pat
     report = load("report")
     script = tmp_path / "hang.py"
     script.write_text(
-        "import subprocess, sys, time\n"
+        "import signal, subprocess, sys, time\n"
+        # A shell may have started us with SIGINT ignored (background jobs are): a bench
+        # script takes it back, as bench/common.py does, so the ask-first step works.
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "subprocess.Popen(['sleep', '120'], start_new_session=True)\n"
         "print('| started |', flush=True)\n"
         "try:\n"
