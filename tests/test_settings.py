@@ -94,11 +94,22 @@ def test_allowed_functions_must_be_sha256() -> None:
     assert "$.endpoints[0].allowed_functions[0]" in violations_of({**MINIMAL, "endpoints": [ep]})
 
 
-def test_the_example_settings_are_valid_and_mepd_check_accepts_them() -> None:
+def test_the_example_settings_are_valid_and_mepd_check_accepts_them(tmp_path: Path) -> None:
     settings = Settings.from_file(EXAMPLE / "mepd.yaml")
     assert settings.endpoints[0].policy_tests is not None
+    # The example's state and audit paths are a real install's (/var/lib, /var/log): a
+    # test does not write there, and a non-root run could not. Everything else is as is.
+    data = yaml.safe_load((EXAMPLE / "mepd.yaml").read_text())
+    for endpoint in data["endpoints"]:
+        for key, value in endpoint.items():
+            if isinstance(value, str) and (EXAMPLE / value).exists():
+                endpoint[key] = str((EXAMPLE / value).resolve())
+    data["state_dir"] = str(tmp_path / "state")
+    data["audit_log"] = str(tmp_path / "state" / "audit.jsonl")
+    path = tmp_path / "mepd.yaml"
+    path.write_text(yaml.safe_dump(data))
     out = subprocess.run(
-        [sys.executable, "-m", "mepd", "check", "--config", str(EXAMPLE / "mepd.yaml")],
+        [sys.executable, "-m", "mepd", "check", "--config", str(path)],
         capture_output=True,
         text=True,
         timeout=120,
