@@ -50,44 +50,9 @@ T = TypeVar("T")
 MiB = 1024 * 1024
 DEADLINE = 60.0  # per scenario; the whole module takes far less
 
-SOURCE = """
-def add(a, b):
-    return a + b
+# The same functions as the in-process behaviour suite, run here through a real endpoint.
+from tests.test_tasks_behaviour import SOURCE  # noqa: E402
 
-def boom(message):
-    def inner():
-        raise ValueError(message)
-    inner()
-
-def unpicklable():
-    return (i for i in range(3))  # not even dill can serialize a generator
-
-def hang(seconds):
-    import time
-    time.sleep(seconds)
-    return "woke up"
-
-def exit_now():
-    import os
-    os._exit(7)
-
-def segfault():
-    import ctypes
-    return ctypes.string_at(0)
-
-def big(n):
-    return b"x" * n
-
-def echo(value):
-    return value
-
-def whoami():
-    import os
-    return os.getuid()
-
-def forbidden():
-    return "should never run"
-"""
 NAMES = (
     "add",
     "boom",
