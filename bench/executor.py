@@ -28,11 +28,12 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+
+from common import parsl_htex  # bench/common.py: Parsl HTEX driven directly
 
 WORKERS = 2
 REPO = Path(__file__).resolve().parent.parent
@@ -111,43 +112,6 @@ def bench_ppe(row: Row, count: int, samples: int) -> None:
             count,
             samples,
         )
-
-
-@contextlib.contextmanager
-def parsl_htex() -> Iterator[Any]:
-    from parsl.executors import HighThroughputExecutor
-    from parsl.executors.high_throughput.executor import DEFAULT_LAUNCH_CMD
-    from parsl.launchers import SingleNodeLauncher
-    from parsl.providers import LocalProvider
-
-    provider = LocalProvider(init_blocks=1, max_blocks=1, launcher=SingleNodeLauncher())
-    htex = HighThroughputExecutor(
-        label="bench",
-        provider=provider,
-        address="127.0.0.1",
-        max_workers_per_node=WORKERS,
-        launch_cmd=DEFAULT_LAUNCH_CMD.replace(
-            "process_worker_pool.py",
-            f"{sys.executable} -m parsl.executors.high_throughput.process_worker_pool",
-            1,
-        ),
-        interchange_launch_cmd=[
-            sys.executable,
-            "-m",
-            "parsl.executors.high_throughput.interchange",
-        ],
-    )
-    with tempfile.TemporaryDirectory(prefix="bench-parsl-") as run_dir:
-        htex.run_dir = run_dir
-        htex.run_id = "bench"
-        provider.script_dir = run_dir
-        htex.start()
-        try:
-            htex.scale_out_facade(1)
-            yield htex
-        finally:
-            provider.cancel(list(htex.blocks_to_job_id.values()))
-            htex.shutdown()
 
 
 def bench_htex(row: Row, count: int, samples: int) -> None:

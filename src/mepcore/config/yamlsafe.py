@@ -8,6 +8,7 @@ validate what it loads.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -68,9 +69,20 @@ class _StrictSafeLoader(yaml.SafeLoader):
 
 def load_yaml(text: str) -> Any:
     """Parse one YAML document safely; raise ``YamlLoadError`` with the position."""
+    return _run_loader(text, _StrictSafeLoader.get_single_data)
+
+
+def compose_yaml(text: str) -> yaml.Node | None:
+    """The node tree of one document (with positions), aliases refused."""
+    node: yaml.Node | None = _run_loader(text, _StrictSafeLoader.get_single_node)
+    return node
+
+
+def _run_loader(text: str, step: Callable[[_StrictSafeLoader], Any]) -> Any:
+    # One translation of PyYAML's errors for both entry points: positions are 1-based.
     loader = _StrictSafeLoader(text)
     try:
-        return loader.get_single_data()
+        return step(loader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         message = " ".join(p for p in (exc.context, exc.problem) if p) or "invalid YAML"
@@ -81,22 +93,5 @@ def load_yaml(text: str) -> Any:
         raise YamlLoadError(str(exc)) from exc
     except RecursionError as exc:
         raise YamlLoadError("nested too deeply") from exc
-    finally:
-        loader.dispose()
-
-
-def compose_yaml(text: str) -> yaml.Node | None:
-    """The node tree of one document (with positions), aliases refused."""
-    loader = _StrictSafeLoader(text)
-    try:
-        return loader.get_single_node()
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        message = " ".join(p for p in (exc.context, exc.problem) if p) or "invalid YAML"
-        if mark is not None:
-            raise YamlLoadError(message, mark.line + 1, mark.column + 1) from exc
-        raise YamlLoadError(message) from exc
-    except yaml.YAMLError as exc:
-        raise YamlLoadError(str(exc)) from exc
     finally:
         loader.dispose()

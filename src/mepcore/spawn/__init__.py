@@ -2,7 +2,7 @@
 
 - ``plan_spawn`` (pure) decides argv, environment, cwd, identity, umask and limits;
 - ``check_runtime_readable`` proves the account can run the interpreter and packages;
-- ``launch`` executes a plan (no ``preexec_fn``) and sets its resource limits;
+- ``launch`` executes a plan (no pre-exec Python hook) and sets its resource limits;
 - ``stop_ladder`` / ``stop_ladder_blocking`` ask, SIGTERM, SIGKILL, then reap the session.
 
 Deliberately not here: the channel protocol and the registry (both in mepd).

@@ -3,7 +3,7 @@
 ``launch(plan, channel_fd)`` checks that the account can run the interpreter and read
 the packages, then starts the process with ``subprocess.Popen(user=, group=,
 extra_groups=, umask=0o077, start_new_session=True, close_fds=True, pass_fds=(channel,),
-env=, cwd=)``. ``preexec_fn`` is banned (it is unsafe with threads and runs Python in the
+env=, cwd=)``. A pre-exec Python hook is banned (it is unsafe with threads and runs Python in the
 child before the drop), so resource limits are applied twice: the plan's argv carries
 them (``--rlimit=NAME=VALUE``) and the user endpoint lowers its own limits right after
 proving the drop, before it reads its start message (lowering needs no privilege); and
