@@ -585,7 +585,7 @@ FID = "a" * 64
 def test_fast_submit_check_agrees_with_the_schema(body: Any) -> None:
     import jsonschema
 
-    from mepd.pipeline import SUBMIT_SCHEMA, submit_shape_ok
+    from mepd.shapes import SUBMIT_SCHEMA, submit_shape_ok
 
     schema_ok = not list(jsonschema.Draft202012Validator(SUBMIT_SCHEMA).iter_errors(body))
     assert submit_shape_ok(body) == schema_ok
@@ -607,7 +607,7 @@ def test_fast_submit_check_agrees_with_the_schema(body: Any) -> None:
 def test_fast_wait_check_agrees_with_the_schema(body: Any) -> None:
     import jsonschema
 
-    from mepd.pipeline import WAIT_SCHEMA, wait_shape_ok
+    from mepd.shapes import WAIT_SCHEMA, wait_shape_ok
 
     schema_ok = not list(jsonschema.Draft202012Validator(WAIT_SCHEMA).iter_errors(body))
     assert wait_shape_ok(body) == schema_ok

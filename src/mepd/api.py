@@ -29,15 +29,15 @@ from starlette.routing import Route
 from mepcore.errors import REASONS, MepError
 from mepd import __version__
 from mepd.auth import Caller
-from mepd.pipeline import (
+from mepd.pipeline import Pipeline
+from mepd.settings import Limits
+from mepd.shapes import (
     FUNCTION_SCHEMA,
     STOP_SCHEMA,
     SUBMIT_SCHEMA,
     WAIT_SCHEMA,
-    Pipeline,
     RequestError,
 )
-from mepd.settings import Limits
 
 log = structlog.get_logger("mepd.api")
 

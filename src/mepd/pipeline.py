@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import contextlib
 import hashlib
 import json
-import re
 import time
 import uuid
 from collections import Counter as TallyCounter
@@ -32,7 +30,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import attrs
-import jsonschema
 import structlog
 
 from mepcore.errors import (
@@ -51,18 +48,20 @@ from mepd.audit import AuditSink, AuditUnavailable
 from mepd.auth import Caller
 from mepd.metrics import Labels, Metrics, labels
 from mepd.settings import Limits
+from mepd.shapes import (
+    FUNCTION_SCHEMA,
+    STOP_SCHEMA,
+    SUBMIT_SCHEMA,
+    WAIT_SCHEMA,
+    RequestError,
+    b64decode,
+    check_shape,
+    submit_shape_ok,
+    wait_shape_ok,
+)
 from mepd.store import NewTask, Outcome, Spec, TaskRecord, TaskStore
 
 log = structlog.get_logger("mepd.pipeline")
-
-MAX_WAIT_IDS = 10_000
-
-
-class RequestError(ApiError):
-    """A caller's own request is malformed; its violations are safe to show them."""
-
-    expose_violations = True
-
 
 # -- ports ------------------------------------------------------------------------------
 
@@ -152,139 +151,6 @@ class UserEndpoints(Protocol):
 
 class Authenticate(Protocol):
     async def authenticate(self, authorization: str | None) -> Caller: ...
-
-
-# -- request shapes ---------------------------------------------------------------------
-
-_FID = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
-
-SUBMIT_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["tasks"],
-    "properties": {
-        "user_endpoint_config": {"type": "object"},
-        "user_runtime": {"type": "object"},
-        "tasks": {
-            "type": "array",
-            "minItems": 1,
-            "items": {
-                "type": "object",
-                "additionalProperties": False,
-                "required": ["function_id", "args"],
-                "properties": {
-                    "function_id": _FID,
-                    "args": {"type": "string"},
-                    "walltime": {"type": "number", "exclusiveMinimum": 0},
-                },
-            },
-        },
-    },
-}
-
-FUNCTION_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["function"],
-    "properties": {
-        "function": {"type": "string", "minLength": 1},
-        "name": {"type": "string", "maxLength": 256},
-        "source": {"type": "string", "maxLength": 1_000_000},
-    },
-}
-
-WAIT_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["task_ids"],
-    "properties": {
-        "task_ids": {"type": "array", "maxItems": MAX_WAIT_IDS, "items": {"type": "string"}},
-        "timeout": {"type": "number", "minimum": 0},
-    },
-}
-
-STOP_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "properties": {"account": {"type": "string", "minLength": 1}},
-}
-
-_VALIDATORS = {
-    id(schema): jsonschema.Draft202012Validator(schema)
-    for schema in (SUBMIT_SCHEMA, FUNCTION_SCHEMA, WAIT_SCHEMA, STOP_SCHEMA)
-}
-
-
-def check_shape(data: Any, schema: Mapping[str, Any]) -> None:
-    """Validate a request body; every violation is returned to the caller."""
-    validator = _VALIDATORS.get(id(schema)) or jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
-    if errors:
-        violations = []
-        for err in errors[:50]:
-            path = "$" + "".join(
-                f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.absolute_path
-            )
-            violations.append(Violation(path, err.message[:200]))
-        raise RequestError("api.bad_request", "request body invalid", violations=violations)
-
-
-_FID_RE = re.compile(r"[0-9a-f]{64}")
-_SUBMIT_KEYS = frozenset({"user_endpoint_config", "user_runtime", "tasks"})
-_TASK_KEYS = frozenset({"function_id", "args", "walltime"})
-
-
-def submit_shape_ok(body: Any) -> bool:
-    """A fast check equivalent to ``SUBMIT_SCHEMA`` (stricter on the id: ``fullmatch``).
-
-    jsonschema costs ~70 µs per task item, too much for batches of thousands; it only
-    runs when this check fails, to list the violations."""
-    if type(body) is not dict or not body.keys() <= _SUBMIT_KEYS:
-        return False
-    for key in ("user_endpoint_config", "user_runtime"):
-        if key in body and type(body[key]) is not dict:
-            return False
-    tasks = body.get("tasks")
-    if type(tasks) is not list or not tasks:
-        return False
-    for item in tasks:
-        if type(item) is not dict or not item.keys() <= _TASK_KEYS:
-            return False
-        fid = item.get("function_id")
-        if type(fid) is not str or not _FID_RE.fullmatch(fid):
-            return False
-        if type(item.get("args")) is not str:
-            return False
-        if "walltime" in item:
-            wall = item["walltime"]
-            if type(wall) not in (int, float) or not wall > 0:
-                return False
-    return True
-
-
-def wait_shape_ok(body: Any) -> bool:
-    """A fast check equivalent to ``WAIT_SCHEMA``."""
-    if type(body) is not dict or not body.keys() <= {"task_ids", "timeout"}:
-        return False
-    ids = body.get("task_ids")
-    if type(ids) is not list or len(ids) > MAX_WAIT_IDS:
-        return False
-    if not all(type(i) is str for i in ids):
-        return False
-    if "timeout" in body:
-        timeout = body["timeout"]
-        if type(timeout) not in (int, float) or not timeout >= 0:
-            return False
-    return True
-
-
-def b64decode(text: str, what: str) -> bytes:
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise RequestError(
-            "api.bad_request", f"{what} is not base64", violations=[Violation(what, "not base64")]
-        ) from exc
 
 
 def principals_of(caller: Caller, account: Account | None) -> list[str]:
