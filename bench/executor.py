@@ -256,13 +256,15 @@ async def _bench_uep(
     site: UepSite, engine: dict[str, Any], row: Row, count: int, samples: int
 ) -> None:
     from mepcore.tasks import TaskEnvelope, pack_args, pack_function
+    from mepd.inflight import DispatchTask, InFlightTask
     from mepd.registry import Registry, RegistryLimits, StartRequest
+    from mepd.spec import EndpointSpec
 
     account, settings = site.get()
     loop = asyncio.get_running_loop()
     waiters: dict[str, asyncio.Future[None]] = {}
 
-    def on_result(_uep: str, header: dict[str, Any], _payload: bytes) -> None:
+    def on_result(_record: InFlightTask, header: dict[str, Any], _payload: bytes) -> None:
         waiter = waiters.pop(header["task_id"], None)
         if waiter is None or waiter.done():
             return
@@ -271,9 +273,9 @@ async def _bench_uep(
         else:
             waiter.set_exception(RuntimeError(f"task failed: {header['error']}"))
 
-    def on_lost(task_ids: list[str], reason: str) -> None:
-        for task_id in task_ids:
-            waiter = waiters.pop(task_id, None)
+    def on_lost(records: list[InFlightTask], reason: str) -> None:
+        for record in records:
+            waiter = waiters.pop(record.task_id, None)
             if waiter is not None and not waiter.done():
                 waiter.set_exception(RuntimeError(f"task lost: {reason}"))
 
@@ -286,16 +288,13 @@ async def _bench_uep(
     try:
         handle = await registry.get_or_start(
             StartRequest(
+                spec=EndpointSpec("bench", account.name, {"engine": engine}, None, None),
                 account=account,
                 config_key=f"bench-{engine['type']}",
                 template_name="user_config_template.yaml.j2",
                 template_text=UEP_TEMPLATE,
                 includes={},
-                variables={"engine": engine},
-                identity=None,
-                user_runtime=None,
                 environment={},
-                endpoint="bench",
             )
         )
         # Sent by value, as a scientist's notebook function is: the user endpoint cannot
@@ -314,7 +313,7 @@ async def _bench_uep(
                 future: asyncio.Future[None] = loop.create_future()
                 waiters[task.task_id] = future
                 futures.append(future)
-                items.append((task.to_header(), task.payload))
+                items.append(DispatchTask(task.task_id, "bench", fid, task.payload, None))
             handle.dispatch(items)
             await asyncio.wait_for(asyncio.gather(*futures), UEP_DEADLINE)
 

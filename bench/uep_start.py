@@ -29,8 +29,10 @@ sys.path.insert(0, str(ROOT))
 from mepcore.ports import SystemAccountDatabase  # noqa: E402
 from mepcore.spawn import ResourceLimits, SpawnSettings  # noqa: E402
 from mepcore.types import Account  # noqa: E402
+from mepd.inflight import DispatchTask, InFlightTask  # noqa: E402
 from mepd.registry import Registry, RegistryLimits, StartRequest  # noqa: E402
 from mepd.runtime import probe_package_paths  # noqa: E402
+from mepd.spec import EndpointSpec  # noqa: E402
 
 TEMPLATE = """\
 engine:
@@ -67,16 +69,15 @@ def children_of(pid: int) -> list[int]:
 
 def request(account: Account, engine: str, key: str, workers: int = 2) -> StartRequest:
     return StartRequest(
+        spec=EndpointSpec(
+            "bench", account.name, {"engine": engine, "workers": workers}, None, None
+        ),
         account=account,
         config_key=key,
         template_name="user_config_template.yaml.j2",
         template_text=TEMPLATE,
         includes={},
-        variables={"engine": engine, "workers": workers},
-        identity=None,
-        user_runtime=None,
         environment={},
-        endpoint="bench",
     )
 
 
@@ -94,7 +95,7 @@ async def measure(
     finished = asyncio.Event()
     target = 0
 
-    def on_result(_uep: str, _header: dict[str, Any], _payload: bytes) -> None:
+    def on_result(_record: InFlightTask, _header: dict[str, Any], _payload: bytes) -> None:
         nonlocal done
         done += 1
         if done >= target:
@@ -148,7 +149,7 @@ async def measure(
             )
             handle.register_function(fid, body)
             batch = [TaskEnvelope(f"{engine[:1]}{i}", fid, args) for i in range(tasks)]
-            items = [(t.to_header(), t.payload) for t in batch]
+            items = [DispatchTask(t.task_id, "bench", fid, t.payload, None) for t in batch]
             done, target = 0, tasks
             finished.clear()
             began = time.perf_counter()

@@ -31,10 +31,12 @@ import jsonschema
 
 from mepcore.errors import ConfigError, IdentityError, Violation
 from mepcore.testing import FakeAccountDatabase
-from mepcore.types import Account, IdentitySet
+from mepcore.types import Account
+from mepd.admission import Admitted, DecisionView
 from mepd.audit import AuditLog, AuditUnavailable
-from mepd.auth import Authenticator, issue_local_token, load_or_create_local_key
-from mepd.pipeline import DecisionView, DispatchTask, Pipeline, StartSpec
+from mepd.auth import Authenticator, Caller, issue_local_token, load_or_create_local_key
+from mepd.inflight import DispatchTask, InFlightTask
+from mepd.pipeline import Pipeline
 from mepd.settings import IssuerSettings, Limits
 from mepd.store import TaskStore
 
@@ -65,9 +67,9 @@ class FakeSite:
     mapping_blocks: bool = False
     map_threads: list[str] = attrs.field(factory=list)
 
-    def map_identity(self, identities: IdentitySet) -> str | None:
+    def map_identity(self, caller: Caller) -> str | None:
         self.map_threads.append(threading.current_thread().name)
-        for ident in identities:
+        for ident in caller.identities:
             if ident.username in self.mapping:
                 return self.mapping[ident.username]
         return None
@@ -79,14 +81,7 @@ class FakeSite:
         return account
 
     def decide(
-        self,
-        obj: str,
-        action: str,
-        principals: Sequence[str],
-        *,
-        mfa: bool,
-        auth_age: float | None,
-        uid: int | None,
+        self, obj: str, action: str, principals: Sequence[str], caller: Caller, account: Account
     ) -> DecisionView:
         self.decisions.append((obj, action, tuple(principals)))
         if action == "admin":
@@ -116,45 +111,61 @@ class FakeSite:
 
 
 @attrs.define
-class FakeHandle:
-    """A user endpoint that echoes each payload back as the result, asynchronously."""
+class InFlightHandle:
+    """What every fake user endpoint does as the registry's handle does: a dispatched
+    task goes into the pipeline's in-flight table, and a result or a loss takes it out
+    (only from this handle) before the pipeline hears of it."""
 
-    owner: FakeEndpoints
-    key: str
+    pipeline: Pipeline | None
+    id: str
+    account: str
     functions: dict[str, bytes] = attrs.field(factory=dict)
-    hold: bool = False
-    held: list[DispatchTask] = attrs.field(factory=list)
+
+    def missing_functions(self, function_ids: Sequence[str]) -> list[str]:
+        return [f for f in function_ids if f not in self.functions]
 
     def register_function(self, function_id: str, payload: bytes) -> None:
         self.functions[function_id] = payload
 
+    def track(self, tasks: Sequence[DispatchTask]) -> None:
+        assert self.pipeline is not None
+        self.pipeline.in_flight.add(
+            InFlightTask(t.task_id, t.owner, self.account, t.function_id, self.id, time.time())
+            for t in tasks
+        )
+
+    def result(self, task_id: str, header: dict[str, Any], payload: bytes) -> None:
+        assert self.pipeline is not None
+        record = self.pipeline.in_flight.take(task_id, endpoint_id=self.id)
+        if record is not None:
+            self.pipeline.delivery.on_result(record, header, payload)
+
+    def lost(self, task_id: str, reason: str) -> None:
+        assert self.pipeline is not None
+        record = self.pipeline.in_flight.take(task_id, endpoint_id=self.id)
+        if record is not None:
+            self.pipeline.delivery.on_lost([record], reason)
+
+
+@attrs.define
+class FakeHandle(InFlightHandle):
+    """A user endpoint that echoes each payload back as the result, asynchronously."""
+
+    hold: bool = False
+    held: list[DispatchTask] = attrs.field(factory=list)
+
     def dispatch(self, tasks: Sequence[DispatchTask]) -> None:
         for task in tasks:
             assert task.function_id in self.functions
+        self.track(tasks)
         if self.hold:
             self.held.extend(tasks)
             return
         loop = asyncio.get_running_loop()
         for task in tasks:
-            loop.call_soon(self.owner.complete, task)
-
-
-@attrs.define
-class FakeEndpoints:
-    pipeline: Pipeline | None = None
-    handles: dict[str, FakeHandle] = attrs.field(factory=dict)
-    starts: list[StartSpec] = attrs.field(factory=list)
-    hold: bool = False
-
-    async def get_or_start(self, spec: StartSpec) -> FakeHandle:
-        key = f"{spec.account.name}/{spec.config_key}"
-        if key not in self.handles:
-            self.starts.append(spec)
-            self.handles[key] = FakeHandle(self, key, hold=self.hold)
-        return self.handles[key]
+            loop.call_soon(self.complete, task)
 
     def complete(self, task: DispatchTask) -> None:
-        assert self.pipeline is not None
         if task.payload == b"fail":
             header = {
                 "task_id": task.task_id,
@@ -166,13 +177,30 @@ class FakeEndpoints:
                     "reason": "task.failed",
                 },
             }
-            self.pipeline.on_result(task.task_id, header, b"")
+            self.result(task.task_id, header, b"")
         else:
-            self.pipeline.on_result(
+            self.result(
                 task.task_id,
                 {"task_id": task.task_id, "status": "success"},
                 b"echo:" + task.payload,
             )
+
+
+@attrs.define
+class FakeEndpoints:
+    pipeline: Pipeline | None = None
+    handles: dict[str, FakeHandle] = attrs.field(factory=dict)
+    starts: list[Admitted] = attrs.field(factory=list)
+    hold: bool = False
+
+    async def get_or_start(self, admitted: Admitted) -> FakeHandle:
+        key = f"{admitted.account.name}/{admitted.config_key}"
+        if key not in self.handles:
+            self.starts.append(admitted)
+            self.handles[key] = FakeHandle(
+                self.pipeline, key, admitted.account.name, hold=self.hold
+            )
+        return self.handles[key]
 
     def status(self, account_name: str | None) -> list[dict[str, Any]]:
         return [
@@ -238,14 +266,14 @@ def make_pipeline(
     site.accounts.add("alice", 2001)
     site.accounts.add("bob", 2002)
     site.mapping.update({"alice@example.org": "alice", "bob@example.org": "bob"})
-    pipeline = Pipeline(
+    pipeline = Pipeline.create(
         store=store,
         audit=audit,
         authenticator=authenticator,
         ueps=endpoints,
         limits=limits or Limits(),
+        site_of={site.name: site}.get,
     )
-    pipeline.sites[site.name] = site
     endpoints.pipeline = pipeline
     return PipelineKit(pipeline, site, endpoints, state_dir, issuer)
 

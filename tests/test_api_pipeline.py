@@ -134,7 +134,7 @@ def test_wait_is_woken_by_a_result_not_by_its_timeout(tmp_path: Path) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
         for task in handle.held:
-            kit.endpoints.complete(task)
+            handle.complete(task)
         w = await asyncio.wait_for(waiter, 10)
         assert loop.time() - started < 10
         assert [t["task_id"] for t in w.json()["tasks"]] == [task_id]
@@ -490,7 +490,7 @@ def test_drain_waits_for_in_flight_tasks_up_to_a_bound(tmp_path: Path) -> None:
         drained = asyncio.create_task(kit.pipeline.drain(30))
         await asyncio.sleep(0)
         for task in handle.held:
-            kit.endpoints.complete(task)
+            handle.complete(task)
         assert await asyncio.wait_for(drained, 10) == 0
 
     run(tmp_path, scenario)
@@ -616,7 +616,9 @@ def test_fast_wait_check_agrees_with_the_schema(body: Any) -> None:
 def test_queued_tasks_are_dispatched_after_a_restart_and_can_be_cancelled(
     tmp_path: Path,
 ) -> None:
-    from mepd.store import NewTask, Spec
+    from mepcore.types import Identity
+    from mepd.spec import EndpointSpec
+    from mepd.store import NewTask
 
     async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
         fid = await register(client, kit)
@@ -624,10 +626,11 @@ def test_queued_tasks_are_dispatched_after_a_restart_and_can_be_cancelled(
         owner = (
             await kit.pipeline.authenticate(kit.headers(ALICE)["Authorization"], route="test")
         ).owner
-        store.put_spec(Spec("spec1", "hpc", "alice", {"workers": 1}, {}, {"id": "x"}), 1.0)
+        spec = EndpointSpec("hpc", "alice", {"workers": 1}, {}, Identity("x", {"id": "x"}))
+        store.put_spec(spec, 1.0)
         store.add_tasks(
             [
-                NewTask(f"q{i}", owner, "hpc", "alice", "spec1", fid, f"p{i}".encode(), None)
+                NewTask(f"q{i}", owner, "hpc", "alice", spec.spec_id, fid, f"p{i}".encode(), None)
                 for i in range(3)
             ],
             state="queued",
@@ -635,7 +638,8 @@ def test_queued_tasks_are_dispatched_after_a_restart_and_can_be_cancelled(
         )
         recovery = store.recover(2.0)
         assert len(recovery.queued) == 3
-        kit.pipeline.load_pending_counts()
+        kit.pipeline.hold_queued(recovery.queued)
+        assert kit.pipeline.in_flight.count_account("alice") == 3
         cancelled = await client.delete("/v1/tasks/q1", headers=kit.headers(ALICE))
         assert cancelled.json()["state"] == "cancelled"
         assert cancelled.json()["error"]["reason"] == "task.cancelled"
@@ -655,13 +659,14 @@ def test_queued_tasks_are_dispatched_after_a_restart_and_can_be_cancelled(
         assert base64.b64decode(views["q0"]["result"]) == b"echo:p0"
         assert base64.b64decode(views["q2"]["result"]) == b"echo:p2"
         assert views["q1"]["state"] == "cancelled"
-        assert kit.endpoints.starts[0].variables == {"workers": 1}
+        assert kit.endpoints.starts[0].spec.variables == {"workers": 1}
 
     run(tmp_path, scenario)
 
 
 def test_redispatch_of_an_unusable_spec_fails_the_tasks_with_a_reason(tmp_path: Path) -> None:
-    from mepd.store import NewTask, Spec
+    from mepd.spec import EndpointSpec
+    from mepd.store import NewTask
 
     async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
         fid = await register(client, kit)
@@ -670,13 +675,17 @@ def test_redispatch_of_an_unusable_spec_fails_the_tasks_with_a_reason(tmp_path: 
             await kit.pipeline.authenticate(kit.headers(ALICE)["Authorization"], route="test")
         ).owner
         # The account vanished while the daemon was down.
-        store.put_spec(Spec("spec2", "hpc", "carol", {}, {}, {"id": "x"}), 1.0)
+        spec = EndpointSpec("hpc", "carol")
+        store.put_spec(spec, 1.0)
         store.add_tasks(
-            [NewTask("r0", owner, "hpc", "carol", "spec2", fid, b"x", None)],
+            [NewTask("r0", owner, "hpc", "carol", spec.spec_id, fid, b"x", None)],
             state="queued",
             now=1.0,
         )
-        await kit.pipeline.redispatch(store.recover(2.0).queued)
+        queued = store.recover(2.0).queued
+        kit.pipeline.hold_queued(queued)
+        await kit.pipeline.redispatch(queued)
+        assert len(kit.pipeline.in_flight) == 0
         view = (await client.get("/v1/tasks/r0", headers=kit.headers(ALICE))).json()
         assert view["state"] == "failed"
         assert view["error"]["reason"] == "identity.account_missing"

@@ -28,9 +28,11 @@ import attrs
 import uvicorn
 
 from mepcore.tasks.serialization import pack_value, unpack_value
+from mepd.admission import Admitted
 from mepd.api import create_app
-from mepd.pipeline import DispatchTask, Pipeline, StartSpec
-from tests.daemon_harness import PipelineKit, make_pipeline
+from mepd.inflight import DispatchTask
+from mepd.pipeline import Pipeline
+from tests.daemon_harness import InFlightHandle, PipelineKit, make_pipeline
 
 
 class LoseTask(Exception):
@@ -42,22 +44,19 @@ class LoseTask(Exception):
 
 
 @attrs.define
-class RunningHandle:
+class RunningHandle(InFlightHandle):
     """A fake user endpoint: runs each task in a worker thread of this process."""
 
-    owner: RunningEndpoints
-    key: str
-    functions: dict[str, bytes] = attrs.field(factory=dict)
-
-    def register_function(self, function_id: str, payload: bytes) -> None:
-        self.functions[function_id] = payload
+    owner: RunningEndpoints | None = None
 
     def dispatch(self, tasks: Sequence[DispatchTask]) -> None:
+        assert self.owner is not None
+        self.track(tasks)
         loop = asyncio.get_running_loop()
         for task in tasks:
             self.owner.dispatched.append(task.task_id)
             body = self.functions[task.function_id]
-            self.owner.pool.submit(self.owner.run, loop, body, task)
+            self.owner.pool.submit(self.owner.run, loop, self, body, task)
 
 
 @attrs.define
@@ -66,18 +65,24 @@ class RunningEndpoints:
 
     pipeline: Pipeline | None = None
     handles: dict[str, RunningHandle] = attrs.field(factory=dict)
-    starts: list[StartSpec] = attrs.field(factory=list)
+    starts: list[Admitted] = attrs.field(factory=list)
     dispatched: list[str] = attrs.field(factory=list)
     pool: ThreadPoolExecutor = attrs.field(factory=lambda: ThreadPoolExecutor(8))
 
-    async def get_or_start(self, spec: StartSpec) -> RunningHandle:
-        key = f"{spec.account.name}/{spec.config_key}"
+    async def get_or_start(self, admitted: Admitted) -> RunningHandle:
+        key = f"{admitted.account.name}/{admitted.config_key}"
         if key not in self.handles:
-            self.starts.append(spec)
-            self.handles[key] = RunningHandle(self, key)
+            self.starts.append(admitted)
+            self.handles[key] = RunningHandle(self.pipeline, key, admitted.account.name, owner=self)
         return self.handles[key]
 
-    def run(self, loop: asyncio.AbstractEventLoop, body: bytes, task: DispatchTask) -> None:
+    def run(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        handle: RunningHandle,
+        body: bytes,
+        task: DispatchTask,
+    ) -> None:
         header: dict[str, Any] = {"task_id": task.task_id, "status": "success"}
         payload = b""
         try:
@@ -85,7 +90,7 @@ class RunningEndpoints:
             args, kwargs = unpack_value(task.payload)
             payload = pack_value(fn(*args, **kwargs))
         except LoseTask as lost:
-            loop.call_soon_threadsafe(self._lost, task.task_id, lost.reason)
+            loop.call_soon_threadsafe(handle.lost, task.task_id, lost.reason)
             return
         except Exception as exc:
             header = {
@@ -98,15 +103,7 @@ class RunningEndpoints:
                     "reason": "task.failed",
                 },
             }
-        loop.call_soon_threadsafe(self._deliver, task.task_id, header, payload)
-
-    def _deliver(self, task_id: str, header: dict[str, Any], payload: bytes) -> None:
-        if self.pipeline is not None:
-            self.pipeline.on_result(task_id, header, payload)
-
-    def _lost(self, task_id: str, reason: str) -> None:
-        if self.pipeline is not None:
-            self.pipeline.on_lost([task_id], reason)
+        loop.call_soon_threadsafe(handle.result, task.task_id, header, payload)
 
     def status(self, account_name: str | None) -> list[dict[str, Any]]:
         return [
@@ -170,8 +167,7 @@ class FakeDaemon:
         """Stop and start again on the same port and state: what was running is lost."""
         self.stop()
         self.kit, self.endpoints = _pipeline(self.state_dir)
-        self.kit.pipeline.store.recover(time.time())
-        self.kit.pipeline.load_pending_counts()
+        self.kit.pipeline.hold_queued(self.kit.pipeline.store.recover(time.time()).queued)
         self.server, self.thread = _serve(
             create_app(self.kit.pipeline, self.kit.pipeline.limits), self.port
         )

@@ -10,6 +10,7 @@ from mepcore.errors import ConfigError, SpawnError, TemplateConfigError
 from mepcore.spawn import SpawnSettings
 from mepcore.testing import FakeAccountDatabase
 from mepd.registry import Registry, RegistryLimits, StartRequest, error_from_frame
+from mepd.spec import EndpointSpec
 
 
 def test_config_errors_come_back_with_their_violations() -> None:
@@ -54,16 +55,15 @@ def test_unknown_reasons_from_a_user_endpoint_become_start_failed(reason: object
 def test_start_fields_carry_what_the_user_endpoint_needs() -> None:
     account = FakeAccountDatabase().add("alice", 2001, groups=[("lab", 3000)])
     req = StartRequest(
+        spec=EndpointSpec(
+            "default", account.name, {"n": [1, {"k": "v"}]}, {"python_version": "3.11"}, None
+        ),
         account=account,
         config_key="abc",
         template_name="t.j2",
         template_text="x",
         includes={"a.j2": "y"},
-        variables={"n": [1, {"k": "v"}]},
-        identity=None,
-        user_runtime={"python_version": "3.11"},
         environment={},
-        endpoint="default",
     )
     fields = req.start_fields()
     assert fields["account"]["uid"] == 2001 and fields["account"]["group_ids"] == [2001, 3000]
@@ -80,16 +80,13 @@ def test_root_account_is_refused_before_anything_runs() -> None:
         on_lost=lambda *a: None,
     )
     req = StartRequest(
+        spec=EndpointSpec("e", root.name, {}, None, None),
         account=root,
         config_key="k",
         template_name="t",
         template_text="",
         includes={},
-        variables={},
-        identity=None,
-        user_runtime=None,
         environment={},
-        endpoint="e",
     )
 
     async def scenario() -> None:

@@ -22,7 +22,9 @@ from mepcore.errors import ConfigError, SpawnError
 from mepcore.ports import SystemAccountDatabase
 from mepcore.spawn import ResourceLimits, SpawnSettings
 from mepcore.types import Account
-from mepd.registry import Registry, RegistryLimits, StartRequest
+from mepd.inflight import DispatchTask, InFlightTask
+from mepd.registry import Registry, RegistryLimits, StartRequest, UserEndpointHandle
+from mepd.spec import EndpointSpec
 from tests.runtime_venv import package_paths, runtime_python
 
 pytestmark = pytest.mark.root
@@ -62,16 +64,13 @@ def request(account: Account, key: str = "k1", **variables: Any) -> StartRequest
     values: dict[str, Any] = {"engine": "ThreadPoolEngine", "period": 0.05, "soft": 10000}
     values.update(variables)
     return StartRequest(
+        spec=EndpointSpec("default", account.name, values, None, None),
         account=account,
         config_key=key,
         template_name="user_config_template.yaml.j2",
         template_text=TEMPLATE,
         includes={},
-        variables=values,
-        identity=None,
-        user_runtime=None,
         environment={"SITE_NAME": "test"},
-        endpoint="default",
     )
 
 
@@ -80,11 +79,11 @@ class Recorder:
         self.results: list[tuple[str, dict[str, Any], bytes]] = []
         self.lost: list[tuple[list[str], str]] = []
 
-    def on_result(self, uep: str, header: dict[str, Any], payload: bytes) -> None:
-        self.results.append((uep, header, payload))
+    def on_result(self, record: InFlightTask, header: dict[str, Any], payload: bytes) -> None:
+        self.results.append((record.endpoint_id or "", header, payload))
 
-    def on_lost(self, task_ids: list[str], reason: str) -> None:
-        self.lost.append((task_ids, reason))
+    def on_lost(self, records: list[InFlightTask], reason: str) -> None:
+        self.lost.append(([r.task_id for r in records], reason))
 
 
 def make_registry(settings: SpawnSettings, rec: Recorder, **limits: Any) -> Registry:
@@ -93,6 +92,15 @@ def make_registry(settings: SpawnSettings, rec: Recorder, **limits: Any) -> Regi
     return Registry(
         settings, RegistryLimits(**values), on_result=rec.on_result, on_lost=rec.on_lost
     )
+
+
+def pretend(task_id: str, handle: UserEndpointHandle) -> InFlightTask:
+    """The record of a task as if ``handle`` were running it."""
+    return InFlightTask(task_id, "owner", handle.account.name, "f" * 64, handle.id, 0.0)
+
+
+def dispatch_task(task: Any) -> DispatchTask:
+    return DispatchTask(task.task_id, "owner", task.function_id, task.payload, task.walltime)
 
 
 def processes_of(uid: int) -> list[int]:
@@ -231,7 +239,8 @@ def test_sigkill_is_detected_and_next_request_gets_a_new_endpoint(
         registry = make_registry(settings, rec)
         try:
             first = await registry.get_or_start(request(account))
-            first.in_flight.add("pretend-task")  # as if dispatched and still running
+            # As if dispatched and still running:
+            registry.in_flight.add([pretend("pretend-task", first)])
             assert first.pid is not None
             os.kill(first.pid, signal.SIGKILL)
             await asyncio.wait_for(first.wait_closed(), 5)
@@ -257,16 +266,15 @@ def test_config_that_fails_to_render_returns_the_error_and_leaves_no_process(
         registry = make_registry(settings, rec)
         req = request(account)
         req = StartRequest(
+            spec=EndpointSpec(
+                "default", req.account.name, {"engine": "ThreadPoolEngine"}, None, None
+            ),
             account=req.account,
             config_key="bad",
             template_name=req.template_name,
             template_text="engine:\n  type: {{ engine }}\nheartbeat_period: {{ missing_variable }}\n",
             includes={},
-            variables={"engine": "ThreadPoolEngine"},
-            identity=None,
-            user_runtime=None,
             environment={},
-            endpoint="default",
         )
         try:
             await registry.get_or_start(req)
@@ -377,10 +385,10 @@ def test_tasks_run_as_the_account_and_every_result_comes_back(
             handle.register_function(whoami_id, whoami)
             handle.register_function(whoami_id, whoami)  # sent once only
             tasks = [TaskEnvelope(f"t{i}", whoami_id, pack_args((i,), {})) for i in range(count)]
-            handle.dispatch([(t.to_header(), t.payload) for t in tasks])
-            assert len(handle.in_flight) == count
+            handle.dispatch([dispatch_task(t) for t in tasks])
+            assert handle.in_flight == count == len(registry.in_flight)
             await until(lambda: len(rec.results) == count, timeout=30)
-            assert handle.in_flight == set()
+            assert handle.in_flight == 0 == len(registry.in_flight)
         finally:
             await registry.shutdown()
 
@@ -408,7 +416,7 @@ def test_results_for_tasks_not_dispatched_to_that_endpoint_are_refused(
         registry = make_registry(settings, rec)
         try:
             handle = await registry.get_or_start(request(account))
-            handle.in_flight.add("mine")
+            registry.in_flight.add([pretend("mine", handle)])
             ok = ResultEnvelope("mine", "success", b"y").to_header()
             forged = Frame(
                 {
@@ -420,7 +428,7 @@ def test_results_for_tasks_not_dispatched_to_that_endpoint_are_refused(
                 b"xy",
             )
             handle._on_frame(forged)
-            handle.in_flight.add("junk")
+            registry.in_flight.add([pretend("junk", handle)])
             junk = Frame(
                 {"v": 1, "kind": "result", "items": [{"task_id": "junk", "x": 1}], "sizes": [3]},
                 b"abc",
@@ -523,7 +531,7 @@ def test_shutdown_drains_in_flight_tasks_before_stopping(
         handle = await registry.get_or_start(request(account, engine="ProcessPoolEngine"))
         handle.register_function(fid, body)
         tasks = [TaskEnvelope(f"n{i}", fid, pack_args((i,), {})) for i in range(4)]
-        handle.dispatch([(t.to_header(), t.payload) for t in tasks])
+        handle.dispatch([dispatch_task(t) for t in tasks])
         await registry.shutdown()
         assert handle.exit_reason == "drained"
 

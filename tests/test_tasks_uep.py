@@ -40,7 +40,9 @@ from mepcore.tasks import (
     unpack_result,
 )
 from mepcore.types import Account
+from mepd.inflight import DispatchTask, InFlightTask
 from mepd.registry import Registry, RegistryLimits, StartRequest, UserEndpointHandle
+from mepd.spec import EndpointSpec
 from tests.daemon_harness import remote_function
 from tests.runtime_venv import package_paths, runtime_python
 
@@ -193,12 +195,12 @@ class Endpoint:
     # The registry logs and swallows what its callbacks raise: surprises are recorded in
     # ``strays`` instead, and checked at the end.
 
-    def on_result(self, _uep: str, header: dict[str, Any], payload: bytes) -> None:
+    def on_result(self, _record: InFlightTask, header: dict[str, Any], payload: bytes) -> None:
         self._settle(header["task_id"], ResultEnvelope.from_header(header, payload))
 
-    def on_lost(self, task_ids: list[str], reason: str) -> None:
-        for task_id in task_ids:
-            self._settle(task_id, Lost(reason))
+    def on_lost(self, records: list[InFlightTask], reason: str) -> None:
+        for record in records:
+            self._settle(record.task_id, Lost(reason))
 
     def _settle(self, task_id: str, outcome: Outcome) -> None:
         waiter = self.waiters.pop(task_id, None)
@@ -217,16 +219,13 @@ class Endpoint:
 
     def request(self, config_key: str) -> StartRequest:
         return StartRequest(
+            spec=EndpointSpec("default", self.account.name, {"allowed": ALLOWED}, None, None),
             account=self.account,
             config_key=config_key,
             template_name="user_config_template.yaml.j2",
             template_text=TEMPLATES[self.engine],
             includes={},
-            variables={"allowed": ALLOWED},
-            identity=None,
-            user_runtime=None,
             environment={},
-            endpoint="default",
         )
 
     async def outcomes(self, handle: UserEndpointHandle, calls: Sequence[Call]) -> list[Outcome]:
@@ -245,7 +244,9 @@ class Endpoint:
             future: asyncio.Future[Outcome] = loop.create_future()
             self.waiters[task.task_id] = future
             futures.append(future)
-            items.append((task.to_header(), task.payload))
+            items.append(
+                DispatchTask(task.task_id, "test", function_id, task.payload, task.walltime)
+            )
         handle.dispatch(items)
         return list(await asyncio.gather(*futures))
 

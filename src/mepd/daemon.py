@@ -1,11 +1,13 @@
-"""The daemon's lifecycle: load, serve, reload, drain, stop.
+"""The daemon's lifecycle: open, serve, reload, drain, stop.
 
-``Daemon.run()`` opens the audit log and the task store (recovering what a crash left:
-dispatched tasks become ``task.endpoint_lost``, queued ones are dispatched again), loads
-every endpoint's files (mapping, policy, template), creates the user-endpoint registry,
-binds the listening socket (its port is written to ``<state_dir>/port``), serves the API
-with uvicorn, and answers admin commands (``status``, ``reload``) on a Unix socket in the
-state directory (mode 0600, peers must be root or the daemon's own uid).
+``Daemon.open(settings)`` builds the whole daemon before anything is served: it opens the
+audit log and the task store (recovering what a crash left: dispatched tasks become
+``task.endpoint_lost``, queued ones are held for dispatch again), loads every endpoint's
+files (mapping, policy, template), and wires the pipeline, the user-endpoint registry and
+the HTTP app. ``Daemon.run()`` then binds the listening socket (its port is written to
+``<state_dir>/port`` once uvicorn accepts), serves the API, and answers admin commands
+(``status``, ``reload``) on a Unix socket in the state directory (mode 0600, peers must
+be root or the daemon's own uid).
 
 - SIGHUP or ``mepd reload``: mapping, policy, template and issuer keys are loaded again;
   a file that fails to load leaves the previous version in force (logged, and reported
@@ -14,23 +16,21 @@ state directory (mode 0600, peers must be root or the daemon's own uid).
   ``limits.drain_timeout``, user endpoints are stopped by the ladder
   (``Registry.shutdown``), the store is closed cleanly.
 
-This module is wiring: it adapts mepcore components to the pipeline's ports
-(``LoadedSite``, ``RegistryEndpoints``). It deliberately makes no decision of its own.
+This module is wiring. It makes no decision of its own: sites are ``mepd.sites``, the
+registry's adapter is ``mepd.endpoints``, requests are ``mepd.pipeline``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import json
 import os
 import signal
 import socket
 import struct
 import time
-from collections.abc import Callable, Mapping, Sequence
-from functools import partial
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,28 +38,20 @@ import attrs
 import structlog
 import uvicorn
 
-from mepcore.authz import Authorizer, AuthzRequest
-from mepcore.config import SiteFiles, VariableLimits, config_key, validate_variables
-from mepcore.errors import IdentityError, MepError, SiteConfigError
-from mepcore.identity import AccountPolicy, IdentityMapper, check_account
-from mepcore.ports import AccountDatabase, SystemAccountDatabase
+from mepcore.errors import MepError, SiteConfigError
 from mepcore.spawn import SpawnSettings
-from mepcore.tasks import TaskEnvelope
-from mepcore.types import Account, Identity, IdentitySet
 from mepd.api import create_app
 from mepd.audit import AuditLog, AuditUnavailable
 from mepd.auth import Authenticator
-from mepd.metrics import Labels, Metrics, labels
-from mepd.pipeline import DecisionView, DispatchTask, Handle, Pipeline, StartSpec
-from mepd.registry import (
-    EndpointStatus,
-    Registry,
-    RegistryLimits,
-    StartRequest,
-    UserEndpointHandle,
-)
-from mepd.settings import EndpointSettings, Settings
-from mepd.store import TaskStore
+from mepd.delivery import Delivery
+from mepd.endpoints import RegistryEndpoints, UepAudit
+from mepd.inflight import InFlight
+from mepd.metrics import Metrics
+from mepd.pipeline import Pipeline
+from mepd.registry import Registry, RegistryLimits
+from mepd.settings import Settings
+from mepd.sites import LoadedSite, load_sites
+from mepd.store import Recovery, TaskStore
 
 log = structlog.get_logger("mepd.daemon")
 
@@ -67,352 +59,6 @@ PORT_FILE = "port"
 ADMIN_SOCKET = "admin.sock"
 STORE_FILE = "tasks.sqlite3"
 MAX_ADMIN_REQUEST = 64 * 1024
-
-
-# -- one endpoint's loaded files ---------------------------------------------------------
-
-
-VALIDATED_CACHE_ENTRIES = 1024
-
-
-@attrs.define(eq=False)
-class LoadedSite:
-    """An endpoint with its mapping, policy and template loaded (the pipeline's ``Site``).
-
-    Files never change under a ``LoadedSite`` (a reload builds a new one), so the result of
-    validating the same variables again is remembered (validation costs ~1 ms)."""
-
-    settings: EndpointSettings
-    mapper: IdentityMapper
-    authorizer: Authorizer
-    files: SiteFiles
-    accounts: AccountDatabase
-    account_policy: AccountPolicy
-    variable_limits: VariableLimits = attrs.field(factory=VariableLimits)
-    _validated: dict[str, dict[str, Any]] = attrs.field(factory=dict, init=False)
-
-    @property
-    def name(self) -> str:
-        return self.settings.name
-
-    @property
-    def template_name(self) -> str:
-        return self.files.template_name
-
-    @property
-    def allowed_functions(self) -> frozenset[str] | None:
-        allowed = self.settings.allowed_functions
-        return None if allowed is None else frozenset(allowed)
-
-    @property
-    def mapping_blocks(self) -> bool:
-        return any(hasattr(m, "command") for m in self.mapper.mappers)
-
-    def map_identity(self, identities: IdentitySet) -> str | None:
-        return self.mapper.map(identities).username
-
-    def check_account(self, name: str) -> Account:
-        account = check_account(name, self.accounts, self.account_policy)
-        only = single_account_uid()
-        if only is not None and account.uid != only:
-            raise IdentityError(
-                "identity.account_not_served",
-                f"account {name!r} refused: this daemon runs unprivileged (uid {only}) "
-                "and can only serve its own account",
-                context={"username": name},
-            )
-        return account
-
-    def decide(
-        self,
-        obj: str,
-        action: str,
-        principals: Sequence[str],
-        *,
-        mfa: bool,
-        auth_age: float | None,
-        uid: int | None,
-    ) -> DecisionView:
-        decision = self.authorizer.decide(
-            AuthzRequest(self.name, obj, action, tuple(principals), mfa, auth_age, uid)
-        )
-        return DecisionView(
-            allowed=decision.allowed,
-            reason=decision.reason,
-            lines=tuple(
-                line.location + " " + str(line) if hasattr(line, "location") else str(line)
-                for line in decision.lines
-            ),
-            policy_version=decision.policy_version,
-        )
-
-    def validate_variables(self, variables: Mapping[str, Any]) -> dict[str, Any]:
-        key = json.dumps(variables, sort_keys=True, separators=(",", ":"))
-        hit = self._validated.get(key)
-        if hit is None:
-            hit = validate_variables(variables, self.files.schema, self.variable_limits)
-            if len(self._validated) >= VALIDATED_CACHE_ENTRIES:
-                self._validated.pop(next(iter(self._validated)))
-            self._validated[key] = hit
-        return copy.deepcopy(hit)
-
-    def config_key(self, account: Account, variables: Mapping[str, Any]) -> str:
-        return config_key(account.name, self.files.template_digest, variables)
-
-
-ACCOUNT_CACHE_SECONDS = 2.0
-ACCOUNT_CACHE_ENTRIES = 4096
-
-
-@attrs.define
-class CachedAccounts:
-    """The password database with a short memory (an NSS look-up with all groups costs
-    ~0.2 ms). A changed or removed account is seen after at most ``ttl`` seconds; the
-    account policy (uid 0, min_uid, deny list, the daemon's uid) is applied every time."""
-
-    inner: AccountDatabase
-    ttl: float = ACCOUNT_CACHE_SECONDS
-    _by_name: dict[str, tuple[float, Account | None]] = attrs.field(factory=dict)
-
-    def by_name(self, name: str) -> Account | None:
-        now = time.monotonic()
-        hit = self._by_name.get(name)
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        account = self.inner.by_name(name)
-        if len(self._by_name) >= ACCOUNT_CACHE_ENTRIES:
-            self._by_name.clear()
-        self._by_name[name] = (now + self.ttl, account)
-        return account
-
-    def by_uid(self, uid: int) -> Account | None:
-        return self.inner.by_uid(uid)
-
-
-def account_policy(settings: Settings) -> AccountPolicy:
-    """The account checks of this daemon.
-
-    As root (the deployment this is built for) the daemon's own uid is refused like uid 0.
-    Unprivileged, the daemon can only start user endpoints as itself (single-account mode,
-    for trying mep out or a personal server): its own uid is then the one account it
-    serves, and ``LoadedSite.check_account`` refuses every other."""
-    own = os.geteuid()
-    return AccountPolicy(
-        min_uid=settings.min_uid,
-        daemon_uid=own if own == 0 else None,
-        deny=frozenset(settings.deny_accounts),
-    )
-
-
-def single_account_uid() -> int | None:
-    """The only uid an unprivileged daemon can serve; None when running as root."""
-    own = os.geteuid()
-    return None if own == 0 else own
-
-
-@attrs.frozen
-class LoadReport:
-    sites: dict[str, LoadedSite]
-    problems: tuple[str, ...]
-
-
-def load_sites(settings: Settings, previous: Mapping[str, LoadedSite] | None = None) -> LoadReport:
-    """Load every endpoint's files. With ``previous`` (a reload), a part that fails keeps
-    its previous version; without it (a start), an endpoint with a failed part is left
-    out and the problem reported."""
-    accounts = CachedAccounts(SystemAccountDatabase())
-    policy = account_policy(settings)
-    problems: list[str] = []
-    sites: dict[str, LoadedSite] = {}
-    for ep in settings.endpoints:
-        old = (previous or {}).get(ep.name)
-        parts: dict[str, Any] = {}
-        loaders: dict[str, Callable[[], Any]] = {
-            "mapping": partial(IdentityMapper.from_file, ep.mapping),
-            "policy": partial(Authorizer.from_files, ep.policy_model, ep.policy),
-            "template": partial(SiteFiles.from_files, ep.template, ep.schema, ep.environment),
-        }
-        olds = {
-            "mapping": old and old.mapper,
-            "policy": old and old.authorizer,
-            "template": old and old.files,
-        }
-        for part, loader in loaders.items():
-            try:
-                parts[part] = loader()
-            except Exception as exc:  # any failure to load keeps the old version in force
-                keep = olds[part]
-                problems.append(
-                    f"endpoint {ep.name}: {part}: {exc}"
-                    + ("; the previous version stays in force" if keep is not None else "")
-                )
-                if keep is not None:
-                    parts[part] = keep
-        if len(parts) == 3:
-            sites[ep.name] = LoadedSite(
-                ep, parts["mapping"], parts["policy"], parts["template"], accounts, policy
-            )
-        elif old is not None:
-            sites[ep.name] = old
-    return LoadReport(sites, tuple(problems))
-
-
-# -- the registry behind the pipeline's port ---------------------------------------------
-
-
-@attrs.define(eq=False)
-class HandleAdapter:
-    handle: UserEndpointHandle
-
-    def register_function(self, function_id: str, payload: bytes) -> None:
-        self.handle.register_function(function_id, payload)
-
-    def dispatch(self, tasks: Sequence[DispatchTask]) -> None:
-        self.handle.dispatch(
-            [
-                (
-                    TaskEnvelope(t.task_id, t.function_id, t.payload, t.walltime).to_header(),
-                    t.payload,
-                )
-                for t in tasks
-            ]
-        )
-
-
-_STATUS_FIELDS = ("config_key", "endpoint", "state", "pid", "started_at", "idle_since", "in_flight")
-
-
-@attrs.define
-class RegistryEndpoints:
-    """Adapts ``mepd.registry.Registry`` to the pipeline's ``UserEndpoints`` port."""
-
-    audit: AuditLog
-    # What the user endpoint's executor enforces itself (result size is refused in the
-    # worker, before megabytes cross the channel).
-    executor_limits: Mapping[str, Any] = attrs.field(factory=dict)
-    registry: Registry | None = None
-    _adapters: dict[str, HandleAdapter] = attrs.field(factory=dict)
-
-    async def get_or_start(self, spec: StartSpec) -> Handle:
-        assert self.registry is not None
-        site = spec.site
-        assert isinstance(site, LoadedSite)
-        files = site.files
-        request = StartRequest(
-            account=spec.account,
-            config_key=spec.config_key,
-            template_name=files.template_name,
-            template_text=files.template_text,
-            includes=files.includes,
-            variables=spec.variables,
-            identity=Identity.from_mapping(spec.identity) if spec.identity else None,
-            user_runtime=spec.user_runtime or None,
-            environment=files.environment,
-            endpoint=site.name,
-            executor_limits=self.executor_limits,
-            variable_limits=attrs.asdict(site.variable_limits),
-        )
-        try:
-            handle = await self.registry.get_or_start(request)
-        except MepError as exc:
-            self.audit.record(
-                "uep.start_failed",
-                endpoint=site.name,
-                account=spec.account.name,
-                uid=spec.account.uid,
-                config_key=spec.config_key,
-                reason=exc.reason,
-                detail=exc.detail,
-            )
-            raise
-        adapter = self._adapters.get(handle.id)
-        if adapter is None:
-            self.audit.record(
-                "uep.started",
-                endpoint=site.name,
-                account=spec.account.name,
-                uid=spec.account.uid,
-                pid=handle.pid,
-                config_key=spec.config_key,
-            )
-            self._adapters = {
-                k: a for k, a in self._adapters.items() if a.handle.state in ("starting", "ready")
-            }
-            adapter = HandleAdapter(handle)
-            self._adapters[handle.id] = adapter
-        return adapter
-
-    def status(self, account_name: str | None) -> list[dict[str, Any]]:
-        assert self.registry is not None
-        return [
-            {k: v for k, v in s.to_dict().items() if k in _STATUS_FIELDS}
-            for s in self.registry.status(account_name)
-        ]
-
-    async def stop(self, account_name: str, endpoint: str, reason: str) -> int:
-        assert self.registry is not None
-        chosen = [s for s in self.registry.status(account_name) if s.endpoint == endpoint]
-        stopped = 0
-        for key in {s.config_key for s in chosen}:
-            stopped += await self.registry.stop(account_name, key, reason=reason)
-        self.audit_stopped(chosen, reason)
-        return stopped
-
-    async def introspect(self, account_name: str, endpoint: str) -> list[dict[str, Any]]:
-        assert self.registry is not None
-        out: list[dict[str, Any]] = []
-        for status in self.registry.status(account_name):
-            if status.endpoint != endpoint or status.state != "ready":
-                continue
-            handle = self.registry.get(account_name, status.config_key)
-            if handle is None:
-                continue
-            try:
-                answer = await handle.introspect()
-            except MepError as exc:  # it went away meanwhile: report, don't fail the call
-                answer = {"error": exc.reason}
-            out.append({"config_key": status.config_key, "pid": status.pid, "process": answer})
-        return out
-
-    def audit_exited(self, handle: UserEndpointHandle, why: str) -> None:
-        """Every user endpoint process that ends (idle, crash, stop) leaves an audit line."""
-        with contextlib.suppress(AuditUnavailable):
-            self.audit.record(
-                "uep.exited",
-                endpoint=handle.endpoint,
-                account=handle.account.name,
-                uid=handle.account.uid,
-                pid=handle.pid,
-                config_key=handle.config_key,
-                state=handle.state,
-                reason=why,
-            )
-
-    def audit_stopped(self, statuses: Sequence[EndpointStatus], reason: str) -> None:
-        with contextlib.suppress(AuditUnavailable):
-            self.audit.record_many(
-                (
-                    "uep.stopped",
-                    {
-                        "endpoint": s.endpoint,
-                        "account": s.account,
-                        "uid": s.uid,
-                        "pid": s.pid,
-                        "config_key": s.config_key,
-                        "reason": reason,
-                    },
-                )
-                for s in statuses
-            )
-
-    def gauge(self) -> Mapping[Labels, float]:
-        if self.registry is None:
-            return {}
-        counts: dict[Labels, float] = {}
-        for s in self.registry.status():
-            key = labels(state=s.state)
-            counts[key] = counts.get(key, 0.0) + 1
-        return counts
 
 
 def registry_limits(settings: Settings) -> RegistryLimits:
@@ -428,9 +74,6 @@ def registry_limits(settings: Settings) -> RegistryLimits:
 
 def spawn_settings(settings: Settings) -> SpawnSettings:
     return SpawnSettings.from_mapping(settings.spawn, default_python=settings.python)
-
-
-# -- the daemon ---------------------------------------------------------------------------
 
 
 class _Server(uvicorn.Server):
@@ -462,117 +105,172 @@ def _write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _server_config(settings: Settings, pipeline: Pipeline) -> uvicorn.Config:
+    return uvicorn.Config(
+        create_app(pipeline, settings.limits),
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
+        ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
+        timeout_graceful_shutdown=5,
+        # Longer than clients keep an idle connection (httpx: 5 s, mep's client: 2 s),
+        # so the server never closes one a client is about to reuse.
+        timeout_keep_alive=30,
+        server_header=False,
+    )
+
+
+def _recover(store: TaskStore, audit: AuditLog) -> Recovery:
+    """What a crash left: dispatched tasks are lost (audited), queued ones come back."""
+    recovery = store.recover(time.time())
+    if recovery.lost:
+        audit.record_many(
+            (
+                "task.finished",
+                {
+                    "task_id": t,
+                    "status": "failed",
+                    "reason": "task.endpoint_lost",
+                    "cause": "daemon restart",
+                },
+            )
+            for t in recovery.lost
+        )
+    return recovery
+
+
 @attrs.define
 class Daemon:
+    """A running daemon's parts, all built by ``Daemon.open``."""
+
     settings: Settings
-    audit: AuditLog | None = None
-    store: TaskStore | None = None
-    pipeline: Pipeline | None = None
-    registry: Registry | None = None
-    endpoints: RegistryEndpoints | None = None
-    authenticator: Authenticator | None = None
-    server: _Server | None = None
-    started: float = 0.0
+    audit: AuditLog
+    store: TaskStore
+    recovery: Recovery
+    authenticator: Authenticator
+    sites: dict[str, LoadedSite]
+    registry: Registry
+    endpoints: RegistryEndpoints
+    pipeline: Pipeline
+    server: _Server
+    started: float
     _stopping: asyncio.Task[None] | None = None
     _background: list[asyncio.Task[Any]] = attrs.field(factory=list)
     _reloads: int = 0
 
-    def run(self) -> int:
-        return asyncio.run(self._main())
-
-    async def _main(self) -> int:
-        settings = self.settings
+    @classmethod
+    def open(cls, settings: Settings) -> Daemon:
+        """Open the state, load the files, build every part; nothing is served yet."""
         state = settings.state_dir
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
         state.chmod(0o700)
-        self.started = time.time()
-
         audit = AuditLog(settings.audit_path)
         audit.open()
-        self.audit = audit
         store = TaskStore.open(state / STORE_FILE, durability=settings.durability)
-        self.store = store
-        recovery = store.recover(time.time())
-        if recovery.lost:
-            audit.record_many(
-                (
-                    "task.finished",
-                    {
-                        "task_id": t,
-                        "status": "failed",
-                        "reason": "task.endpoint_lost",
-                        "cause": "daemon restart",
-                    },
-                )
-                for t in recovery.lost
-            )
+        recovery = _recover(store, audit)
         authenticator = Authenticator(
             settings.issuers, state, settings.limits.introspection_cache_entries
         )
         authenticator.load()
-        self.authenticator = authenticator
         report = load_sites(settings)
         if report.problems:
             raise SiteConfigError("settings.invalid", "; ".join(report.problems))
+        return cls._wire(settings, audit, store, recovery, authenticator, report.sites)
 
-        metrics = Metrics()
+    @classmethod
+    def _wire(
+        cls,
+        settings: Settings,
+        audit: AuditLog,
+        store: TaskStore,
+        recovery: Recovery,
+        authenticator: Authenticator,
+        sites: dict[str, LoadedSite],
+    ) -> Daemon:
+        metrics, in_flight = Metrics(), InFlight()
+        delivery = Delivery(store, audit, in_flight, metrics, settings.limits.max_result_bytes)
+        uep_audit = UepAudit(audit)
+        registry = Registry(
+            spawn_settings(settings),
+            registry_limits(settings),
+            on_result=delivery.on_result,
+            on_lost=delivery.on_lost,
+            on_exit=uep_audit.exited,
+            in_flight=in_flight,
+        )
         endpoints = RegistryEndpoints(
-            audit,
+            registry,
+            uep_audit,
+            sites.get,
             executor_limits={
                 "max_result_bytes": settings.limits.max_result_bytes,
                 "max_payload_bytes": settings.limits.max_payload_bytes,
             },
         )
-        pipeline = Pipeline(
+        pipeline = Pipeline.create(
             store=store,
             audit=audit,
             authenticator=authenticator,
             ueps=endpoints,
             limits=settings.limits,
-            metrics=metrics,
+            site_of=sites.get,
+            delivery=delivery,
         )
-        pipeline.sites.update(report.sites)
-        registry = Registry(
-            spawn_settings(settings),
-            registry_limits(settings),
-            on_result=pipeline.on_result,
-            on_lost=pipeline.on_lost,
-            on_exit=endpoints.audit_exited,
-        )
-        endpoints.registry = registry
-        self.registry = registry
-        self.endpoints = endpoints
-        self.pipeline = pipeline
-        pipeline.load_pending_counts()
+        pipeline.hold_queued(recovery.queued)
         metrics.gauge("mepd_user_endpoints", "user endpoints by state", endpoints.gauge)
-        metrics.gauge(
-            "mepd_tasks_pending",
-            "tasks accepted and not finished, by account",
-            pipeline.pending_by_account,
+        server = _Server(_server_config(settings, pipeline))
+        return cls(
+            settings,
+            audit,
+            store,
+            recovery,
+            authenticator,
+            sites,
+            registry,
+            endpoints,
+            pipeline,
+            server,
+            time.time(),
         )
 
-        sock = _bind(settings.host, settings.port)
-        config = uvicorn.Config(
-            create_app(pipeline, settings.limits),
-            log_config=None,
-            access_log=False,
-            lifespan="off",
-            ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
-            ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
-            timeout_graceful_shutdown=5,
-            # Longer than clients keep an idle connection (httpx: 5 s, mep's client: 2 s),
-            # so the server never closes one a client is about to reuse.
-            timeout_keep_alive=30,
-            server_header=False,
-        )
-        server = _Server(config)
-        self.server = server
+    def run(self) -> int:
+        return asyncio.run(self.serve())
 
+    async def serve(self) -> int:
+        """Serve until stopped; then close everything this daemon opened."""
         loop = asyncio.get_running_loop()
+        sock = _bind(self.settings.host, self.settings.port)
+        self._install_signal_handlers(loop)
+        admin = await self._start_admin_socket()
+        port = sock.getsockname()[1]
+        self._announce_start(port)
+        self._background.append(loop.create_task(self._sweeper()))
+        if self.recovery.queued:
+            self._background.append(
+                loop.create_task(self.pipeline.redispatch(self.recovery.queued))
+            )
+        serving = loop.create_task(self.server.serve(sockets=[sock]))
+        # Readiness: the port file appears only once uvicorn is accepting.
+        while not self.server.started and not serving.done():
+            await asyncio.sleep(0.01)
+        if self.server.started:
+            _write_private(self.settings.state_dir / PORT_FILE, f"{port}\n")
+        try:
+            await serving
+        finally:
+            admin.close()
+            await admin.wait_closed()
+            await self._close()
+        return 0
+
+    def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, f"signal {sig.name}")
-        admin_path = state / ADMIN_SOCKET
+
+    async def _start_admin_socket(self) -> asyncio.Server:
+        admin_path = self.settings.state_dir / ADMIN_SOCKET
         with contextlib.suppress(FileNotFoundError):
             admin_path.unlink()
         old_umask = os.umask(0o177)
@@ -581,57 +279,44 @@ class Daemon:
         finally:
             os.umask(old_umask)
         admin_path.chmod(0o600)
+        return admin
 
-        port = sock.getsockname()[1]
-        audit.record(
+    def _announce_start(self, port: int) -> None:
+        lost, queued = len(self.recovery.lost), len(self.recovery.queued)
+        self.audit.record(
             "daemon.started",
             pid=os.getpid(),
-            host=settings.host,
+            host=self.settings.host,
             port=port,
-            lost_on_restart=len(recovery.lost),
-            requeued=len(recovery.queued),
+            lost_on_restart=lost,
+            requeued=queued,
         )
         log.info(
             "daemon.started",
-            host=settings.host,
+            host=self.settings.host,
             port=port,
             pid=os.getpid(),
-            endpoints=sorted(report.sites),
-            lost=len(recovery.lost),
-            requeued=len(recovery.queued),
+            endpoints=sorted(self.sites),
+            lost=lost,
+            requeued=queued,
         )
-        self._background.append(loop.create_task(self._sweeper()))
-        if recovery.queued:
-            self._background.append(loop.create_task(pipeline.redispatch(recovery.queued)))
 
-        serving = loop.create_task(server.serve(sockets=[sock]))
-        # Readiness: the port file appears only once uvicorn is accepting.
-        while not server.started and not serving.done():
-            await asyncio.sleep(0.01)
-        if server.started:
-            _write_private(state / PORT_FILE, f"{port}\n")
-        try:
-            await serving
-        finally:
-            admin.close()
-            await admin.wait_closed()
-            for task in self._background:
-                task.cancel()
-            await asyncio.gather(*self._background, return_exceptions=True)
-            if self._stopping is not None and not self._stopping.done():
-                await self._stopping
-            pipeline.flush()
-            store.close()
-            await authenticator.aclose()
+    async def _close(self) -> None:
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        if self._stopping is not None and not self._stopping.done():
+            await self._stopping
+        self.pipeline.delivery.flush()
+        self.store.close()
+        await self.authenticator.aclose()
+        for name in (PORT_FILE, ADMIN_SOCKET):
             with contextlib.suppress(FileNotFoundError):
-                (state / PORT_FILE).unlink()
-            with contextlib.suppress(FileNotFoundError):
-                admin_path.unlink()
-            with contextlib.suppress(AuditUnavailable):
-                audit.record("daemon.stopped", pid=os.getpid())
-            audit.close()
-            log.info("daemon.stopped")
-        return 0
+                (self.settings.state_dir / name).unlink()
+        with contextlib.suppress(AuditUnavailable):
+            self.audit.record("daemon.stopped", pid=os.getpid())
+        self.audit.close()
+        log.info("daemon.stopped")
 
     # -- stop -------------------------------------------------------------------------
 
@@ -641,17 +326,13 @@ class Daemon:
             self._stopping = asyncio.get_running_loop().create_task(self._drain_and_stop())
 
     async def _drain_and_stop(self) -> None:
-        assert self.pipeline is not None
-        assert self.registry is not None
-        assert self.server is not None
         try:
             left = await self.pipeline.drain(self.settings.limits.drain_timeout)
             log.info("daemon.drained", tasks_left=left)
             running = self.registry.status()
             await self.registry.shutdown()
-            if self.endpoints is not None:
-                self.endpoints.audit_stopped(running, "daemon shutdown")
-            self.pipeline.flush()
+            self.endpoints.audit.stopped(running, "daemon shutdown")
+            self.pipeline.delivery.flush()
         except Exception:
             log.exception("daemon.drain_failed")
         finally:
@@ -665,21 +346,19 @@ class Daemon:
 
     def reload(self) -> dict[str, Any]:
         """Load mapping, policy, templates and issuer keys again; failures keep the old."""
-        assert self.pipeline is not None
-        assert self.authenticator is not None
         self._reloads += 1
-        previous = {n: s for n, s in self.pipeline.sites.items() if isinstance(s, LoadedSite)}
-        report = load_sites(self.settings, previous)
+        report = load_sites(self.settings, self.sites)
         problems = list(report.problems)
         try:
             self.authenticator.load()
         except MepError as exc:
             problems.append(f"issuers: {exc}; the previous keys stay in force")
-        self.pipeline.sites = dict(report.sites)
-        if self.audit is not None:
-            with contextlib.suppress(AuditUnavailable):
-                self.audit.reopen()
-                self.audit.record("daemon.reloaded", problems=problems)
+        # In place: the pipeline and the registry's adapter look sites up in this dict.
+        self.sites.clear()
+        self.sites.update(report.sites)
+        with contextlib.suppress(AuditUnavailable):
+            self.audit.reopen()
+            self.audit.record("daemon.reloaded", problems=problems)
         for problem in problems:
             log.error("daemon.reload_problem", problem=problem)
         return {"ok": not problems, "problems": problems, "endpoints": sorted(report.sites)}
@@ -687,17 +366,14 @@ class Daemon:
     # -- status -----------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        assert self.pipeline is not None
-        assert self.registry is not None
-        assert self.store is not None
         return {
             "pid": os.getpid(),
             "started": self.started,
             "draining": self.pipeline.draining,
             "audit_available": self.pipeline.audit.available,
             "reloads": self._reloads,
-            "endpoints": sorted(self.pipeline.sites),
-            "tasks_in_flight": self.pipeline.inflight_count(),
+            "endpoints": sorted(self.sites),
+            "tasks_in_flight": self.pipeline.in_flight.dispatched(),
             "tasks_by_state": self.store.counts_by_state(),
             "user_endpoints": [s.to_dict() for s in self.registry.status()],
         }
@@ -738,7 +414,6 @@ class Daemon:
     # -- retention ----------------------------------------------------------------------
 
     async def _sweeper(self) -> None:
-        assert self.store is not None
         retention = self.settings.limits.result_retention
         period = max(1.0, min(retention / 10, 300.0))
         while True:

@@ -52,14 +52,18 @@ from mepcore.spawn import (
     reap_adopted_orphans,
     stop_ladder,
 )
-from mepcore.tasks import RemoteError, ResultEnvelope
-from mepcore.types import Account, Identity
+from mepcore.tasks import RemoteError, ResultEnvelope, TaskEnvelope
+from mepcore.types import Account
 from mepd.channel import AsyncChannel, ChannelLimits, Frame, batch_frames, check_items
+from mepd.inflight import DispatchTask, InFlight, InFlightTask
+from mepd.spec import EndpointSpec
 
 log = structlog.get_logger("mepd.registry")
 
-ResultCallback = Callable[[str, dict[str, Any], bytes], None]
-LostCallback = Callable[[list[str], str], None]
+# (the task's in-flight record, the checked result header, the opaque result bytes)
+ResultCallback = Callable[[InFlightTask, dict[str, Any], bytes], None]
+# (the records of the tasks that will not finish, the reason code)
+LostCallback = Callable[[list[InFlightTask], str], None]
 # (handle, why): a user endpoint's process is gone, for whatever reason (idle, crash,
 # stop). Called once per user endpoint, in the event loop, after on_lost.
 ExitCallback = Callable[["UserEndpointHandle", str], None]
@@ -84,18 +88,16 @@ class RegistryLimits:
 
 @attrs.frozen
 class StartRequest:
-    """Everything a user endpoint needs to start; ``variables`` are already validated."""
+    """Everything a user endpoint needs to start: the ``EndpointSpec`` (its variables
+    already validated), the account as looked up now, and the site's files."""
 
+    spec: EndpointSpec
     account: Account
     config_key: str
     template_name: str
     template_text: str
     includes: Mapping[str, str] = attrs.field(converter=_freeze)
-    variables: Mapping[str, Any] = attrs.field(converter=_freeze)
-    identity: Identity | None
-    user_runtime: Mapping[str, Any] | None
     environment: Mapping[str, str] = attrs.field(converter=_freeze)
-    endpoint: str
     executor_limits: Mapping[str, Any] = attrs.field(converter=_freeze, factory=dict)
     # The bounds the daemon validated the variables with; the user endpoint re-checks
     # with the same ones, so a site that raises them is not refused at render time.
@@ -108,25 +110,17 @@ class StartRequest:
             "template_name": self.template_name,
             "template_text": self.template_text,
             "includes": dict(self.includes),
-            "variables": _thaw(self.variables),
-            "identity": None if self.identity is None else self.identity.to_dict(),
-            "user_runtime": None if self.user_runtime is None else _thaw(self.user_runtime),
+            "variables": self.spec.variables,
+            "identity": None if self.spec.identity is None else self.spec.identity.to_dict(),
+            "user_runtime": self.spec.user_runtime or None,
             "account": self.account.to_dict(),
-            "endpoint": self.endpoint,
+            "endpoint": self.spec.endpoint,
             "config_key": self.config_key,
             "setup_timeout": self.setup_timeout,
             "teardown_timeout": self.teardown_timeout,
             "executor_limits": dict(self.executor_limits),
             "variable_limits": dict(self.variable_limits),
         }
-
-
-def _thaw(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _thaw(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_thaw(v) for v in value]
-    return value
 
 
 @attrs.frozen
@@ -192,8 +186,6 @@ class UserEndpointHandle:
     started_at: float | None = None
     idle_since: float | None = None
     exit_reason: str | None = None
-    in_flight: set[str] = attrs.field(factory=set)
-    ready_info: Mapping[str, Any] = attrs.field(factory=dict)
     _registry: Registry | None = None
     _sent_functions: set[str] = attrs.field(factory=set)
     _ready: asyncio.Future[Mapping[str, Any]] | None = None
@@ -209,6 +201,14 @@ class UserEndpointHandle:
 
     # ----------------------------------------------------------------- API
 
+    @property
+    def in_flight(self) -> int:
+        """How many tasks this user endpoint is running (from the daemon's one table)."""
+        return self._live_registry().in_flight.count_endpoint(self.id)
+
+    def missing_functions(self, function_ids: Sequence[str]) -> list[str]:
+        return [f for f in function_ids if f not in self._sent_functions]
+
     def register_function(self, function_id: str, payload: bytes) -> None:
         """Send a function body once; later calls with the same id do nothing."""
         if function_id in self._sent_functions:
@@ -216,18 +216,24 @@ class UserEndpointHandle:
         self._live_channel().send("function", {"items": [{"function_id": function_id}]}, [payload])
         self._sent_functions.add(function_id)
 
-    def dispatch(self, tasks: Sequence[tuple[Mapping[str, Any], bytes]]) -> None:
-        """Send tasks (header, opaque payload) in as few frames as the limits allow."""
+    def dispatch(self, tasks: Sequence[DispatchTask]) -> None:
+        """Send tasks in as few frames as the limits allow; each is then in flight here."""
         channel = self._live_channel()
-        ids: list[str] = []
-        for header, _ in tasks:
-            task_id = header.get("task_id")
-            if not isinstance(task_id, str) or not task_id:
-                raise ChannelError("channel.frame_invalid", "a task header has no task_id")
-            ids.append(task_id)
-        for buffers in batch_frames("task", tasks, limits=channel.limits):
+        registry = self._live_registry()
+        frames = [
+            (
+                TaskEnvelope(t.task_id, t.function_id, t.payload, t.walltime).to_header(),
+                t.payload,
+            )
+            for t in tasks
+        ]
+        for buffers in batch_frames("task", frames, limits=channel.limits):
             channel.send_buffers(buffers)
-        self.in_flight.update(ids)
+        now = registry.clock()
+        registry.in_flight.add(
+            InFlightTask(t.task_id, t.owner, self.account.name, t.function_id, self.id, now)
+            for t in tasks
+        )
         self.idle_since = None
 
     async def introspect(self, timeout: float = 10.0) -> dict[str, Any]:
@@ -256,8 +262,13 @@ class UserEndpointHandle:
             pid=self.pid,
             started_at=self.started_at,
             idle_since=self.idle_since,
-            in_flight=len(self.in_flight),
+            in_flight=self.in_flight,
         )
+
+    def _live_registry(self) -> Registry:
+        if self._registry is None:
+            raise ChannelError("channel.closed", f"user endpoint {self.id} has no registry")
+        return self._registry
 
     def _live_channel(self) -> AsyncChannel:
         if (
@@ -305,17 +316,17 @@ class UserEndpointHandle:
 
     def _on_results(self, frame: Frame) -> None:
         items = check_items(frame)
-        registry = self._registry
-        assert registry is not None
+        registry = self._live_registry()
         for header, payload in zip(items, frame.parts(), strict=True):
-            task_id = header["task_id"]
-            if task_id not in self.in_flight:
-                log.warning("channel.result_refused", uep=self.id, task_id=task_id[:128])
+            # Only a task given to *this* user endpoint: a user's process cannot complete
+            # another user's tasks.
+            record = registry.in_flight.take(header["task_id"], endpoint_id=self.id)
+            if record is None:
+                log.warning("channel.result_refused", uep=self.id, task_id=header["task_id"][:128])
                 continue
-            self.in_flight.discard(task_id)
-            header, payload = _checked_result(header, payload)
+            checked, payload = _checked_result(header, payload)
             try:
-                registry.on_result(self.id, header, payload)
+                registry.on_result(record, checked, payload)
             except Exception:
                 log.exception("registry.on_result_failed", uep=self.id)
         if not self.in_flight:
@@ -339,8 +350,7 @@ class UserEndpointHandle:
         if self._closed.is_set():
             return
         self._closed.set()
-        registry = self._registry
-        assert registry is not None
+        registry = self._live_registry()
         loop = asyncio.get_running_loop()
         if self._watch_fd >= 0:
             loop.remove_reader(self._watch_fd)
@@ -358,8 +368,7 @@ class UserEndpointHandle:
         was = self.state
         self.state = "stopped" if was in ("stopping", "draining") else "lost"
         registry._forget(self)
-        lost = sorted(self.in_flight)
-        self.in_flight.clear()
+        lost = registry.in_flight.take_endpoint(self.id)
         if lost:
             try:
                 registry.on_lost(lost, "task.endpoint_lost")
@@ -414,12 +423,13 @@ class UserEndpointHandle:
 class Registry:
     """All user endpoints of this daemon. Use from the daemon's event loop only.
 
-    ``on_result(handle_id, result_header, result_payload)`` is called in the event loop
-    for every result of a task dispatched through a handle (``handle_id`` is
-    ``UserEndpointHandle.id``); the payload is opaque bytes, to be stored as they are.
-    ``on_lost(task_ids, "task.endpoint_lost")`` is called once for the tasks still in
-    flight when a user endpoint dies or is stopped. Both must not raise (errors are
-    logged and ignored) and must not block.
+    Tasks in flight are kept in ``in_flight`` (the daemon's one table, shared with the
+    pipeline). ``on_result(record, result_header, result_payload)`` is called in the
+    event loop for every result of a task dispatched through a handle, with the task's
+    in-flight record (taken out of the table); the payload is opaque bytes, to be stored
+    as they are. ``on_lost(records, "task.endpoint_lost")`` is called once with the tasks
+    still in flight when a user endpoint dies or is stopped. Both must not raise (errors
+    are logged and ignored) and must not block.
     """
 
     spawn_settings: SpawnSettings
@@ -429,6 +439,7 @@ class Registry:
     on_exit: ExitCallback | None = attrs.field(kw_only=True, default=None)
     channel_limits: ChannelLimits = attrs.field(kw_only=True, factory=ChannelLimits)
     clock: Callable[[], float] = attrs.field(kw_only=True, default=time.time)
+    in_flight: InFlight = attrs.field(kw_only=True, factory=InFlight)
     _handles: dict[tuple[str, str], UserEndpointHandle] = attrs.field(init=False, factory=dict)
     _starting: dict[tuple[str, str], asyncio.Future[UserEndpointHandle]] = attrs.field(
         init=False, factory=dict
@@ -490,61 +501,23 @@ class Registry:
         req: StartRequest,
         future: asyncio.Future[UserEndpointHandle],
     ) -> None:
-        loop = asyncio.get_running_loop()
         handle = UserEndpointHandle(
             id=f"{req.account.name}/{req.config_key[:16]}/{next(self._serial)}",
             account=req.account,
             config_key=req.config_key,
-            endpoint=req.endpoint,
+            endpoint=req.spec.endpoint,
             registry=self,
         )
-        handle._ready = loop.create_future()
-        handle._ready.add_done_callback(lambda f: f.cancelled() or f.exception())
+        ready: asyncio.Future[Mapping[str, Any]] = asyncio.get_running_loop().create_future()
+        ready.add_done_callback(lambda f: f.cancelled() or f.exception())
+        handle._ready = ready
         self._handles[key] = handle
         began = time.monotonic()
         try:
-            if not self._subreaper:
-                self._subreaper = become_subreaper()
-                self._watch_adopted(loop)
-            plan = plan_spawn(req.account, self.spawn_settings, req.environment)
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                handle.process = launch(plan, theirs.fileno())
-                self._unreaped.add(handle.process.pid)
-            except BaseException:
-                ours.close()
-                raise
-            finally:
-                theirs.close()
-            handle.channel = await AsyncChannel.connect(
-                ours, handle._on_frame, handle._on_close, self.channel_limits
-            )
-            handle._watch_fd = os.dup(handle.process.pidfd)
-            loop.add_reader(handle._watch_fd, handle._on_exit)
-            handle.channel.send("start", req.start_fields())
-            ready = await asyncio.wait_for(asyncio.shield(handle._ready), self.limits.start_timeout)
+            await self._launch(handle, req, ready)
         except BaseException as exc:
             error = _as_start_error(exc, handle)
-            handle.state = "failed"
-            self._forget(handle)
-            if handle.process is not None:
-                # A user endpoint that reported an error exits by itself; the ladder
-                # makes sure of it and reaps it, so a failed start leaves no process.
-                handle._closed.set()
-                if handle._watch_fd >= 0:
-                    loop.remove_reader(handle._watch_fd)
-                    os.close(handle._watch_fd)
-                    handle._watch_fd = -1
-                if handle.channel is not None:
-                    handle.channel.close()
-                await handle.ensure_stopped(None, self.limits.stop_grace)
-            log.warning(
-                "uep.start_failed",
-                account=req.account.name,
-                config_key=req.config_key,
-                reason=error.reason,
-                detail=error.detail,
-            )
+            await self._fail_start(handle, req, error)
             future.set_exception(error)
             if not isinstance(exc, Exception):
                 raise
@@ -552,7 +525,6 @@ class Registry:
         finally:
             self._starting.pop(key, None)
         handle.state = "ready"
-        handle.ready_info = MappingProxyType(dict(ready))
         handle.started_at = self.clock()
         handle.idle_since = handle.started_at
         log.info(
@@ -565,6 +537,60 @@ class Registry:
             seconds=round(time.monotonic() - began, 4),
         )
         future.set_result(handle)
+
+    async def _launch(
+        self,
+        handle: UserEndpointHandle,
+        req: StartRequest,
+        ready: asyncio.Future[Mapping[str, Any]],
+    ) -> None:
+        """Plan, launch with the channel as the only inherited descriptor, send the start
+        message and wait for ``ready`` (or the user endpoint's structured error)."""
+        loop = asyncio.get_running_loop()
+        if not self._subreaper:
+            self._subreaper = become_subreaper()
+            self._watch_adopted(loop)
+        plan = plan_spawn(req.account, self.spawn_settings, req.environment)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            handle.process = launch(plan, theirs.fileno())
+            self._unreaped.add(handle.process.pid)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        handle.channel = await AsyncChannel.connect(
+            ours, handle._on_frame, handle._on_close, self.channel_limits
+        )
+        handle._watch_fd = os.dup(handle.process.pidfd)
+        loop.add_reader(handle._watch_fd, handle._on_exit)
+        handle.channel.send("start", req.start_fields())
+        await asyncio.wait_for(asyncio.shield(ready), self.limits.start_timeout)
+
+    async def _fail_start(
+        self, handle: UserEndpointHandle, req: StartRequest, error: MepError
+    ) -> None:
+        handle.state = "failed"
+        self._forget(handle)
+        if handle.process is not None:
+            # A user endpoint that reported an error exits by itself; the ladder
+            # makes sure of it and reaps it, so a failed start leaves no process.
+            handle._closed.set()
+            if handle._watch_fd >= 0:
+                asyncio.get_running_loop().remove_reader(handle._watch_fd)
+                os.close(handle._watch_fd)
+                handle._watch_fd = -1
+            if handle.channel is not None:
+                handle.channel.close()
+            await handle.ensure_stopped(None, self.limits.stop_grace)
+        log.warning(
+            "uep.start_failed",
+            account=req.account.name,
+            config_key=req.config_key,
+            reason=error.reason,
+            detail=error.detail,
+        )
 
     def _forget(self, handle: UserEndpointHandle) -> None:
         key = (handle.account.name, handle.config_key)

@@ -6,21 +6,23 @@ reads it. Submit and wait bodies are large and frequent, so each has a hand-writ
 check that accepts exactly what its schema accepts; the schema only runs, to list the
 violations, when the fast check fails (a test keeps the two equivalent).
 
-Deliberately not here: authentication, limits that depend on settings (the submit step
-checks those), and anything about the meaning of a task.
+Deliberately not here: authentication, decisions about the caller, and anything about
+the meaning of a task.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
+import attrs
 import jsonschema
 
-from mepcore.errors import ApiError, Violation
+from mepcore.errors import ApiError, ConfigError, TaskError, Violation
 
 MAX_WAIT_IDS = 10_000
 
@@ -160,3 +162,61 @@ def b64decode(text: str, what: str) -> bytes:
         raise RequestError(
             "api.bad_request", f"{what} is not base64", violations=[Violation(what, "not base64")]
         ) from exc
+
+
+@attrs.frozen
+class TaskItem:
+    """One task of a submit: its function, its opaque argument bytes, its walltime."""
+
+    function_id: str
+    payload: bytes
+    walltime: float | None
+
+
+@attrs.frozen
+class SubmitRequest:
+    """A submit body, checked against its schema and the size limits, payloads decoded."""
+
+    tasks: tuple[TaskItem, ...]
+    variables: dict[str, Any]
+    user_runtime: dict[str, Any]
+
+    @property
+    def function_ids(self) -> list[str]:
+        return list(dict.fromkeys(t.function_id for t in self.tasks))
+
+    @classmethod
+    def from_body(cls, body: Any, limits: SubmitLimits) -> SubmitRequest:
+        if not submit_shape_ok(body):
+            check_shape(body, SUBMIT_SCHEMA)
+            raise RequestError("api.bad_request", "request body invalid")
+        raw_tasks: list[dict[str, Any]] = body["tasks"]
+        if len(raw_tasks) > limits.max_tasks_per_request:
+            raise RequestError("api.body_too_large", "too many tasks in one request")
+        variables = body.get("user_endpoint_config") or {}
+        user_runtime = body.get("user_runtime") or {}
+        if len(json.dumps(variables, sort_keys=True)) > limits.max_variables_bytes:
+            raise ConfigError("config.variables_too_large", "variables too large")
+        if len(json.dumps(user_runtime)) > limits.max_variables_bytes:
+            raise RequestError("api.body_too_large", "user_runtime too large")
+        tasks = []
+        for i, item in enumerate(raw_tasks):
+            payload = b64decode(item["args"], f"$.tasks[{i}].args")
+            if len(payload) > limits.max_payload_bytes:
+                raise TaskError("task.payload_too_large", f"task {i} payload too large")
+            walltime = item.get("walltime")
+            tasks.append(TaskItem(item["function_id"], payload, float(walltime or 0) or None))
+        return cls(tuple(tasks), variables, user_runtime)
+
+
+class SubmitLimits(Protocol):
+    """The settings a submit body is measured against (``mepd.settings.Limits``)."""
+
+    @property
+    def max_tasks_per_request(self) -> int: ...
+
+    @property
+    def max_variables_bytes(self) -> int: ...
+
+    @property
+    def max_payload_bytes(self) -> int: ...

@@ -31,6 +31,9 @@ from typing import Any
 
 import attrs
 
+from mepcore.types import Identity
+from mepd.spec import EndpointSpec
+
 FINAL_STATES = ("success", "failed", "cancelled")
 
 _SCHEMA = """
@@ -83,18 +86,6 @@ class NewTask:
 
 
 @attrs.frozen
-class Spec:
-    """What is needed to start a task's user endpoint again after a restart."""
-
-    spec_id: str
-    endpoint: str
-    account: str
-    variables: dict[str, Any]
-    user_runtime: dict[str, Any]
-    identity: dict[str, Any]
-
-
-@attrs.frozen
 class TaskRecord:
     task_id: str
     owner: str
@@ -127,6 +118,7 @@ class Outcome:
 class QueuedTask:
     task_id: str
     owner: str
+    account: str
     spec_id: str
     function_id: str
     payload: bytes
@@ -212,7 +204,7 @@ class TaskStore:
 
     # -- specs -----------------------------------------------------------------------
 
-    def put_spec(self, spec: Spec, now: float) -> None:
+    def put_spec(self, spec: EndpointSpec, now: float) -> None:
         self._db.execute(
             "INSERT OR IGNORE INTO specs(id, endpoint, account, variables, user_runtime,"
             " identity, created) VALUES (?,?,?,?,?,?,?)",
@@ -222,20 +214,25 @@ class TaskStore:
                 spec.account,
                 json.dumps(spec.variables, sort_keys=True),
                 json.dumps(spec.user_runtime, sort_keys=True),
-                json.dumps(spec.identity, sort_keys=True),
+                json.dumps(spec.identity.to_dict() if spec.identity else {}, sort_keys=True),
                 now,
             ),
         )
 
-    def get_spec(self, spec_id: str) -> Spec | None:
+    def get_spec(self, spec_id: str) -> EndpointSpec | None:
         row = self._db.execute(
             "SELECT id, endpoint, account, variables, user_runtime, identity FROM specs WHERE id=?",
             (spec_id,),
         ).fetchone()
         if row is None:
             return None
-        return Spec(
-            row[0], row[1], row[2], json.loads(row[3]), json.loads(row[4]), json.loads(row[5])
+        identity = json.loads(row[5])
+        return EndpointSpec(
+            endpoint=row[1],
+            account=row[2],
+            variables=json.loads(row[3]),
+            user_runtime=json.loads(row[4]),
+            identity=Identity.from_mapping(identity) if identity else None,
         )
 
     # -- tasks -----------------------------------------------------------------------
@@ -333,20 +330,13 @@ class TaskStore:
                 (error, now),
             )
         queued = tuple(
-            QueuedTask(r[0], r[1], r[2], r[3], bytes(r[4]), r[5])
+            QueuedTask(r[0], r[1], r[2], r[3], r[4], bytes(r[5]), r[6])
             for r in self._db.execute(
-                "SELECT id, owner, spec_id, function_id, payload, walltime FROM tasks"
+                "SELECT id, owner, account, spec_id, function_id, payload, walltime FROM tasks"
                 " WHERE state='queued' ORDER BY created, rowid"
             )
         )
         return Recovery(tuple(lost), queued)
-
-    def pending_by_account(self) -> dict[str, int]:
-        rows = self._db.execute(
-            "SELECT account, count(*) FROM tasks WHERE state IN ('queued','dispatched')"
-            " GROUP BY account"
-        )
-        return {r[0]: int(r[1]) for r in rows}
 
     def counts_by_state(self) -> dict[str, int]:
         return {

@@ -52,12 +52,14 @@ class AccountPolicy:
 
     ``daemon_uid`` is the uid the daemon runs as (refused: a caller must never get the
     daemon's own account); ``deny`` names accounts that may never be used (``nobody``,
-    service accounts above ``min_uid``…).
+    service accounts above ``min_uid``…). ``only_uid``, when set, is the one uid that
+    may be served: an unprivileged daemon can start processes only as itself.
     """
 
     min_uid: int = attrs.field(default=1000)
     daemon_uid: int | None = None
     deny: frozenset[str] = attrs.field(converter=_frozen_names, factory=frozenset)
+    only_uid: int | None = None
 
     @min_uid.validator
     def _min_uid_not_negative(self, _attr: object, value: int) -> None:
@@ -95,5 +97,12 @@ def check_account(name: str, accounts: AccountDatabase, policy: AccountPolicy) -
             "identity.account_uid_too_low",
             name,
             f"uid {account.uid} is below the minimum {policy.min_uid}",
+        )
+    if policy.only_uid is not None and account.uid != policy.only_uid:
+        raise _refuse(
+            "identity.account_not_served",
+            name,
+            f"this daemon runs unprivileged (uid {policy.only_uid}) "
+            "and can only serve its own account",
         )
     return account

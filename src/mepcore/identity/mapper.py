@@ -120,6 +120,11 @@ class IdentityMapper:
         if value <= 0:
             raise ValueError("max_output must be positive")
 
+    @property
+    def runs_programs(self) -> bool:
+        """True when a mapping may run an external program (seconds, not microseconds)."""
+        return any(isinstance(m, ExternalMapper) for m in self.mappers)
+
     # -- loading -------------------------------------------------------------------
 
     @classmethod

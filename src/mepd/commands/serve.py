@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     configure_logging(settings.log_level)
     try:
-        return Daemon(settings).run()
+        return Daemon.open(settings).run()
     except MepError as exc:
         sys.stderr.write(f"mepd serve: {exc}\n")
         return 2

@@ -253,8 +253,7 @@ class UserEndpoint:
         )
 
     def _engine_dict(self) -> dict[str, Any]:
-        engine = self.config.engine
-        return dict(engine.to_dict() if hasattr(engine, "to_dict") else engine)
+        return dict(self.config.engine.to_dict())
 
     def _make_executor(self, start: StartMessage) -> Any:
         # Seam: tasks are served by mepcore.tasks' Executor (imported here so that a

@@ -1,0 +1,192 @@
+"""The decision before any work: map the caller to an account, ask the policy, validate
+the variables — and write each decision to the audit log before it takes effect.
+
+``Admission`` talks to one configured endpoint through the ``Site`` port (``mepd.daemon``
+adapts the real mepcore components to it; the tests use fakes). Every refusal raises a
+``MepError`` with its reason code; the audit log gets the detail.
+
+Deliberately not here: request shapes (``mepd.shapes``), starting user endpoints and
+dispatching (``mepd.pipeline``), results (``mepd.delivery``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+import attrs
+
+from mepcore.authz import principals_of
+from mepcore.errors import REASONS, AuthzError, IdentityError, TaskError
+from mepcore.types import Account
+from mepd.audit import AuditSink
+from mepd.auth import Caller
+from mepd.metrics import Metrics
+from mepd.spec import EndpointSpec
+
+
+@attrs.frozen
+class DecisionView:
+    """What the daemon needs of an authorization decision."""
+
+    allowed: bool
+    reason: str
+    lines: tuple[str, ...] = ()
+    policy_version: str = ""
+
+
+class Site(Protocol):
+    """One configured endpoint with its loaded files (mapping, policy, template…)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def template_name(self) -> str: ...
+
+    @property
+    def allowed_functions(self) -> frozenset[str] | None: ...
+
+    @property
+    def mapping_blocks(self) -> bool:
+        """True when mapping may run a program (then it runs off the event loop)."""
+        ...
+
+    def map_identity(self, caller: Caller) -> str | None: ...
+
+    def check_account(self, name: str) -> Account: ...
+
+    def decide(
+        self, obj: str, action: str, principals: Sequence[str], caller: Caller, account: Account
+    ) -> DecisionView: ...
+
+    def validate_variables(self, variables: Mapping[str, Any]) -> dict[str, Any]: ...
+
+    def config_key(self, account: Account, variables: Mapping[str, Any]) -> str: ...
+
+
+Check = tuple[str, str]
+
+
+@attrs.frozen
+class Admitted:
+    """A submit the policy allowed: the account to run as and the user endpoint it needs."""
+
+    site: Site
+    account: Account
+    spec: EndpointSpec
+    config_key: str
+
+
+def submit_checks(account: Account, site: Site, function_ids: Iterable[str]) -> list[Check]:
+    """The (object, action) pairs a submit asks the policy about, in order."""
+    return [
+        (f"user:{account.name}", "map_identity"),
+        (f"template:{site.template_name}", "start_endpoint"),
+        *((f"function:{fid}", "submit_task") for fid in function_ids),
+    ]
+
+
+@attrs.define
+class Admission:
+    """Map → authorize → validate, with every decision audited first."""
+
+    audit: AuditSink
+    metrics: Metrics
+
+    async def account_of(self, site: Site, caller: Caller) -> Account:
+        """The caller's local account at ``site``, checked; refusals are audited."""
+        audit_ids = [i.id for i in caller.identities]
+        try:
+            if site.mapping_blocks:
+                # An external mapping program may run for seconds: not on the loop.
+                name = await asyncio.to_thread(site.map_identity, caller)
+            else:
+                name = site.map_identity(caller)
+            if name is None:
+                raise IdentityError("identity.no_mapping", "no mapping rule matched")
+            account = site.check_account(name)
+        except IdentityError as exc:
+            self.audit.record(
+                "identity.mapping_failed",
+                endpoint=site.name,
+                identities=audit_ids,
+                reason=exc.reason,
+                detail=exc.detail,
+            )
+            raise
+        self.audit.record(
+            "identity.mapping_resolved",
+            endpoint=site.name,
+            identities=audit_ids,
+            account=account.name,
+            uid=account.uid,
+        )
+        return account
+
+    def authorize(
+        self, site: Site, caller: Caller, account: Account, checks: Iterable[Check]
+    ) -> None:
+        """Ask the policy about each check; the first denial is raised."""
+        principals = principals_of(caller.identities, account)
+        for obj, action in checks:
+            decision = site.decide(obj, action, principals, caller, account)
+            self.metrics.decisions.inc(action=action, allowed=str(decision.allowed).lower())
+            self.audit.record(
+                "authz.decided",
+                endpoint=site.name,
+                identity=caller.identities.primary.id,
+                account=account.name,
+                object=obj,
+                action=action,
+                allowed=decision.allowed,
+                reason=decision.reason,
+                lines=list(decision.lines),
+                policy_version=decision.policy_version,
+            )
+            if not decision.allowed:
+                raise AuthzError(denial_reason(decision.reason), f"{action} on {obj} denied")
+
+    def check_allowed_functions(
+        self, site: Site, account: Account, function_ids: Sequence[str]
+    ) -> None:
+        allowed = site.allowed_functions
+        refused = [] if allowed is None else [f for f in function_ids if f not in allowed]
+        if refused:
+            self.audit.record(
+                "task.function_refused",
+                endpoint=site.name,
+                account=account.name,
+                function_ids=refused,
+            )
+            raise TaskError("task.function_not_allowed", f"not allowed: {refused}")
+
+    async def admit_submit(
+        self,
+        site: Site,
+        caller: Caller,
+        function_ids: Sequence[str],
+        variables: Mapping[str, Any],
+        user_runtime: Mapping[str, Any],
+    ) -> Admitted:
+        """The whole decision of a submit, or the refusal that ends it."""
+        account = await self.account_of(site, caller)
+        self.authorize(site, caller, account, submit_checks(account, site, function_ids))
+        self.check_allowed_functions(site, account, function_ids)
+        valid = site.validate_variables(variables)
+        spec = EndpointSpec(site.name, account.name, valid, user_runtime, caller.identities.primary)
+        return Admitted(site, account, spec, site.config_key(account, valid))
+
+    async def admit_again(self, site: Site, spec: EndpointSpec) -> Admitted:
+        """A stored spec, checked again (after a restart): the account may have changed."""
+        account = site.check_account(spec.account)
+        valid = site.validate_variables(spec.variables)
+        return Admitted(site, account, spec, site.config_key(account, valid))
+
+
+def denial_reason(reason: str) -> str:
+    """The reason code a caller sees for a denial: an ``authz.*`` code, never ``allowed``."""
+    if reason not in REASONS or not reason.startswith("authz.") or reason == "authz.allowed":
+        return "authz.denied"
+    return reason

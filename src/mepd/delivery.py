@@ -1,0 +1,254 @@
+"""The way back: outcomes of tasks → the store → the audit log → waiting callers.
+
+The registry hands over each result with the task's in-flight record (``on_result``),
+and the records of a user endpoint that is gone (``on_lost``); the pipeline hands over
+cancels and failed dispatches. Outcomes that arrive in one turn of the event loop are
+committed in one transaction with one audit write. Waiting is event-driven: a long-poll
+registers an ``asyncio.Event`` per task id and is woken when a batch is committed, never
+by polling the database.
+
+Deliberately not here: deserializing anything (results are opaque bytes, DESIGN.md
+§3.4), HTTP, starting or stopping user endpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+import structlog
+
+from mepcore.errors import REASONS, TaskError
+from mepd.audit import AuditSink, AuditUnavailable
+from mepd.auth import Caller
+from mepd.inflight import InFlight, InFlightTask
+from mepd.metrics import Metrics
+from mepd.store import Outcome, TaskRecord, TaskStore
+
+log = structlog.get_logger("mepd.delivery")
+
+
+@attrs.define(eq=False)
+class _Waiter:
+    """One long-poll: woken with the ids that finished since it last looked."""
+
+    event: asyncio.Event = attrs.field(factory=asyncio.Event)
+    fired: set[str] = attrs.field(factory=set)
+
+
+@attrs.frozen
+class WaitAnswer:
+    """What a long-poll returns: finished tasks, those still pending, unknown ids."""
+
+    tasks: list[dict[str, Any]]
+    pending: list[str]
+    unknown: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tasks": self.tasks, "pending": self.pending, "unknown": self.unknown}
+
+
+def outcome_of(task_id: str, header: Mapping[str, Any], payload: bytes, limit: int) -> Outcome:
+    """The stored outcome of one result frame (its header already checked)."""
+    if len(payload) > limit:
+        return Outcome(task_id, "failed", {"reason": "task.result_too_large"})
+    if header.get("status") == "success":
+        return Outcome(task_id, "success", None, payload)
+    error = header.get("error")
+    error = dict(error) if isinstance(error, Mapping) else {}
+    error.setdefault("reason", "task.failed")
+    return Outcome(task_id, "failed", error, payload or None)
+
+
+@attrs.define
+class Delivery:
+    """Finishes tasks: in the store, in the audit log, for the waiters."""
+
+    store: TaskStore
+    audit: AuditSink
+    in_flight: InFlight
+    metrics: Metrics
+    max_result_bytes: int
+    _waiters: dict[str, set[_Waiter]] = attrs.field(factory=dict)
+    _outbox: list[tuple[Outcome, InFlightTask | None]] = attrs.field(factory=list)
+    _flush_scheduled: bool = False
+    _idle: asyncio.Event | None = None
+
+    # -- outcomes in --------------------------------------------------------------------
+
+    def on_result(self, record: InFlightTask, header: Mapping[str, Any], payload: bytes) -> None:
+        """A result of a task in flight (called by the registry in the event loop)."""
+        outcome = outcome_of(record.task_id, header, payload, self.max_result_bytes)
+        self._queue([(outcome, record)])
+
+    def on_lost(self, records: Sequence[InFlightTask], reason: str) -> None:
+        """Tasks that will not finish (their user endpoint is gone)."""
+        self._queue([(Outcome(r.task_id, "failed", {"reason": reason}), r) for r in records])
+
+    def fail(self, task_ids: Sequence[str], reason: str) -> None:
+        """End tasks now, whether or not they are in flight (failed dispatch, cancel)."""
+        outcome = "cancelled" if reason == "task.cancelled" else "failed"
+        self.finish([(Outcome(t, outcome, {"reason": reason}), None) for t in task_ids])
+
+    def _queue(self, items: Sequence[tuple[Outcome, InFlightTask | None]]) -> None:
+        self._outbox.extend(items)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            # Coalesce every result that arrives in this turn of the event loop into one
+            # transaction (and one audit write).
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        batch, self._outbox = self._outbox, []
+        if batch:
+            self.finish(batch)
+
+    # -- committing ---------------------------------------------------------------------
+
+    def finish(self, items: Sequence[tuple[Outcome, InFlightTask | None]]) -> None:
+        """Commit outcomes; wake waiters; audit. Tasks handed over with their in-flight
+        record are open for sure; the others are checked row by row (a duplicate or a
+        late outcome never overwrites the first)."""
+        now = time.time()
+        known: list[tuple[Outcome, InFlightTask]] = []
+        others: dict[str, Outcome] = {}
+        for outcome, record in items:
+            record = record or self.in_flight.take(outcome.task_id)
+            if record is None:
+                others[outcome.task_id] = outcome
+            else:
+                known.append((outcome, record))
+        self.store.finish([o for o, _ in known], now, known_open=True)
+        finished = [(o, r.account, r.function_id) for o, r in known]
+        for _, record in known:
+            self.metrics.task_seconds.observe(now - record.since)
+        if others:
+            changed = self.store.finish(list(others.values()), now)
+            for rec in self.store.get_many(changed):
+                finished.append((others[rec.task_id], rec.account, rec.function_id))
+        self._announce(finished)
+        if not self.in_flight and self._idle is not None:
+            self._idle.set()
+
+    def _announce(self, finished: Sequence[tuple[Outcome, str, str]]) -> None:
+        events = []
+        for o, account, function_id in finished:
+            reason = (o.error or {}).get("reason") if o.state != "success" else None
+            self.metrics.tasks.inc(state=o.state)
+            events.append(
+                (
+                    "task.finished",
+                    {
+                        "task_id": o.task_id,
+                        "function_id": function_id,
+                        "account": account,
+                        "status": o.state,
+                        "reason": reason,
+                    },
+                )
+            )
+            for waiter in self._waiters.get(o.task_id, ()):
+                waiter.fired.add(o.task_id)
+                waiter.event.set()
+        try:
+            self.audit.record_many(events)
+        except AuditUnavailable as exc:
+            log.error("audit.write_failed", detail=exc.detail)
+
+    # -- outcomes out -------------------------------------------------------------------
+
+    def owned(self, caller: Caller, record: TaskRecord | None) -> TaskRecord:
+        # Someone else's task looks exactly like a missing one: ids do not leak.
+        if record is None or record.owner != caller.owner:
+            raise TaskError("task.not_found", "no such task for this caller")
+        return record
+
+    async def wait(self, caller: Caller, ids: Sequence[str], timeout: float) -> WaitAnswer:
+        """Until one of ``ids`` is final or ``timeout`` passes; every id is answered."""
+        waiter = _Waiter()
+        for task_id in ids:
+            self._waiters.setdefault(task_id, set()).add(waiter)
+        try:
+            return await self._wait(caller.owner, ids, waiter, time.monotonic() + timeout)
+        finally:
+            for task_id in ids:
+                waiting = self._waiters.get(task_id)
+                if waiting is not None:
+                    waiting.discard(waiter)
+                    if not waiting:
+                        del self._waiters[task_id]
+
+    async def _wait(
+        self, owner: str, ids: Sequence[str], waiter: _Waiter, deadline: float
+    ) -> WaitAnswer:
+        done: list[dict[str, Any]] = []
+        unknown: set[str] = set()
+        pending = set(ids)
+
+        def absorb(read: Sequence[str]) -> None:
+            records = {r.task_id: r for r in self.store.get_many(read)}
+            for task_id in read:
+                rec = records.get(task_id)
+                if rec is None or rec.owner != owner:
+                    unknown.add(task_id)
+                    pending.discard(task_id)
+                elif rec.is_final:
+                    done.append(task_view(rec))
+                    pending.discard(task_id)
+
+        # The caller's own tasks in flight are pending without reading the database.
+        absorb([t for t in ids if not self._in_flight_for(t, owner)])
+        while not done and pending and (remaining := deadline - time.monotonic()) > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waiter.event.wait(), remaining)
+            waiter.event.clear()
+            fired, waiter.fired = waiter.fired, set()
+            absorb([t for t in ids if t in fired and t in pending])
+        return WaitAnswer(done, [t for t in ids if t in pending], [t for t in ids if t in unknown])
+
+    def _in_flight_for(self, task_id: str, owner: str) -> bool:
+        record = self.in_flight.get(task_id)
+        return record is not None and record.owner == owner
+
+    async def until_idle(self, timeout: float) -> int:
+        """Wait (bounded) until nothing is in flight; returns how many remain."""
+        self.flush()
+        if self.in_flight:
+            self._idle = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout)
+        self.flush()
+        return len(self.in_flight)
+
+
+def task_view(record: TaskRecord) -> dict[str, Any]:
+    """The public JSON of a task (its result base64-encoded, never deserialized)."""
+    state = "running" if record.state == "dispatched" else record.state
+    view: dict[str, Any] = {
+        "task_id": record.task_id,
+        "state": state,
+        "function_id": record.function_id,
+        "endpoint": record.endpoint,
+        "received": record.created,
+        "finished": record.finished,
+    }
+    if record.state == "success":
+        view["result"] = base64.b64encode(record.result or b"").decode()
+    elif record.state in ("failed", "cancelled"):
+        error = dict(record.error or {})
+        reason = error.get("reason") or "task.failed"
+        view["error"] = {
+            "reason": reason,
+            "type_name": error.get("type_name"),
+            "message": error.get("message") or REASONS.get(reason, ""),
+            "traceback": error.get("traceback"),
+        }
+        if record.result:
+            view["result"] = base64.b64encode(record.result).decode()
+    return view
