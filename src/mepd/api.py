@@ -10,6 +10,9 @@ exceed the limit — it is never read whole. JSON nesting depth is bounded.
 The OpenAPI 3.1 document is built here from the same request schemas the pipeline
 validates with (``openapi_document()``); ``docs/openapi.json`` is a copy a test keeps
 current (regenerate with ``python -m mepd.api > docs/openapi.json``).
+
+Deliberately not here: authentication, authorization and everything about tasks (the
+pipeline does those), and the request schemas themselves (``mepd.shapes``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import attrs
 import structlog
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -29,6 +33,7 @@ from starlette.routing import Route
 from mepcore.errors import REASONS, MepError
 from mepd import __version__
 from mepd.auth import Caller
+from mepd.metrics import Metrics
 from mepd.pipeline import Pipeline
 from mepd.settings import Limits
 from mepd.shapes import (
@@ -162,117 +167,131 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 def create_app(pipeline: Pipeline, limits: Limits, **starlette_options: Any) -> Starlette:
     """The ASGI application serving ``pipeline``."""
-    metrics = pipeline.metrics
+    return Starlette(
+        routes=_Handlers(pipeline, limits).routes(),
+        exception_handlers={404: _not_found, 405: _method_not_allowed},
+        **starlette_options,
+    )
 
-    def route(name: str, fn: Callable[[Request], Awaitable[Any]], *, status: int = 200) -> Handler:
-        async def handler(request: Request) -> Response:
-            started = time.perf_counter()
-            try:
-                result = await fn(request)
-                response: Response = (
-                    result
-                    if isinstance(result, Response)
-                    else JSONResponse(result, status_code=status)
-                )
-            except MepError as exc:
-                if status_for(exc.reason) >= 500:
-                    log.error(
-                        "api.request_failed", route=name, reason=exc.reason, detail=exc.detail
-                    )
-                else:
-                    log.info(
-                        "api.request_refused", route=name, reason=exc.reason, detail=exc.detail
-                    )
-                response = error_response(exc)
-            except Exception:
-                log.exception("api.request_crashed", route=name)
-                response = error_response(MepError("mep.internal"))
-            metrics.requests.inc(route=name, status=str(response.status_code))
-            metrics.latency.observe(time.perf_counter() - started, route=name)
-            return response
 
-        return handler
+def _instrumented(name: str, fn: Callable[[Request], Awaitable[Any]], metrics: Metrics) -> Handler:
+    """``fn`` as a Starlette handler: its answer (or error) rendered, logged and counted.
 
-    async def caller_of(request: Request, name: str) -> Caller:
-        return await pipeline.authenticate(request.headers.get("authorization"), route=name)
+    A value that is not already a ``Response`` becomes a 200 JSON answer."""
 
-    async def functions(request: Request) -> Any:
-        caller = await caller_of(request, "functions")
-        return await pipeline.register_function(caller, await read_json(request, limits))
+    async def handler(request: Request) -> Response:
+        started = time.perf_counter()
+        try:
+            result = await fn(request)
+            response = result if isinstance(result, Response) else JSONResponse(result)
+        except MepError as exc:
+            _log_refusal(name, exc)
+            response = error_response(exc)
+        except Exception:
+            log.exception("api.request_crashed", route=name)
+            response = error_response(MepError("mep.internal"))
+        metrics.requests.inc(route=name, status=str(response.status_code))
+        metrics.latency.observe(time.perf_counter() - started, route=name)
+        return response
 
-    async def submit(request: Request) -> Any:
-        caller = await caller_of(request, "submit")
-        body = await read_json(request, limits)
-        return await pipeline.submit(caller, request.path_params["endpoint"], body)
+    return handler
 
-    async def get_task(request: Request) -> Any:
-        caller = await caller_of(request, "task")
-        return pipeline.get_task(caller, request.path_params["task_id"])
 
-    async def cancel_task(request: Request) -> Any:
-        caller = await caller_of(request, "cancel")
-        return pipeline.cancel(caller, request.path_params["task_id"])
+def _log_refusal(route: str, exc: MepError) -> None:
+    # A 5xx is the daemon's fault and worth an error; a 4xx is the caller's and is not.
+    if status_for(exc.reason) >= 500:
+        log.error("api.request_failed", route=route, reason=exc.reason, detail=exc.detail)
+    else:
+        log.info("api.request_refused", route=route, reason=exc.reason, detail=exc.detail)
 
-    async def wait(request: Request) -> Any:
-        caller = await caller_of(request, "wait")
-        return await pipeline.wait(caller, await read_json(request, limits))
 
-    async def status(request: Request) -> Any:
-        caller = await caller_of(request, "status")
-        return await pipeline.status(caller, request.path_params["endpoint"])
+async def _not_found(request: Request, exc: Exception) -> Response:
+    return error_response(MepError("api.not_found"))
 
-    async def introspect(request: Request) -> Any:
-        caller = await caller_of(request, "introspect")
-        return await pipeline.introspect(caller, request.path_params["endpoint"])
 
-    async def stop(request: Request) -> Any:
-        caller = await caller_of(request, "stop")
-        body = await read_json(request, limits, optional=True)
-        return await pipeline.stop(caller, request.path_params["endpoint"], body)
+async def _method_not_allowed(request: Request, exc: Exception) -> Response:
+    response = error_response(MepError("api.bad_request", public_message="method not allowed"))
+    response.status_code = 405
+    return response
 
-    async def healthz(request: Request) -> Any:
-        if pipeline.draining:
+
+@attrs.frozen
+class _Handlers:
+    """One handler per route: authenticate, read the bounded body, call the pipeline."""
+
+    pipeline: Pipeline
+    limits: Limits
+
+    def routes(self) -> list[Route]:
+        # Order matters: ``/v1/tasks/wait`` must be tried before ``/v1/tasks/{task_id}``.
+        table: list[tuple[str, str, str, Callable[[Request], Awaitable[Any]]]] = [
+            ("/v1/functions", "POST", "functions", self.functions),
+            ("/v1/endpoints/{endpoint}/submit", "POST", "submit", self.submit),
+            ("/v1/endpoints/{endpoint}/status", "GET", "status", self.status),
+            ("/v1/endpoints/{endpoint}/introspect", "GET", "introspect", self.introspect),
+            ("/v1/endpoints/{endpoint}/stop", "POST", "stop", self.stop),
+            ("/v1/tasks/wait", "POST", "wait", self.wait),
+            ("/v1/tasks/{task_id}", "GET", "task", self.get_task),
+            ("/v1/tasks/{task_id}", "DELETE", "cancel", self.cancel_task),
+            ("/v1/openapi.json", "GET", "openapi", self.openapi),
+            ("/healthz", "GET", "healthz", self.healthz),
+            ("/metrics", "GET", "metrics", self.metrics_text),
+        ]
+        metrics = self.pipeline.metrics
+        return [
+            Route(path, _instrumented(name, fn, metrics), methods=[method])
+            for path, method, name, fn in table
+        ]
+
+    async def _caller(self, request: Request, route: str) -> Caller:
+        return await self.pipeline.authenticate(request.headers.get("authorization"), route=route)
+
+    async def functions(self, request: Request) -> Any:
+        caller = await self._caller(request, "functions")
+        return await self.pipeline.register_function(caller, await read_json(request, self.limits))
+
+    async def submit(self, request: Request) -> Any:
+        caller = await self._caller(request, "submit")
+        body = await read_json(request, self.limits)
+        return await self.pipeline.submit(caller, request.path_params["endpoint"], body)
+
+    async def get_task(self, request: Request) -> Any:
+        caller = await self._caller(request, "task")
+        return self.pipeline.get_task(caller, request.path_params["task_id"])
+
+    async def cancel_task(self, request: Request) -> Any:
+        caller = await self._caller(request, "cancel")
+        return self.pipeline.cancel(caller, request.path_params["task_id"])
+
+    async def wait(self, request: Request) -> Any:
+        caller = await self._caller(request, "wait")
+        return await self.pipeline.wait(caller, await read_json(request, self.limits))
+
+    async def status(self, request: Request) -> Any:
+        caller = await self._caller(request, "status")
+        return await self.pipeline.status(caller, request.path_params["endpoint"])
+
+    async def introspect(self, request: Request) -> Any:
+        caller = await self._caller(request, "introspect")
+        return await self.pipeline.introspect(caller, request.path_params["endpoint"])
+
+    async def stop(self, request: Request) -> Any:
+        caller = await self._caller(request, "stop")
+        body = await read_json(request, self.limits, optional=True)
+        return await self.pipeline.stop(caller, request.path_params["endpoint"], body)
+
+    async def healthz(self, request: Request) -> Any:
+        if self.pipeline.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
-        if not pipeline.audit.available:
+        if not self.pipeline.audit.available:
             return JSONResponse({"status": "audit_unavailable"}, status_code=503)
         return {"status": "ok", "version": __version__}
 
-    async def metrics_text(request: Request) -> Any:
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+    async def metrics_text(self, request: Request) -> Any:
+        return Response(self.pipeline.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    async def openapi(request: Request) -> Any:
+    async def openapi(self, request: Request) -> Any:
         return openapi_document()
-
-    async def not_found(request: Request, exc: Exception) -> Response:
-        return error_response(MepError("api.not_found"))
-
-    async def method_not_allowed(request: Request, exc: Exception) -> Response:
-        response = error_response(MepError("api.bad_request", public_message="method not allowed"))
-        response.status_code = 405
-        return response
-
-    routes = [
-        Route("/v1/functions", route("functions", functions), methods=["POST"]),
-        Route("/v1/endpoints/{endpoint}/submit", route("submit", submit), methods=["POST"]),
-        Route("/v1/endpoints/{endpoint}/status", route("status", status), methods=["GET"]),
-        Route(
-            "/v1/endpoints/{endpoint}/introspect",
-            route("introspect", introspect),
-            methods=["GET"],
-        ),
-        Route("/v1/endpoints/{endpoint}/stop", route("stop", stop), methods=["POST"]),
-        Route("/v1/tasks/wait", route("wait", wait), methods=["POST"]),
-        Route("/v1/tasks/{task_id}", route("task", get_task), methods=["GET"]),
-        Route("/v1/tasks/{task_id}", route("cancel", cancel_task), methods=["DELETE"]),
-        Route("/v1/openapi.json", route("openapi", openapi), methods=["GET"]),
-        Route("/healthz", route("healthz", healthz), methods=["GET"]),
-        Route("/metrics", route("metrics", metrics_text), methods=["GET"]),
-    ]
-    return Starlette(
-        routes=routes,
-        exception_handlers={404: not_found, 405: method_not_allowed},
-        **starlette_options,
-    )
 
 
 # -- OpenAPI ----------------------------------------------------------------------------
@@ -282,11 +301,12 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
     return {"content": {"application/json": {"schema": schema}}}
 
 
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
 def _errors(*statuses: int) -> dict[str, Any]:
-    return {
-        str(s): {"description": _STATUS_TEXT[s], **_json({"$ref": "#/components/schemas/Error"})}
-        for s in statuses
-    }
+    return {str(s): {"description": _STATUS_TEXT[s], **_json(_ref("Error"))} for s in statuses}
 
 
 _STATUS_TEXT = {
@@ -327,14 +347,6 @@ _TASK_VIEW = {
 
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3.1 description of this API, built from the validating schemas."""
-    auth: list[dict[str, list[str]]] = [{"bearer": []}]
-    endpoint_param = {
-        "name": "endpoint",
-        "in": "path",
-        "required": True,
-        "schema": {"type": "string"},
-    }
-    task_param = {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}
     return {
         "openapi": "3.1.0",
         "info": {
@@ -347,31 +359,7 @@ def openapi_document() -> dict[str, Any]:
                 "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT or opaque"}
             },
             "schemas": {
-                "Error": {
-                    "type": "object",
-                    "required": ["error"],
-                    "properties": {
-                        "error": {
-                            "type": "object",
-                            "required": ["reason", "message"],
-                            "properties": {
-                                "reason": {"enum": sorted(REASONS)},
-                                "message": {"type": "string"},
-                                "violations": {
-                                    "type": "array",
-                                    "items": {
-                                        "type": "object",
-                                        "properties": {
-                                            "path": {"type": "string"},
-                                            "message": {"type": "string"},
-                                            "code": {"type": "string"},
-                                        },
-                                    },
-                                },
-                            },
-                        }
-                    },
-                },
+                "Error": _error_schema(),
                 "RegisterFunction": FUNCTION_SCHEMA,
                 "Submit": SUBMIT_SCHEMA,
                 "Wait": WAIT_SCHEMA,
@@ -379,207 +367,184 @@ def openapi_document() -> dict[str, Any]:
                 "Task": _TASK_VIEW,
             },
         },
-        "paths": {
-            "/v1/functions": {
-                "post": {
-                    "summary": "register a serialized function (id = sha256 of its bytes)",
-                    "security": auth,
-                    "requestBody": {
-                        "required": True,
-                        **_json({"$ref": "#/components/schemas/RegisterFunction"}),
-                    },
-                    "responses": {
-                        "200": {
-                            "description": "the function id",
-                            **_json(
-                                {
-                                    "type": "object",
-                                    "properties": {"function_id": {"type": "string"}},
-                                }
-                            ),
-                        },
-                        **_errors(400, 401, 413, 503),
-                    },
-                }
-            },
-            "/v1/endpoints/{endpoint}/submit": {
-                "post": {
-                    "summary": "submit a batch of tasks to the caller's user endpoint",
-                    "security": auth,
-                    "parameters": [endpoint_param],
-                    "requestBody": {
-                        "required": True,
-                        **_json({"$ref": "#/components/schemas/Submit"}),
-                    },
-                    "responses": {
-                        "200": {
-                            "description": "task ids, in request order",
-                            **_json(
-                                {
-                                    "type": "object",
-                                    "properties": {
-                                        "task_ids": {"type": "array", "items": {"type": "string"}}
-                                    },
-                                }
-                            ),
-                        },
-                        **_errors(400, 401, 403, 404, 413, 422, 429, 503),
-                    },
-                }
-            },
-            "/v1/endpoints/{endpoint}/status": {
-                "get": {
-                    "summary": "the caller's user endpoints",
-                    "security": auth,
-                    "parameters": [endpoint_param],
-                    "responses": {
-                        "200": {
-                            "description": "user endpoints",
-                            **_json(
-                                {
-                                    "type": "object",
-                                    "properties": {
-                                        "endpoint": {"type": "string"},
-                                        "user_endpoints": {
-                                            "type": "array",
-                                            "items": {"type": "object"},
-                                        },
-                                    },
-                                }
-                            ),
-                        },
-                        **_errors(401, 403, 404),
-                    },
-                }
-            },
-            "/v1/endpoints/{endpoint}/introspect": {
-                "get": {
-                    "summary": "the process identity of the caller's ready user endpoints",
-                    "security": auth,
-                    "parameters": [endpoint_param],
-                    "responses": {
-                        "200": {
-                            "description": "one entry per ready user endpoint: config_key, "
-                            "pid, and process (uid, gid, groups, umask, cwd, env_keys, fds, "
-                            "channel_fd, sid, rlimits, capabilities, setuid_refused)",
-                            **_json(
-                                {
-                                    "type": "object",
-                                    "properties": {
-                                        "endpoint": {"type": "string"},
-                                        "user_endpoints": {
-                                            "type": "array",
-                                            "items": {"type": "object"},
-                                        },
-                                    },
-                                }
-                            ),
-                        },
-                        **_errors(401, 403, 404),
-                    },
-                }
-            },
-            "/v1/endpoints/{endpoint}/stop": {
-                "post": {
-                    "summary": "stop the caller's user endpoints (anyone's with policy admin)",
-                    "security": auth,
-                    "parameters": [endpoint_param],
-                    "requestBody": {
-                        "required": False,
-                        **_json({"$ref": "#/components/schemas/Stop"}),
-                    },
-                    "responses": {
-                        "200": {
-                            "description": "how many were stopped",
-                            **_json(
-                                {"type": "object", "properties": {"stopped": {"type": "integer"}}}
-                            ),
-                        },
-                        **_errors(400, 401, 403, 404),
-                    },
-                }
-            },
-            "/v1/tasks/wait": {
-                "post": {
-                    "summary": "long-poll: the listed tasks that finish within the timeout",
-                    "security": auth,
-                    "requestBody": {
-                        "required": True,
-                        **_json({"$ref": "#/components/schemas/Wait"}),
-                    },
-                    "responses": {
-                        "200": {
-                            "description": "finished, pending and unknown ids",
-                            **_json(
-                                {
-                                    "type": "object",
-                                    "properties": {
-                                        "tasks": {
-                                            "type": "array",
-                                            "items": {"$ref": "#/components/schemas/Task"},
-                                        },
-                                        "pending": {"type": "array", "items": {"type": "string"}},
-                                        "unknown": {"type": "array", "items": {"type": "string"}},
-                                    },
-                                }
-                            ),
-                        },
-                        **_errors(400, 401),
-                    },
-                }
-            },
-            "/v1/tasks/{task_id}": {
-                "get": {
-                    "summary": "a task's state and result",
-                    "security": auth,
-                    "parameters": [task_param],
-                    "responses": {
-                        "200": {
-                            "description": "the task",
-                            **_json({"$ref": "#/components/schemas/Task"}),
-                        },
-                        **_errors(401, 404),
-                    },
+        "paths": {**_endpoint_paths(), **_task_paths(), **_service_paths()},
+    }
+
+
+def _error_schema() -> dict[str, Any]:
+    violation = {
+        "type": "object",
+        "properties": {
+            "path": {"type": "string"},
+            "message": {"type": "string"},
+            "code": {"type": "string"},
+        },
+    }
+    return {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["reason", "message"],
+                "properties": {
+                    "reason": {"enum": sorted(REASONS)},
+                    "message": {"type": "string"},
+                    "violations": {"type": "array", "items": violation},
                 },
-                "delete": {
-                    "summary": "cancel a task that has not started",
-                    "security": auth,
-                    "parameters": [task_param],
-                    "responses": {
-                        "200": {
-                            "description": "the task",
-                            **_json({"$ref": "#/components/schemas/Task"}),
-                        },
-                        **_errors(401, 404, 409),
-                    },
+            }
+        },
+    }
+
+
+def _path_parameter(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _operation(
+    summary: str,
+    *,
+    answer: tuple[str, dict[str, Any]],
+    errors: tuple[int, ...],
+    parameter: str | None = None,
+    body: str | None = None,
+    body_required: bool = True,
+) -> dict[str, Any]:
+    """An authenticated operation: ``answer`` is the 200 description and schema, ``body``
+    the name of the request body's schema in the components."""
+    operation: dict[str, Any] = {"summary": summary, "security": [{"bearer": []}]}
+    if parameter is not None:
+        operation["parameters"] = [_path_parameter(parameter)]
+    if body is not None:
+        operation["requestBody"] = {"required": body_required, **_json(_ref(body))}
+    description, schema = answer
+    operation["responses"] = {
+        "200": {"description": description, **_json(schema)},
+        **_errors(*errors),
+    }
+    return operation
+
+
+def _object(**properties: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "properties": properties}
+
+
+_STRINGS = {"type": "array", "items": {"type": "string"}}
+_USER_ENDPOINTS = _object(
+    endpoint={"type": "string"}, user_endpoints={"type": "array", "items": {"type": "object"}}
+)
+_INTROSPECTED = (
+    "one entry per ready user endpoint: config_key, pid, and process (uid, gid, groups, "
+    "umask, cwd, env_keys, fds, channel_fd, sid, rlimits, capabilities, setuid_refused)"
+)
+
+
+def _endpoint_paths() -> dict[str, Any]:
+    return {
+        "/v1/functions": {
+            "post": _operation(
+                "register a serialized function (id = sha256 of its bytes)",
+                body="RegisterFunction",
+                answer=("the function id", _object(function_id={"type": "string"})),
+                errors=(400, 401, 413, 503),
+            )
+        },
+        "/v1/endpoints/{endpoint}/submit": {
+            "post": _operation(
+                "submit a batch of tasks to the caller's user endpoint",
+                parameter="endpoint",
+                body="Submit",
+                answer=("task ids, in request order", _object(task_ids=_STRINGS)),
+                errors=(400, 401, 403, 404, 413, 422, 429, 503),
+            )
+        },
+        "/v1/endpoints/{endpoint}/status": {
+            "get": _operation(
+                "the caller's user endpoints",
+                parameter="endpoint",
+                answer=("user endpoints", _USER_ENDPOINTS),
+                errors=(401, 403, 404),
+            )
+        },
+        "/v1/endpoints/{endpoint}/introspect": {
+            "get": _operation(
+                "the process identity of the caller's ready user endpoints",
+                parameter="endpoint",
+                answer=(_INTROSPECTED, _USER_ENDPOINTS),
+                errors=(401, 403, 404),
+            )
+        },
+        "/v1/endpoints/{endpoint}/stop": {
+            "post": _operation(
+                "stop the caller's user endpoints (anyone's with policy admin)",
+                parameter="endpoint",
+                body="Stop",
+                body_required=False,
+                answer=("how many were stopped", _object(stopped={"type": "integer"})),
+                errors=(400, 401, 403, 404),
+            )
+        },
+    }
+
+
+def _task_paths() -> dict[str, Any]:
+    finished = _object(
+        tasks={"type": "array", "items": _ref("Task")}, pending=_STRINGS, unknown=_STRINGS
+    )
+    return {
+        "/v1/tasks/wait": {
+            "post": _operation(
+                "long-poll: the listed tasks that finish within the timeout",
+                body="Wait",
+                answer=("finished, pending and unknown ids", finished),
+                errors=(400, 401),
+            )
+        },
+        "/v1/tasks/{task_id}": {
+            "get": _operation(
+                "a task's state and result",
+                parameter="task_id",
+                answer=("the task", _ref("Task")),
+                errors=(401, 404),
+            ),
+            "delete": _operation(
+                "cancel a task that has not started",
+                parameter="task_id",
+                answer=("the task", _ref("Task")),
+                errors=(401, 404, 409),
+            ),
+        },
+    }
+
+
+def _service_paths() -> dict[str, Any]:
+    """The unauthenticated routes: health, metrics and this document."""
+    return {
+        "/healthz": {
+            "get": {
+                "summary": "liveness and readiness",
+                "responses": {
+                    "200": {"description": "serving"},
+                    "503": {"description": "draining or audit log unavailable"},
                 },
-            },
-            "/healthz": {
-                "get": {
-                    "summary": "liveness and readiness",
-                    "responses": {
-                        "200": {"description": "serving"},
-                        "503": {"description": "draining or audit log unavailable"},
-                    },
-                }
-            },
-            "/metrics": {
-                "get": {
-                    "summary": "Prometheus metrics",
-                    "responses": {
-                        "200": {
-                            "description": "text exposition format",
-                            "content": {"text/plain": {"schema": {"type": "string"}}},
-                        }
-                    },
-                }
-            },
-            "/v1/openapi.json": {
-                "get": {
-                    "summary": "this document",
-                    "responses": {"200": {"description": "OpenAPI 3.1"}},
-                }
-            },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics",
+                "responses": {
+                    "200": {
+                        "description": "text exposition format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+        "/v1/openapi.json": {
+            "get": {
+                "summary": "this document",
+                "responses": {"200": {"description": "OpenAPI 3.1"}},
+            }
         },
     }
 

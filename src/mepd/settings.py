@@ -250,6 +250,61 @@ def load_yaml(path: Path) -> Any:
         raise SiteConfigError("settings.invalid", f"{path}: {exc}") from exc
 
 
+def _resolve(base_dir: Path, value: str) -> Path:
+    """A path from the settings: a relative one is relative to the settings file."""
+    path = Path(value)
+    return path if path.is_absolute() else base_dir / path
+
+
+def _resolve_optional(base_dir: Path, value: str | None) -> Path | None:
+    return None if value is None else _resolve(base_dir, value)
+
+
+def _require_valid(data: Any, source: Path | None) -> None:
+    violations = _settings_violations(data)
+    if violations:
+        where = f"{source}: " if source else ""
+        raise SiteConfigError(
+            "settings.invalid",
+            where + "; ".join(f"{v.path}: {v.message}" for v in violations),
+            violations=violations,
+        )
+
+
+def _settings_violations(data: Any) -> list[Violation]:
+    """Every violation of ``SETTINGS_SCHEMA``, then of the rules a schema cannot say."""
+    validator = jsonschema.Draft202012Validator(SETTINGS_SCHEMA)
+    errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
+    violations = [Violation(_json_path(e.absolute_path), e.message) for e in errors]
+    if isinstance(data, Mapping):
+        violations += _duplicate_endpoint_violations(data.get("endpoints") or [])
+        violations += _issuer_violations(data.get("issuers") or [])
+    return violations
+
+
+def _duplicate_endpoint_violations(endpoints: Any) -> list[Violation]:
+    names = [e.get("name") for e in endpoints if isinstance(e, Mapping)]
+    return [
+        Violation(f"$.endpoints[{i}].name", f"duplicate endpoint {name!r}")
+        for i, name in enumerate(names)
+        if name in names[:i]
+    ]
+
+
+def _issuer_violations(issuers: Any) -> list[Violation]:
+    violations = []
+    for i, raw in enumerate(issuers):
+        jwt_issuer = isinstance(raw, Mapping) and raw.get("type") == "jwt"
+        if jwt_issuer and ("jwks_file" in raw) == ("jwks_url" in raw):
+            violations.append(
+                Violation(f"$.issuers[{i}]", "needs exactly one of jwks_file, jwks_url")
+            )
+    kinds = [i.get("type") for i in issuers if isinstance(i, Mapping)]
+    if kinds.count("local") > 1:
+        violations.append(Violation("$.issuers", "at most one local issuer"))
+    return violations
+
+
 @attrs.frozen
 class Limits:
     max_body_bytes: int = int(LIMIT_DEFAULTS["max_body_bytes"])
@@ -291,6 +346,19 @@ class ClaimNames:
         return cls(**dict(data))
 
 
+# The issuer keys taken as they are written (the others are paths, tuples or claims).
+_ISSUER_VALUE_KEYS = (
+    "issuer",
+    "audience",
+    "jwks_url",
+    "leeway",
+    "url",
+    "client_id",
+    "cache_seconds",
+    "max_ttl",
+)
+
+
 @attrs.frozen
 class IssuerSettings:
     """One trusted issuer. ``type`` is ``local``, ``jwt`` or ``introspection``."""
@@ -309,6 +377,18 @@ class IssuerSettings:
     cache_seconds: float = 300.0
     max_ttl: int = 30 * 24 * 3600
 
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], *, base_dir: Path) -> IssuerSettings:
+        """One validated ``issuers`` entry; its key files resolved against ``base_dir``."""
+        return cls(
+            type=data["type"],
+            **{k: v for k, v in data.items() if k in _ISSUER_VALUE_KEYS},
+            algorithms=tuple(data.get("algorithms") or DEFAULT_ALGORITHMS),
+            claims=ClaimNames.from_mapping(data.get("claims") or {}),
+            jwks_file=_resolve_optional(base_dir, data.get("jwks_file")),
+            client_secret_file=_resolve_optional(base_dir, data.get("client_secret_file")),
+        )
+
 
 @attrs.frozen
 class EndpointSettings:
@@ -321,6 +401,23 @@ class EndpointSettings:
     environment: Path | None = None
     policy_tests: Path | None = None
     allowed_functions: tuple[str, ...] | None = None
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], *, base_dir: Path) -> EndpointSettings:
+        """One validated ``endpoints`` entry; its files resolved against ``base_dir``."""
+        return cls(
+            name=data["name"],
+            template=_resolve(base_dir, data["template"]),
+            mapping=_resolve(base_dir, data["mapping"]),
+            policy_model=_resolve(base_dir, data["policy_model"]),
+            policy=_resolve(base_dir, data["policy"]),
+            schema=_resolve_optional(base_dir, data.get("schema")),
+            environment=_resolve_optional(base_dir, data.get("environment")),
+            policy_tests=_resolve_optional(base_dir, data.get("policy_tests")),
+            allowed_functions=(
+                tuple(data["allowed_functions"]) if "allowed_functions" in data else None
+            ),
+        )
 
 
 @attrs.frozen
@@ -368,99 +465,29 @@ class Settings:
     @classmethod
     def from_mapping(cls, data: Any, *, base_dir: Path, source: Path | None = None) -> Settings:
         """Validate ``data`` and build the settings; every violation is reported at once."""
-        validator = jsonschema.Draft202012Validator(SETTINGS_SCHEMA)
-        errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
-        violations = [Violation(_json_path(e.absolute_path), e.message) for e in errors]
-        if isinstance(data, Mapping):
-            names = [e.get("name") for e in data.get("endpoints") or [] if isinstance(e, Mapping)]
-            for i, name in enumerate(names):
-                if name in names[:i]:
-                    violations.append(
-                        Violation(f"$.endpoints[{i}].name", f"duplicate endpoint {name!r}")
-                    )
-            kinds = [i.get("type") for i in data.get("issuers") or [] if isinstance(i, Mapping)]
-            for i, raw in enumerate(data.get("issuers") or []):
-                jwt_issuer = isinstance(raw, Mapping) and raw.get("type") == "jwt"
-                if jwt_issuer and ("jwks_file" in raw) == ("jwks_url" in raw):
-                    violations.append(
-                        Violation(f"$.issuers[{i}]", "needs exactly one of jwks_file, jwks_url")
-                    )
-            if kinds.count("local") > 1:
-                violations.append(Violation("$.issuers", "at most one local issuer"))
-        if violations:
-            where = f"{source}: " if source else ""
-            raise SiteConfigError(
-                "settings.invalid",
-                where + "; ".join(f"{v.path}: {v.message}" for v in violations),
-                violations=violations,
-            )
-
-        def resolve(value: str | None) -> Path | None:
-            if value is None:
-                return None
-            p = Path(value)
-            return p if p.is_absolute() else (base_dir / p)
-
+        _require_valid(data, source)
         listen = data.get("listen") or {}
         tls = data.get("tls") or {}
-        issuers = tuple(
-            IssuerSettings(
-                type=raw["type"],
-                **{
-                    k: v
-                    for k, v in raw.items()
-                    if k
-                    in (
-                        "issuer",
-                        "audience",
-                        "jwks_url",
-                        "leeway",
-                        "url",
-                        "client_id",
-                        "cache_seconds",
-                        "max_ttl",
-                    )
-                },
-                algorithms=tuple(raw.get("algorithms") or DEFAULT_ALGORITHMS),
-                claims=ClaimNames.from_mapping(raw.get("claims") or {}),
-                jwks_file=resolve(raw.get("jwks_file")),
-                client_secret_file=resolve(raw.get("client_secret_file")),
-            )
-            for raw in data.get("issuers") or [{"type": "local"}]
-        )
-        endpoints = tuple(
-            EndpointSettings(
-                name=raw["name"],
-                template=resolve(raw["template"]),  # type: ignore[arg-type]
-                mapping=resolve(raw["mapping"]),  # type: ignore[arg-type]
-                policy_model=resolve(raw["policy_model"]),  # type: ignore[arg-type]
-                policy=resolve(raw["policy"]),  # type: ignore[arg-type]
-                schema=resolve(raw.get("schema")),
-                environment=resolve(raw.get("environment")),
-                policy_tests=resolve(raw.get("policy_tests")),
-                allowed_functions=(
-                    tuple(raw["allowed_functions"]) if "allowed_functions" in raw else None
-                ),
-            )
-            for raw in data["endpoints"]
-        )
-        state_dir = resolve(data["state_dir"])
-        assert state_dir is not None
         return cls(
-            state_dir=state_dir,
-            endpoints=endpoints,
+            state_dir=_resolve(base_dir, data["state_dir"]),
+            endpoints=tuple(
+                EndpointSettings.from_mapping(raw, base_dir=base_dir) for raw in data["endpoints"]
+            ),
             source=source,
             host=listen.get("host", "127.0.0.1"),
             port=listen.get("port", 8470),
-            tls_cert=resolve(tls.get("cert")),
-            tls_key=resolve(tls.get("key")),
-            audit_log=resolve(data.get("audit_log")),
+            tls_cert=_resolve_optional(base_dir, tls.get("cert")),
+            tls_key=_resolve_optional(base_dir, tls.get("key")),
+            audit_log=_resolve_optional(base_dir, data.get("audit_log")),
             log_level=data.get("log_level", "info"),
             min_uid=data.get("min_uid", 1000),
             deny_accounts=tuple(data.get("deny_accounts") or ()),
-            python=str(resolve(data["python"])) if "python" in data else sys.executable,
+            python=str(_resolve(base_dir, data["python"])) if "python" in data else sys.executable,
             durability=data.get("durability", "normal"),
             spawn=dict(data.get("spawn") or {}),
             limits=Limits.from_mapping(data.get("limits") or {}),
-            issuers=issuers,
+            issuers=tuple(
+                IssuerSettings.from_mapping(raw, base_dir=base_dir)
+                for raw in data.get("issuers") or [{"type": "local"}]
+            ),
         )

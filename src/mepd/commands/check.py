@@ -23,8 +23,13 @@ import os
 import ssl
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mepd.settings import Settings
+    from mepd.sites import LoadedSite
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,10 +88,8 @@ def check_decision_tables(path: Path, authorizer: Any, endpoint: str) -> list[st
 def collect_problems(config: str) -> list[str]:
     """Every problem a start with ``config`` would hit (empty: it would start)."""
     from mepcore.errors import MepError
-    from mepcore.spawn import environment_violations
-    from mepd.auth import Authenticator
-    from mepd.daemon import load_sites, spawn_settings
     from mepd.settings import Settings
+    from mepd.sites import load_sites
 
     try:
         settings = Settings.from_file(config)
@@ -94,21 +97,45 @@ def collect_problems(config: str) -> list[str]:
         if exc.violations:
             return [f"{config}: {v.path}: {v.message}" for v in exc.violations]
         return [str(exc)]
-    problems: list[str] = []
     report = load_sites(settings)
-    problems += list(report.problems)
+    return [
+        *report.problems,
+        *_endpoint_problems(settings, report.sites),
+        *_issuer_problems(settings),
+        *_tls_problems(settings),
+        *_runtime_problems(settings),
+        *_state_dir_problems(settings),
+    ]
+
+
+def _endpoint_problems(settings: Settings, sites: Mapping[str, LoadedSite]) -> list[str]:
+    """Each loaded endpoint's user environment and decision tables (``load_sites`` has
+    already reported the endpoints that did not load)."""
+    from mepcore.errors import MepError
+    from mepcore.spawn import environment_violations
+
+    problems: list[str] = []
     for ep in settings.endpoints:
-        site = report.sites.get(ep.name)
-        if site is not None:
-            problems += [
-                f"endpoint {ep.name}: environment: {v.path}: {v.message}"
-                for v in environment_violations(site.files.environment)
-            ]
-        if ep.policy_tests is not None and site is not None:
+        site = sites.get(ep.name)
+        if site is None:
+            continue
+        problems += [
+            f"endpoint {ep.name}: environment: {v.path}: {v.message}"
+            for v in environment_violations(site.files.environment)
+        ]
+        if ep.policy_tests is not None:
             try:
                 problems += check_decision_tables(ep.policy_tests, site.authorizer, ep.name)
             except MepError as exc:
                 problems.append(f"endpoint {ep.name}: policy_tests: {exc}")
+    return problems
+
+
+def _issuer_problems(settings: Settings) -> list[str]:
+    from mepcore.errors import MepError
+    from mepd.auth import Authenticator
+
+    problems: list[str] = []
     for issuer in settings.issuers:
         if issuer.type == "local":
             continue  # its key is created on first start
@@ -117,25 +144,45 @@ def collect_problems(config: str) -> list[str]:
             probe.load()
         except MepError as exc:
             problems.append(f"issuer {issuer.issuer or issuer.url}: {exc.detail or exc}")
-    if settings.tls_cert is not None and settings.tls_key is not None:
-        try:
-            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
-                settings.tls_cert, settings.tls_key
-            )
-        except (OSError, ssl.SSLError) as exc:
-            problems.append(f"tls: {exc}")
+    return problems
+
+
+def _tls_problems(settings: Settings) -> list[str]:
+    if settings.tls_cert is None or settings.tls_key is None:
+        return []
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+            settings.tls_cert, settings.tls_key
+        )
+    except (OSError, ssl.SSLError) as exc:
+        return [f"tls: {exc}"]
+    return []
+
+
+def _runtime_problems(settings: Settings) -> list[str]:
+    """The user endpoint interpreter and the spawn settings."""
+    from mepcore.errors import MepError
+    from mepd.daemon import spawn_settings
+
+    problems: list[str] = []
     if not os.access(settings.python, os.X_OK):
         problems.append(f"python: {settings.python} is not an executable interpreter")
     try:
         spawn_settings(settings)
     except (MepError, ValueError, TypeError) as exc:
         problems.append(f"spawn: {exc}")
+    return problems
+
+
+def _state_dir_problems(settings: Settings) -> list[str]:
+    # The daemon creates a missing state directory, so what must be writable is its
+    # nearest existing ancestor.
     parent = settings.state_dir
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not os.access(parent, os.W_OK):
-        problems.append(f"state_dir: {settings.state_dir} cannot be created or written")
-    return problems
+        return [f"state_dir: {settings.state_dir} cannot be created or written"]
+    return []
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,7 +20,11 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mepcore.identity import IdentityMapper
+    from mepcore.types import IdentitySet
 
 MAX_INPUT_BYTES = 1024 * 1024
 
@@ -65,33 +69,19 @@ def _fail_usage(message: str) -> int:
     return 2
 
 
+class _UsageError(Exception):
+    """An option, the mapping file or the input cannot be used (exit 2)."""
+
+
 def run(args: argparse.Namespace) -> int:
-    from mepcore.errors import IdentityConfigError, IdentityError
-    from mepcore.identity import AccountPolicy, IdentityMapper, check_account, is_portable_username
-    from mepcore.ports import SystemAccountDatabase
-    from mepcore.types import IdentitySet
+    from mepcore.errors import IdentityError
+    from mepcore.identity import is_portable_username
 
-    if args.min_uid < 0:
-        return _fail_usage("--min-uid must not be negative")
-    if not args.timeout > 0:
-        return _fail_usage("--timeout must be positive")
     try:
-        mapper = IdentityMapper.from_file(args.mapping_config, timeout=args.timeout)
-    except IdentityConfigError as exc:
-        # Every problem at once, on the one line: fixing them one run at a time is slow.
-        problems = "; ".join(f"{v.path}: {v.message}" for v in exc.violations)
-        return _fail_usage(f"{args.mapping_config}: {problems}" if problems else exc.detail)
-
-    raw = sys.stdin.buffer.read(MAX_INPUT_BYTES + 1)
-    if len(raw) > MAX_INPUT_BYTES:
-        return _fail_usage(f"input: larger than {MAX_INPUT_BYTES} bytes")
-    try:
-        identities = IdentitySet.from_json(json.loads(raw))
-    except (ValueError, RecursionError) as exc:
-        return _fail_usage(f"input: not valid JSON: {exc}")
-    except IdentityError as exc:
-        return _fail_usage(f"input: {exc.detail or exc.public_message}")
-
+        mapper = _load_mapper(args)
+        identities = _read_identities()
+    except _UsageError as exc:
+        return _fail_usage(exc.args[0])
     out: dict[str, Any] = {
         "username": None,
         "matched_identity": None,
@@ -108,17 +98,57 @@ def run(args: argparse.Namespace) -> int:
     out.update(result.to_dict())
     if result.username is None:
         return _answer(out, "identity.no_mapping", "no mapping rule matched these identities")
-    if args.no_account_check:
-        if not is_portable_username(result.username):
-            return _answer(
-                out,
-                "identity.invalid_username",
-                f"{result.username!r} is not a portable POSIX user name",
-            )
-        return _answer(out, None, "")
+    if not args.no_account_check:
+        return _answer_with_account(out, result.username, args)
+    if not is_portable_username(result.username):
+        return _answer(
+            out,
+            "identity.invalid_username",
+            f"{result.username!r} is not a portable POSIX user name",
+        )
+    return _answer(out, None, "")
+
+
+def _load_mapper(args: argparse.Namespace) -> IdentityMapper:
+    from mepcore.errors import IdentityConfigError
+    from mepcore.identity import IdentityMapper
+
+    if args.min_uid < 0:
+        raise _UsageError("--min-uid must not be negative")
+    if not args.timeout > 0:
+        raise _UsageError("--timeout must be positive")
+    try:
+        return IdentityMapper.from_file(args.mapping_config, timeout=args.timeout)
+    except IdentityConfigError as exc:
+        # Every problem at once, on the one line: fixing them one run at a time is slow.
+        problems = "; ".join(f"{v.path}: {v.message}" for v in exc.violations)
+        raise _UsageError(f"{args.mapping_config}: {problems}" if problems else exc.detail) from exc
+
+
+def _read_identities() -> IdentitySet:
+    from mepcore.errors import IdentityError
+    from mepcore.types import IdentitySet
+
+    raw = sys.stdin.buffer.read(MAX_INPUT_BYTES + 1)
+    if len(raw) > MAX_INPUT_BYTES:
+        raise _UsageError(f"input: larger than {MAX_INPUT_BYTES} bytes")
+    try:
+        return IdentitySet.from_json(json.loads(raw))
+    except (ValueError, RecursionError) as exc:
+        raise _UsageError(f"input: not valid JSON: {exc}") from exc
+    except IdentityError as exc:
+        raise _UsageError(f"input: {exc.detail or exc.public_message}") from exc
+
+
+def _answer_with_account(out: dict[str, Any], username: str, args: argparse.Namespace) -> int:
+    """Check the mapped account as the daemon would, and answer with it."""
+    from mepcore.errors import IdentityError
+    from mepcore.identity import AccountPolicy, check_account
+    from mepcore.ports import SystemAccountDatabase
+
     policy = AccountPolicy(min_uid=args.min_uid, daemon_uid=os.getuid(), deny=args.deny)
     try:
-        account = check_account(result.username, SystemAccountDatabase(), policy)
+        account = check_account(username, SystemAccountDatabase(), policy)
     except IdentityError as exc:
         return _answer(out, exc.reason, exc.detail)
     out["account"] = {

@@ -21,9 +21,12 @@ import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
+
+if TYPE_CHECKING:
+    from mepcore.authz import Authorizer, Decision
 
 EXIT_OK = 0
 EXIT_NEGATIVE = 1
@@ -206,108 +209,159 @@ def _line_matches(expected: int | str, lines: tuple[Any, ...]) -> bool:
     return False
 
 
-def _run_tests(args: argparse.Namespace) -> int:
-    import jsonschema
+@attrs.define
+class _Tally:
+    """What the run has seen so far: results, and the policy lines for ``--coverage``."""
 
-    from mepcore.authz import MODEL_TEXT, Authorizer, AuthzConfigError, AuthzError, AuthzRequest
+    passed: int = 0
+    failed: int = 0
+    lines: dict[tuple[str, int], str] = attrs.field(factory=dict)
+    touched: set[tuple[str, int]] = attrs.field(factory=set)
 
-    selector = re.compile(args.run) if args.run else None
-    passed = failed = 0
-    touched: set[tuple[str, int]] = set()
-    all_lines: dict[tuple[str, int], str] = {}
-    for table_path in _table_files(args.paths):
-        table = _load_yaml(table_path)
-        shown = _display(table_path)
-        try:
-            jsonschema.validate(table, TABLE_SCHEMA)
-        except jsonschema.ValidationError as exc:
-            where = "/".join(str(p) for p in exc.absolute_path)
-            raise ConfigProblem(f"{shown}: {where or '(top)'}: {exc.message}") from exc
-        base = table_path.parent
-        policy_paths = [table["policy"]] if isinstance(table["policy"], str) else table["policy"]
-        sources: list[tuple[str, str]] = []
-        for rel in policy_paths:
-            path = base / rel
-            try:
-                sources.append((_display(path), path.read_text(encoding="utf-8")))
-            except (OSError, UnicodeDecodeError) as exc:
-                raise ConfigProblem(f"{shown}: cannot read policy {path}: {exc}") from exc
-        if args.model:
-            model_name = args.model
-        elif "model" in table:
-            model_name = str(base / table["model"])
+    def record(self, label: str, decision: Decision, problems: list[str]) -> None:
+        if problems:
+            self.failed += 1
+            print(f"FAIL {label}: {'; '.join(problems)}")
         else:
-            model_name = None
-        try:
-            model_text = Path(model_name).read_text(encoding="utf-8") if model_name else MODEL_TEXT
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigProblem(f"cannot read model {model_name}: {exc}") from exc
-        zone = _timezone(table.get("timezone"))
-        table_now = _parse_now(table["now"], shown) if "now" in table else None
+            self.passed += 1
+            print(f"ok   {label}: {_verdict(decision)} ({decision.reason})")
 
-        def authorizer_at(
-            now: float | None,
-            sources: list[tuple[str, str]] = sources,
-            model_text: str = model_text,
-            model_name: str | None = model_name,
-            zone: datetime.tzinfo = zone,
-        ) -> Authorizer:
-            try:
-                return Authorizer.from_sources(
-                    model_text,
-                    sources,
-                    clock=_FixedClock(now if now is not None else 0.0),
-                    model_source=model_name or "<shipped model>",
-                    timezone=zone,
-                )
-            except AuthzConfigError as exc:
-                raise ConfigProblem(str(exc)) from exc
-
-        default = authorizer_at(table_now)
-        for line in default.lines:
-            all_lines[(line.source, line.lineno)] = str(line)
-        for case in table["cases"]:
-            label = f"{shown}::{case['name']}"
-            if selector and not selector.search(label):
-                continue
-            authorizer = authorizer_at(_parse_now(case["now"], label)) if "now" in case else default
-            if authorizer.index.uses_hours and "now" not in case and table_now is None:
-                raise ConfigProblem(f"{label}: the policy uses 'hours'; give the table a 'now'")
-            try:
-                request = AuthzRequest.from_mapping(case["request"])
-            except AuthzError as exc:
-                raise ConfigProblem(f"{label}: {exc}") from exc
-            explanation = authorizer.explain(request)
-            decision = explanation.decision
-            touched.update((line.source, line.lineno) for line in explanation.touched)
-            got = "allow" if decision.allowed else "deny"
-            problems = []
-            if got != case["expect"]:
-                problems.append(f"expected {case['expect']}, got {got} ({decision.reason})")
-            if "reason" in case and case["reason"] != decision.reason:
-                problems.append(f"expected reason {case['reason']}, got {decision.reason}")
-            if "line" in case and not _line_matches(case["line"], decision.lines):
-                shown_lines = (
-                    ", ".join(getattr(line, "location", str(line)) for line in decision.lines)
-                    or "none"
-                )
-                problems.append(f"expected line {case['line']}, got {shown_lines}")
-            if problems:
-                failed += 1
-                print(f"FAIL {label}: {'; '.join(problems)}")
-            else:
-                passed += 1
-                print(f"ok   {label}: {got} ({decision.reason})")
-    if args.coverage:
-        untouched = sorted(key for key in all_lines if key not in touched)
+    def print_coverage(self) -> None:
+        untouched = sorted(key for key in self.lines if key not in self.touched)
         print(
-            f"coverage: {len(all_lines) - len(untouched)} of {len(all_lines)} policy lines "
+            f"coverage: {len(self.lines) - len(untouched)} of {len(self.lines)} policy lines "
             f"touched; {len(untouched)} untouched"
         )
         for source, lineno in untouched:
-            print(f"  untouched {source}:{lineno}: {all_lines[(source, lineno)]}")
-    print(f"{passed} passed, {failed} failed")
-    return EXIT_OK if failed == 0 and passed > 0 else EXIT_NEGATIVE
+            print(f"  untouched {source}:{lineno}: {self.lines[(source, lineno)]}")
+
+
+@attrs.frozen
+class _DecisionTable:
+    """A validated table with its policy and model read: everything to decide its cases."""
+
+    shown: str
+    cases: list[dict[str, Any]]
+    sources: list[tuple[str, str]]
+    model_name: str | None
+    model_text: str
+    zone: datetime.tzinfo
+    now: float | None
+
+    @classmethod
+    def load(cls, path: Path, model: str | None) -> _DecisionTable:
+        """Read the table at ``path``; ``model`` (``--model``) overrides the table's own."""
+        table = _load_yaml(path)
+        shown = _display(path)
+        _validate_table(table, shown)
+        base = path.parent
+        model_name = model or (str(base / table["model"]) if "model" in table else None)
+        policies = [table["policy"]] if isinstance(table["policy"], str) else table["policy"]
+        return cls(
+            shown=shown,
+            cases=table["cases"],
+            sources=[_read_policy(base / rel, shown) for rel in policies],
+            model_name=model_name,
+            model_text=_read_model(model_name),
+            zone=_timezone(table.get("timezone")),
+            now=_parse_now(table["now"], shown) if "now" in table else None,
+        )
+
+    def authorizer_at(self, now: float | None) -> Authorizer:
+        from mepcore.authz import Authorizer, AuthzConfigError
+
+        try:
+            return Authorizer.from_sources(
+                self.model_text,
+                self.sources,
+                clock=_FixedClock(now if now is not None else 0.0),
+                model_source=self.model_name or "<shipped model>",
+                timezone=self.zone,
+            )
+        except AuthzConfigError as exc:
+            raise ConfigProblem(str(exc)) from exc
+
+
+def _validate_table(table: Any, shown: str) -> None:
+    import jsonschema
+
+    try:
+        jsonschema.validate(table, TABLE_SCHEMA)
+    except jsonschema.ValidationError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path)
+        raise ConfigProblem(f"{shown}: {where or '(top)'}: {exc.message}") from exc
+
+
+def _read_policy(path: Path, shown: str) -> tuple[str, str]:
+    try:
+        return (_display(path), path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigProblem(f"{shown}: cannot read policy {path}: {exc}") from exc
+
+
+def _read_model(name: str | None) -> str:
+    """The model file's text, or the shipped model's when no file is named."""
+    from mepcore.authz import MODEL_TEXT
+
+    try:
+        return Path(name).read_text(encoding="utf-8") if name else MODEL_TEXT
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigProblem(f"cannot read model {name}: {exc}") from exc
+
+
+def _verdict(decision: Decision) -> str:
+    return "allow" if decision.allowed else "deny"
+
+
+def _case_problems(case: dict[str, Any], decision: Decision) -> list[str]:
+    """How the decision differs from what the case expects (empty: the case passed)."""
+    problems = []
+    got = _verdict(decision)
+    if got != case["expect"]:
+        problems.append(f"expected {case['expect']}, got {got} ({decision.reason})")
+    if "reason" in case and case["reason"] != decision.reason:
+        problems.append(f"expected reason {case['reason']}, got {decision.reason}")
+    if "line" in case and not _line_matches(case["line"], decision.lines):
+        shown_lines = (
+            ", ".join(getattr(line, "location", str(line)) for line in decision.lines) or "none"
+        )
+        problems.append(f"expected line {case['line']}, got {shown_lines}")
+    return problems
+
+
+def _run_table(table: _DecisionTable, selector: re.Pattern[str] | None, tally: _Tally) -> None:
+    from mepcore.authz import AuthzError, AuthzRequest
+
+    default = table.authorizer_at(table.now)
+    tally.lines.update(((line.source, line.lineno), str(line)) for line in default.lines)
+    for case in table.cases:
+        label = f"{table.shown}::{case['name']}"
+        if selector and not selector.search(label):
+            continue
+        authorizer = (
+            table.authorizer_at(_parse_now(case["now"], label)) if "now" in case else default
+        )
+        # Without a fixed 'now' an 'hours' condition would be decided at the epoch.
+        if authorizer.index.uses_hours and "now" not in case and table.now is None:
+            raise ConfigProblem(f"{label}: the policy uses 'hours'; give the table a 'now'")
+        try:
+            request = AuthzRequest.from_mapping(case["request"])
+        except AuthzError as exc:
+            raise ConfigProblem(f"{label}: {exc}") from exc
+        explanation = authorizer.explain(request)
+        tally.touched.update((line.source, line.lineno) for line in explanation.touched)
+        tally.record(label, explanation.decision, _case_problems(case, explanation.decision))
+
+
+def _run_tests(args: argparse.Namespace) -> int:
+    selector = re.compile(args.run) if args.run else None
+    tally = _Tally()
+    for table_path in _table_files(args.paths):
+        _run_table(_DecisionTable.load(table_path, args.model), selector, tally)
+    if args.coverage:
+        tally.print_coverage()
+    print(f"{tally.passed} passed, {tally.failed} failed")
+    return EXIT_OK if tally.failed == 0 and tally.passed > 0 else EXIT_NEGATIVE
 
 
 # --- explain ---------------------------------------------------------------------------------

@@ -16,7 +16,13 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+if TYPE_CHECKING:
+    from mepcore.config import EndpointConfig, SiteFiles
+    from mepcore.types import Account, Identity
 
 EXIT_OK = 0
 EXIT_NEGATIVE = 1
@@ -94,69 +100,108 @@ def _print_error(exc: Exception) -> None:
         sys.stderr.write(f"mepd render: {exc}\n")
 
 
-def run(args: argparse.Namespace) -> int:
-    from mepcore.config import (
-        MappedIdentity,
-        SiteFiles,
-        config_key,
-        parse_endpoint_config,
-        render_template,
-        validate_variables,
-    )
-    from mepcore.errors import ConfigError, MepError, SiteConfigError
-    from mepcore.ports import SystemAccountDatabase
-    from mepcore.types import Account, Identity
+@attrs.frozen
+class _Inputs:
+    """Everything one rendering needs, read from the files the command line names."""
 
-    try:
+    site: SiteFiles
+    variables: Any
+    account: Account
+    identity: Identity | None
+    user_runtime: dict[str, Any] | None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> _Inputs:
+        from mepcore.config import SiteFiles
+        from mepcore.types import Identity
+
         site = SiteFiles.from_files(args.template, args.schema, args.environment)
         raw = args.user_config
         variables_text = _read(raw[1:], "--user-config") if raw.startswith("@") else raw
         variables = _json(variables_text, "--user-config")
-
-        accounts = SystemAccountDatabase()
-        if args.user is not None:
-            account = accounts.by_name(args.user)
-            if account is None or account.name != args.user:
-                raise _InputError(f"--user {args.user}: no such account")
-        else:
-            account = accounts.by_uid(os.getuid()) or Account(
-                name="nobody-placeholder", uid=os.getuid(), gid=os.getgid(), home="/", shell=""
-            )
+        account = _account(args.user)
         identity = None
         if args.mapped_identity is not None:
-            document = _json(_read(args.mapped_identity, "--mapped-identity"), "--mapped-identity")
+            document = _json_file(args.mapped_identity, "--mapped-identity")
             identity = Identity.from_mapping(document)
-        user_runtime = None
-        if args.user_runtime is not None:
-            user_runtime = _json(_read(args.user_runtime, "--user-runtime"), "--user-runtime")
-            if not isinstance(user_runtime, dict):
-                raise _InputError("--user-runtime: must be a JSON object")
-    except (_InputError, SiteConfigError) as exc:
-        _print_error(exc)
-        return EXIT_USAGE
-    except MepError as exc:  # an identity document that is not one
-        _print_error(exc)
-        return EXIT_USAGE
+        return cls(
+            site=site,
+            variables=variables,
+            account=account,
+            identity=identity,
+            user_runtime=_user_runtime(args.user_runtime),
+        )
+
+
+def _json_file(path: str, what: str) -> Any:
+    return _json(_read(path, what), what)
+
+
+def _account(name: str | None) -> Account:
+    """The named account, or the current user's (a placeholder when it has no entry)."""
+    from mepcore.ports import SystemAccountDatabase
+    from mepcore.types import Account
+
+    accounts = SystemAccountDatabase()
+    if name is not None:
+        account = accounts.by_name(name)
+        if account is None or account.name != name:
+            raise _InputError(f"--user {name}: no such account")
+        return account
+    return accounts.by_uid(os.getuid()) or Account(
+        name="nobody-placeholder", uid=os.getuid(), gid=os.getgid(), home="/", shell=""
+    )
+
+
+def _user_runtime(path: str | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    user_runtime = _json_file(path, "--user-runtime")
+    if not isinstance(user_runtime, dict):
+        raise _InputError("--user-runtime: must be a JSON object")
+    return user_runtime
+
+
+def _render(inputs: _Inputs) -> tuple[dict[str, Any], str, EndpointConfig]:
+    """The checked variables, the rendered text and the endpoint config it parses to."""
+    from mepcore.config import (
+        MappedIdentity,
+        parse_endpoint_config,
+        render_template,
+        validate_variables,
+    )
+
+    site = inputs.site
+    checked = validate_variables(inputs.variables, site.schema)
+    text = render_template(
+        site.template_text,
+        checked,
+        mapped=MappedIdentity(account=inputs.account, identity=inputs.identity),
+        user_runtime=inputs.user_runtime,
+        includes=site.includes,
+        template_name=site.template_name,
+    )
+    return checked, text, parse_endpoint_config(text)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mepcore.config import config_key
+    from mepcore.errors import ConfigError, MepError
 
     try:
-        checked = validate_variables(variables, site.schema)
-        text = render_template(
-            site.template_text,
-            checked,
-            mapped=MappedIdentity(account=account, identity=identity),
-            user_runtime=user_runtime,
-            includes=site.includes,
-            template_name=site.template_name,
-        )
-        config = parse_endpoint_config(text)
+        inputs = _Inputs.from_args(args)
+    except (_InputError, MepError) as exc:  # MepError: a site file or identity that is not one
+        _print_error(exc)
+        return EXIT_USAGE
+    try:
+        checked, text, config = _render(inputs)
     except ConfigError as exc:
         _print_error(exc)
         return EXIT_NEGATIVE
-
     if args.json:
         out = {
             "config": config.to_dict(),
-            "config_key": config_key(account.name, site.template_digest, checked),
+            "config_key": config_key(inputs.account.name, inputs.site.template_digest, checked),
         }
         sys.stdout.write(json.dumps(out, indent=2, sort_keys=True) + "\n")
     else:
