@@ -15,10 +15,12 @@ from mepcore.authz import (
     AuthzRequest,
     Decision,
     check_model,
+    principals_of,
     segment_match,
 )
 from mepcore.errors import AuthzConfigError, AuthzError
 from mepcore.testing import FakeClock
+from mepcore.types import Account, Identity, IdentitySet
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -417,3 +419,54 @@ def test_reload_swaps_and_keeps_the_old_policy_on_error(tmp_path: Path) -> None:
     assert holder.current is second
     assert holder.decide(req("id:b")).allowed
     assert not holder.decide(req("id:c")).allowed
+
+
+# --- principals of a caller -------------------------------------------------------------------
+
+
+def account(name: str = "alice", groups: tuple[str, ...] = ()) -> Account:
+    return Account(name, 1000, 1000, f"/home/{name}", "/bin/sh", group_names=groups)
+
+
+def test_principals_of_lists_identities_then_the_account_and_its_groups() -> None:
+    identities = IdentitySet(
+        (
+            Identity("u-1", {"id": "u-1", "username": "alice@example.org"}),
+            Identity("u-2", {"id": "u-2", "username": "ab12"}),
+        )
+    )
+    assert principals_of(identities, account(groups=("alice", "physics"))) == (
+        "id:u-1",
+        "username:alice@example.org",
+        "domain:example.org",
+        "id:u-2",
+        "username:ab12",
+        "user:alice",
+        "group:alice",
+        "group:physics",
+    )
+
+
+def test_principals_of_an_unmapped_caller_has_only_identities() -> None:
+    identities = IdentitySet((Identity("u-1", {"id": "u-1", "username": 7}),))
+    assert principals_of(identities, None) == ("id:u-1",)
+
+
+def test_principals_of_drops_repeats_keeping_the_first() -> None:
+    identities = IdentitySet(
+        (
+            Identity("u-1", {"id": "u-1", "username": "a@example.org"}),
+            Identity("u-1", {"id": "u-1", "username": "b@example.org"}),
+        )
+    )
+    principals = principals_of(identities, account(groups=("staff", "staff")))
+    assert principals == (
+        "id:u-1",
+        "username:a@example.org",
+        "domain:example.org",
+        "username:b@example.org",
+        "user:alice",
+        "group:staff",
+    )
+    policy = "p, domain:example.org, hpc, endpoint, start_endpoint, -, allow\n"
+    assert authorizer(policy).decide(req(*principals)).allowed

@@ -335,28 +335,64 @@ def test_exhausted_retries_of_a_refusal_raise_the_refusal() -> None:
 # -- tokens, URLs, TLS ---------------------------------------------------------------
 
 
-def test_token_comes_from_mep_token_when_not_given(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MEP_TOKEN", "from-env")
+def test_token_comes_from_mep_token_of_the_environment_passed_in() -> None:
     rec = Recorder({"/v1/tasks/t": [reply(200, {"task_id": "t", "state": "running"})]})
-    client_for(rec, token=None).get_task("t")
+    transport = httpx.MockTransport(rec)
+    environ = {"MEP_TOKEN": "from-env"}
+    Client.from_environment(environ, "http://mep.test", transport=transport).get_task("t")
     assert rec.requests[0].headers["authorization"] == "Bearer from-env"
 
 
-def test_an_explicit_token_wins_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MEP_TOKEN", "from-env")
+def test_an_explicit_token_wins_over_the_environment() -> None:
     rec = Recorder({"/v1/tasks/t": [reply(200, {"task_id": "t", "state": "running"})]})
-    client_for(rec).get_task("t")  # client_for passes "tok"
+    client = Client.from_environment(
+        {"MEP_TOKEN": "from-env"},
+        "http://mep.test",
+        token="tok",
+        transport=httpx.MockTransport(rec),
+    )
+    client.get_task("t")
     assert rec.requests[0].headers["authorization"] == "Bearer tok"
 
 
-def test_from_environment_needs_a_url(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("MEP_URL", raising=False)
+def test_a_client_built_directly_does_not_look_at_the_process_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MEP_TOKEN", "from-env")
+    rec = Recorder({"/v1/tasks/t": [reply(200, {"task_id": "t", "state": "running"})]})
+    client_for(rec, token=None).get_task("t")
+    assert "authorization" not in rec.requests[0].headers
+
+
+def test_from_environment_needs_a_url() -> None:
     with pytest.raises(ClientError):
-        Client.from_environment()
-    monkeypatch.setenv("MEP_URL", "https://mep.example.org/")
-    monkeypatch.setenv("MEP_TOKEN", "t0")
-    client = Client.from_environment()
+        Client.from_environment({"MEP_TOKEN": "t0"})
+    environ = {"MEP_URL": "https://mep.example.org/", "MEP_TOKEN": "t0"}
+    client = Client.from_environment(environ)
     assert (client.url, client.token) == ("https://mep.example.org", "t0")
+    assert Client.from_environment({"MEP_TOKEN": " "}, "https://mep.example.org").token is None
+
+
+def test_the_executor_takes_url_and_token_from_the_environment_it_is_given() -> None:
+    environ = {"MEP_URL": "http://mep.test", "MEP_TOKEN": "from-env"}
+    ex = Executor("hpc", environ=environ)
+    assert (ex.client.url, ex.client.token) == ("http://mep.test", "from-env")
+    ex.shutdown()
+    ex = Executor("hpc", url="http://other.test", token="tok", environ=environ)
+    assert (ex.client.url, ex.client.token) == ("http://other.test", "tok")
+    ex.shutdown()
+    with pytest.raises(ClientError):
+        Executor("hpc", environ={})
+
+
+def test_the_executor_defaults_to_the_process_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The scientists' convenience: ``Executor("hpc", url=...)`` finds ``MEP_TOKEN``."""
+    monkeypatch.setenv("MEP_TOKEN", "from-env")
+    ex = Executor("hpc", url="http://mep.test")
+    assert ex.client.token == "from-env"
+    ex.shutdown()
 
 
 def test_tls_verification_is_on_by_default_and_urls_must_be_http() -> None:
@@ -414,6 +450,8 @@ def test_executor_refuses_submits_after_shutdown_and_needs_one_way_to_connect() 
         ex.submit(abs, 1)
     with pytest.raises(ClientError):
         Executor("hpc", client=Client("http://mep.test", "t"), url="http://other.test")
+    with pytest.raises(ClientError):
+        Executor("hpc", client=Client("http://mep.test", "t"), environ={})
 
 
 def test_user_endpoint_config_must_be_json() -> None:

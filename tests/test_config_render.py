@@ -354,3 +354,27 @@ def test_property_any_json_value_reads_back_unchanged(value: Any) -> None:
     if not surrogate_free(value):
         return
     assert yaml.safe_load(render("v: {{ v }}\n", {"v": value})) == {"v": value}
+
+
+def test_max_violations_bounds_the_problems_reported_in_one_error() -> None:
+    from mepcore.config import VariableLimits, render_endpoint_config
+
+    odd_keys = {f"{i}x": i for i in range(10)}  # not plain identifiers: one problem each
+    assert len(refused("{{ 1 }}", odd_keys).violations) == 10
+    assert len(refused("{{ 1 }}", odd_keys, limits=RenderLimits(max_violations=3)).violations) == 3
+    # Stopped at a bound: that bound is reported, with the problems found before it.
+    too_long = {**odd_keys, "s": "x" * 10}
+    err = refused(
+        "{{ 1 }}",
+        too_long,
+        limits=RenderLimits(max_violations=3),
+        variable_limits=VariableLimits(max_string_length=5),
+    )
+    assert err.reason == "config.variables_too_large"
+    assert len(err.violations) == 3 and err.violations[-1].path == "$.s"
+    # The endpoint config the template produced: one problem per unknown key.
+    unknown = "".join(f"key{i}: {i}\n" for i in range(10))
+    with pytest.raises(ConfigError) as info:
+        render_endpoint_config(unknown, {}, mapped=MAPPED, limits=RenderLimits(max_violations=2))
+    assert info.value.reason == "config.endpoint_config_invalid"
+    assert len(info.value.violations) == 2

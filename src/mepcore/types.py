@@ -1,6 +1,7 @@
 """Plain values shared by every component: identities, accounts, groups.
 
-Deliberately only data: no look-ups, no I/O. Untrusted identity documents are turned
+Deliberately only data: no look-ups, no I/O (``thaw`` turns frozen data back into plain
+JSON-like data). Untrusted identity documents are turned
 into ``Identity`` values by ``Identity.from_mapping``, which refuses what is not a
 flat JSON object with a string ``id``.
 """
@@ -14,6 +15,17 @@ from typing import Any
 import attrs
 
 from mepcore.errors import IdentityError, Violation
+
+
+def thaw(value: Any) -> Any:
+    """A plain copy of frozen data: every ``Mapping`` (``MappingProxyType`` included)
+    becomes a ``dict`` and every ``list`` or ``tuple`` a ``list``, all the way down;
+    anything else is returned as it is. For data that is about to become JSON."""
+    if isinstance(value, Mapping):
+        return {k: thaw(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [thaw(v) for v in value]
+    return value
 
 
 def _int_tuple(value: Iterable[int]) -> tuple[int, ...]:

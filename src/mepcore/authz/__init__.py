@@ -2,6 +2,7 @@
 
 A request (``AuthzRequest``: endpoint, object, action, the caller's principals and
 attributes) goes in, a ``Decision`` comes out; a denial is a value, never an exception.
+``principals_of`` names a caller's principals from its identities and mapped account.
 Only a broken model or policy raises (``AuthzConfigError`` naming the file and line).
 See ``docs/authorization.md`` for the model, the predicates and the index design.
 """
@@ -13,6 +14,7 @@ from mepcore.authz.authorizer import (
     AuthzRequest,
     Decision,
     Explanation,
+    principals_of,
 )
 from mepcore.authz.model import MODEL_TEXT, check_model
 from mepcore.authz.patterns import segment_match, validate_pattern
@@ -39,6 +41,7 @@ __all__ = [
     "conditions_hold",
     "parse_conditions",
     "parse_policy",
+    "principals_of",
     "segment_match",
     "validate_pattern",
 ]

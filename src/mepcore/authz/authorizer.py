@@ -33,18 +33,17 @@ from typing import Any
 import attrs
 
 from mepcore.authz.index import PolicyIndex
-from mepcore.authz.model import MODEL_TEXT, check_model
+from mepcore.authz.model import check_model
 from mepcore.authz.policy import ACTIONS, PolicyLine, Rule, parse_policy
 from mepcore.authz.predicates import RequestContext
 from mepcore.errors import AuthzConfigError, AuthzError
 from mepcore.ports import Clock, SystemClock
+from mepcore.types import Account, IdentitySet
 
 MAX_PRINCIPALS = 256
 MAX_VALUE_LENGTH = 1024
 MAX_FILE_BYTES = 64 * 1024 * 1024
 DEFAULT_CACHE_SIZE = 4096
-
-PRINCIPAL_KINDS = ("id", "username", "domain", "user", "group")
 
 StrPath = str | PathLike[str]
 
@@ -58,6 +57,24 @@ def _check_text(name: str, value: object) -> None:
         raise _invalid(f"{name} must be a non-empty string of at most {MAX_VALUE_LENGTH}")
     if not value.isprintable():
         raise _invalid(f"{name} must not contain control characters")
+
+
+def principals_of(identities: IdentitySet, account: Account | None) -> tuple[str, ...]:
+    """The principals of a caller, in order and without repeats: for each identity
+    ``id:<id>``, ``username:<username>`` and ``domain:<domain>`` (the last two when
+    set), then, when the caller was mapped to a local account, ``user:<name>`` and
+    ``group:<group>`` for each of the account's groups."""
+    found: list[str] = []
+    for identity in identities:
+        found.append(f"id:{identity.id}")
+        if identity.username:
+            found.append(f"username:{identity.username}")
+        if identity.domain:
+            found.append(f"domain:{identity.domain}")
+    if account is not None:
+        found.append(f"user:{account.name}")
+        found.extend(f"group:{group}" for group in account.group_names)
+    return tuple(dict.fromkeys(found))
 
 
 def _principals(value: Iterable[str]) -> tuple[str, ...]:
@@ -437,8 +454,3 @@ class AuthorizerHolder:
     def replace(self, authorizer: Authorizer) -> None:
         with self._lock:
             self._current = authorizer
-
-
-def shipped_model() -> str:
-    """The shipped model text (``policies/model.conf`` without the comments)."""
-    return MODEL_TEXT

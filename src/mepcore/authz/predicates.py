@@ -91,10 +91,6 @@ REGISTRY: Mapping[str, Callable[[str], Callable[[RequestContext], bool]]] = Mapp
     {"mfa": _mfa, "auth_age_le": _auth_age_le, "uid_ge": _uid_ge, "hours": _hours}
 )
 
-# Predicates whose truth depends on these context fields; used to build exact cache keys.
-THRESHOLD_PREDICATES = frozenset({"auth_age_le", "uid_ge"})
-TIME_PREDICATES = frozenset({"hours"})
-
 
 def parse_conditions(text: str) -> tuple[Predicate, ...]:
     """Parse a ``cond`` field; ``ValueError`` for an unknown or malformed predicate."""

@@ -6,8 +6,10 @@
         print(ex.submit(pow, 2, 10).result())
 
 It depends on nothing server-side (no casbin, jinja2, starlette, uvicorn, jsonschema) and
-on no other mepcore component but the L0 error catalogue; it reads the environment only
-in ``token_from_environment``/``url_from_environment``. See docs/client.md.
+on no other mepcore component but the L0 error catalogue. The environment is an input
+(``Client.from_environment(environ)``, ``token_from_environment(environ)``); only
+``Executor``, the scientists' entry point, defaults to ``os.environ`` when it is given no
+``environ``. See docs/client.md.
 """
 
 from mepcore.client.errors import (

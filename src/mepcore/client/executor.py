@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -156,13 +157,19 @@ class Executor(_StdExecutor):
 
     ``endpoint`` names the endpoint on the daemon; ``user_endpoint_config`` holds the
     template variables of the user endpoint to use (it may be changed between submits;
-    each distinct configuration gets its own user endpoint). Either pass a ``client``,
-    or ``url`` and ``token`` (``MEP_TOKEN`` when None), or neither (``MEP_URL`` and
-    ``MEP_TOKEN``). ``walltime`` (seconds) applies to the tasks submitted while it is
-    set. ``batch_size`` bounds the tasks of one submit request; ``poll_timeout`` is how
-    long one long-poll may wait; ``poll_size`` bounds the ids of one poll;
-    ``give_up_after`` is how long the collector keeps trying an unreachable daemon
-    before it fails the outstanding futures with ``ServiceUnavailable``.
+    each distinct configuration gets its own user endpoint). ``walltime`` (seconds)
+    applies to the tasks submitted while it is set. ``batch_size`` bounds the tasks of
+    one submit request; ``poll_timeout`` is how long one long-poll may wait;
+    ``poll_size`` bounds the ids of one poll; ``give_up_after`` is how long the
+    collector keeps trying an unreachable daemon before it fails the outstanding futures
+    with ``ServiceUnavailable``.
+
+    Where the service and the token come from: either pass a ``client``, or ``url`` and
+    ``token``. A missing ``url`` is taken from ``MEP_URL`` and a missing ``token`` from
+    ``MEP_TOKEN`` in ``environ``, which defaults (None) to this process's environment,
+    ``os.environ`` — the one place mepcore falls back on it, so that a scientist's
+    script need not carry a credential. Pass ``environ`` to choose another source
+    (``{}`` for none).
     """
 
     def __init__(
@@ -180,14 +187,19 @@ class Executor(_StdExecutor):
         poll_size: int = 4096,
         give_up_after: float = 300.0,
         retry: RetryPolicy | None = None,
+        environ: Mapping[str, str] | None = None,
     ) -> None:
-        if client is not None and (url is not None or token is not None):
-            raise ClientError("mep.invalid_input", "pass either client= or url=/token=, not both")
+        if client is not None and (url is not None or token is not None or environ is not None):
+            raise ClientError(
+                "mep.invalid_input", "pass either client= or url=/token=/environ=, not both"
+            )
         if client is None:
             options: dict[str, Any] = {"verify": verify}
             if retry is not None:
                 options["retry"] = retry
-            client = Client(url, token, **options) if url else Client.from_environment(**options)
+            client = Client.from_environment(
+                os.environ if environ is None else environ, url, token=token, **options
+            )
             self._owns_client = True
         else:
             self._owns_client = False

@@ -14,8 +14,10 @@ choices), and retries transient failures with ``tenacity``:
 - any other 4xx is raised at once as ``RequestRefused`` with the server's reason code
   and message.
 
-``token_from_environment`` is the one place where mepcore reads the process
-environment (``MEP_TOKEN``), on purpose and only when the caller passed no token.
+The environment is an input here too: ``Client.from_environment(environ)`` takes the
+``MEP_URL``/``MEP_TOKEN`` mapping from its caller, and ``Client`` itself never looks at
+the process environment. ``Executor`` is the one entry point that defaults to
+``os.environ``, for scientists' scripts.
 
 This module deliberately knows nothing of futures or threads: ``Executor`` builds on
 it. It imports nothing server-side.
@@ -27,7 +29,6 @@ import base64
 import email.utils
 import inspect
 import math
-import os
 import platform
 import ssl
 import threading
@@ -58,17 +59,18 @@ _REFUSED_UNPROCESSED = frozenset({429, 503})
 _GATEWAY = frozenset({502, 504})
 
 
-def token_from_environment() -> str | None:
-    """The bearer token in ``MEP_TOKEN``, or None. The only environment read in mepcore:
-    the client is the caller's own process, where the environment is the usual way to
-    hand it a credential without writing it into code."""
-    value = os.environ.get(TOKEN_VARIABLE, "").strip()
+def token_from_environment(environ: Mapping[str, str]) -> str | None:
+    """The bearer token in ``environ["MEP_TOKEN"]``, or None when unset or blank.
+
+    ``environ`` is the caller's to pass (usually ``os.environ``: the environment is the
+    usual way to hand a script a credential without writing it into code)."""
+    value = environ.get(TOKEN_VARIABLE, "").strip()
     return value or None
 
 
-def url_from_environment() -> str | None:
-    """The daemon's URL in ``MEP_URL``, or None (read only by ``Client.from_environment``)."""
-    value = os.environ.get(URL_VARIABLE, "").strip()
+def url_from_environment(environ: Mapping[str, str]) -> str | None:
+    """The daemon's URL in ``environ["MEP_URL"]``, or None when unset or blank."""
+    value = environ.get(URL_VARIABLE, "").strip()
     return value or None
 
 
@@ -206,7 +208,8 @@ class Client:
     """A connection to one mepd service.
 
     ``url`` is the service's base URL (``https://mep.example.org``). ``token`` is the
-    bearer token; when None, ``MEP_TOKEN`` is read (``token_from_environment``).
+    bearer token; None sends no token (the constructor does not look at the process
+    environment: ``Client.from_environment(os.environ)`` takes ``MEP_TOKEN`` from it).
     ``verify`` is True (the system's CA store), False (no verification — for tests
     only), or the path of a CA bundle; ``ca_bundle`` is the same as passing a path.
     ``timeout`` bounds each request (a long poll adds its own wait to it). The HTTP
@@ -225,18 +228,27 @@ class Client:
     _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
-        if self.token is None:
-            self.token = token_from_environment()
         if not self.url.startswith(("http://", "https://")):
             raise ClientError("mep.invalid_input", f"the service URL must be http(s): {self.url}")
 
     @classmethod
-    def from_environment(cls, url: str | None = None, **options: Any) -> Client:
-        """A client for ``url`` (or ``MEP_URL``) with the token in ``MEP_TOKEN``."""
-        found = url or url_from_environment()
+    def from_environment(
+        cls,
+        environ: Mapping[str, str],
+        url: str | None = None,
+        *,
+        token: str | None = None,
+        **options: Any,
+    ) -> Client:
+        """A client for ``url`` (or ``environ["MEP_URL"]``) with ``token`` (or
+        ``environ["MEP_TOKEN"]``). The caller passes the environment, usually
+        ``Client.from_environment(os.environ)``; ``options`` go to the constructor."""
+        found = url or url_from_environment(environ)
         if not found:
             raise ClientError("mep.invalid_input", f"no service URL given and {URL_VARIABLE} unset")
-        return cls(found, token_from_environment(), **options)
+        return cls(
+            found, token if token is not None else token_from_environment(environ), **options
+        )
 
     # -- connection ----------------------------------------------------------------
 

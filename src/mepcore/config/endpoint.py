@@ -20,6 +20,7 @@ from mepcore.config.render import DEFAULT_TEMPLATE_NAME, MappedIdentity, render_
 from mepcore.config.variables import MAX_VIOLATIONS, schema_validator, schema_violations
 from mepcore.config.yamlsafe import YamlLoadError, load_yaml
 from mepcore.errors import ConfigError, Violation
+from mepcore.types import thaw
 
 ENGINE_TYPES = ("ThreadPoolEngine", "ProcessPoolEngine", "GlobusComputeEngine")
 PROVIDER_TYPES = (
@@ -183,14 +184,6 @@ def _freeze_optional(value: Mapping[str, Any] | None) -> Mapping[str, Any] | Non
     return None if value is None else MappingProxyType(dict(value))
 
 
-def _thaw(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _thaw(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_thaw(v) for v in value]
-    return value
-
-
 @attrs.frozen
 class EngineConfig:
     """Which engine runs tasks, its options, and (Parsl engine) the provider."""
@@ -201,9 +194,9 @@ class EngineConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """``{"type": …, **options, "provider": {"type": …, …}}`` as plain JSON data."""
-        out: dict[str, Any] = {"type": self.type, **_thaw(self.options)}
+        out: dict[str, Any] = {"type": self.type, **thaw(self.options)}
         if self.provider is not None:
-            out["provider"] = _thaw(self.provider)
+            out["provider"] = thaw(self.provider)
         return out
 
 
@@ -239,8 +232,9 @@ class EndpointConfig:
         }
 
     @classmethod
-    def from_mapping(cls, data: Any) -> EndpointConfig:
-        """Validate a loaded document (see ``parse_endpoint_config``) and convert it."""
+    def from_mapping(cls, data: Any, *, max_violations: int = MAX_VIOLATIONS) -> EndpointConfig:
+        """Validate a loaded document (see ``parse_endpoint_config``) and convert it; a
+        refusal reports at most ``max_violations`` problems."""
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
@@ -264,12 +258,12 @@ class EndpointConfig:
             found.append(Violation("$", f"key {key!r} is not a string", "type"))
         if not non_string:
             validator = schema_validator(endpoint_config_schema(), source="endpoint-config schema")
-            found.extend(schema_violations(validator, data))
+            found.extend(schema_violations(validator, data, limit=max_violations))
         if found:
             raise ConfigError(
                 "config.endpoint_config_invalid",
                 f"{len(found)} problem(s), first {found[0].path}: {found[0].message}",
-                violations=found[:MAX_VIOLATIONS],
+                violations=found[:max_violations],
             )
         engine_data = dict(data.get("engine") or {"type": DEFAULT_ENGINE_TYPE})
         engine_type = engine_data.pop("type")
@@ -286,9 +280,12 @@ class EndpointConfig:
         )
 
 
-def parse_endpoint_config(yaml_text: str) -> EndpointConfig:
+def parse_endpoint_config(
+    yaml_text: str, *, max_violations: int = MAX_VIOLATIONS
+) -> EndpointConfig:
     """Load rendered YAML and validate it; ``ConfigError`` with reason
-    ``config.yaml_invalid`` or ``config.endpoint_config_invalid`` (every violation)."""
+    ``config.yaml_invalid`` or ``config.endpoint_config_invalid`` (every violation, up
+    to ``max_violations``)."""
     try:
         data = load_yaml(yaml_text)
     except YamlLoadError as exc:
@@ -298,7 +295,7 @@ def parse_endpoint_config(yaml_text: str) -> EndpointConfig:
             str(exc),
             violations=[Violation(where, exc.message, "yaml")],
         ) from exc
-    return EndpointConfig.from_mapping(data)
+    return EndpointConfig.from_mapping(data, max_violations=max_violations)
 
 
 def render_endpoint_config(
@@ -313,7 +310,8 @@ def render_endpoint_config(
     variable_limits: VariableLimits = VariableLimits(),  # noqa: B008
 ) -> EndpointConfig:
     """``render_template`` then ``parse_endpoint_config``. Pass the same
-    ``variable_limits`` the variables were validated with."""
+    ``variable_limits`` the variables were validated with; ``limits.max_violations``
+    bounds the problems reported by either step."""
     text = render_template(
         template_text,
         variables,
@@ -324,4 +322,4 @@ def render_endpoint_config(
         template_name=template_name,
         variable_limits=variable_limits,
     )
-    return parse_endpoint_config(text)
+    return parse_endpoint_config(text, max_violations=limits.max_violations)

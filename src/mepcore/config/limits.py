@@ -44,7 +44,9 @@ class RenderLimits:
     - ``max_iterations``: iterations of all ``{% for %}`` loops together (100,000);
     - ``max_calls``: calls of functions, methods and macros together (100,000);
     - ``max_int_bits``: size of the result of ``**`` on integers (4,096 bits);
-    - ``max_violations``: problems reported at most in one error (100).
+    - ``max_violations``: problems reported at most in one error — a refusal of the
+      variables' or the runtime report's shape, or of the endpoint config the template
+      produced (100).
     """
 
     max_output_bytes: int = attrs.field(default=1_048_576, validator=_positive)

@@ -25,7 +25,7 @@ import re
 import shlex
 import string
 import types
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from typing import Any
 
 import attrs
@@ -380,40 +380,57 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
     def call_binop(
         self, context: jinja2.runtime.Context, operator: str, left: Any, right: Any
     ) -> Any:
-        limits = self.limits
+        self._check_binop(operator, left, right)
+        return self._check_size(super().call_binop(context, operator, left, right), "result")
+
+    def _check_binop(self, operator: str, left: Any, right: Any) -> None:
+        """Refuse an operation whose result would exceed the limits, before computing it."""
         if operator == "*":
-            for seq, count in ((left, right), (right, left)):
-                if (
-                    isinstance(seq, str | list | tuple)
-                    and isinstance(count, int)
-                    and len(seq) * max(count, 0) > limits.max_string_repeat
-                ):
-                    raise self._refuse(f"repetition longer than {limits.max_string_repeat} items")
-            if (
-                isinstance(left, int)
-                and isinstance(right, int)
-                and left.bit_length() + right.bit_length() > limits.max_int_bits
-            ):
-                raise self._refuse(f"integer larger than {limits.max_int_bits} bits")
+            self._check_repetition(left, right)
+            self._check_int_product(left, right)
         elif operator == "**":
-            if (
-                isinstance(left, int)
-                and isinstance(right, int)
-                and right > 0
-                and abs(left) > 1
-                and right * left.bit_length() > limits.max_int_bits
-            ):
-                raise self._refuse(f"integer larger than {limits.max_int_bits} bits")
+            self._check_int_power(left, right)
         elif operator == "+":
-            if (
-                isinstance(left, str | list | tuple)
-                and isinstance(right, str | list | tuple)
-                and len(left) + len(right) > limits.max_string_length
-            ):
-                raise self._refuse(f"concatenation longer than {limits.max_string_length}")
+            self._check_addition(left, right)
         elif operator == "%" and isinstance(left, str):
             self._check_printf(left)
-        return self._check_size(super().call_binop(context, operator, left, right), "result")
+
+    def _check_repetition(self, left: Any, right: Any) -> None:
+        """``str * n`` / ``list * n``, either way round."""
+        limit = self.limits.max_string_repeat
+        for seq, count in ((left, right), (right, left)):
+            if (
+                isinstance(seq, str | list | tuple)
+                and isinstance(count, int)
+                and len(seq) * max(count, 0) > limit
+            ):
+                raise self._refuse(f"repetition longer than {limit} items")
+
+    def _check_int_product(self, left: Any, right: Any) -> None:
+        if (
+            isinstance(left, int)
+            and isinstance(right, int)
+            and left.bit_length() + right.bit_length() > self.limits.max_int_bits
+        ):
+            raise self._refuse(f"integer larger than {self.limits.max_int_bits} bits")
+
+    def _check_int_power(self, base: Any, exponent: Any) -> None:
+        if (
+            isinstance(base, int)
+            and isinstance(exponent, int)
+            and exponent > 0
+            and abs(base) > 1
+            and exponent * base.bit_length() > self.limits.max_int_bits
+        ):
+            raise self._refuse(f"integer larger than {self.limits.max_int_bits} bits")
+
+    def _check_addition(self, left: Any, right: Any) -> None:
+        if (
+            isinstance(left, str | list | tuple)
+            and isinstance(right, str | list | tuple)
+            and len(left) + len(right) > self.limits.max_string_length
+        ):
+            raise self._refuse(f"concatenation longer than {self.limits.max_string_length}")
 
     def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
         wrapper = super().wrap_str_format(value)
@@ -469,7 +486,7 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
                 raise self._refuse("replace() result could be too long")
 
     def _check_join(self, separator: Any, items: Any) -> None:
-        if not hasattr(items, "__len__"):
+        if not isinstance(items, Sized):
             return
         count = len(items)
         total = len(str(separator)) * count
@@ -541,18 +558,22 @@ def _template_line(exc: BaseException, names: Iterable[str]) -> str:
 
 
 def _wrap_checked(
-    data: Mapping[str, Any] | None, what: str, limits: VariableLimits, reserved: frozenset[str]
+    data: Mapping[str, Any] | None,
+    what: str,
+    limits: VariableLimits,
+    reserved: frozenset[str],
+    max_violations: int,
 ) -> Any:
     if data is None:
         return wrap_value({})
-    found = structural_violations(data, limits, reserved=reserved)
+    found = structural_violations(data, limits, reserved=reserved, max_violations=max_violations)
     if found:
         raise ConfigError(
             "config.reserved_variable"
             if any(v.code == "reserved_name" for v in found)
             else "config.invalid_variables",
             f"{what}: {found[0].path}: {found[0].message}",
-            violations=found,
+            violations=found[:max_violations],
         )
     return wrap_value(data)
 
@@ -573,11 +594,13 @@ def render_template(
 
     Raises ``ConfigError`` with reason ``config.sandbox_violation``,
     ``config.render_limit``, ``config.undefined_variable`` or ``config.render_failed``,
-    and ``TemplateConfigError`` (``config.template_invalid``) for a broken template.
+    and ``TemplateConfigError`` (``config.template_invalid``) for a broken template; a
+    refusal of the variables' shape reports at most ``limits.max_violations`` problems.
     """
 
-    context_vars = _wrap_checked(variables, "variables", variable_limits, RESERVED_NAMES)
-    runtime = _wrap_checked(user_runtime, "user_runtime", variable_limits, frozenset())
+    most = limits.max_violations
+    context_vars = _wrap_checked(variables, "variables", variable_limits, RESERVED_NAMES, most)
+    runtime = _wrap_checked(user_runtime, "user_runtime", variable_limits, frozenset(), most)
     identity = wrap_value(mapped.to_template_dict())
     gc = {"mapped_identity": identity, "user_runtime": runtime}
     context: dict[str, Any] = dict(context_vars)

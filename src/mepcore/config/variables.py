@@ -67,12 +67,18 @@ class _TooLarge(Exception):
 
 
 def structural_violations(
-    value: Any, limits: VariableLimits, *, reserved: frozenset[str] = RESERVED_NAMES
+    value: Any,
+    limits: VariableLimits,
+    *,
+    reserved: frozenset[str] = RESERVED_NAMES,
+    max_violations: int = MAX_VIOLATIONS,
 ) -> list[Violation]:
     """Bounds, types, keys and reserved names of a JSON-like value (top level an object).
 
     Raises ``ConfigError(config.variables_too_large)`` at the first bound exceeded —
-    walking on would only cost time. Other problems are returned, all of them.
+    walking on would only cost time — reporting that bound and at most
+    ``max_violations - 1`` problems found before it. Other problems are returned, all of
+    them (the caller bounds what it reports).
     """
     found: list[Violation] = []
     try:
@@ -81,7 +87,7 @@ def structural_violations(
         raise ConfigError(
             "config.variables_too_large",
             exc.violation.message,
-            violations=[*found[:MAX_VIOLATIONS], exc.violation],
+            violations=[*found[: max_violations - 1], exc.violation],
         ) from None
     return found
 
@@ -92,93 +98,136 @@ def _walk(
     if not isinstance(root, Mapping):
         found.append(Violation("$", "the variables must be a JSON object", "invalid_type"))
         return
-    size = 0
-    keys = 0
-    items = 0
-    # Iterative on purpose: hostile nesting must not reach Python's recursion limit.
-    stack: list[tuple[Any, str, int]] = [(root, "$", 1)]
-    while stack:
-        value, path, depth = stack.pop()
-        if isinstance(value, str):
-            if len(value) > limits.max_string_length:
+    _Walk(limits, reserved, found).run(root)
+
+
+class _Walk:
+    """One walk over user data: the running totals, the violations found so far and the
+    values still to visit. Each ``_visit_*`` adds a value's share to the totals and
+    raises ``_TooLarge`` at the first bound it exceeds."""
+
+    def __init__(
+        self, limits: VariableLimits, reserved: frozenset[str], found: list[Violation]
+    ) -> None:
+        self.limits = limits
+        self.reserved = reserved
+        self.found = found
+        self.size = 0
+        self.keys = 0
+        self.items = 0
+        self.stack: list[tuple[Any, str, int]] = []
+
+    def run(self, root: Mapping[Any, Any]) -> None:
+        # Iterative on purpose: hostile nesting must not reach Python's recursion limit.
+        self.stack.append((root, "$", 1))
+        while self.stack:
+            value, path, depth = self.stack.pop()
+            self._visit(value, path, depth)
+            if self.size > self.limits.max_total_bytes:
                 raise _TooLarge(
                     Violation(
                         path,
-                        f"string longer than {limits.max_string_length} characters",
+                        f"variables larger than {self.limits.max_total_bytes} bytes",
                         "too_large",
                     )
                 )
-            try:
-                size += len(value.encode("utf-8")) + 2
-            except UnicodeEncodeError:
-                found.append(Violation(path, "string is not valid Unicode", "invalid_type"))
+
+    def _visit(self, value: Any, path: str, depth: int) -> None:
+        if isinstance(value, str):
+            self._visit_string(value, path)
         elif isinstance(value, bool) or value is None:
-            size += 5
+            self.size += 5
         elif isinstance(value, int):
-            if not -_INT_BOUND <= value < _INT_BOUND:
-                found.append(Violation(path, "integer out of the 64-bit range", "invalid_type"))
-                continue
-            size += len(str(value))
+            self._visit_integer(value, path)
         elif isinstance(value, float):
-            if not math.isfinite(value):
-                found.append(Violation(path, "number is not finite", "invalid_type"))
-                continue
-            size += len(repr(value))
+            self._visit_float(value, path)
         elif isinstance(value, Mapping):
-            if depth > limits.max_depth:
-                raise _TooLarge(
-                    Violation(path, f"nested deeper than {limits.max_depth}", "too_large")
-                )
-            keys += len(value)
-            if keys > limits.max_keys:
-                raise _TooLarge(Violation(path, f"more than {limits.max_keys} keys", "too_large"))
-            size += 2 + len(value)
-            children: list[tuple[Any, str, int]] = []
-            for key, sub in value.items():
-                if not isinstance(key, str):
-                    found.append(Violation(path, f"key {key!r} is not a string", "invalid_type"))
-                    continue
-                if len(key) > limits.max_string_length:
-                    raise _TooLarge(Violation(path, "key too long", "too_large"))
-                size += len(key.encode("utf-8", "replace")) + 3
-                child = json_path(path, key)
-                if depth == 1 and key in reserved:
-                    found.append(Violation(child, f"{key!r} is a reserved name", "reserved_name"))
-                elif not is_plain_key(key):
-                    found.append(
-                        Violation(
-                            child,
-                            "keys must be plain identifiers ([A-Za-z_][A-Za-z0-9_]*, "
-                            "not a YAML boolean or null word)",
-                            "invalid_key",
-                        )
-                    )
-                children.append((sub, child, depth + 1))
-            stack.extend(reversed(children))
+            self._visit_mapping(value, path, depth)
         elif isinstance(value, list | tuple):
-            if depth > limits.max_depth:
-                raise _TooLarge(
-                    Violation(path, f"nested deeper than {limits.max_depth}", "too_large")
-                )
-            items += len(value)
-            if items > limits.max_items:
-                raise _TooLarge(
-                    Violation(path, f"more than {limits.max_items} array items", "too_large")
-                )
-            size += 2 + len(value)
-            stack.extend(
-                (sub, json_path(path, i), depth + 1) for i, sub in reversed(list(enumerate(value)))
-            )
+            self._visit_sequence(value, path, depth)
         else:
-            found.append(
+            self.found.append(
                 Violation(path, f"{type(value).__name__} is not a JSON value", "invalid_type")
             )
-        if size > limits.max_total_bytes:
+
+    def _visit_string(self, value: str, path: str) -> None:
+        if len(value) > self.limits.max_string_length:
             raise _TooLarge(
                 Violation(
-                    path, f"variables larger than {limits.max_total_bytes} bytes", "too_large"
+                    path,
+                    f"string longer than {self.limits.max_string_length} characters",
+                    "too_large",
                 )
             )
+        try:
+            self.size += len(value.encode("utf-8")) + 2
+        except UnicodeEncodeError:
+            self.found.append(Violation(path, "string is not valid Unicode", "invalid_type"))
+
+    def _visit_integer(self, value: int, path: str) -> None:
+        if not -_INT_BOUND <= value < _INT_BOUND:
+            self.found.append(Violation(path, "integer out of the 64-bit range", "invalid_type"))
+            return
+        self.size += len(str(value))
+
+    def _visit_float(self, value: float, path: str) -> None:
+        if not math.isfinite(value):
+            self.found.append(Violation(path, "number is not finite", "invalid_type"))
+            return
+        self.size += len(repr(value))
+
+    def _check_depth(self, path: str, depth: int) -> None:
+        if depth > self.limits.max_depth:
+            raise _TooLarge(
+                Violation(path, f"nested deeper than {self.limits.max_depth}", "too_large")
+            )
+
+    def _visit_mapping(self, value: Mapping[Any, Any], path: str, depth: int) -> None:
+        self._check_depth(path, depth)
+        self.keys += len(value)
+        if self.keys > self.limits.max_keys:
+            raise _TooLarge(Violation(path, f"more than {self.limits.max_keys} keys", "too_large"))
+        self.size += 2 + len(value)
+        children: list[tuple[Any, str, int]] = []
+        for key, sub in value.items():
+            child = self._visit_key(key, path, depth)
+            if child is not None:
+                children.append((sub, child, depth + 1))
+        self.stack.extend(reversed(children))
+
+    def _visit_key(self, key: Any, path: str, depth: int) -> str | None:
+        """The child's path, or None when the key is not a string (its value is skipped)."""
+        if not isinstance(key, str):
+            self.found.append(Violation(path, f"key {key!r} is not a string", "invalid_type"))
+            return None
+        if len(key) > self.limits.max_string_length:
+            raise _TooLarge(Violation(path, "key too long", "too_large"))
+        self.size += len(key.encode("utf-8", "replace")) + 3
+        child = json_path(path, key)
+        if depth == 1 and key in self.reserved:
+            self.found.append(Violation(child, f"{key!r} is a reserved name", "reserved_name"))
+        elif not is_plain_key(key):
+            self.found.append(
+                Violation(
+                    child,
+                    "keys must be plain identifiers ([A-Za-z_][A-Za-z0-9_]*, "
+                    "not a YAML boolean or null word)",
+                    "invalid_key",
+                )
+            )
+        return child
+
+    def _visit_sequence(self, value: list[Any] | tuple[Any, ...], path: str, depth: int) -> None:
+        self._check_depth(path, depth)
+        self.items += len(value)
+        if self.items > self.limits.max_items:
+            raise _TooLarge(
+                Violation(path, f"more than {self.limits.max_items} array items", "too_large")
+            )
+        self.size += 2 + len(value)
+        self.stack.extend(
+            (sub, json_path(path, i), depth + 1) for i, sub in reversed(list(enumerate(value)))
+        )
 
 
 def schema_validator(

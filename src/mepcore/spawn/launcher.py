@@ -14,7 +14,8 @@ the user endpoint runs nothing of the user's before its start message, and the d
 sends that only after ``launch`` returns.
 
 The stop ladder asks over the channel (a callable supplied by the caller), then sends
-SIGTERM to the process group, then SIGKILL, each step with an injected grace period.
+SIGTERM to the process group, then SIGKILL, each step with an injected grace period. It
+is written once, as a coroutine; the blocking form runs it in a private event loop.
 Reaping kills what is left of the process's *session* (workers, stray children —
 ``start_new_session`` makes the user endpoint the leader of both its session and its
 group) while the leader is still an unreaped zombie, so the session id cannot have been
@@ -371,20 +372,10 @@ def stop_ladder_blocking(
     grace: float,
     kill_grace: float = 2.0,
 ) -> StopOutcome:
-    """The same ladder for callers without an event loop (tools, benchmarks)."""
-    step = "exited"
-    if not process.has_exited():
-        step = "asked"
-        exited = False
-        if ask is not None:
-            with contextlib.suppress(Exception):
-                ask()
-            exited = process.wait_exit(grace)
-        if not exited:
-            step = "terminated"
-            process.signal_group(signal.SIGTERM)
-            if not process.wait_exit(grace):
-                step = "killed"
-                process.signal_group(signal.SIGKILL)
-                process.wait_exit(kill_grace)
-    return StopOutcome(step, process.reap(deadline=kill_grace))
+    """The same ladder for callers without an event loop (tools, benchmarks).
+
+    It runs ``stop_ladder`` in a private event loop of its own, so the steps are written
+    once; it must therefore not be called from a thread whose event loop is running.
+    """
+    with asyncio.Runner(loop_factory=asyncio.new_event_loop) as runner:
+        return runner.run(stop_ladder(process, ask=ask, grace=grace, kill_grace=kill_grace))

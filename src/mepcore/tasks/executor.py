@@ -162,9 +162,6 @@ class Executor:
                 raise TaskError("task.payload_too_large", "too many registered functions")
             self._functions[function_id] = payload
 
-    def is_registered(self, function_id: str) -> bool:
-        return function_id in self._functions
-
     def submit(self, task: TaskEnvelope) -> Future[ResultEnvelope]:
         return self.submit_many((task,))[0]
 
