@@ -2,22 +2,58 @@
 
 Names are ``mept<random>`` so parallel runs and leftovers of a crashed run never
 collide with real users; ``remove_leftovers()`` clears accounts of earlier runs.
+Test runs on one machine change the account database one command at a time (an flock
+on ``LOCK``): useradd and userdel give up with "cannot lock /etc/passwd" when another
+one holds it, so a concurrent run would otherwise fail now and then. A command that
+still finds the database locked (by something else) is retried.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pwd
 import secrets
 import subprocess
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 PREFIX = "mept"
+# A password hash of a random password nobody knows: the accounts are usable (not
+# locked, as useradd's default "!" would make them, which mepd refuses) but no one can
+# log in with a password.
+UNKNOWN_PASSWORD_HASH = "$6$/eOpF59kf.UV4xjA$a8eaoo31TfZqZc8JX2Gi.K.7T8wEhZITiOTp0qLmyl98JWFtxtv8gBv9WRHwRqutQMfpKZmt2D.ZIQvL46QlJ/"
+
+
+LOCK = "/var/tmp/mep-test-accounts.lock"
+# useradd/userdel/groupadd/groupdel exit status: the database is locked by someone else.
+_DATABASE_BUSY = 10
+_ATTEMPTS = 20
+
+
+@contextmanager
+def _account_database() -> Iterator[None]:
+    with open(LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _command(argv: Sequence[str], *, check: bool) -> subprocess.CompletedProcess[str]:
+    pause = threading.Event()
+    for attempt in range(_ATTEMPTS):
+        with _account_database():
+            done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if done.returncode != _DATABASE_BUSY or attempt == _ATTEMPTS - 1:
+            break
+        pause.wait(0.5)  # someone outside the test runs holds the database
+    if check and done.returncode != 0:
+        raise subprocess.CalledProcessError(done.returncode, argv, done.stdout, done.stderr)
+    return done
 
 
 def _run(argv: Sequence[str]) -> None:
-    subprocess.run(argv, check=True, capture_output=True, text=True)
+    _command(argv, check=True)
 
 
 def create_group(name: str | None = None) -> str:
@@ -27,7 +63,7 @@ def create_group(name: str | None = None) -> str:
 
 
 def delete_group(name: str) -> None:
-    subprocess.run(["groupdel", name], capture_output=True, check=False)
+    _command(["groupdel", name], check=False)
 
 
 def create_account(
@@ -36,6 +72,7 @@ def create_account(
     """Create an account with a home directory and return its password entry."""
     name = name or f"{PREFIX}{secrets.token_hex(4)}"
     argv = ["useradd", "--create-home", "--shell", "/bin/sh", "--user-group"]
+    argv += ["--password", UNKNOWN_PASSWORD_HASH]
     if groups:
         argv += ["--groups", ",".join(groups)]
     _run([*argv, name])
@@ -47,7 +84,7 @@ def create_account(
 def delete_account(name: str) -> None:
     # Kill anything left running as the account first, so userdel does not refuse.
     subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True, check=False)
-    subprocess.run(["userdel", "--remove", "--force", name], capture_output=True, check=False)
+    _command(["userdel", "--remove", "--force", name], check=False)
 
 
 @contextmanager

@@ -15,6 +15,7 @@ endpoints), killed if it does not stop in time, and leftover processes are check
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import pwd
@@ -40,9 +41,23 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
+def _unknown_password_hash() -> str:
+    # A hash of a random password nobody keeps: the account is usable (mepd refuses
+    # locked accounts, and useradd's default "!" locks it) but cannot log in by password.
+    secret = base64.b64encode(os.urandom(24)).decode()
+    made = subprocess.run(
+        ["openssl", "passwd", "-6", "-stdin"],
+        input=secret,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return made.stdout.strip()
+
+
 def ensure_account(name: str) -> pwd.struct_passwd:
     try:
-        return pwd.getpwnam(name)
+        entry = pwd.getpwnam(name)
     except KeyError:
         subprocess.run(
             ["useradd", "--create-home", "--shell", "/bin/sh", "--user-group", name],
@@ -51,7 +66,14 @@ def ensure_account(name: str) -> pwd.struct_passwd:
             text=True,
         )
         say(f"   created the demo account {name}")
-        return pwd.getpwnam(name)
+        entry = pwd.getpwnam(name)
+    subprocess.run(
+        ["usermod", "--password", _unknown_password_hash(), name],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return entry
 
 
 def runtime_python() -> str:

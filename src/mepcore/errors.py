@@ -42,6 +42,10 @@ REASONS: Mapping[str, str] = MappingProxyType(
         "identity.account_daemon": "your identity maps to an account that may not be used",
         "identity.account_denied": "your identity maps to an account that may not be used",
         "identity.account_not_served": "your identity maps to an account that may not be used",
+        "identity.account_locked": "your identity maps to an account that may not be used",
+        "identity.account_expired": "your identity maps to an account that may not be used",
+        "identity.account_nologin": "your identity maps to an account that may not be used",
+        "identity.pam_refused": "your identity maps to an account that may not be used",
         # authorization
         "authz.denied": "the policy does not allow this request",
         "authz.allowed": "the policy allows this request",

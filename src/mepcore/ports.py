@@ -13,7 +13,9 @@ import pwd
 import time
 from typing import Protocol, runtime_checkable
 
-from mepcore.types import Account
+from mepcore.types import Account, ShadowEntry
+
+SHADOW_FILE = "/etc/shadow"
 
 
 @runtime_checkable
@@ -28,6 +30,15 @@ class AccountDatabase(Protocol):
 
 
 @runtime_checkable
+@runtime_checkable
+class ShadowDatabase(Protocol):
+    """Whether accounts are locked or expired (shadow(5)); None when not known."""
+
+    def by_name(self, name: str) -> ShadowEntry | None:
+        """The entry of ``name``, or None (no local entry, or not readable)."""
+        ...
+
+
 class Clock(Protocol):
     def now(self) -> float:
         """Wall-clock seconds since the epoch."""
@@ -52,6 +63,42 @@ class SystemAccountDatabase:
         except (KeyError, OverflowError, ValueError):
             return None
         return _account_from_pwd(entry)
+
+
+class SystemShadowDatabase:
+    """``/etc/shadow`` of this machine, read at every look-up (root only: an
+    unprivileged caller, or an account without a local entry — LDAP, SSSD — gets None;
+    PAM's account management covers those, see mepd's ``pam`` setting)."""
+
+    def __init__(self, path: str = SHADOW_FILE) -> None:
+        self._path = path
+
+    def by_name(self, name: str) -> ShadowEntry | None:
+        try:
+            with open(self._path, encoding="utf-8", errors="replace") as fh:
+                for line in fh:
+                    fields = line.rstrip("\n").split(":")
+                    if len(fields) >= 8 and fields[0] == name:
+                        return shadow_entry(fields)
+        except OSError:
+            return None
+        return None
+
+
+def shadow_entry(fields: list[str]) -> ShadowEntry:
+    """A shadow(5) line's fields as an entry; a malformed number counts as empty."""
+
+    def day(text: str) -> int | None:
+        return int(text) if text.strip().lstrip("-").isdigit() else None
+
+    return ShadowEntry(
+        name=fields[0],
+        locked=fields[1].startswith(("!", "*")),
+        last_change=day(fields[2]),
+        max_days=day(fields[4]),
+        inactive_days=day(fields[6]),
+        expires=day(fields[7]),
+    )
 
 
 def _account_from_pwd(entry: pwd.struct_passwd) -> Account:

@@ -165,3 +165,19 @@ class Account:
             "groups": list(self.group_names),
             "group_ids": list(self.group_ids),
         }
+
+
+@attrs.frozen
+class ShadowEntry:
+    """What the shadow database says about an account's usability (not its password).
+
+    Days count from 1970-01-01, as in shadow(5); None is an empty field. ``locked`` is
+    True when the password field starts with ``!`` or ``*`` (an administrator locked the
+    account, or it never had a password)."""
+
+    name: str
+    locked: bool
+    last_change: int | None = None
+    max_days: int | None = None
+    inactive_days: int | None = None
+    expires: int | None = None

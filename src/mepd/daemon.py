@@ -47,6 +47,7 @@ from mepd.delivery import Delivery
 from mepd.endpoints import RegistryEndpoints, UepAudit
 from mepd.inflight import InFlight
 from mepd.metrics import Metrics
+from mepd.pam import PamSessions
 from mepd.pipeline import Pipeline
 from mepd.registry import Registry, RegistryLimits
 from mepd.settings import Settings
@@ -198,6 +199,7 @@ class Daemon:
             on_lost=delivery.on_lost,
             on_exit=uep_audit.exited,
             in_flight=in_flight,
+            sessions=None if settings.pam is None else PamSessions(settings.pam.service),
         )
         endpoints = RegistryEndpoints(
             registry,

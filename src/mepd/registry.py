@@ -29,7 +29,7 @@ import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import structlog
@@ -59,6 +59,18 @@ from mepd.inflight import DispatchTask, InFlight, InFlightTask
 from mepd.spec import EndpointSpec
 
 log = structlog.get_logger("mepd.registry")
+
+class SessionHooks(Protocol):
+    """What happens around each user endpoint's process (PAM, in ``mepd.pam``)."""
+
+    async def open(self, account: Account) -> None:
+        """Before the launch; raising refuses the start."""
+        ...
+
+    async def close(self, account: Account) -> None:
+        """After the process has gone; must not raise."""
+        ...
+
 
 # (the task's in-flight record, the checked result header, the opaque result bytes)
 ResultCallback = Callable[[InFlightTask, dict[str, Any], bytes], None]
@@ -174,7 +186,9 @@ def error_from_frame(header: Mapping[str, Any]) -> MepError:
 
 @attrs.define(eq=False)
 class UserEndpointHandle:
-    """One user endpoint as the daemon sees it. Created and driven by ``Registry``."""
+    """One user endpoint as the daemon sees it. Created and driven by ``Registry``.
+
+    It is bound to the account (uid, gid, name, groups) it was started for."""
 
     id: str
     account: Account
@@ -186,6 +200,7 @@ class UserEndpointHandle:
     started_at: float | None = None
     idle_since: float | None = None
     exit_reason: str | None = None
+    session_open: bool = False
     _registry: Registry | None = None
     _sent_functions: set[str] = attrs.field(factory=set)
     _ready: asyncio.Future[Mapping[str, Any]] | None = None
@@ -395,6 +410,19 @@ class UserEndpointHandle:
         return self._stopper
 
     async def _stop(self, reason: str | None, grace: float) -> None:
+        try:
+            await self._stop_process(reason, grace)
+        finally:
+            await self.close_session()
+
+    async def close_session(self) -> None:
+        """Close the PAM session of this user endpoint, once, after its process."""
+        registry = self._registry
+        if self.session_open and registry is not None and registry.sessions is not None:
+            self.session_open = False
+            await registry.sessions.close(self.account)
+
+    async def _stop_process(self, reason: str | None, grace: float) -> None:
         if self.process is None:
             return
         channel = self.channel
@@ -440,6 +468,7 @@ class Registry:
     channel_limits: ChannelLimits = attrs.field(kw_only=True, factory=ChannelLimits)
     clock: Callable[[], float] = attrs.field(kw_only=True, default=time.time)
     in_flight: InFlight = attrs.field(kw_only=True, factory=InFlight)
+    sessions: SessionHooks | None = attrs.field(kw_only=True, default=None)
     _handles: dict[tuple[str, str], UserEndpointHandle] = attrs.field(init=False, factory=dict)
     _starting: dict[tuple[str, str], asyncio.Future[UserEndpointHandle]] = attrs.field(
         init=False, factory=dict
@@ -460,10 +489,16 @@ class Registry:
         key = (req.account.name, req.config_key)
         handle = self._handles.get(key)
         if handle is not None and handle.state == "ready":
-            return handle
+            if handle.account == req.account:
+                return handle
+            self._retire(handle)
         pending = self._starting.get(key)
         if pending is not None:
-            return await asyncio.shield(pending)
+            started = await asyncio.shield(pending)
+            if started.account == req.account:
+                return started
+            self._retire(started)
+            return await self.get_or_start(req)
         self._check_limits(req.account.name)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[UserEndpointHandle] = loop.create_future()
@@ -474,6 +509,19 @@ class Registry:
         self._start_tasks.add(task)
         task.add_done_callback(self._start_tasks.discard)
         return await asyncio.shield(future)
+
+    def _retire(self, handle: UserEndpointHandle) -> None:
+        """A user endpoint is bound to the (uid, gid, name, groups) it was started for:
+        when the account looked up now differs (``userdel``/``useradd`` reused the name,
+        the uid moved, groups changed), it is stopped and never used again."""
+        log.warning(
+            "uep.account_changed",
+            uep=handle.id,
+            account=handle.account.name,
+            started_uid=handle.account.uid,
+        )
+        self._leave(handle, "stopping")
+        handle.ensure_stopped("the account changed", self.limits.stop_grace)
 
     def _check_limits(self, account: str) -> None:
         live = list(self._handles.values())
@@ -551,6 +599,9 @@ class Registry:
             self._subreaper = become_subreaper()
             self._watch_adopted(loop)
         plan = plan_spawn(req.account, self.spawn_settings, req.environment)
+        if self.sessions is not None:
+            await self.sessions.open(req.account)
+            handle.session_open = True
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             handle.process = launch(plan, theirs.fileno())
@@ -584,6 +635,8 @@ class Registry:
             if handle.channel is not None:
                 handle.channel.close()
             await handle.ensure_stopped(None, self.limits.stop_grace)
+        else:
+            await handle.close_session()
         log.warning(
             "uep.start_failed",
             account=req.account.name,

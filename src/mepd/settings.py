@@ -140,6 +140,15 @@ SETTINGS_SCHEMA: dict[str, Any] = {
         "log_level": {"enum": ["debug", "info", "warning", "error"]},
         "min_uid": {"type": "integer", "minimum": 1},
         "deny_accounts": {"type": "array", "items": {"type": "string", "minLength": 1}},
+        "allow_nologin_shell": {"type": "boolean"},
+        "pam": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "enable": {"type": "boolean"},
+                "service": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"},
+            },
+        },
         "python": _PATH,
         "durability": {"enum": ["normal", "full"]},
         "spawn": {
@@ -421,6 +430,20 @@ class EndpointSettings:
 
 
 @attrs.frozen
+class PamSettings:
+    """PAM account management and sessions for user endpoints (``pam:`` in settings)."""
+
+    service: str = "mep"
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> PamSettings | None:
+        """None unless ``enable: true``."""
+        if not data.get("enable", False):
+            return None
+        return cls(service=data.get("service", "mep"))
+
+
+@attrs.frozen
 class Settings:
     state_dir: Path
     endpoints: tuple[EndpointSettings, ...]
@@ -433,6 +456,8 @@ class Settings:
     log_level: str = "info"
     min_uid: int = 1000
     deny_accounts: tuple[str, ...] = ()
+    allow_nologin_shell: bool = False
+    pam: PamSettings | None = None
     python: str = sys.executable
     durability: str = "normal"
     spawn: Mapping[str, Any] = attrs.field(factory=dict)
@@ -482,6 +507,8 @@ class Settings:
             log_level=data.get("log_level", "info"),
             min_uid=data.get("min_uid", 1000),
             deny_accounts=tuple(data.get("deny_accounts") or ()),
+            allow_nologin_shell=data.get("allow_nologin_shell", False),
+            pam=PamSettings.from_mapping(data.get("pam") or {}),
             python=str(_resolve(base_dir, data["python"])) if "python" in data else sys.executable,
             durability=data.get("durability", "normal"),
             spawn=dict(data.get("spawn") or {}),

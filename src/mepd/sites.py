@@ -24,15 +24,18 @@ import attrs
 from mepcore.authz import Authorizer, AuthzRequest, PolicyLine
 from mepcore.config import SiteFiles, VariableLimits, config_key, validate_variables
 from mepcore.identity import AccountPolicy, IdentityMapper, check_account
-from mepcore.ports import AccountDatabase, SystemAccountDatabase
+from mepcore.ports import (
+    AccountDatabase,
+    ShadowDatabase,
+    SystemAccountDatabase,
+    SystemShadowDatabase,
+)
 from mepcore.types import Account
 from mepd.admission import DecisionView
 from mepd.auth import Caller
 from mepd.settings import EndpointSettings, Settings
 
 VALIDATED_CACHE_ENTRIES = 1024
-ACCOUNT_CACHE_SECONDS = 2.0
-ACCOUNT_CACHE_ENTRIES = 4096
 
 
 @attrs.define(eq=False)
@@ -48,6 +51,7 @@ class LoadedSite:
     files: SiteFiles
     accounts: AccountDatabase
     account_policy: AccountPolicy
+    shadow: ShadowDatabase | None = None
     variable_limits: VariableLimits = attrs.field(factory=VariableLimits)
     _validated: dict[str, dict[str, Any]] = attrs.field(factory=dict, init=False)
 
@@ -72,7 +76,11 @@ class LoadedSite:
         return self.mapper.map(caller.identities).username
 
     def check_account(self, name: str) -> Account:
-        return check_account(name, self.accounts, self.account_policy)
+        """Looked up anew at every use (no cache: a changed uid is seen at once)."""
+        today = int(time.time() // 86400)
+        return check_account(
+            name, self.accounts, self.account_policy, shadow=self.shadow, today=today
+        )
 
     def decide(
         self, obj: str, action: str, principals: Sequence[str], caller: Caller, account: Account
@@ -111,31 +119,6 @@ class LoadedSite:
         return config_key(account.name, self.files.template_digest, variables)
 
 
-@attrs.define
-class CachedAccounts:
-    """The password database with a short memory (an NSS look-up with all groups costs
-    ~0.2 ms). A changed or removed account is seen after at most ``ttl`` seconds; the
-    account policy (uid 0, min_uid, deny list, the daemon's uid) is applied every time."""
-
-    inner: AccountDatabase
-    ttl: float = ACCOUNT_CACHE_SECONDS
-    _by_name: dict[str, tuple[float, Account | None]] = attrs.field(factory=dict)
-
-    def by_name(self, name: str) -> Account | None:
-        now = time.monotonic()
-        hit = self._by_name.get(name)
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        account = self.inner.by_name(name)
-        if len(self._by_name) >= ACCOUNT_CACHE_ENTRIES:
-            self._by_name.clear()
-        self._by_name[name] = (now + self.ttl, account)
-        return account
-
-    def by_uid(self, uid: int) -> Account | None:
-        return self.inner.by_uid(uid)
-
-
 def account_policy(settings: Settings, euid: int) -> AccountPolicy:
     """The account checks of a daemon running as ``euid``.
 
@@ -148,6 +131,7 @@ def account_policy(settings: Settings, euid: int) -> AccountPolicy:
         daemon_uid=euid if euid == 0 else None,
         deny=frozenset(settings.deny_accounts),
         only_uid=None if euid == 0 else euid,
+        allow_nologin_shell=settings.allow_nologin_shell,
     )
 
 
@@ -198,7 +182,9 @@ def load_sites(settings: Settings, previous: Mapping[str, LoadedSite] | None = N
     """Load every endpoint's files. With ``previous`` (a reload), a part that fails keeps
     its previous version; without it (a start), an endpoint with a failed part is left
     out and the problem reported."""
-    accounts = CachedAccounts(SystemAccountDatabase())
+    accounts = SystemAccountDatabase()
+    # Unprivileged, /etc/shadow cannot be read: the check is skipped, not failed.
+    shadow = SystemShadowDatabase() if os.geteuid() == 0 else None
     policy = account_policy(settings, os.geteuid())
     problems: list[str] = []
     sites: dict[str, LoadedSite] = {}
@@ -207,7 +193,13 @@ def load_sites(settings: Settings, previous: Mapping[str, LoadedSite] | None = N
         parts = _load_parts(ep, old, problems)
         if len(parts) == len(_PARTS):
             sites[ep.name] = LoadedSite(
-                ep, parts["mapping"], parts["policy"], parts["template"], accounts, policy
+                ep,
+                parts["mapping"],
+                parts["policy"],
+                parts["template"],
+                accounts,
+                policy,
+                shadow,
             )
         elif old is not None:
             sites[ep.name] = old

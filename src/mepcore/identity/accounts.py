@@ -2,7 +2,8 @@
 
 ``check_account`` turns a mapped name into an ``Account`` or refuses it with its own
 reason code: not a portable POSIX name, on the deny list, absent, answered under
-another name, uid 0, the daemon's own uid, or a uid below ``min_uid``. The public
+another name, uid 0, the daemon's own uid, a uid below ``min_uid``, a ``nologin`` or
+``false`` shell, or (with a shadow database) locked or expired. The public
 messages of these refusals (``REASONS``) deliberately do not say which accounts exist;
 the detail, for administrators, does.
 
@@ -19,8 +20,8 @@ from collections.abc import Iterable
 import attrs
 
 from mepcore.errors import IdentityError
-from mepcore.ports import AccountDatabase
-from mepcore.types import Account
+from mepcore.ports import AccountDatabase, ShadowDatabase
+from mepcore.types import Account, ShadowEntry
 
 MAX_USERNAME_LENGTH = 32
 # The POSIX portable filename character set, not starting with a hyphen. Written out
@@ -54,12 +55,15 @@ class AccountPolicy:
     daemon's own account); ``deny`` names accounts that may never be used (``nobody``,
     service accounts above ``min_uid``…). ``only_uid``, when set, is the one uid that
     may be served: an unprivileged daemon can start processes only as itself.
+    ``allow_nologin_shell`` lets accounts whose shell is ``nologin``/``false`` be used
+    (service accounts that run jobs but never log in); they are refused by default.
     """
 
     min_uid: int = attrs.field(default=1000)
     daemon_uid: int | None = None
     deny: frozenset[str] = attrs.field(converter=_frozen_names, factory=frozenset)
     only_uid: int | None = None
+    allow_nologin_shell: bool = False
 
     @min_uid.validator
     def _min_uid_not_negative(self, _attr: object, value: int) -> None:
@@ -71,8 +75,19 @@ def _refuse(reason: str, name: str, why: str) -> IdentityError:
     return IdentityError(reason, f"account {name!r} refused: {why}", context={"username": name})
 
 
-def check_account(name: str, accounts: AccountDatabase, policy: AccountPolicy) -> Account:
-    """The account for ``name`` if it may be used; otherwise ``IdentityError``."""
+def check_account(
+    name: str,
+    accounts: AccountDatabase,
+    policy: AccountPolicy,
+    *,
+    shadow: ShadowDatabase | None = None,
+    today: int | None = None,
+) -> Account:
+    """The account for ``name`` if it may be used; otherwise ``IdentityError``.
+
+    With ``shadow`` (and ``today``, in days since 1970-01-01), a locked or expired
+    account is refused too; its shell is checked against ``nologin``/``false``
+    whatever the shadow database says."""
     if not is_portable_username(name):
         raise _refuse("identity.invalid_username", name, "not a portable POSIX user name")
     if name in policy.deny:
@@ -105,4 +120,40 @@ def check_account(name: str, accounts: AccountDatabase, policy: AccountPolicy) -
             f"this daemon runs unprivileged (uid {policy.only_uid}) "
             "and can only serve its own account",
         )
+    _check_usable(account, policy, shadow, today)
     return account
+
+
+NOLOGIN_SHELLS = frozenset({"nologin", "false"})
+
+
+def _check_usable(
+    account: Account, policy: AccountPolicy, shadow: ShadowDatabase | None, today: int | None
+) -> None:
+    name = account.name
+    shell = account.shell.rsplit("/", 1)[-1]
+    if shell in NOLOGIN_SHELLS and not policy.allow_nologin_shell:
+        raise _refuse("identity.account_nologin", name, f"its shell is {account.shell}")
+    entry = None if shadow is None else shadow.by_name(name)
+    if entry is None:
+        return
+    if entry.locked:
+        raise _refuse("identity.account_locked", name, "locked in the shadow database")
+    why = None if today is None else shadow_expiry(entry, today)
+    if why is not None:
+        raise _refuse("identity.account_expired", name, why)
+
+
+def shadow_expiry(entry: ShadowEntry, today: int) -> str | None:
+    """Why a shadow entry is expired on ``today`` (days since 1970-01-01), or None.
+
+    The account's own expiry date, and its password's (``last_change + max_days``):
+    a password that has expired cannot be changed by a function run, so the account
+    is not usable for one. ``last_change`` 0 (change at next login) is not expiry."""
+    if entry.expires is not None and entry.expires <= today:
+        return f"the account expired on day {entry.expires}"
+    if entry.last_change and entry.max_days is not None and entry.max_days >= 0:
+        ends = entry.last_change + entry.max_days
+        if ends < today:
+            return f"its password expired on day {ends}"
+    return None
