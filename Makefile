@@ -30,8 +30,18 @@ typecheck: $(STAMP)
 imports: $(STAMP)
 	$(VENV)/bin/lint-imports
 
+# Coverage includes the processes the tests start (mepd serve, user endpoints running as
+# other accounts from tests/runtime_venv.py): they write their data into a per-run
+# directory every account can write to (mode 1777, outside this possibly private
+# checkout), which pytest-cov combines and reports; the result is kept as ./.coverage.
 unit: $(STAMP)
-	$(VENV)/bin/pytest --cov --cov-report=term:skip-covered $(PYTEST_ARGS)
+	@data=$$(mktemp -d /tmp/mep-coverage-XXXXXX) && chmod 1777 "$$data" && \
+	trap 'rm -rf "$$data"' EXIT && \
+	status=0 && \
+	COVERAGE_FILE="$$data/.coverage" $(VENV)/bin/pytest --cov --cov-report=term:skip-covered \
+		$(PYTEST_ARGS) || status=$$?; \
+	cp "$$data/.coverage" .coverage 2>/dev/null || true; \
+	exit $$status
 
 test: lint typecheck imports unit
 

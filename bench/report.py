@@ -49,6 +49,7 @@ NOT_SCRIPTS = {"report.py", "common.py"}
 ORDER = [
     "identity.py",
     "authz.py",
+    "limits.py",
     "executor.py",
     "uep_start.py",
     "api.py",
@@ -60,6 +61,7 @@ ORDER = [
 TIMEOUTS = {
     "identity.py": 60,
     "authz.py": 120,
+    "limits.py": 45,
     "executor.py": 150,
     "uep_start.py": 90,
     "api.py": 120,

@@ -1,13 +1,18 @@
-"""Engines run tasks as the account the endpoint runs as (root only: a real account)."""
+"""Engines run tasks as the account the endpoint runs as (root only: a real account).
+
+The scripts run as that account with the world-readable runtime of tests/runtime_venv.py,
+never this checkout's interpreter or sources (they may be private to root).
+"""
 
 from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from typing import Any
 
 import pytest
+
+from tests.runtime_venv import runtime_python
 
 SCRIPT = """
 import json, os
@@ -33,7 +38,7 @@ print(json.dumps(out))
 def test_tasks_report_the_uid_of_the_account_running_the_executor(make_account: Any) -> None:
     account = make_account()
     done = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
+        [runtime_python(), "-I", "-c", SCRIPT],
         user=account.pw_uid,
         group=account.pw_gid,
         extra_groups=[],
@@ -105,7 +110,7 @@ print(json.dumps(out))
 def test_a_pool_that_cannot_fork_fails_tasks_clearly_and_recovers(make_account: Any) -> None:
     account = make_account()
     done = subprocess.run(
-        [sys.executable, "-c", RESPAWN_SCRIPT],
+        [runtime_python(), "-I", "-c", RESPAWN_SCRIPT],
         user=account.pw_uid,
         group=account.pw_gid,
         extra_groups=[],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 from mepcore.tasks import Executor, TaskEnvelope, pack_args, pack_function, unpack_result
 
@@ -27,18 +26,21 @@ def test_shutdown_joins_every_thread_when_no_task_is_stuck() -> None:
     assert _task_threads() == []
 
 
-# Module level, so dill sends the function by reference and it sees this very Event.
+# Module level, so dill sends the function by reference and it sees these very Events.
 RELEASE = threading.Event()
+RETURNED = threading.Event()
 
 
 def stuck() -> str:
-    RELEASE.wait(30)
+    RELEASE.wait(300)
+    RETURNED.set()
     return "released"
 
 
 def test_a_timed_out_task_keeps_its_thread_until_it_returns() -> None:
     release = RELEASE
     release.clear()
+    RETURNED.clear()
     executor = Executor.from_engine_config({"type": "ThreadPoolEngine", "max_workers": 1})
     fid, body = pack_function(stuck)
     quick_id, quick_body = pack_function(len)
@@ -46,11 +48,11 @@ def test_a_timed_out_task_keeps_its_thread_until_it_returns() -> None:
     try:
         executor.register_function(fid, body)
         executor.register_function(quick_id, quick_body)
-        began = time.monotonic()
         hung = executor.submit(TaskEnvelope("h", fid, pack_args((), {}), walltime=0.2))
         queued = executor.submit(TaskEnvelope("q", quick_id, pack_args(("abc",), {})))
-        assert hung.result(10).reason == "task.timeout"
-        assert time.monotonic() - began < 5
+        assert hung.result(60).reason == "task.timeout"
+        # Reported while the function still runs: the walltime did not wait for it.
+        assert not RETURNED.is_set()
         # The only thread is still held by the timed-out task: the next one waits.
         assert not queued.done()
         release.set()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import attrs
 import pytest
@@ -24,6 +27,7 @@ from mepcore.types import IdentitySet
 EXT = "external_identity_mapping#1.0.0"
 EXPR = "expression_identity_mapping#1.0.0"
 PY = "/usr/bin/python3"
+T = TypeVar("T")
 OUT = "identity_mapping_output#1.0.0"
 
 WHO = IdentitySet.from_json(
@@ -70,6 +74,35 @@ def process_gone(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return True
     return stat.rsplit(")", 1)[1].split()[0] in {"Z", "X"}
+
+
+def returns_within(call: Callable[[], T], deadline_s: float = 120.0) -> T:
+    """What ``call()`` returns or raises, run in a thread; a test failure if it has not
+    returned after ``deadline_s``. A deadline for a wait, not a speed limit: the programs
+    given to it would otherwise hang for a day."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, call()))
+        except BaseException as exc:  # handed to the test's thread as it is
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(deadline_s)
+    if not outcome:
+        pytest.fail(f"still waiting after {deadline_s:.0f} s")
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return cast(T, value)
+
+
+def kill_all(pids: Sequence[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def wait_until_gone(pids: Sequence[int], deadline_s: float = 5.0) -> bool:
@@ -234,19 +267,23 @@ def test_hanging_program_is_killed_with_its_process_group(tmp_path: Path) -> Non
     pids = tmp_path / "pids"
     body = (
         "import os, subprocess, sys\n"
-        "child = subprocess.Popen(['/bin/sleep', '300'])\n"
+        "child = subprocess.Popen(['/bin/sleep', '86400'])\n"
         f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{child.pid}}')\n"
         "sys.stdout.flush()\n"
         "import time\n"
-        "time.sleep(300)\n"
+        "time.sleep(86400)\n"
     )
-    started = time.monotonic()
-    error = mapping_error([external(PY, script(tmp_path, body))], timeout=1.0)
-    elapsed = time.monotonic() - started
-    assert error.reason == "identity.mapper_timeout"
-    assert elapsed < 30  # generous: the point is that it did not wait for sleep 300
-    leader, child = (int(p) for p in pids.read_text().split())
-    assert wait_until_gone([leader, child]), "a mapper process survived its timeout"
+    try:
+        # Returning at all shows the runner did not wait for the day-long sleeps.
+        error = returns_within(
+            lambda: mapping_error([external(PY, script(tmp_path, body))], timeout=1.0)
+        )
+        assert error.reason == "identity.mapper_timeout"
+        leader, child = (int(p) for p in pids.read_text().split())
+        assert wait_until_gone([leader, child]), "a mapper process survived its timeout"
+    finally:
+        if pids.exists():
+            kill_all([int(p) for p in pids.read_text().split()])
 
 
 def test_program_that_exits_leaves_no_helper_behind(tmp_path: Path) -> None:
@@ -264,15 +301,24 @@ def test_program_that_exits_leaves_no_helper_behind(tmp_path: Path) -> None:
 
 
 def test_helper_holding_stdout_open_does_not_hang_the_mapping(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
     body = (
         "import subprocess, sys\n"
         "sys.stdin.read()\n"
-        "subprocess.Popen(['/bin/sleep', '300'])\n"  # inherits stdout
+        "helper = subprocess.Popen(['/bin/sleep', '86400'])\n"  # inherits stdout
+        f"open({str(pids)!r}, 'w').write(str(helper.pid))\n"
         f'print(\'{{"DATA_TYPE": "{OUT}", "result": []}}\', flush=True)\n'
     )
-    started = time.monotonic()
-    assert map_with([external(PY, script(tmp_path, body))], timeout=20.0).username is None
-    assert time.monotonic() - started < 15  # it did not wait for the timeout
+    try:
+        # With a day-long timeout and helper, returning at all shows the runner stopped
+        # reading when the program exited, not when its stdout closed or time ran out.
+        mapping = returns_within(
+            lambda: map_with([external(PY, script(tmp_path, body))], timeout=86_400.0)
+        )
+        assert mapping.username is None
+    finally:
+        if pids.exists():
+            kill_all([int(pids.read_text())])
 
 
 def test_megabytes_of_output_are_capped(tmp_path: Path) -> None:

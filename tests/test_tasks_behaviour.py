@@ -8,7 +8,6 @@ interpreter) can load them without importing this module.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from typing import Any
@@ -181,12 +180,12 @@ def test_unpicklable_result_is_a_serialization_failure(engine: tuple[str, Execut
 def test_hanging_past_walltime_times_out(engine: tuple[str, Executor]) -> None:
     name, executor = engine
     # The thread engine cannot stop the sleeping thread: keep its sleep short.
+    # Without the walltime the thread's sleep ends in success ("woke up") and the process
+    # engine's outlasts run()'s deadline: either way the assertions below fail.
     seconds = 2.0 if name == "thread" else 600.0
-    began = time.monotonic()
     result = run(executor, task("hang", seconds, walltime=0.5))
     assert result.reason == "task.timeout"
     assert "walltime" in result.error.message  # type: ignore[union-attr]
-    assert time.monotonic() - began < 0.5 + 10
     assert unpack_result(run(executor, task("add", 1, 2))) == 3
 
 
