@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 from mepcore.tasks import Executor, TaskEnvelope, pack_args, pack_function, unpack_result
 
@@ -37,7 +38,7 @@ def stuck() -> str:
     return "released"
 
 
-def test_a_timed_out_task_keeps_its_thread_until_it_returns() -> None:
+def test_a_timed_out_task_gives_up_its_slot_and_its_thread_ends_when_it_returns() -> None:
     release = RELEASE
     release.clear()
     RETURNED.clear()
@@ -53,10 +54,18 @@ def test_a_timed_out_task_keeps_its_thread_until_it_returns() -> None:
         assert hung.result(60).reason == "task.timeout"
         # Reported while the function still runs: the walltime did not wait for it.
         assert not RETURNED.is_set()
-        # The only thread is still held by the timed-out task: the next one waits.
-        assert not queued.done()
-        release.set()
+        # The timed-out task's thread was abandoned and a new worker took the one slot:
+        # the next task runs while the stuck function is still running.
         assert unpack_result(queued.result(10)) == 3
+        assert not RETURNED.is_set()
+        engine = executor.engine
+        assert engine.abandoned_threads == 1
+        release.set()
+        assert RETURNED.wait(10)
+        deadline = time.monotonic() + 10
+        while engine.abandoned_threads and time.monotonic() < deadline:
+            time.sleep(0.01)  # polling interval of a deadline loop
+        assert engine.abandoned_threads == 0  # it ended once its function returned
     finally:
         release.set()
         executor.shutdown()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import heapq
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Protocol
 
@@ -128,9 +128,15 @@ class Watchdog:
     The thread starts on the first ``arm`` (never in a constructor) and ends at ``stop``.
     """
 
-    def __init__(self, name: str, explanation: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        explanation: str,
+        on_expired: Callable[[Job], None] | None = None,
+    ) -> None:
         self._name = name
         self._explanation = explanation
+        self._on_expired = on_expired
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._deadlines: list[tuple[float, int, Job]] = []
@@ -179,3 +185,5 @@ class Watchdog:
                     f"the task ran longer than its walltime of {job.walltime:g} s; "
                     + self._explanation,
                 )
+                if self._on_expired is not None:
+                    self._on_expired(job)
