@@ -593,3 +593,45 @@ def test_orphans_of_a_user_endpoint_are_reaped_not_left_as_zombies(
 
     assert run(scenario) == []
     assert processes_of(account.uid) == []
+
+
+def test_caps_hold_under_concurrent_starts_of_distinct_configs(
+    settings: SpawnSettings, make_account: Any
+) -> None:
+    """Many distinct configs started at once, with several starts allowed in parallel:
+    the per-account and total caps count starts in progress, so the registry never
+    holds more user endpoints than they allow."""
+    alice, bob = account_of(make_account()), account_of(make_account())
+    rec = Recorder()
+
+    async def scenario() -> tuple[list[str], int, int]:
+        registry = make_registry(
+            settings, rec, max_per_account=2, max_total=3, max_concurrent_starts=8
+        )
+        most = 0
+
+        def count() -> None:
+            nonlocal most
+            live = [s for s in registry.status() if s.state in ("starting", "ready")]
+            most = max(most, len(live))
+
+        try:
+            starts = [request(alice, f"a{i}") for i in range(5)]
+            starts += [request(bob, f"b{i}") for i in range(5)]
+            outcomes = await asyncio.gather(
+                *(registry.get_or_start(r) for r in starts), return_exceptions=True
+            )
+            count()
+            refused = [o.reason for o in outcomes if isinstance(o, SpawnError)]
+            per_account = max(
+                sum(1 for s in registry.status() if s.account == who.name) for who in (alice, bob)
+            )
+            return refused, per_account, most
+        finally:
+            await registry.shutdown()
+
+    refused, per_account, most = run(scenario)
+    assert len(refused) == 7 and set(refused) == {"spawn.too_many_endpoints"}
+    assert per_account <= 2
+    assert most <= 3
+    assert processes_of(alice.uid) == [] and processes_of(bob.uid) == []

@@ -524,18 +524,20 @@ class Registry:
         handle.ensure_stopped("the account changed", self.limits.stop_grace)
 
     def _check_limits(self, account: str) -> None:
-        live = list(self._handles.values())
-        mine = sum(1 for h in live if h.account.name == account)
+        # A start in progress counts as an endpoint: its key is in ``_starting`` before
+        # its handle reaches ``_handles``, and concurrent requests must not both pass.
+        keys = set(self._handles) | set(self._starting)
+        mine = sum(1 for name, _ in keys if name == account)
         limits = self.limits
         if mine >= limits.max_per_account:
             raise SpawnError(
                 "spawn.too_many_endpoints",
                 f"{account} already has {mine} user endpoints (limit {limits.max_per_account})",
             )
-        if len(live) + len(self._leaving) >= limits.max_total:
+        if len(keys) + len(self._leaving) >= limits.max_total:
             raise SpawnError(
                 "spawn.too_many_endpoints",
-                f"{len(live)} user endpoints running (limit {limits.max_total})",
+                f"{len(keys)} user endpoints running or starting (limit {limits.max_total})",
             )
         if len(self._starting) >= limits.max_concurrent_starts:
             raise SpawnError(
