@@ -343,6 +343,7 @@ def start_daemon(
     deadline: float = 60.0,
     log_name: str = "mepd.log",
     ca: Path | None = None,
+    extra_args: Sequence[str] = (),
 ) -> RunningDaemon:
     """Start ``mepd serve`` and wait until /healthz answers (or fail with its log)."""
     port_file = state_dir / "port"
@@ -352,7 +353,7 @@ def start_daemon(
     err = stderr_path.open("ab")
     env = {k: v for k, v in os.environ.items() if k != "MEP_TOKEN"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "mepd", "serve", "--config", str(config)],
+        [sys.executable, "-m", "mepd", "serve", "--config", str(config), *extra_args],
         stdout=err,
         stderr=err,
         env=env,

@@ -2,8 +2,10 @@
 
 Every error carries a stable dotted ``reason`` code (``identity.no_mapping``,
 ``authz.denied``…), a ``public_message`` that is safe to show a remote caller, and an
-admin-only ``detail``. Errors that report several problems at once (schema violations)
-carry them as ``violations``, each with a JSON path.
+admin-only ``detail``. A few codes are for administrators only (``ADMIN_ONLY_REASONS``:
+why an account was refused); such an error keeps its code as ``admin_reason`` and
+shows callers the public code it stands for. Errors that report several problems at
+once (schema violations) carry them as ``violations``, each with a JSON path.
 
 The catalogue ``REASONS`` lists every reason code the project emits with its default
 public message; docs and tests are checked against it. This module deliberately does
@@ -34,6 +36,11 @@ REASONS: Mapping[str, str] = MappingProxyType(
         "identity.mapper_timeout": "identity mapping failed",
         "identity.mapper_output_invalid": "identity mapping failed",
         "identity.mapper_output_too_large": "identity mapping failed",
+        "identity.ambiguous_mapping": (
+            "your linked identities map to different local accounts; ask the administrator"
+        ),
+        # The one code a caller sees for every refused account (ADMIN_ONLY_REASONS).
+        "identity.account_refused": "your identity maps to an account that may not be used",
         "identity.invalid_username": "your identity maps to an account that may not be used",
         "identity.account_missing": "your identity maps to an account that may not be used",
         "identity.account_name_mismatch": "your identity maps to an account that may not be used",
@@ -99,6 +106,7 @@ REASONS: Mapping[str, str] = MappingProxyType(
         "task.cancelled": "the task was cancelled",
         "task.not_found": "no such task",
         "task.engine_failed": "the execution engine failed",
+        "task.record_damaged": "the stored record of this task is damaged",
         # daemon: authentication, API, limits, settings
         "auth.missing_token": "authentication required",
         "auth.invalid_token": "the token is not valid",
@@ -112,14 +120,43 @@ REASONS: Mapping[str, str] = MappingProxyType(
         "api.unavailable": "the service is unavailable",
         "api.endpoint_unknown": "no such endpoint",
         "settings.invalid": "the daemon settings are invalid",
+        # rule 8: a file root would read, load or execute that it cannot trust
+        "settings.untrusted_file": "the daemon refuses a file it cannot trust",
         "api.task_started": "the task has already started and cannot be cancelled",
         "api.shutting_down": "the service is shutting down; try again later",
         "audit.unavailable": "the service cannot record this request and refuses it",
+        "store.unavailable": "the service cannot store this request right now; try again later",
+        "store.invalid": "the service's task store cannot be used",
         # client (mepcore.client): failures seen by the caller's side
         "client.unavailable": "the service could not be reached",
         "client.protocol_error": "the service sent an answer the client does not understand",
         "client.unknown_reason": "the service refused the request",
     }
+)
+
+# Codes that say *why* an account was refused, mapped to the one code a caller sees.
+# Told apart, they would let a caller probe which accounts exist, which are locked or
+# below ``min_uid``; so the error keeps the specific code as ``admin_reason`` (admin
+# log, audit record, ``mepd map``) and shows callers only ``reason``. Decided when the
+# error is made, so no code path that forwards ``reason`` can leak the specific one.
+ADMIN_ONLY_REASONS: Mapping[str, str] = MappingProxyType(
+    dict.fromkeys(
+        (
+            "identity.invalid_username",
+            "identity.account_missing",
+            "identity.account_name_mismatch",
+            "identity.account_root",
+            "identity.account_uid_too_low",
+            "identity.account_daemon",
+            "identity.account_denied",
+            "identity.account_not_served",
+            "identity.account_locked",
+            "identity.account_expired",
+            "identity.account_nologin",
+            "identity.pam_refused",
+        ),
+        "identity.account_refused",
+    )
 )
 
 
@@ -140,6 +177,11 @@ class MepError(Exception):
 
     ``reason`` must be a code from ``REASONS``; ``public_message`` defaults to the
     catalogue's message; ``detail`` is for administrators only (logs, CLI output).
+
+    ``admin_reason`` is the code as raised; ``reason`` is what a caller may see: the
+    same code, except that an ``ADMIN_ONLY_REASONS`` code becomes its public code (and
+    its public message is always the catalogue's). Logs and audit records use
+    ``admin_reason``; answers to callers use ``reason`` (``to_public``).
     """
 
     default_reason: ClassVar[str] = "mep.internal"
@@ -153,17 +195,20 @@ class MepError(Exception):
         violations: Iterable[Violation] = (),
         context: Mapping[str, Any] | None = None,
     ) -> None:
-        self.reason = reason or self.default_reason
-        if self.reason not in REASONS:
-            raise ValueError(f"unknown reason code {self.reason!r}")
+        self.admin_reason = reason or self.default_reason
+        if self.admin_reason not in REASONS:
+            raise ValueError(f"unknown reason code {self.admin_reason!r}")
+        self.reason = ADMIN_ONLY_REASONS.get(self.admin_reason, self.admin_reason)
+        if self.reason != self.admin_reason:
+            public_message = None
         self.public_message = public_message or REASONS[self.reason]
         self.detail = detail
         self.violations: tuple[Violation, ...] = tuple(violations)
         self.context: Mapping[str, Any] = MappingProxyType(dict(context or {}))
-        super().__init__(self.reason, detail or self.public_message)
+        super().__init__(self.admin_reason, detail or self.public_message)
 
     def __str__(self) -> str:
-        text = f"{self.reason}: {self.detail or self.public_message}"
+        text = f"{self.admin_reason}: {self.detail or self.public_message}"
         if self.violations:
             text += "".join(f"\n  {v.path}: {v.message}" for v in self.violations)
         return text
@@ -232,3 +277,10 @@ class AuthError(MepError):
 
 class ApiError(MepError):
     default_reason = "api.bad_request"
+
+
+class StoreError(MepError):
+    """The task store cannot be used: ``store.invalid`` at start (empty, foreign or
+    unreadable file), ``store.unavailable`` when a write fails (disk full, I/O error)."""
+
+    default_reason = "store.unavailable"

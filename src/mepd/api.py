@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from mepcore.errors import REASONS, MepError
+from mepcore.errors import ADMIN_ONLY_REASONS, REASONS, MepError
 from mepd import __version__
 from mepd.auth import Caller
 from mepd.metrics import Metrics
@@ -78,6 +78,8 @@ _EXACT_STATUS = {
     "api.shutting_down": 503,
     "api.task_started": 409,
     "audit.unavailable": 503,
+    "store.unavailable": 503,
+    "store.invalid": 500,
     "settings.invalid": 500,
     "mep.internal": 500,
 }
@@ -96,6 +98,7 @@ RETRY_AFTER_SECONDS = {
     "spawn.too_many_endpoints": 30,
     "api.shutting_down": 10,
     "audit.unavailable": 30,
+    "store.unavailable": 5,
     "auth.issuer_unavailable": 5,
 }
 
@@ -199,10 +202,11 @@ def _instrumented(name: str, fn: Callable[[Request], Awaitable[Any]], metrics: M
 
 def _log_refusal(route: str, exc: MepError) -> None:
     # A 5xx is the daemon's fault and worth an error; a 4xx is the caller's and is not.
+    # The admin log gets the specific code (``admin_reason``), the caller the public one.
     if status_for(exc.reason) >= 500:
-        log.error("api.request_failed", route=route, reason=exc.reason, detail=exc.detail)
+        log.error("api.request_failed", route=route, reason=exc.admin_reason, detail=exc.detail)
     else:
-        log.info("api.request_refused", route=route, reason=exc.reason, detail=exc.detail)
+        log.info("api.request_refused", route=route, reason=exc.admin_reason, detail=exc.detail)
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:
@@ -285,6 +289,8 @@ class _Handlers:
             return JSONResponse({"status": "draining"}, status_code=503)
         if not self.pipeline.audit.available:
             return JSONResponse({"status": "audit_unavailable"}, status_code=503)
+        if not self.pipeline.store.available:
+            return JSONResponse({"status": "store_unavailable"}, status_code=503)
         return {"status": "ok", "version": __version__}
 
     async def metrics_text(self, request: Request) -> Any:
@@ -388,7 +394,7 @@ def _error_schema() -> dict[str, Any]:
                 "type": "object",
                 "required": ["reason", "message"],
                 "properties": {
-                    "reason": {"enum": sorted(REASONS)},
+                    "reason": {"enum": sorted(set(REASONS) - set(ADMIN_ONLY_REASONS))},
                     "message": {"type": "string"},
                     "violations": {"type": "array", "items": violation},
                 },

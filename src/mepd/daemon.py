@@ -38,7 +38,7 @@ import attrs
 import structlog
 import uvicorn
 
-from mepcore.errors import MepError, SiteConfigError
+from mepcore.errors import MepError, SiteConfigError, StoreError
 from mepcore.spawn import SpawnSettings
 from mepd.api import create_app
 from mepd.audit import AuditLog, AuditUnavailable
@@ -53,6 +53,7 @@ from mepd.registry import Registry, RegistryLimits
 from mepd.settings import Settings
 from mepd.sites import LoadedSite, load_sites
 from mepd.store import Recovery, TaskStore
+from mepd.trust import check_settings
 
 log = structlog.get_logger("mepd.daemon")
 
@@ -122,6 +123,24 @@ def _server_config(settings: Settings, pipeline: Pipeline) -> uvicorn.Config:
     )
 
 
+def _open_store(path: Path, settings: Settings, audit: AuditLog, fresh: bool) -> TaskStore:
+    try:
+        store = TaskStore.open(path, durability=settings.durability)
+    except StoreError as exc:
+        if not fresh:
+            raise
+        log.warning("store.set_aside", path=str(path), detail=exc.detail)
+        audit.record("store.set_aside", path=str(path), detail=exc.detail)
+        store = TaskStore.open(path, durability=settings.durability, fresh=True)
+    if store.problems:
+        # Damaged pages: the daemon runs (damaged records fail one by one), loudly.
+        log.error("store.integrity_failed", path=str(path), problems=list(store.problems))
+        audit.record("store.integrity_failed", problems=list(store.problems))
+    else:
+        log.info("store.integrity_checked", path=str(path))
+    return store
+
+
 def _recover(store: TaskStore, audit: AuditLog) -> Recovery:
     """What a crash left: dispatched tasks are lost (audited), queued ones come back."""
     recovery = store.recover(time.time())
@@ -161,14 +180,22 @@ class Daemon:
     _reloads: int = 0
 
     @classmethod
-    def open(cls, settings: Settings) -> Daemon:
-        """Open the state, load the files, build every part; nothing is served yet."""
+    def open(cls, settings: Settings, *, fresh_store: bool = False) -> Daemon:
+        """Open the state, load the files, build every part; nothing is served yet.
+
+        A task store that cannot be used stops the start (``store.invalid``) unless
+        ``fresh_store``: then it is set aside and a new one begun. Before anything is
+        created or read, every file is checked (rule 8, ``mepd.trust``): one untrusted
+        file stops the start (``settings.untrusted_file``, every refusal listed)."""
+        trust = check_settings(settings)
+        if not trust.ok:
+            raise SiteConfigError("settings.untrusted_file", "; ".join(trust.lines()))
         state = settings.state_dir
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
         state.chmod(0o700)
         audit = AuditLog(settings.audit_path)
         audit.open()
-        store = TaskStore.open(state / STORE_FILE, durability=settings.durability)
+        store = _open_store(state / STORE_FILE, settings, audit, fresh_store)
         recovery = _recover(store, audit)
         authenticator = Authenticator(
             settings.issuers, state, settings.limits.introspection_cache_entries
@@ -347,23 +374,38 @@ class Daemon:
         log.info("daemon.reloaded", **result)
 
     def reload(self) -> dict[str, Any]:
-        """Load mapping, policy, templates and issuer keys again; failures keep the old."""
+        """Load mapping, policy, templates and issuer keys again; failures keep the old.
+
+        The file trust check comes first: an endpoint with an untrusted file keeps its
+        previous files (they are not read), untrusted issuer files keep the previous
+        keys, an untrusted audit log is not reopened; every refusal is reported."""
         self._reloads += 1
-        report = load_sites(self.settings, self.sites)
-        problems = list(report.problems)
-        try:
-            self.authenticator.load()
-        except MepError as exc:
-            problems.append(f"issuers: {exc}; the previous keys stay in force")
+        trust = check_settings(self.settings)
+        untrusted, kept = trust.areas(), trust.endpoints()
+        report = load_sites(trust.trusted_settings(self.settings), self.sites)
+        problems = [*trust.lines(), *report.problems]
+        sites = dict(report.sites)
+        for name in sorted(kept):
+            problems.append(f"endpoint {name}: untrusted file; the previous version stays")
+            if name in self.sites:
+                sites[name] = self.sites[name]
+        if "issuers" in untrusted:
+            problems.append("issuers: untrusted file; the previous keys stay in force")
+        else:
+            try:
+                self.authenticator.load()
+            except MepError as exc:
+                problems.append(f"issuers: {exc}; the previous keys stay in force")
         # In place: the pipeline and the registry's adapter look sites up in this dict.
         self.sites.clear()
-        self.sites.update(report.sites)
+        self.sites.update(sites)
         with contextlib.suppress(AuditUnavailable):
-            self.audit.reopen()
+            if "audit" not in untrusted:
+                self.audit.reopen()
             self.audit.record("daemon.reloaded", problems=problems)
         for problem in problems:
             log.error("daemon.reload_problem", problem=problem)
-        return {"ok": not problems, "problems": problems, "endpoints": sorted(report.sites)}
+        return {"ok": not problems, "problems": problems, "endpoints": sorted(sites)}
 
     # -- status -----------------------------------------------------------------------
 

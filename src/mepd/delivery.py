@@ -23,7 +23,7 @@ from typing import Any
 import attrs
 import structlog
 
-from mepcore.errors import REASONS, TaskError
+from mepcore.errors import REASONS, StoreError, TaskError
 from mepd.audit import AuditSink, AuditUnavailable
 from mepd.auth import Caller
 from mepd.inflight import InFlight, InFlightTask
@@ -31,6 +31,8 @@ from mepd.metrics import Metrics
 from mepd.store import Outcome, TaskRecord, TaskStore
 
 log = structlog.get_logger("mepd.delivery")
+
+STORE_RETRY_SECONDS = 1.0
 
 
 @attrs.define(eq=False)
@@ -107,14 +109,29 @@ class Delivery:
         self._flush_scheduled = False
         batch, self._outbox = self._outbox, []
         if batch:
-            self.finish(batch)
+            self._outbox[:0] = self._commit(batch)
+        if self._outbox and not self._flush_scheduled:
+            # Nothing is lost: outcomes the store refused wait here (their tasks already
+            # left the in-flight table) and are written when it accepts writes again.
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_later(STORE_RETRY_SECONDS, self.flush)
 
     # -- committing ---------------------------------------------------------------------
 
     def finish(self, items: Sequence[tuple[Outcome, InFlightTask | None]]) -> None:
-        """Commit outcomes; wake waiters; audit. Tasks handed over with their in-flight
-        record are open for sure; the others are checked row by row (a duplicate or a
-        late outcome never overwrites the first)."""
+        """Commit outcomes now; ``StoreError`` if the store cannot take them."""
+        left = self._commit(items)
+        if left:
+            self._outbox.extend(left)
+            raise StoreError("store.unavailable", "outcomes kept for a later write")
+
+    def _commit(
+        self, items: Sequence[tuple[Outcome, InFlightTask | None]]
+    ) -> list[tuple[Outcome, InFlightTask | None]]:
+        """Commit outcomes; wake waiters; audit. Returns what the store refused.
+
+        Tasks handed over with their in-flight record are open for sure; the others are
+        checked row by row (a duplicate or a late outcome never overwrites the first)."""
         now = time.time()
         known: list[tuple[Outcome, InFlightTask]] = []
         others: dict[str, Outcome] = {}
@@ -124,17 +141,27 @@ class Delivery:
                 others[outcome.task_id] = outcome
             else:
                 known.append((outcome, record))
-        self.store.finish([o for o, _ in known], now, known_open=True)
+        try:
+            self.store.finish([o for o, _ in known], now, known_open=True)
+        except StoreError as exc:
+            log.error("store.write_failed", detail=exc.detail, outcomes=len(items))
+            return [*known, *((o, None) for o in others.values())]
         finished = [(o, r.account, r.function_id) for o, r in known]
         for _, record in known:
             self.metrics.task_seconds.observe(now - record.since)
+        left: list[tuple[Outcome, InFlightTask | None]] = []
         if others:
-            changed = self.store.finish(list(others.values()), now)
+            try:
+                changed = self.store.finish(list(others.values()), now)
+            except StoreError as exc:
+                log.error("store.write_failed", detail=exc.detail, outcomes=len(others))
+                changed, left = [], [(o, None) for o in others.values()]
             for rec in self.store.get_many(changed):
                 finished.append((others[rec.task_id], rec.account, rec.function_id))
         self._announce(finished)
         if not self.in_flight and self._idle is not None:
             self._idle.set()
+        return left
 
     def _announce(self, finished: Sequence[tuple[Outcome, str, str]]) -> None:
         events = []

@@ -18,23 +18,38 @@ States: ``queued`` (accepted, not yet handed to a user endpoint — after a rest
 ``cancelled``. ``recover()`` turns what was dispatched when the daemon died into
 ``failed``/``task.endpoint_lost`` and returns what is still queued.
 
+The file tells the truth about itself: its schema version is ``PRAGMA user_version``
+(forward migrations in ``_MIGRATIONS``); an empty, foreign, newer or unreadable file is
+refused at open with ``store.invalid`` — the daemon does not start on it unless told to
+set it aside and begin a fresh store (``fresh=True``, ``mepd serve --fresh-store``); and
+``PRAGMA integrity_check`` runs at every open, its findings kept in ``problems``. A
+failed write (disk full, I/O error) raises ``store.unavailable`` and marks the store
+unavailable until a write succeeds again. A row that cannot be read back fails only
+itself: it is returned as a failed task with ``task.record_damaged``.
+
 Deliberately not here: HTTP, authorization, waking waiters (the pipeline does that).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 
+from mepcore.errors import StoreError
 from mepcore.types import Identity
 from mepd.spec import EndpointSpec
 
 FINAL_STATES = ("success", "failed", "cancelled")
+SCHEMA_VERSION = 1
+_TABLES = frozenset({"functions", "specs", "tasks"})
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS functions (
@@ -71,6 +86,10 @@ CREATE TABLE IF NOT EXISTS tasks (
 CREATE INDEX IF NOT EXISTS tasks_state ON tasks(state);
 CREATE INDEX IF NOT EXISTS tasks_finished ON tasks(finished) WHERE finished IS NOT NULL;
 """
+
+# Version n → n+1. Version 0 with mep's tables is a store written before versions were
+# recorded: its tables are version 1's, so the step only records the number.
+_MIGRATIONS: dict[int, str] = {0: ""}
 
 
 @attrs.frozen
@@ -136,7 +155,38 @@ _RECORD_COLUMNS = (
 )
 
 
+def _damaged(task_id: str, owner: str | None) -> TaskRecord:
+    return TaskRecord(
+        task_id=task_id,
+        owner=owner or "",
+        endpoint="",
+        account="",
+        spec_id="",
+        function_id="",
+        state="failed",
+        created=0.0,
+        finished=None,
+        error={"reason": "task.record_damaged"},
+        result=None,
+    )
+
+
 def _record(row: Sequence[Any]) -> TaskRecord:
+    """A row as a record; a row whose fields cannot be read is a damaged record."""
+    try:
+        return _decode(row)
+    except (ValueError, TypeError, KeyError, IndexError):
+        task_id = row[0] if row and isinstance(row[0], str) else ""
+        owner = row[1] if len(row) > 1 and isinstance(row[1], str) else None
+        return _damaged(task_id, owner)
+
+
+def _decode(row: Sequence[Any]) -> TaskRecord:
+    error = json.loads(row[9]) if row[9] else None
+    if error is not None and not isinstance(error, dict):
+        raise ValueError("error is not an object")
+    if row[6] not in (*FINAL_STATES, "queued", "dispatched"):
+        raise ValueError(f"unknown state {row[6]!r}")
     return TaskRecord(
         task_id=row[0],
         owner=row[1],
@@ -147,8 +197,8 @@ def _record(row: Sequence[Any]) -> TaskRecord:
         state=row[6],
         created=row[7],
         finished=row[8],
-        error=json.loads(row[9]) if row[9] else None,
-        result=row[10],
+        error=error,
+        result=None if row[10] is None else bytes(row[10]),
     )
 
 
@@ -158,17 +208,34 @@ class TaskStore:
 
     path: Path
     _db: sqlite3.Connection
+    problems: tuple[str, ...] = ()
+    available: bool = True
 
     @classmethod
-    def open(cls, path: Path, *, durability: str = "normal") -> TaskStore:
+    def open(cls, path: Path, *, durability: str = "normal", fresh: bool = False) -> TaskStore:
+        """Open (or create) the store at ``path``; ``StoreError("store.invalid")`` when the
+        file there is not a usable mep store. With ``fresh``, such a file is renamed to
+        ``<name>.<unix time>.bad`` (with its WAL) and a new store is created."""
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        path.chmod(0o600)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=" + ("FULL" if durability == "full" else "NORMAL"))
-        db.execute("PRAGMA foreign_keys=OFF")
-        db.executescript(_SCHEMA)
-        return cls(path, db)
+        if fresh and path.exists():
+            set_aside(path)
+        db: sqlite3.Connection | None = None
+        try:
+            db = _connect(path)
+            # Checked before anything is written: a refused file is left as it was.
+            _check_and_migrate(path, db)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=" + ("FULL" if durability == "full" else "NORMAL"))
+            problems = _integrity(db)
+        except sqlite3.DatabaseError as exc:
+            if db is not None:
+                db.close()
+            raise StoreError(
+                "store.invalid",
+                f"{path}: not a usable task store ({exc}); keep it for inspection and start "
+                "with --fresh-store to set it aside and begin a new one",
+            ) from exc
+        return cls(path, db, problems)
 
     def close(self) -> None:
         try:
@@ -182,10 +249,12 @@ class TaskStore:
         self, function_id: str, body: bytes, name: str | None, source: str | None, now: float
     ) -> bool:
         """Store a function; False when the same id was already there (idempotent)."""
-        cur = self._db.execute(
-            "INSERT OR IGNORE INTO functions(id, body, name, source, created) VALUES (?,?,?,?,?)",
-            (function_id, body, name, source, now),
-        )
+        with self._transaction():
+            cur = self._db.execute(
+                "INSERT OR IGNORE INTO functions(id, body, name, source, created)"
+                " VALUES (?,?,?,?,?)",
+                (function_id, body, name, source, now),
+            )
         return cur.rowcount == 1
 
     def get_function(self, function_id: str) -> bytes | None:
@@ -205,6 +274,10 @@ class TaskStore:
     # -- specs -----------------------------------------------------------------------
 
     def put_spec(self, spec: EndpointSpec, now: float) -> None:
+        with self._transaction():
+            self._put_spec(spec, now)
+
+    def _put_spec(self, spec: EndpointSpec, now: float) -> None:
         self._db.execute(
             "INSERT OR IGNORE INTO specs(id, endpoint, account, variables, user_runtime,"
             " identity, created) VALUES (?,?,?,?,?,?,?)",
@@ -300,11 +373,7 @@ class TaskStore:
             return changed
 
     def get(self, task_id: str) -> TaskRecord | None:
-        row = self._db.execute(
-            f"SELECT {_RECORD_COLUMNS} FROM tasks WHERE id=?",  # noqa: S608
-            (task_id,),
-        ).fetchone()
-        return None if row is None else _record(row)
+        return self._read_one(task_id)
 
     def get_many(self, task_ids: Sequence[str]) -> list[TaskRecord]:
         out: list[TaskRecord] = []
@@ -312,15 +381,31 @@ class TaskStore:
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            rows = self._db.execute(
-                f"SELECT {_RECORD_COLUMNS} FROM tasks WHERE id IN ({marks})",  # noqa: S608
-                chunk,
-            )
+            try:
+                rows = self._db.execute(
+                    f"SELECT {_RECORD_COLUMNS} FROM tasks WHERE id IN ({marks})",  # noqa: S608
+                    chunk,
+                ).fetchall()
+            except sqlite3.DatabaseError:
+                # A damaged page: read row by row, so only the damaged rows fail.
+                found = (self._read_one(t) for t in chunk)
+                out.extend(r for r in found if r is not None)
+                continue
             out.extend(_record(r) for r in rows)
         return out
 
     def recover(self, now: float) -> Recovery:
         """After a restart: what was dispatched is lost; what was queued is returned."""
+        try:
+            return self._recover(now)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(
+                "store.invalid",
+                f"{self.path}: cannot recover the tasks of the last run ({exc}); start with "
+                "--fresh-store to set the store aside and begin a new one",
+            ) from exc
+
+    def _recover(self, now: float) -> Recovery:
         error = json.dumps({"reason": "task.endpoint_lost"})
         with self._transaction():
             lost = [r[0] for r in self._db.execute("SELECT id FROM tasks WHERE state='dispatched'")]
@@ -356,18 +441,113 @@ class TaskStore:
         return cur.rowcount
 
     def _transaction(self) -> _Transaction:
-        return _Transaction(self._db)
+        return _Transaction(self)
+
+    def _write_failed(self, exc: sqlite3.Error) -> StoreError:
+        self.available = False
+        return StoreError("store.unavailable", f"{self.path}: write failed: {exc}")
+
+    def damaged_records(self) -> list[str]:
+        """Ids of the task rows that cannot be read back (``mepd check --store``)."""
+        damaged: list[str] = []
+        ids = [r[0] for r in self._db.execute("SELECT id FROM tasks")]
+        for task_id in ids:
+            record = self._read_one(task_id)
+            if record is not None and record.error == {"reason": "task.record_damaged"}:
+                damaged.append(task_id)
+        return damaged
+
+    def _read_one(self, task_id: str) -> TaskRecord | None:
+        try:
+            row = self._db.execute(
+                f"SELECT {_RECORD_COLUMNS} FROM tasks WHERE id=?",  # noqa: S608
+                (task_id,),
+            ).fetchone()
+        except sqlite3.DatabaseError:
+            return _damaged(task_id, self._owner_of(task_id))
+        return None if row is None else _record(row)
+
+    def _owner_of(self, task_id: str) -> str | None:
+        try:
+            row = self._db.execute("SELECT owner FROM tasks WHERE id=?", (task_id,)).fetchone()
+        except sqlite3.DatabaseError:
+            return None
+        return row[0] if row and isinstance(row[0], str) else None
 
 
 @attrs.define
 class _Transaction:
-    db: sqlite3.Connection
+    """One write transaction; a failure to write marks the store unavailable."""
+
+    store: TaskStore
 
     def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.store._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise self.store._write_failed(exc) from exc
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        db = self.store._db
         if exc_type is None:
-            self.db.execute("COMMIT")
-        else:
-            self.db.execute("ROLLBACK")
+            try:
+                db.execute("COMMIT")
+            except sqlite3.Error as failure:
+                _rollback(db)
+                raise self.store._write_failed(failure) from failure
+            self.store.available = True
+            return
+        _rollback(db)
+        if isinstance(exc, sqlite3.OperationalError):
+            raise self.store._write_failed(exc) from exc
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    # SQLite may already have ended the transaction on the error: nothing to roll back.
+    with contextlib.suppress(sqlite3.Error):
+        db.execute("ROLLBACK")
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    existed = path.exists()
+    if existed and path.stat().st_size == 0:
+        raise sqlite3.DatabaseError("the file is empty (0 bytes)")
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    if not existed:
+        path.chmod(0o600)
+    db.execute("PRAGMA foreign_keys=OFF")
+    return db
+
+
+def _check_and_migrate(path: Path, db: sqlite3.Connection) -> None:
+    version = int(db.execute("PRAGMA user_version").fetchone()[0])
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if version > SCHEMA_VERSION:
+        raise sqlite3.DatabaseError(
+            f"schema version {version} is newer than this mep's {SCHEMA_VERSION}"
+        )
+    if not tables:
+        db.executescript(_SCHEMA)
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        return
+    if not tables >= _TABLES:
+        raise sqlite3.DatabaseError(f"foreign database: tables {sorted(tables)}")
+    while version < SCHEMA_VERSION:
+        db.executescript(_MIGRATIONS[version])
+        version += 1
+        db.execute(f"PRAGMA user_version={version}")
+
+
+def _integrity(db: sqlite3.Connection) -> tuple[str, ...]:
+    rows = [str(r[0]) for r in db.execute("PRAGMA integrity_check(20)")]
+    return () if rows == ["ok"] else tuple(rows)
+
+
+def set_aside(path: Path, clock: Callable[[], float] = time.time) -> Path:
+    """Rename a store file (and its WAL and shared-memory files) out of the way."""
+    aside = path.with_name(f"{path.name}.{int(clock())}.bad")
+    for suffix in ("", "-wal", "-shm"):
+        source = path.with_name(path.name + suffix)
+        if source.exists():
+            os.replace(source, aside.with_name(aside.name + suffix))
+    return aside

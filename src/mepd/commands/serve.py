@@ -1,7 +1,8 @@
 """``mepd serve --config FILE``: run the daemon in the foreground (systemd runs it so).
 
 Exit status: 0 after a clean drain (SIGTERM), 2 when the settings or a file they point
-to cannot be loaded (one line per problem on stderr; ``mepd check`` lists them all).
+to cannot be loaded (one line per problem on stderr; ``mepd check`` lists them all), or
+when the task store cannot be used (``--fresh-store`` sets it aside and starts anew).
 """
 
 from __future__ import annotations
@@ -12,6 +13,12 @@ import sys
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, metavar="FILE", help="the settings YAML")
+    parser.add_argument(
+        "--fresh-store",
+        action="store_true",
+        help="if the task store cannot be used (empty, foreign, damaged beyond reading), "
+        "rename it to <name>.<time>.bad and start with a new, empty one",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     configure_logging(settings.log_level)
     try:
-        return Daemon.open(settings).run()
+        return Daemon.open(settings, fresh_store=args.fresh_store).run()
     except MepError as exc:
         sys.stderr.write(f"mepd serve: {exc}\n")
         return 2
