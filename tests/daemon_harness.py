@@ -439,7 +439,8 @@ def write_deployment(
                 "environment": "templates/user_environment.yaml",
                 "mapping": "mapping.json",
                 "policy_model": str(REPO / "policies" / "model.conf"),
-                "policy": "policy.csv",
+                # As the example: the shipped defaults, then the example's own lines.
+                "policy": [str(REPO / "policies" / "base.csv"), "policy.csv"],
                 **(endpoint_extra or {}),
             }
         ],

@@ -56,10 +56,8 @@ def test_broken_policy_keeps_the_old_one_and_a_fixed_one_takes_effect(
         assert status_code(client) == 200  # the old policy is still in force
         assert "the previous version stays in force" in daemon.stderr()
 
-        # The fixed policy no longer grants read_status: it takes effect.
-        policy.write_text(
-            "".join(line + "\n" for line in good.splitlines() if "read_status" not in line)
-        )
+        # The fixed policy denies read_status (base.csv grants it): it takes effect.
+        policy.write_text(good + "p, **, hpc, user:*, read_status, -, deny\n")
         daemon.process.send_signal(signal.SIGHUP)
         wait_for_reloads(daemon, 2)
         assert status_code(client) == 403

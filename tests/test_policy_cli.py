@@ -145,22 +145,29 @@ def test_explain_prints_the_decision_as_json() -> None:
     assert json.loads(result.stdout)["reason"] == "authz.allowed"
 
 
-def test_explain_uses_now_for_hours() -> None:
+def test_explain_uses_now_for_hours_and_merges_the_policy_files_in_order() -> None:
     request = json.dumps(
         {
             "endpoint": "hpc",
-            "obj": "template:cpu",
+            "obj": "template:default",
             "action": "start_endpoint",
-            "principals": ["domain:campus.edu"],
+            "principals": ["domain:campus.edu", "user:alice"],
+            "uid": 1001,
         }
     )
     args = [
         "policy",
         "explain",
         "--policy",
+        "policies/base.csv",
+        "--policy",
         "policies/examples/maintenance-window.csv",
         "--request",
         request,
     ]
-    assert mepd(*args, "--now", "2024-05-01T03:00:00Z").returncode == 1
-    assert mepd(*args, "--now", "2024-05-01T13:00:00Z").returncode == 0
+    night = mepd(*args, "--now", "2024-05-01T03:00:00Z")
+    assert night.returncode == 1
+    assert json.loads(night.stdout)["lines"][0]["source"].endswith("maintenance-window.csv")
+    day = mepd(*args, "--now", "2024-05-01T13:00:00Z")
+    assert day.returncode == 0
+    assert json.loads(day.stdout)["lines"][0]["source"].endswith("base.csv")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import yaml
 from mepcore.errors import SiteConfigError
 from mepd.settings import Settings
 from tests.daemon_harness import EXAMPLE, REPO
+from tests.trusted_dir import make_trusted, trusted_directory
 
 MINIMAL: dict[str, Any] = {
     "state_dir": "state",
@@ -26,6 +28,22 @@ MINIMAL: dict[str, Any] = {
         }
     ],
 }
+
+
+@pytest.fixture
+def trusted_tmp() -> Iterator[Path]:
+    """Like ``tmp_path``, where mepd's file-trust check accepts files (not under /tmp)."""
+    with trusted_directory("mept-settings-") as path:
+        yield path
+
+
+def absolute_example_endpoint(endpoint: dict[str, Any]) -> None:
+    """The example endpoint's file paths (one or a list) made absolute, in place."""
+    for key, value in endpoint.items():
+        if isinstance(value, str) and (EXAMPLE / value).exists():
+            endpoint[key] = str((EXAMPLE / value).resolve())
+        elif isinstance(value, list) and value and all((EXAMPLE / v).exists() for v in value):
+            endpoint[key] = [str((EXAMPLE / v).resolve()) for v in value]
 
 
 def violations_of(data: object) -> dict[str, str]:
@@ -89,25 +107,51 @@ def test_duplicate_yaml_keys_are_refused(tmp_path: Path) -> None:
         Settings.from_file(path)
 
 
+def test_policy_is_one_file_or_a_list_merged_in_order() -> None:
+    one = Settings.from_mapping(MINIMAL, base_dir=Path("/etc/mepd")).endpoints[0]
+    assert one.policy == (Path("/etc/mepd/p.csv"),)
+    assert one.policy_tests == ()
+    assert one.template_name == "default"
+    ep = {
+        **MINIMAL["endpoints"][0],
+        "policy": ["/etc/mep/base.csv", "site.csv"],
+        "policy_tests": "t.yaml",
+        "template_name": "gpu",
+    }
+    many = Settings.from_mapping({**MINIMAL, "endpoints": [ep]}, base_dir=Path("/etc/mepd"))
+    endpoint = many.endpoints[0]
+    assert endpoint.policy == (Path("/etc/mep/base.csv"), Path("/etc/mepd/site.csv"))
+    assert endpoint.policy_tests == (Path("/etc/mepd/t.yaml"),)
+    assert endpoint.template_name == "gpu"
+    for bad in ([], [""], "", 3):
+        found = violations_of({**MINIMAL, "endpoints": [{**ep, "policy": bad}]})
+        assert "$.endpoints[0].policy" in found, (bad, found)
+    # The policy sees template:<template_name>: one segment, no ':' or spaces.
+    for bad_name in ("a:b", "", "a b"):
+        found = violations_of({**MINIMAL, "endpoints": [{**ep, "template_name": bad_name}]})
+        assert "$.endpoints[0].template_name" in found
+
+
 def test_allowed_functions_must_be_sha256() -> None:
     ep = {**MINIMAL["endpoints"][0], "allowed_functions": ["abc"]}
     assert "$.endpoints[0].allowed_functions[0]" in violations_of({**MINIMAL, "endpoints": [ep]})
 
 
-def test_the_example_settings_are_valid_and_mepd_check_accepts_them(tmp_path: Path) -> None:
+def test_the_example_settings_are_valid_and_mepd_check_accepts_them(trusted_tmp: Path) -> None:
+    tmp_path = trusted_tmp
     settings = Settings.from_file(EXAMPLE / "mepd.yaml")
-    assert settings.endpoints[0].policy_tests is not None
+    assert settings.endpoints[0].policy_tests
+    assert len(settings.endpoints[0].policy) == 2  # base.csv, then the site's lines
     # The example's state and audit paths are a real install's (/var/lib, /var/log): a
     # test does not write there, and a non-root run could not. Everything else is as is.
     data = yaml.safe_load((EXAMPLE / "mepd.yaml").read_text())
     for endpoint in data["endpoints"]:
-        for key, value in endpoint.items():
-            if isinstance(value, str) and (EXAMPLE / value).exists():
-                endpoint[key] = str((EXAMPLE / value).resolve())
+        absolute_example_endpoint(endpoint)
     data["state_dir"] = str(tmp_path / "state")
     data["audit_log"] = str(tmp_path / "state" / "audit.jsonl")
     path = tmp_path / "mepd.yaml"
     path.write_text(yaml.safe_dump(data))
+    make_trusted(tmp_path)
     out = subprocess.run(
         [sys.executable, "-m", "mepd", "check", "--config", str(path)],
         capture_output=True,
@@ -120,17 +164,7 @@ def test_the_example_settings_are_valid_and_mepd_check_accepts_them(tmp_path: Pa
 
 def test_mepd_check_lists_every_problem(tmp_path: Path) -> None:
     data = yaml.safe_load((EXAMPLE / "mepd.yaml").read_text())
-    for key in (
-        "template",
-        "schema",
-        "environment",
-        "mapping",
-        "policy_model",
-        "policy",
-        "policy_tests",
-    ):
-        value = data["endpoints"][0][key]
-        data["endpoints"][0][key] = str((EXAMPLE / value).resolve())
+    absolute_example_endpoint(data["endpoints"][0])
     (tmp_path / "mapping.json").write_text('[{"DATA_TYPE": "nope"}]')
     (tmp_path / "policy.csv").write_text("p, only, three\n")
     data["endpoints"][0]["mapping"] = str(tmp_path / "mapping.json")
@@ -167,76 +201,67 @@ def test_mepd_check_reports_schema_errors_by_key(tmp_path: Path) -> None:
     assert "$.limits.max_body_bytes" in out.stderr
 
 
-def test_failing_decision_table_is_a_problem(tmp_path: Path) -> None:
+def check_with_table(tmp_path: Path, table: Any) -> subprocess.CompletedProcess[str]:
+    """``mepd check`` of the example with ``table`` as the endpoint's policy_tests;
+    ``tmp_path`` must be a trusted directory."""
     data = yaml.safe_load((EXAMPLE / "mepd.yaml").read_text())
     ep = data["endpoints"][0]
-    for key in ("template", "schema", "environment", "mapping", "policy_model", "policy"):
-        ep[key] = str((EXAMPLE / ep[key]).resolve())
-    (tmp_path / "tables.yaml").write_text(
-        yaml.safe_dump(
-            [
-                {
-                    "request": {
-                        "obj": "endpoint",
-                        "action": "admin",
-                        "principals": ["domain:example.org"],
-                    },
-                    "expect": "allow",
-                }
-            ]
-        )
-    )
-    ep["policy_tests"] = str(tmp_path / "tables.yaml")
-    data["state_dir"] = str(tmp_path / "state")
-    path = tmp_path / "mepd.yaml"
-    path.write_text(yaml.safe_dump(data))
-    out = subprocess.run(
-        [sys.executable, "-m", "mepd", "check", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
-    assert out.returncode == 2
-    assert "expected allow, got deny" in out.stderr
-
-
-def test_policy_test_format_tables_are_run_by_mepd_policy(tmp_path: Path) -> None:
-    data = yaml.safe_load((EXAMPLE / "mepd.yaml").read_text())
-    ep = data["endpoints"][0]
-    for key in ("template", "schema", "environment", "mapping", "policy_model", "policy"):
-        ep[key] = str((EXAMPLE / ep[key]).resolve())
-    (tmp_path / "table.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "description": "admins need MFA",
-                "policy": ep["policy"],
-                "model": ep["policy_model"],
-                "cases": [
-                    {
-                        "name": "operator without mfa",
-                        "request": {
-                            "endpoint": "hpc",
-                            "obj": "endpoint",
-                            "action": "admin",
-                            "principals": ["username:operator@example.org"],
-                        },
-                        "expect": "allow",
-                    }
-                ],
-            }
-        )
-    )
+    absolute_example_endpoint(ep)
+    (tmp_path / "table.yaml").write_text(yaml.safe_dump(table))
     ep["policy_tests"] = str(tmp_path / "table.yaml")
     data["state_dir"] = str(tmp_path / "state")
     path = tmp_path / "mepd.yaml"
     path.write_text(yaml.safe_dump(data))
-    out = subprocess.run(
+    make_trusted(tmp_path)
+    return subprocess.run(
         [sys.executable, "-m", "mepd", "check", "--config", str(path)],
         capture_output=True,
         text=True,
         timeout=120,
         cwd=REPO,
     )
+
+
+ADMIN_WITHOUT_MFA = {
+    "name": "operator without mfa",
+    "request": {
+        "obj": "endpoint",
+        "action": "admin",
+        "principals": ["username:operator@example.org"],
+    },
+    "expect": "allow",
+}
+
+
+def test_failing_decision_table_is_a_problem(trusted_tmp: Path) -> None:
+    out = check_with_table(trusted_tmp, {"cases": [ADMIN_WITHOUT_MFA]})
     assert out.returncode == 2
-    assert "operator without mfa" in out.stderr
+    assert "operator without mfa: expected allow, got deny" in out.stderr
+
+
+def test_an_endpoint_table_is_decided_with_the_endpoint_policy_list(trusted_tmp: Path) -> None:
+    """A table naming a policy of its own is still decided with the endpoint's files
+    (base.csv + policy.csv): root is refused by base.csv, the operator allowed by
+    policy.csv; the request's endpoint defaults to the endpoint's name."""
+    (trusted_tmp / "allow-all.csv").write_text("p, **, *, **, *, -, allow\n")
+    cases = [
+        {
+            "name": "root",
+            "request": {"obj": "user:root", "action": "map_identity", "principals": ["user:root"]},
+            "expect": "deny",
+            "reason": "authz.explicit_deny",
+            "line": "base.csv:7",
+        },
+        {**ADMIN_WITHOUT_MFA, "request": {**ADMIN_WITHOUT_MFA["request"], "mfa": True}},
+    ]
+    out = check_with_table(trusted_tmp, {"policy": "allow-all.csv", "cases": cases})
+    assert out.returncode == 0, out.stderr
+
+
+def test_the_old_list_format_of_policy_tests_is_refused_with_the_file_named(
+    trusted_tmp: Path,
+) -> None:
+    out = check_with_table(trusted_tmp, [ADMIN_WITHOUT_MFA])
+    assert out.returncode == 2
+    assert "policy_tests" in out.stderr and "table.yaml" in out.stderr
+    assert "is not of type 'object'" in out.stderr

@@ -5,6 +5,13 @@ the variables — and write each decision to the audit log before it takes effec
 adapts the real mepcore components to it; the tests use fakes). Every refusal raises a
 ``MepError`` with its reason code; the audit log gets the detail.
 
+Every question the daemon asks the policy is one of ``REQUEST_KINDS``, asked by the
+submit here and by status, introspect and stop in ``mepd.pipeline``: docs/authorization.md
+lists them, and tests/test_shipped_policy.py checks the daemon asks nothing else and the
+shipped policies answer each as documented. ``read_result`` is not among them on
+purpose: a task is shown only to the identity that submitted it, decided in code
+(``mepd.delivery``), never by policy.
+
 Deliberately not here: request shapes (``mepd.shapes``), starting user endpoints and
 dispatching (``mepd.pipeline``), results (``mepd.delivery``).
 """
@@ -43,7 +50,10 @@ class Site(Protocol):
     def name(self) -> str: ...
 
     @property
-    def template_name(self) -> str: ...
+    def template_name(self) -> str:
+        """The template's name in the policy (``template:<name>``): the endpoint's
+        ``template_name`` setting, ``default`` unless the administrator names it."""
+        ...
 
     @property
     def allowed_functions(self) -> frozenset[str] | None: ...
@@ -70,6 +80,37 @@ Check = tuple[str, str]
 
 
 @attrs.frozen
+class RequestKind:
+    """One kind of question the daemon asks the policy: an object (with ``{account}``,
+    ``{template_name}`` or ``{function_id}`` filled in per request) and an action."""
+
+    name: str
+    obj: str
+    action: str
+
+    def check(self, **values: str) -> Check:
+        return (self.obj.format(**values), self.action)
+
+
+MAP_IDENTITY = RequestKind("submit: map the caller", "user:{account}", "map_identity")
+START_ENDPOINT = RequestKind("submit: the template", "template:{template_name}", "start_endpoint")
+SUBMIT_TASK = RequestKind("submit: each function", "function:{function_id}", "submit_task")
+READ_STATUS = RequestKind("status and introspect", "user:{account}", "read_status")
+STOP_OWN = RequestKind("stop one's own user endpoints", "user:{account}", "stop_endpoint")
+STOP_OTHER = RequestKind("stop another account's user endpoints", "endpoint", "admin")
+
+# Every question mepd asks the policy, in no particular order.
+REQUEST_KINDS: tuple[RequestKind, ...] = (
+    MAP_IDENTITY,
+    START_ENDPOINT,
+    SUBMIT_TASK,
+    READ_STATUS,
+    STOP_OWN,
+    STOP_OTHER,
+)
+
+
+@attrs.frozen
 class Admitted:
     """A submit the policy allowed: the account to run as and the user endpoint it needs."""
 
@@ -82,9 +123,9 @@ class Admitted:
 def submit_checks(account: Account, site: Site, function_ids: Iterable[str]) -> list[Check]:
     """The (object, action) pairs a submit asks the policy about, in order."""
     return [
-        (f"user:{account.name}", "map_identity"),
-        (f"template:{site.template_name}", "start_endpoint"),
-        *((f"function:{fid}", "submit_task") for fid in function_ids),
+        MAP_IDENTITY.check(account=account.name),
+        START_ENDPOINT.check(template_name=site.template_name),
+        *(SUBMIT_TASK.check(function_id=fid) for fid in function_ids),
     ]
 
 

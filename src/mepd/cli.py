@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "token": ("mepd.commands.token", "issue tokens of the local issuer"),
     "status": ("mepd.commands.admin", "show the running daemon's state"),
     "reload": ("mepd.commands.admin", "make the running daemon reload its files"),
+    "functions": ("mepd.commands.functions", "list the functions registered with the daemon"),
 }
 
 EXIT_OK = 0

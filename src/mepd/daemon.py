@@ -453,7 +453,19 @@ class Daemon:
             return {"ok": True, "status": self.status()}
         if command == "reload":
             return self.reload()
+        if command == "functions":
+            return self._functions(request)
         return {"ok": False, "error": f"unknown command {command!r}"}
+
+    def _functions(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The registered functions (``mepd functions list``), from the daemon's own store."""
+        name, limit = request.get("name"), request.get("limit", 1000)
+        if name is not None and not isinstance(name, str):
+            return {"ok": False, "error": "name must be a string"}
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
+            return {"ok": False, "error": "limit must be an integer from 1 to 10000"}
+        functions = self.store.list_functions(name=name, limit=limit)
+        return {"ok": True, "functions": [attrs.asdict(f) for f in functions]}
 
     # -- retention ----------------------------------------------------------------------
 

@@ -29,7 +29,15 @@ import structlog
 
 from mepcore.errors import ApiError, AuthError, MepError, TaskError, Violation
 from mepcore.types import Account
-from mepd.admission import Admission, Admitted, Site
+from mepd.admission import (
+    READ_STATUS,
+    STOP_OTHER,
+    STOP_OWN,
+    Admission,
+    Admitted,
+    RequestKind,
+    Site,
+)
 from mepd.audit import AuditSink, AuditUnavailable
 from mepd.auth import Caller
 from mepd.delivery import Delivery, task_view
@@ -364,15 +372,15 @@ class Pipeline:
     # -- status and stop ----------------------------------------------------------------
 
     async def _own_account(
-        self, caller: Caller, endpoint: str, action: str
+        self, caller: Caller, endpoint: str, kind: RequestKind
     ) -> tuple[Site, Account]:
         site = self._site(endpoint)
         account = await self.admission.account_of(site, caller)
-        self.admission.authorize(site, caller, account, [(f"user:{account.name}", action)])
+        self.admission.authorize(site, caller, account, [kind.check(account=account.name)])
         return site, account
 
     async def status(self, caller: Caller, endpoint: str) -> dict[str, Any]:
-        site, account = await self._own_account(caller, endpoint, "read_status")
+        site, account = await self._own_account(caller, endpoint, READ_STATUS)
         entries = [
             e for e in self.ueps.status(account.name) if e.get("endpoint") in (None, site.name)
         ]
@@ -381,7 +389,7 @@ class Pipeline:
     async def introspect(self, caller: Caller, endpoint: str) -> dict[str, Any]:
         """The process identity of the caller's own ready user endpoints (uid, groups,
         umask, descriptors, limits, capabilities…), as each one reports it."""
-        site, account = await self._own_account(caller, endpoint, "read_status")
+        site, account = await self._own_account(caller, endpoint, READ_STATUS)
         entries = await self.ueps.introspect(account.name, site.name)
         return {"endpoint": site.name, "user_endpoints": entries}
 
@@ -390,9 +398,9 @@ class Pipeline:
         check_shape(body or {}, STOP_SCHEMA)
         account = await self.admission.account_of(site, caller)
         target = (body or {}).get("account") or account.name
-        check = (f"user:{account.name}", "stop_endpoint")
+        check = STOP_OWN.check(account=account.name)
         if target != account.name:
-            check = ("endpoint", "admin")
+            check = STOP_OTHER.check()
         self.admission.authorize(site, caller, account, [check])
         self.audit.record(
             "uep.stop_requested",

@@ -48,6 +48,8 @@ _CLAIMS_SCHEMA: dict[str, Any] = {
 }
 
 _PATH = {"type": "string", "minLength": 1}
+# One file, or a list of files used in order (policy files are merged, tables all run).
+_PATHS = {"oneOf": [_PATH, {"type": "array", "minItems": 1, "items": _PATH}]}
 _POS_INT = {"type": "integer", "minimum": 1}
 _POS_NUM = {"type": "number", "exclusiveMinimum": 0}
 
@@ -201,12 +203,17 @@ SETTINGS_SCHEMA: dict[str, Any] = {
                 "properties": {
                     "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
                     "template": _PATH,
+                    # The template's name in the policy: template:<template_name>.
+                    "template_name": {
+                        "type": "string",
+                        "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+                    },
                     "schema": _PATH,
                     "environment": _PATH,
                     "mapping": _PATH,
                     "policy_model": _PATH,
-                    "policy": _PATH,
-                    "policy_tests": _PATH,
+                    "policy": _PATHS,
+                    "policy_tests": _PATHS,
                     "allowed_functions": {
                         "type": "array",
                         "items": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
@@ -267,6 +274,13 @@ def _resolve(base_dir: Path, value: str) -> Path:
 
 def _resolve_optional(base_dir: Path, value: str | None) -> Path | None:
     return None if value is None else _resolve(base_dir, value)
+
+
+def _resolve_all(base_dir: Path, value: str | list[str] | None) -> tuple[Path, ...]:
+    """One path or a list of them, each resolved; () for none."""
+    if value is None:
+        return ()
+    return tuple(_resolve(base_dir, v) for v in ([value] if isinstance(value, str) else value))
 
 
 def _require_valid(data: Any, source: Path | None) -> None:
@@ -399,17 +413,26 @@ class IssuerSettings:
         )
 
 
+DEFAULT_TEMPLATE_NAME = "default"
+
+
 @attrs.frozen
 class EndpointSettings:
+    """One ``endpoints`` entry. ``policy`` is one file or several, merged in order (a
+    deny line in any of them beats every allow line); ``policy_tests`` are decision
+    tables (``mepd policy test`` format) run against that merged policy by ``mepd
+    check``; ``template_name`` is what the policy calls the template (``template:…``)."""
+
     name: str
     template: Path
     mapping: Path
     policy_model: Path
-    policy: Path
+    policy: tuple[Path, ...]
     schema: Path | None = None
     environment: Path | None = None
-    policy_tests: Path | None = None
+    policy_tests: tuple[Path, ...] = ()
     allowed_functions: tuple[str, ...] | None = None
+    template_name: str = DEFAULT_TEMPLATE_NAME
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], *, base_dir: Path) -> EndpointSettings:
@@ -419,13 +442,14 @@ class EndpointSettings:
             template=_resolve(base_dir, data["template"]),
             mapping=_resolve(base_dir, data["mapping"]),
             policy_model=_resolve(base_dir, data["policy_model"]),
-            policy=_resolve(base_dir, data["policy"]),
+            policy=_resolve_all(base_dir, data["policy"]),
             schema=_resolve_optional(base_dir, data.get("schema")),
             environment=_resolve_optional(base_dir, data.get("environment")),
-            policy_tests=_resolve_optional(base_dir, data.get("policy_tests")),
+            policy_tests=_resolve_all(base_dir, data.get("policy_tests")),
             allowed_functions=(
                 tuple(data["allowed_functions"]) if "allowed_functions" in data else None
             ),
+            template_name=data.get("template_name", DEFAULT_TEMPLATE_NAME),
         )
 
 

@@ -61,7 +61,9 @@ class LoadedSite:
 
     @property
     def template_name(self) -> str:
-        return self.files.template_name
+        """The template's name in the policy (``template:<name>``), from the settings;
+        ``files.template_name`` is the file's name, which Jinja2 sees."""
+        return self.settings.template_name
 
     @property
     def allowed_functions(self) -> frozenset[str] | None:

@@ -202,6 +202,15 @@ def _decode(row: Sequence[Any]) -> TaskRecord:
     )
 
 
+@attrs.frozen
+class FunctionInfo:
+    """A registered function as an administrator sees it: id, name, registration time."""
+
+    function_id: str
+    name: str | None
+    registered: float
+
+
 @attrs.define
 class TaskStore:
     """The SQLite store. Create with ``TaskStore.open(path)``; close with ``close()``."""
@@ -270,6 +279,17 @@ class TaskStore:
             rows = self._db.execute(f"SELECT id FROM functions WHERE id IN ({marks})", chunk)  # noqa: S608
             found.update(r[0] for r in rows)
         return found
+
+    def list_functions(self, *, name: str | None = None, limit: int = 1000) -> list[FunctionInfo]:
+        """The registered functions, newest first, without their bodies (``mepd functions
+        list``); ``name``: only those whose name contains it."""
+        rows = self._db.execute(
+            "SELECT id, name, created FROM functions"
+            " WHERE ?1 IS NULL OR instr(coalesce(name, ''), ?1) > 0"
+            " ORDER BY created DESC, id LIMIT ?2",
+            (name, limit),
+        )
+        return [FunctionInfo(r[0], r[1], float(r[2])) for r in rows]
 
     # -- specs -----------------------------------------------------------------------
 

@@ -1,17 +1,15 @@
 """``mepd check --config FILE``: load everything a start would load; list every problem.
 
 Like ``nginx -t``: the settings (JSON Schema, every violation with its key), then for
-each endpoint its identity mapping, its policy model and policy, the policy's decision
-tables when ``policy_tests`` is set, its template with schema and user environment,
-its ``allowed_functions``; the issuers' key files; TLS certificate and key; the user
-endpoint interpreter and spawn settings. Nothing is started and nothing is written
-(except that the state directory must be creatable).
+each endpoint its identity mapping, its policy model and policy files, the policy's
+decision tables when ``policy_tests`` is set, its template with schema and user
+environment, its ``allowed_functions``; the issuers' key files; TLS certificate and key;
+the user endpoint interpreter and spawn settings. Nothing is started and nothing is
+written (except that the state directory must be creatable).
 
-Decision tables (``policy_tests``): either a table of ``mepd policy test`` (a mapping
-that names its ``policy``; that tool runs it), or a YAML/JSON list (or ``{"cases":
-[...]}``) of ``{"name"?, "request": {endpoint?, obj, action, principals, mfa?,
-auth_age?, uid?}, "expect": "allow" | "deny", "reason"?}`` checked against the
-endpoint's own policy (``endpoint`` defaults to the endpoint being checked).
+Decision tables (``policy_tests``) are tables of ``mepd policy test``, read by that
+command's module only (``mepd.commands.policy.endpoint_table_problems``), decided with
+the endpoint's own model and merged policy list.
 
 Exit status: 0 everything loads, 2 at least one problem (each on its own stderr line).
 """
@@ -21,11 +19,9 @@ from __future__ import annotations
 import argparse
 import os
 import ssl
-import subprocess
 import sys
 from collections.abc import Mapping
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from mepd.settings import Settings
@@ -34,55 +30,6 @@ if TYPE_CHECKING:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, metavar="FILE", help="the settings YAML")
-
-
-def _policy_test(path: Path) -> list[str]:
-    """A table in ``mepd policy test`` format (it names its own policy): run that tool."""
-    out = subprocess.run(
-        [sys.executable, "-m", "mepd", "policy", "test", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    if out.returncode == 0:
-        return []
-    lines = [ln for ln in (out.stdout + out.stderr).splitlines() if not ln.startswith("ok ")]
-    return [f"{path}: {ln}" for ln in lines if ln.strip()] or [f"{path}: decision tables failed"]
-
-
-def check_decision_tables(path: Path, authorizer: Any, endpoint: str) -> list[str]:
-    from mepcore.authz import AuthzRequest
-    from mepcore.errors import MepError
-    from mepd.settings import load_yaml
-
-    data = load_yaml(path)
-    if isinstance(data, dict) and "policy" in data:
-        return _policy_test(path)
-    cases = data.get("cases") if isinstance(data, dict) else data
-    if not isinstance(cases, list):
-        return [f"{path}: expected a list of cases"]
-    problems: list[str] = []
-    for i, case in enumerate(cases):
-        name = case.get("name") if isinstance(case, dict) else None
-        where = f"{path}: case {name or i}"
-        if not isinstance(case, dict) or case.get("expect") not in ("allow", "deny"):
-            problems.append(f"{where}: needs request and expect: allow|deny")
-            continue
-        raw = dict(case.get("request") or {})
-        raw.setdefault("endpoint", endpoint)
-        try:
-            decision = authorizer.decide(AuthzRequest.from_mapping(raw))
-        except MepError as exc:
-            problems.append(f"{where}: {exc}")
-            continue
-        if decision.allowed != (case["expect"] == "allow"):
-            got = "allow" if decision.allowed else "deny"
-            lines = "; ".join(str(x) for x in decision.lines) or "no line matched"
-            problems.append(f"{where}: expected {case['expect']}, got {got} ({lines})")
-        elif "reason" in case and case["reason"] != decision.reason:
-            problems.append(f"{where}: expected reason {case['reason']}, got {decision.reason}")
-    return problems
 
 
 def collect_problems(config: str) -> list[str]:
@@ -111,8 +58,8 @@ def collect_problems(config: str) -> list[str]:
 def _endpoint_problems(settings: Settings, sites: Mapping[str, LoadedSite]) -> list[str]:
     """Each loaded endpoint's user environment and decision tables (``load_sites`` has
     already reported the endpoints that did not load)."""
-    from mepcore.errors import MepError
     from mepcore.spawn import environment_violations
+    from mepd.commands.policy import endpoint_table_problems
 
     problems: list[str] = []
     for ep in settings.endpoints:
@@ -123,11 +70,7 @@ def _endpoint_problems(settings: Settings, sites: Mapping[str, LoadedSite]) -> l
             f"endpoint {ep.name}: environment: {v.path}: {v.message}"
             for v in environment_violations(site.files.environment)
         ]
-        if ep.policy_tests is not None:
-            try:
-                problems += check_decision_tables(ep.policy_tests, site.authorizer, ep.name)
-            except MepError as exc:
-                problems.append(f"endpoint {ep.name}: policy_tests: {exc}")
+        problems += endpoint_table_problems(ep)
     return problems
 
 

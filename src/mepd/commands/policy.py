@@ -1,15 +1,19 @@
 """``mepd policy``: run decision tables against policies, and explain one decision.
 
-``mepd policy test [--model FILE] [--run REGEX] [--coverage] [PATH ...]`` loads every
-decision table (``*.yaml``/``*.yml`` files, or folders searched recursively for
-``tests/*.yaml`` … any YAML file), decides each case, prints one line per case and
-ends with ``N passed, M failed``; exit 0 only when every case passed. ``--coverage``
+``mepd policy test [--model FILE] [--policy FILE ...] [--config FILE [--endpoint NAME]]
+[--run REGEX] [--coverage] [PATH ...]`` loads every decision table (``*.yaml``/``*.yml``
+files, or folders searched recursively), decides each case, prints one line per case
+and ends with ``N passed, M failed``; exit 0 only when every case passed. ``--coverage``
 lists the policy lines no case touched. ``mepd policy explain`` prints one decision
 with its reason and lines as JSON (exit 0 allowed, 1 denied).
 
-The table format is described in ``policies/README.md``. Tables are validated with a
-JSON Schema and loaded with duplicate keys refused. Deliberately not here: editing
-policies, or talking to a running daemon.
+What a table is decided against, first that applies: the endpoint's model and policy
+list (``--config``, and ``mepd check`` for an endpoint's ``policy_tests``), the
+``--policy`` files, the table's own ``policy``. There is one table format, described in
+``policies/README.md``, and this module is its only reader (``mepd check`` calls
+``endpoint_table_problems``). Tables are validated with a JSON Schema and loaded with
+duplicate keys refused. Deliberately not here: editing policies, or talking to a
+running daemon.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import datetime
 import json
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +31,7 @@ import attrs
 
 if TYPE_CHECKING:
     from mepcore.authz import Authorizer, Decision
+    from mepd.settings import EndpointSettings
 
 EXIT_OK = 0
 EXIT_NEGATIVE = 1
@@ -35,7 +40,7 @@ EXIT_USAGE = 2
 TABLE_SCHEMA: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
-    "required": ["policy", "cases"],
+    "required": ["cases"],
     "properties": {
         "description": {"type": "string"},
         "model": {"type": "string", "minLength": 1},
@@ -73,6 +78,21 @@ class ConfigProblem(Exception):
 
 
 @attrs.frozen
+class PolicyFiles:
+    """What tables are decided against when the tables do not say: a model (None: the
+    shipped one), policy files merged in order, and the endpoint a request without
+    ``endpoint`` is about (an endpoint's own tables)."""
+
+    model: Path | None
+    policies: tuple[Path, ...]
+    endpoint: str | None = None
+
+    @classmethod
+    def of_endpoint(cls, ep: EndpointSettings) -> PolicyFiles:
+        return cls(ep.policy_model, tuple(ep.policy), ep.name)
+
+
+@attrs.frozen
 class _FixedClock:
     """The clock of a decision table: always the table's (or case's) ``now``."""
 
@@ -95,20 +115,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     test.add_argument(
         "--coverage", action="store_true", help="list policy lines that no case touched"
     )
-    test.add_argument("paths", nargs="*", default=["policies"], metavar="PATH")
+    test.add_argument(
+        "--policy",
+        action="append",
+        metavar="FILE",
+        help="decide every table with these policy files, merged in order (repeat)",
+    )
+    _add_endpoint_arguments(test, "run its policy_tests (or the PATHs) against its policy")
+    test.add_argument("paths", nargs="*", metavar="PATH", help="tables (default: policies)")
     explain = sub.add_parser("explain", help="explain one decision as JSON")
     explain.add_argument("--model", help="model file (default: the shipped model)")
     explain.add_argument(
         "--policy",
         action="append",
-        required=True,
         metavar="FILE",
-        help="policy file (repeat for several)",
+        help="policy file (repeat for several, merged in order)",
     )
+    _add_endpoint_arguments(explain, "decide with its model and policy list")
     explain.add_argument(
         "--request", required=True, metavar="JSON", help="the request as a JSON object, or @FILE"
     )
     explain.add_argument("--now", help="the time to decide at (ISO 8601 or epoch seconds)")
+
+
+def _add_endpoint_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--config", metavar="FILE", help=f"the settings YAML: each endpoint's, {what}"
+    )
+    parser.add_argument("--endpoint", metavar="NAME", help="only this endpoint of --config")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -209,10 +243,16 @@ def _line_matches(expected: int | str, lines: tuple[Any, ...]) -> bool:
     return False
 
 
+def _print(line: str) -> None:
+    print(line)
+
+
 @attrs.define
 class _Tally:
-    """What the run has seen so far: results, and the policy lines for ``--coverage``."""
+    """What the run has seen so far: results, and the policy lines for ``--coverage``.
+    Each result line goes to ``emit`` (stdout for the CLI, a list for ``mepd check``)."""
 
+    emit: Callable[[str], None] = _print
     passed: int = 0
     failed: int = 0
     lines: dict[tuple[str, int], str] = attrs.field(factory=dict)
@@ -221,19 +261,19 @@ class _Tally:
     def record(self, label: str, decision: Decision, problems: list[str]) -> None:
         if problems:
             self.failed += 1
-            print(f"FAIL {label}: {'; '.join(problems)}")
+            self.emit(f"FAIL {label}: {'; '.join(problems)}")
         else:
             self.passed += 1
-            print(f"ok   {label}: {_verdict(decision)} ({decision.reason})")
+            self.emit(f"ok   {label}: {_verdict(decision)} ({decision.reason})")
 
     def print_coverage(self) -> None:
         untouched = sorted(key for key in self.lines if key not in self.touched)
-        print(
+        self.emit(
             f"coverage: {len(self.lines) - len(untouched)} of {len(self.lines)} policy lines "
             f"touched; {len(untouched)} untouched"
         )
         for source, lineno in untouched:
-            print(f"  untouched {source}:{lineno}: {self.lines[(source, lineno)]}")
+            self.emit(f"  untouched {source}:{lineno}: {self.lines[(source, lineno)]}")
 
 
 @attrs.frozen
@@ -247,24 +287,41 @@ class _DecisionTable:
     model_text: str
     zone: datetime.tzinfo
     now: float | None
+    endpoint: str | None = None
 
     @classmethod
-    def load(cls, path: Path, model: str | None) -> _DecisionTable:
-        """Read the table at ``path``; ``model`` (``--model``) overrides the table's own."""
+    def load(
+        cls, path: Path, model: str | None, files: PolicyFiles | None = None
+    ) -> _DecisionTable:
+        """Read the table at ``path``, decided against ``files`` when given (an
+        endpoint's or ``--policy``), else against the table's own ``policy``; ``model``
+        (``--model``) overrides every other model."""
         table = _load_yaml(path)
         shown = _display(path)
         _validate_table(table, shown)
         base = path.parent
-        model_name = model or (str(base / table["model"]) if "model" in table else None)
-        policies = [table["policy"]] if isinstance(table["policy"], str) else table["policy"]
+        if files is not None:
+            policies = list(files.policies)
+            own_model = None if files.model is None else str(files.model)
+        elif "policy" in table:
+            listed = [table["policy"]] if isinstance(table["policy"], str) else table["policy"]
+            policies = [base / rel for rel in listed]
+            own_model = str(base / table["model"]) if "model" in table else None
+        else:
+            raise ConfigProblem(
+                f"{shown}: the table names no policy: add 'policy', or give --policy or "
+                "--config (an endpoint's tables are decided with its policy list)"
+            )
+        model_name = model or own_model
         return cls(
             shown=shown,
             cases=table["cases"],
-            sources=[_read_policy(base / rel, shown) for rel in policies],
+            sources=[_read_policy(policy, shown) for policy in policies],
             model_name=model_name,
             model_text=_read_model(model_name),
             zone=_timezone(table.get("timezone")),
             now=_parse_now(table["now"], shown) if "now" in table else None,
+            endpoint=None if files is None else files.endpoint,
         )
 
     def authorizer_at(self, now: float | None) -> Authorizer:
@@ -280,6 +337,13 @@ class _DecisionTable:
             )
         except AuthzConfigError as exc:
             raise ConfigProblem(str(exc)) from exc
+
+    def request_of(self, case: dict[str, Any]) -> dict[str, Any]:
+        """The case's request; about this table's endpoint when it names none."""
+        request = dict(case["request"])
+        if self.endpoint is not None:
+            request.setdefault("endpoint", self.endpoint)
+        return request
 
 
 def _validate_table(table: Any, shown: str) -> None:
@@ -345,7 +409,7 @@ def _run_table(table: _DecisionTable, selector: re.Pattern[str] | None, tally: _
         if authorizer.index.uses_hours and "now" not in case and table.now is None:
             raise ConfigProblem(f"{label}: the policy uses 'hours'; give the table a 'now'")
         try:
-            request = AuthzRequest.from_mapping(case["request"])
+            request = AuthzRequest.from_mapping(table.request_of(case))
         except AuthzError as exc:
             raise ConfigProblem(f"{label}: {exc}") from exc
         explanation = authorizer.explain(request)
@@ -353,11 +417,66 @@ def _run_table(table: _DecisionTable, selector: re.Pattern[str] | None, tally: _
         tally.record(label, explanation.decision, _case_problems(case, explanation.decision))
 
 
+def endpoint_table_problems(ep: EndpointSettings) -> list[str]:
+    """Every failing case (or unusable table) of ``ep.policy_tests``, decided with the
+    endpoint's own model and merged policy list; empty when all pass (``mepd check``)."""
+    shown: list[str] = []
+    tally = _Tally(emit=shown.append)
+    files = PolicyFiles.of_endpoint(ep)
+    problems: list[str] = []
+    for path in ep.policy_tests:
+        try:
+            _run_table(_DecisionTable.load(path, None, files), None, tally)
+        except ConfigProblem as exc:
+            problems.append(f"endpoint {ep.name}: policy_tests: {exc}")
+    problems += [
+        f"endpoint {ep.name}: policy_tests: {line}" for line in shown if line[:4] == "FAIL"
+    ]
+    return problems
+
+
+def _endpoints_of(args: argparse.Namespace) -> list[EndpointSettings]:
+    """The endpoints ``--config`` (and ``--endpoint``) select."""
+    from mepcore.errors import MepError
+    from mepd.settings import Settings
+
+    try:
+        settings = Settings.from_file(args.config)
+    except MepError as exc:
+        raise ConfigProblem(f"{args.config}: {exc.detail or exc}") from exc
+    chosen = [ep for ep in settings.endpoints if args.endpoint in (None, ep.name)]
+    if not chosen:
+        raise ConfigProblem(f"{args.config}: no endpoint {args.endpoint!r}")
+    return chosen
+
+
+def _runs(args: argparse.Namespace) -> list[tuple[list[str], PolicyFiles | None]]:
+    """The tables to run, each list with what it is decided against."""
+    if args.config and args.policy:
+        raise ConfigProblem("give --config or --policy, not both")
+    if args.endpoint and not args.config:
+        raise ConfigProblem("--endpoint needs --config")
+    if args.policy:
+        files = PolicyFiles(None, tuple(Path(p) for p in args.policy))
+        return [(args.paths or ["policies"], files)]
+    if args.config:
+        runs: list[tuple[list[str], PolicyFiles | None]] = []
+        for ep in _endpoints_of(args):
+            paths = args.paths or [str(p) for p in ep.policy_tests]
+            if paths:
+                runs.append((paths, PolicyFiles.of_endpoint(ep)))
+        if not runs:
+            raise ConfigProblem(f"{args.config}: no policy_tests to run")
+        return runs
+    return [(args.paths or ["policies"], None)]
+
+
 def _run_tests(args: argparse.Namespace) -> int:
     selector = re.compile(args.run) if args.run else None
     tally = _Tally()
-    for table_path in _table_files(args.paths):
-        _run_table(_DecisionTable.load(table_path, args.model), selector, tally)
+    for paths, files in _runs(args):
+        for table_path in _table_files(paths):
+            _run_table(_DecisionTable.load(table_path, args.model, files), selector, tally)
     if args.coverage:
         tally.print_coverage()
     print(f"{tally.passed} passed, {tally.failed} failed")
@@ -367,38 +486,52 @@ def _run_tests(args: argparse.Namespace) -> int:
 # --- explain ---------------------------------------------------------------------------------
 
 
-def _run_explain(args: argparse.Namespace) -> int:
-    from mepcore.authz import MODEL_TEXT, Authorizer, AuthzConfigError, AuthzError, AuthzRequest
+def _explain_files(args: argparse.Namespace) -> PolicyFiles:
+    """The model and policy list ``explain`` decides with: ``--config`` or ``--policy``."""
+    if bool(args.config) == bool(args.policy):
+        raise ConfigProblem("give --policy FILE (repeatable) or --config FILE --endpoint NAME")
+    if args.policy:
+        return PolicyFiles(None, tuple(Path(p) for p in args.policy))
+    endpoints = _endpoints_of(args)
+    if len(endpoints) != 1:
+        raise ConfigProblem(f"{args.config} has several endpoints: choose one with --endpoint")
+    return PolicyFiles.of_endpoint(endpoints[0])
 
-    raw = args.request
+
+def _read_request(raw: str, endpoint: str | None) -> Any:
+    from mepcore.authz import AuthzError, AuthzRequest
+
     if raw.startswith("@"):
         try:
             raw = Path(raw[1:]).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigProblem(f"cannot read the request: {exc}") from exc
     try:
-        request = AuthzRequest.from_mapping(json.loads(raw))
+        data = json.loads(raw)
+        if endpoint is not None and isinstance(data, dict):
+            data.setdefault("endpoint", endpoint)
+        return AuthzRequest.from_mapping(data)
     except json.JSONDecodeError as exc:
         raise ConfigProblem(f"--request is not JSON: {exc}") from exc
     except AuthzError as exc:
         raise ConfigProblem(str(exc)) from exc
+
+
+def _run_explain(args: argparse.Namespace) -> int:
+    from mepcore.authz import Authorizer, AuthzConfigError
+
+    files = _explain_files(args)
+    request = _read_request(args.request, files.endpoint)
     now = _parse_now(args.now, "--now") if args.now else None
-    sources = []
-    for name in args.policy:
-        try:
-            sources.append((name, Path(name).read_text(encoding="utf-8")))
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigProblem(f"cannot read policy {name}: {exc}") from exc
+    sources = [_read_policy(path, "--policy") for path in files.policies]
+    model_name = args.model or (None if files.model is None else str(files.model))
     try:
-        model_text = Path(args.model).read_text(encoding="utf-8") if args.model else MODEL_TEXT
         authorizer = Authorizer.from_sources(
-            model_text,
+            _read_model(model_name),
             sources,
-            model_source=args.model or "<shipped model>",
+            model_source=model_name or "<shipped model>",
             clock=_FixedClock(now) if now is not None else None,
         )
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigProblem(f"cannot read model {args.model}: {exc}") from exc
     except AuthzConfigError as exc:
         raise ConfigProblem(str(exc)) from exc
     explanation = authorizer.explain(request)
