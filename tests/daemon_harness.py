@@ -29,9 +29,10 @@ import attrs
 import httpx
 import jsonschema
 
-from mepcore.errors import ConfigError, IdentityError, Violation
+from mepcore.errors import ConfigError, Violation
+from mepcore.identity import AccountPolicy, check_account
 from mepcore.testing import FakeAccountDatabase
-from mepcore.types import Account
+from mepcore.types import Account, ShadowEntry
 from mepd.admission import Admitted, DecisionView
 from mepd.audit import AuditLog, AuditUnavailable
 from mepd.auth import Authenticator, Caller, issue_local_token, load_or_create_local_key
@@ -53,14 +54,31 @@ VARIABLE_SCHEMA = {
 
 
 @attrs.define
+class FakeShadow:
+    """A shadow database held in memory (locked and expired accounts)."""
+
+    entries: dict[str, ShadowEntry] = attrs.field(factory=dict)
+
+    def by_name(self, name: str) -> ShadowEntry | None:
+        return self.entries.get(name)
+
+
+# The day the fake site checks shadow expiry against (days since 1970-01-01).
+FAKE_TODAY = 20_000
+
+
+@attrs.define
 class FakeSite:
-    """An endpoint whose mapping is a dict and whose policy is a deny set."""
+    """An endpoint whose mapping is a dict and whose policy is a deny set; its account
+    check is mepcore's own, on an in-memory password and shadow database."""
 
     name: str = "hpc"
     template_name: str = "default"
     allowed_functions: frozenset[str] | None = None
     mapping: dict[str, str] = attrs.field(factory=dict)  # username -> account
     accounts: FakeAccountDatabase = attrs.field(factory=FakeAccountDatabase)
+    account_policy: AccountPolicy = attrs.field(factory=AccountPolicy)
+    shadow: FakeShadow = attrs.field(factory=FakeShadow)
     denied: set[tuple[str, str]] = attrs.field(factory=set)  # (obj, action)
     admins: set[str] = attrs.field(factory=set)  # account names allowed "admin"
     decisions: list[tuple[str, str, tuple[str, ...]]] = attrs.field(factory=list)
@@ -75,10 +93,9 @@ class FakeSite:
         return None
 
     def check_account(self, name: str) -> Account:
-        account = self.accounts.by_name(name)
-        if account is None:
-            raise IdentityError("identity.account_missing", f"no account {name}")
-        return account
+        return check_account(
+            name, self.accounts, self.account_policy, shadow=self.shadow, today=FAKE_TODAY
+        )
 
     def decide(
         self, obj: str, action: str, principals: Sequence[str], caller: Caller, account: Account

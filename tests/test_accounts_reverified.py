@@ -50,7 +50,7 @@ def refusal(name: str, shadow: Shadow | None, **policy: Any) -> str | None:
     try:
         check_account(name, db, AccountPolicy(**policy), shadow=shadow, today=TODAY)
     except IdentityError as exc:
-        return exc.reason
+        return exc.admin_reason
     return None
 
 
@@ -114,7 +114,7 @@ def test_real_locked_expired_and_nologin_accounts_are_refused(make_account: Any)
         try:
             check_account(name, accounts, AccountPolicy(), shadow=shadow, today=today)
         except IdentityError as exc:
-            return exc.reason
+            return exc.admin_reason
         return None
 
     usable, locked, expired, nologin = (make_account() for _ in range(4))
@@ -226,7 +226,7 @@ def test_pam_account_management_refuses_and_permits(
     deny = PamSessions(pam_service("required pam_deny.so"))
     with pytest.raises(IdentityError) as refused:
         asyncio.run(deny.open(acct))
-    assert refused.value.reason == "identity.pam_refused"
+    assert refused.value.admin_reason == "identity.pam_refused"
     assert deny.service in refused.value.detail
 
     permit = PamSessions(pam_service("required pam_permit.so"))
@@ -246,7 +246,7 @@ def test_pam_account_management_refuses_and_permits(
             handle = await registry.get_or_start(request(acct))
             return handle.state
         except IdentityError as exc:
-            return exc.reason
+            return exc.admin_reason
         finally:
             await registry.shutdown()
 

@@ -175,6 +175,65 @@ def test_unmapped_identity_gets_403_no_mapping(tmp_path: Path) -> None:
     assert "identity.mapping_failed" in (tmp_path / "audit.jsonl").read_text()
 
 
+# caller's identity -> (the account name it maps to, the specific refusal code)
+ACCOUNT_REFUSALS = {
+    "carol@example.org": ("carol", "identity.account_missing"),
+    "svc@example.org": ("svc", "identity.account_uid_too_low"),
+    "nobody@example.org": ("nobody", "identity.account_denied"),
+    "root@example.org": ("root", "identity.account_root"),
+    "mepd@example.org": ("mepd", "identity.account_daemon"),
+    "dave@example.org": ("Dave", "identity.account_name_mismatch"),
+    "zero@example.org": ("4294967295", "identity.invalid_username"),
+    "erin@example.org": ("erin", "identity.account_locked"),
+    "fred@example.org": ("fred", "identity.account_expired"),
+    "gina@example.org": ("gina", "identity.account_nologin"),
+}
+
+
+def test_every_account_refusal_looks_the_same_to_the_caller(tmp_path: Path) -> None:
+    from mepcore.identity import AccountPolicy
+    from mepcore.types import ShadowEntry
+    from tests.daemon_harness import FAKE_TODAY
+
+    bodies: dict[str, Any] = {}
+
+    async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
+        site = kit.site
+        site.account_policy = AccountPolicy(daemon_uid=2500, deny=["nobody"])
+        site.mapping.update({caller: name for caller, (name, _) in ACCOUNT_REFUSALS.items()})
+        for name, uid in [("svc", 999), ("nobody", 65534), ("root", 0), ("mepd", 2500)]:
+            site.accounts.add(name, uid)
+        site.accounts.add("Dave", 2003, pw_name="dave")  # the database answers by alias
+        site.accounts.add("4294967295", 2004)
+        site.accounts.add("erin", 2005)
+        site.shadow.entries["erin"] = ShadowEntry("erin", locked=True)
+        site.accounts.add("fred", 2006)
+        site.shadow.entries["fred"] = ShadowEntry("fred", locked=False, expires=FAKE_TODAY - 1)
+        site.accounts.add("gina", 2007, shell="/usr/sbin/nologin")
+        fid = await register(client, kit)
+        for caller in ACCOUNT_REFUSALS:
+            r = await client.post(
+                "/v1/endpoints/hpc/submit",
+                headers=kit.headers(caller),
+                json=submit_body(fid, [b"x"]),
+            )
+            assert_error(r, 403, "identity.account_refused")
+            bodies[caller] = r.json()
+
+    kit = run(tmp_path, scenario)
+    assert not kit.endpoints.starts
+    # One answer, whatever the reason: nothing tells a caller which accounts exist.
+    assert len({json.dumps(b, sort_keys=True) for b in bodies.values()}) == 1
+    # The audit log has the specific code (and what the caller was told) for each.
+    lines = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    failures = [x for x in lines if x["event"] == "identity.mapping_failed"]
+    assert [(x["reason"], x["public_reason"]) for x in failures] == [
+        (code, "identity.account_refused") for _, code in ACCOUNT_REFUSALS.values()
+    ]
+    for failure, (name, _) in zip(failures, ACCOUNT_REFUSALS.values(), strict=True):
+        assert repr(name) in failure["detail"]
+
+
 @pytest.mark.parametrize(
     ("header", "reason"),
     [
@@ -688,7 +747,7 @@ def test_redispatch_of_an_unusable_spec_fails_the_tasks_with_a_reason(tmp_path: 
         assert len(kit.pipeline.in_flight) == 0
         view = (await client.get("/v1/tasks/r0", headers=kit.headers(ALICE))).json()
         assert view["state"] == "failed"
-        assert view["error"]["reason"] == "identity.account_missing"
+        assert view["error"]["reason"] == "identity.account_refused"
 
     run(tmp_path, scenario)
 

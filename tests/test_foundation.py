@@ -25,9 +25,17 @@ def test_unknown_reason_is_refused() -> None:
 
 
 def test_public_view_hides_detail() -> None:
+    err = IdentityError("identity.mapper_failed", "program /opt/map exited with status 3")
+    public = err.to_public()
+    assert public == {"reason": "identity.mapper_failed", "message": REASONS[err.reason]}
+    assert "/opt/map" not in str(public)
+
+
+def test_public_view_hides_why_an_account_was_refused() -> None:
     err = IdentityError("identity.account_missing", "no account 'bob' on this host")
     public = err.to_public()
-    assert public == {"reason": "identity.account_missing", "message": REASONS[err.reason]}
+    assert public == {"reason": "identity.account_refused", "message": REASONS[err.reason]}
+    assert err.admin_reason == "identity.account_missing"
     assert "bob" not in str(public)
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from mepcore.errors import REASONS, IdentityError
+from mepcore.errors import ADMIN_ONLY_REASONS, REASONS, IdentityError
 from mepcore.identity import AccountPolicy, IdentityMapper, check_account, is_portable_username
 from mepcore.testing import FakeAccountDatabase
 from mepcore.types import IdentitySet
@@ -31,13 +31,19 @@ def db() -> FakeAccountDatabase:
 
 
 def refused(name: str, db: FakeAccountDatabase, policy: AccountPolicy = POLICY) -> str:
+    """The specific reason (for administrators) ``check_account`` refused ``name`` with;
+    whatever it is, the caller's view is the one public code and message."""
     with pytest.raises(IdentityError) as info:
         check_account(name, db, policy)
     error = info.value
-    # The public message must not reveal whether the account exists.
+    # The public view must not reveal whether the account exists, nor why it is refused.
     assert not name or name not in error.public_message
-    assert error.public_message == REASONS[error.reason]
-    return error.reason
+    assert error.to_public() == {
+        "reason": "identity.account_refused",
+        "message": REASONS["identity.account_refused"],
+    }
+    assert error.admin_reason in ADMIN_ONLY_REASONS
+    return error.admin_reason
 
 
 def test_ordinary_account_is_accepted(db: FakeAccountDatabase) -> None:
@@ -150,3 +156,31 @@ def test_mapping_outputs_that_must_not_become_accounts(
     result = mapper.map(IdentitySet.from_json({"id": "x", "username": output}))
     assert result.username == output  # the mapping produced it; the check refuses it
     assert refused(output, db) == reason
+
+
+# -- what a caller sees of a refusal: one code, whatever the reason -------------------
+
+
+def test_every_account_refusal_has_one_public_code() -> None:
+    # Every specific refusal code, including those raised outside check_account
+    # (locked, expired, nologin, PAM), stands for the same public code and message.
+    assert set(ADMIN_ONLY_REASONS.values()) == {"identity.account_refused"}
+    for code in ADMIN_ONLY_REASONS:
+        assert code in REASONS
+        error = IdentityError(code, "account 'alice' refused: because")
+        assert (error.reason, error.admin_reason) == ("identity.account_refused", code)
+        assert error.to_public() == {
+            "reason": "identity.account_refused",
+            "message": REASONS["identity.account_refused"],
+        }
+        assert str(error).startswith(f"{code}: ")  # what logs print keeps the detail
+
+
+def test_a_raiser_cannot_leak_the_specific_refusal_in_the_public_message() -> None:
+    error = IdentityError("identity.account_locked", public_message="account alice is locked")
+    assert error.public_message == REASONS["identity.account_refused"]
+
+
+def test_other_codes_are_their_own_public_code() -> None:
+    error = IdentityError("identity.no_mapping", "no rule matched")
+    assert error.reason == error.admin_reason == "identity.no_mapping"

@@ -303,3 +303,35 @@ def test_maps_to_real_accounts_through_mepd_map(tmp_path: Path, make_account: An
         assert (code, out["error"], out["account"]) == (1, "identity.account_uid_too_low", None)
     finally:
         delete_group(group)
+
+
+def test_linked_identities_that_disagree_are_shown_with_their_candidates(
+    tmp_path: Path, mapmain: Any
+) -> None:
+    linked = [{"id": "b", "username": "bob@example.org"}, {"id": "a", "username": "al@example.org"}]
+    for order in (linked, linked[::-1]):
+        code, out, err = mapmain(
+            ["--mapping-config", domain_mapping(tmp_path), "--no-account-check"],
+            [{"id": "p", "username": "p@other.org"}, *order],
+        )
+        assert code == 1
+        assert out is not None and out["error"] == "identity.ambiguous_mapping"
+        assert out["username"] is None
+        assert [(c["identity"], c["username"]) for c in out["candidates"]] == [
+            ("a", "al"),
+            ("b", "bob"),
+        ]
+        assert err.startswith("mepd map: identity.ambiguous_mapping: ")
+        assert "a -> 'al'" in err and "b -> 'bob'" in err
+
+
+def test_a_closed_linked_identity_is_not_mapped(tmp_path: Path, mapmain: Any) -> None:
+    code, out, _ = mapmain(
+        ["--mapping-config", domain_mapping(tmp_path), "--no-account-check"],
+        [
+            {"id": "p", "username": "p@other.org"},
+            {"id": "a", "username": "al@example.org", "status": "closed"},
+        ],
+    )
+    assert code == 1
+    assert out is not None and out["error"] == "identity.no_mapping"

@@ -8,6 +8,7 @@ flat JSON object with a string ``id``.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -44,6 +45,12 @@ def _freeze_fields(value: Mapping[str, Any]) -> Mapping[str, Any]:
     return MappingProxyType(dict(value))
 
 
+# Globus Auth's identity statuses that stand for an identity its owner still uses
+# (``private`` only hides it from other users). Others (``unused``, ``closed``…) name an
+# identity that is no longer its owner's to use, so it maps to nothing.
+MAPPABLE_STATUSES = frozenset({"used", "private"})
+
+
 @attrs.frozen
 class Identity:
     """One external identity (as an identity provider or Globus Auth describes it).
@@ -63,6 +70,16 @@ class Identity:
     def username(self) -> str | None:
         value = self.fields.get("username")
         return value if isinstance(value, str) else None
+
+    @property
+    def mappable(self) -> bool:
+        """False when the identity has a ``status`` field and it is not ``used`` or
+        ``private`` (exactly, as Globus Auth writes them; ``null`` and any other value
+        count as not mappable). Without a ``status`` field an identity is mappable."""
+        if "status" not in self.fields:
+            return True
+        status = self.fields["status"]
+        return isinstance(status, str) and status in MAPPABLE_STATUSES
 
     @property
     def domain(self) -> str | None:
@@ -123,6 +140,18 @@ class IdentitySet:
                 return ident
         return None
 
+    def mapping_order(self) -> tuple[Identity, ...]:
+        """The identities a mapping may use, in an order no client controls.
+
+        The primary identity first (the token's subject: the issuer decides it), then
+        the linked identities sorted by id (their order in a token is the client's);
+        identities that are not ``mappable`` (a status such as ``closed``) are left out.
+        Linked identities with the same id are ordered by their fields, so the order is
+        a function of the set alone."""
+        primary, *linked = self.identities
+        ordered = sorted(linked, key=lambda i: (i.id, _canonical_fields(i)))
+        return tuple(i for i in (primary, *ordered) if i.mappable)
+
     @classmethod
     def from_json(cls, data: Any) -> IdentitySet:
         """Accept ``{"identities": [...]}``, a bare list, or a single identity object."""
@@ -141,6 +170,10 @@ class IdentitySet:
         return cls(
             tuple(Identity.from_mapping(item, path=f"{base}[{i}]") for i, item in enumerate(items))
         )
+
+
+def _canonical_fields(identity: Identity) -> str:
+    return json.dumps(thaw(identity.fields), sort_keys=True, default=repr)
 
 
 @attrs.frozen

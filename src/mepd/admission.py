@@ -153,7 +153,8 @@ class Admission:
                 "identity.mapping_failed",
                 endpoint=site.name,
                 identities=audit_ids,
-                reason=exc.reason,
+                reason=exc.admin_reason,  # the specific code; the caller sees exc.reason
+                public_reason=exc.reason,
                 detail=exc.detail,
             )
             raise

@@ -4,7 +4,8 @@ This is the only module of the runner that imports ``mepcore`` (and, for process
 task ops, ``mepd``). Each op builds the component from the case's ``given`` with the
 fakes of ``mepcore.testing`` (accounts in memory, a clock that moves only when told),
 runs the input and turns the outcome into an ``Observation``: a ``MepError`` becomes an
-error with its reason code and violation paths.
+error with its reason code (the public one) and violation paths, plus
+``details.admin_reason`` when the specific code is one callers do not see.
 
 ``broken=<variant>`` builds a deliberately wrong deployment, to show that the suite
 catches it (tests/test_conformance.py); it exists only for that demonstration:
@@ -53,6 +54,10 @@ def _error_observation(exc: Exception) -> Observation:
     if not isinstance(exc, MepError):
         raise exc
     details: dict[str, Any] = {}
+    if exc.admin_reason != exc.reason:
+        # The specific code of an admin-only refusal (``identity.account_root`` behind
+        # ``identity.account_refused``): a caller never sees it, this adapter can.
+        details["admin_reason"] = exc.admin_reason
     return Observation.failed(
         exc.reason,
         exc.public_message,

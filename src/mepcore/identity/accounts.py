@@ -3,9 +3,10 @@
 ``check_account`` turns a mapped name into an ``Account`` or refuses it with its own
 reason code: not a portable POSIX name, on the deny list, absent, answered under
 another name, uid 0, the daemon's own uid, a uid below ``min_uid``, a ``nologin`` or
-``false`` shell, or (with a shadow database) locked or expired. The public
-messages of these refusals (``REASONS``) deliberately do not say which accounts exist;
-the detail, for administrators, does.
+``false`` shell, or (with a shadow database) locked or expired. That code is the
+error's ``admin_reason``: callers see only ``identity.account_refused`` and its message
+(``mepcore.errors.ADMIN_ONLY_REASONS``), so they cannot probe which accounts exist or
+why one is refused; the code and the detail, for administrators, say.
 
 Deliberately not here: which identity maps to which name (``expression``/``external``)
 and anything a policy decides (``mepcore.authz``). These checks apply whatever the

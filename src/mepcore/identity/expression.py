@@ -13,12 +13,12 @@ mappers (``mapper``).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import attrs
 
 from mepcore.identity.template import Template
-from mepcore.types import Identity, IdentitySet
+from mepcore.types import Identity
 
 # Identity strings come from identity providers; a bound on what a regex is run on
 # keeps an admin's backtracking-prone pattern from becoming a denial of service.
@@ -48,9 +48,9 @@ class ExpressionMapper:
 
     rules: tuple[ExpressionRule, ...]
 
-    def matches(self, identities: IdentitySet) -> Iterator[tuple[int, Identity, str]]:
-        """``(rule index, identity, name)`` for every rule that matches an identity, in
-        selection order: by rule, then by the identity's place in the set."""
+    def matches(self, identities: Sequence[Identity]) -> Iterator[tuple[int, Identity, str]]:
+        """``(rule index, identity, name)`` for every rule that matches an identity: by
+        rule, then in the order of ``identities``."""
         for index, rule in enumerate(self.rules):
             for identity in identities:
                 name = rule.apply(identity)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -24,7 +25,7 @@ import attrs
 from mepcore.errors import IdentityError
 from mepcore.identity.runner import CommandRunner
 from mepcore.identity.schema import INPUT_TYPE, output_violations
-from mepcore.types import Identity, IdentitySet
+from mepcore.types import Identity
 
 
 @attrs.frozen
@@ -35,13 +36,14 @@ class ExternalMapper:
 
     def matches(
         self,
-        identities: IdentitySet,
+        identities: Sequence[Identity],
         runner: CommandRunner,
         *,
         timeout: float,
         max_output: int,
     ) -> list[tuple[Identity, str]]:
-        """``(identity, name)`` for every identity the program mapped, in the set's order.
+        """``(identity, name)`` for every identity the program mapped, in the order of
+        ``identities`` (which is also the order the program is given them in).
 
         Raises ``IdentityError`` when the program fails in any way (fail closed).
         """
@@ -63,7 +65,7 @@ class ExternalMapper:
         names: dict[str, str] = {}
         for position, entry in enumerate(answer["result"]):
             ident, output = entry["id"], entry["output"]
-            if identities.find(ident) is None:
+            if all(i.id != ident for i in identities):
                 raise IdentityError(
                     "identity.mapper_output_invalid",
                     f"mapping program {program!r} answered for identity {ident!r}"

@@ -6,13 +6,19 @@ one), validate each with JSON Schema, compile every regex and template, and refu
 anything wrong with ``IdentityConfigError`` (``identity.mapping_invalid``) whose
 violations name the document index and field (``$[1].mappings[0].match``).
 
-``IdentityMapper.map`` selects as Globus Compute does: the first mapper (document) with
-a result, within it the first matching rule, within that the first identity of the
-linked set. The ``MappingResult`` carries every candidate of the mappers it consulted.
-Mappers after the one that produced a result are not consulted (no program runs for
-nothing). A failing external program fails the whole mapping (``IdentityError``); the
-mappers after it are *not* tried, because a broken mapper must not silently hand the
-decision to a looser one.
+``IdentityMapper.map`` selects the first mapper (document) with a result and, within
+it, the first rule that matches any identity, as Globus Compute does. Within that rule
+(for a program: among its answers) it differs on purpose, so that no client chooses its
+account by the order of its linked identities: identities whose ``status`` is not
+``used``/``private`` are left out; the primary identity (the token's subject, which the
+issuer sets) wins; otherwise the linked identities must agree on one name, and when
+they produce different names the mapping is refused (``identity.ambiguous_mapping``).
+The result is a function of the primary identity and the *set* of linked identities,
+never of their order. The ``MappingResult`` carries every candidate of the mapper that
+decided. Mappers after it are not consulted (no program runs for nothing). A failing
+external program fails the whole mapping (``IdentityError``); the mappers after it are
+*not* tried, because a broken mapper must not silently hand the decision to a looser
+one.
 
 Deliberately not here: whether the produced name is an acceptable account
 (``check_account``) and any logging (the caller logs with the result or the error).
@@ -40,7 +46,7 @@ from mepcore.identity.runner import (
 )
 from mepcore.identity.schema import EXPRESSION_TYPE, document_violations, json_path
 from mepcore.identity.template import Template, TemplateSyntaxError
-from mepcore.types import IdentitySet
+from mepcore.types import Identity, IdentitySet
 
 MAX_MAPPING_FILE_BYTES = 4 * 1024 * 1024
 
@@ -231,30 +237,73 @@ class IdentityMapper:
     def map(self, identities: IdentitySet) -> MappingResult:
         """Map a linked identity set; ``username`` is None when nothing matched.
 
-        Raises ``IdentityError`` (``identity.mapper_*``) when an external program fails.
+        Raises ``IdentityError``: ``identity.mapper_*`` when an external program fails,
+        ``identity.ambiguous_mapping`` when linked identities (not the primary one)
+        produce different names for the deciding rule.
         """
+        ordered = identities.mapping_order()
+        primary = identities.primary if ordered and ordered[0] is identities.primary else None
         for index, mapper in enumerate(self.mappers):
             if isinstance(mapper, ExpressionMapper):
-                candidates = [
-                    Candidate(identity.id, name, index, rule)
-                    for rule, identity, name in mapper.matches(identities)
+                found = [
+                    (i, Candidate(i.id, name, index, rule))
+                    for rule, i, name in mapper.matches(ordered)
                 ]
             else:
-                try:
-                    found = mapper.matches(
-                        identities, self.runner, timeout=self.timeout, max_output=self.max_output
-                    )
-                except IdentityError as exc:
-                    raise IdentityError(
-                        exc.reason,
-                        f"{self.source}: mapper $[{index}]: {exc.detail}",
-                        violations=exc.violations,
-                        context={**exc.context, "mapper": index},
-                    ) from exc
-                candidates = [Candidate(i.id, name, index, None) for i, name in found]
-            if candidates:
-                return MappingResult.from_candidates(candidates)
+                found = [
+                    (i, Candidate(i.id, name, index, None))
+                    for i, name in self._run(index, mapper, ordered)
+                ]
+            if found:
+                return _select(found, primary, self.source)
         return MappingResult.from_candidates(())
+
+    def _run(
+        self, index: int, mapper: ExternalMapper, ordered: Sequence[Identity]
+    ) -> list[tuple[Identity, str]]:
+        if not ordered:
+            return []  # nothing to ask about: no program runs
+        try:
+            return mapper.matches(
+                ordered, self.runner, timeout=self.timeout, max_output=self.max_output
+            )
+        except IdentityError as exc:
+            raise IdentityError(
+                exc.admin_reason,
+                f"{self.source}: mapper $[{index}]: {exc.detail}",
+                violations=exc.violations,
+                context={**exc.context, "mapper": index},
+            ) from exc
+
+
+def _select(
+    found: Sequence[tuple[Identity, Candidate]], primary: Identity | None, source: str
+) -> MappingResult:
+    """The deciding mapper's choice among ``found`` (in rule, then mapping order).
+
+    The first rule with a candidate decides (an external program's answers are one
+    level). Its candidate for the primary identity wins; otherwise every linked
+    identity it matched must give the same name, and the first of them (by id) is
+    named as the match. Different names are refused rather than settled by an order:
+    the order in a token is the client's, and an order by id would pick an account no
+    administrator chose."""
+    candidates = [c for _, c in found]
+    level = [(i, c) for i, c in found if c.rule == candidates[0].rule]
+    chosen = next((c for i, c in level if i is primary), None)
+    if chosen is None:
+        names = sorted({c.username for _, c in level})
+        if len(names) > 1:
+            where = f"mapper $[{level[0][1].mapper}]" + (
+                "" if level[0][1].rule is None else f".mappings[{level[0][1].rule}]"
+            )
+            pairs = ", ".join(f"{c.identity} -> {c.username!r}" for _, c in level)
+            raise IdentityError(
+                "identity.ambiguous_mapping",
+                f"{source}: {where}: linked identities map to different names: {pairs}",
+                context={"candidates": [c.to_dict() for c in candidates], "names": names},
+            )
+        chosen = level[0][1]
+    return MappingResult(chosen.username, chosen.identity, chosen.mapper, chosen.rule, candidates)
 
 
 def _compile(

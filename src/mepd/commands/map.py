@@ -3,7 +3,9 @@
 What administrators run to debug a mapping. Reads ``{"identities": [...]}``, a bare
 list of identity objects, or one identity object on stdin and prints one JSON object:
 ``username``, ``matched_identity``, ``mapper``, ``rule``, ``candidates``, ``account``
-and ``error`` (a reason code or null).
+and ``error`` (a reason code or null: the specific one, such as
+``identity.account_uid_too_low``, where a caller of the daemon sees only
+``identity.account_refused``).
 
 Exit status: 0 mapped and the account accepted (with ``--no-account-check``: a portable
 name was produced); 1 not mapped, the mapping program failed, or the account was
@@ -94,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = mapper.map(identities)
     except IdentityError as exc:
-        return _answer(out, exc.reason, exc.detail)
+        out["candidates"] = list(exc.context.get("candidates", []))
+        return _answer(out, exc.admin_reason, exc.detail)
     out.update(result.to_dict())
     if result.username is None:
         return _answer(out, "identity.no_mapping", "no mapping rule matched these identities")
@@ -150,7 +153,8 @@ def _answer_with_account(out: dict[str, Any], username: str, args: argparse.Name
     try:
         account = check_account(username, SystemAccountDatabase(), policy)
     except IdentityError as exc:
-        return _answer(out, exc.reason, exc.detail)
+        # The specific code (what a caller sees is ``identity.account_refused``).
+        return _answer(out, exc.admin_reason, exc.detail)
     out["account"] = {
         "name": account.name,
         "uid": account.uid,
