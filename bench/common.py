@@ -406,7 +406,7 @@ def bench_deployment(
 def why_not_measured(exc: BaseException) -> str:
     """A "not measured" cell for a failed measurement, naming the known non-root case."""
     text = f"{type(exc).__name__}: {str(exc)[:200]}"
-    if "identity.account_daemon" in text:
+    if "identity.account_daemon" in text or "identity.account_refused" in text:
         return (
             "not root: the one account is the daemon's own uid, which mep refuses to run "
             "work as by design (DESIGN §3.2); run the bench as root"

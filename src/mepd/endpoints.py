@@ -43,7 +43,7 @@ class UepAudit:
             account=admitted.account.name,
             uid=admitted.account.uid,
             config_key=admitted.config_key,
-            reason=exc.reason,
+            reason=exc.admin_reason,
             detail=exc.detail,
         )
 

@@ -316,7 +316,7 @@ class Pipeline:
             try:
                 await self._redispatch_group(spec_id, items)
             except MepError as exc:
-                log.warning("task.redispatch_failed", reason=exc.reason, detail=exc.detail)
+                log.warning("task.redispatch_failed", reason=exc.admin_reason, detail=exc.detail)
                 self.delivery.fail([q.task_id for q in items], exc.reason)
 
     async def _redispatch_group(self, spec_id: str, items: Sequence[QueuedTask]) -> None:
