@@ -104,3 +104,49 @@ def test_demo_as_a_non_root_account_uses_single_account_mode(
     assert "nothing left running" in out
     left = subprocess.run(["pgrep", "-u", name], capture_output=True, text=True).stdout
     assert left.strip() == "", f"processes of {name} left: {left}"
+
+
+# -- the README's demo output is a real run's (issue 21) ---------------------------------
+
+# What differs from run to run or machine to machine, and what it is shown as.
+_UNSTABLE = [
+    (r"http://127\.0\.0\.1:\d+", "http://127.0.0.1:<port>"),
+    (r"state in \S+", "state in <dir>"),
+    (r"\b(pid|uid) \d+", r"\1 <n>"),
+    (r"config [0-9a-f]{12}…", "config <key>…"),
+    (r'File "[^"]*?/((?:examples|mepcore)/[^"]*)", line \d+', r'File "…/\1", line <n>'),
+    (r"[\d,]+ futures/s", "<n> futures/s"),
+    (r"finished in [\d.]+s", "finished in <t>s"),
+]
+
+
+def stable_demo_lines(text: str) -> list[str]:
+    """The demo's output without what changes between runs: pids, uids, port, paths,
+    config keys, line numbers of library frames, the rate and the time; the accounts it
+    creates on a first run; Python's caret lines (they vary with the Python version)."""
+    lines = []
+    for line in text.splitlines():
+        if "created the demo account" in line or re.fullmatch(r"\s*\|?\s*[~^]+\s*", line):
+            continue
+        for pattern, shown in _UNSTABLE:
+            line = re.sub(pattern, shown, line)
+        lines.append(line.rstrip())
+    return lines
+
+
+def readme_demo_block() -> str:
+    text = (REPO / "README.md").read_text()
+    start = text.index("```\n", text.index("As root it prints")) + len("```\n")
+    return text[start : text.index("```\n", start)]
+
+
+def test_the_readme_shows_the_real_demo_output() -> None:
+    done = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "demo" / "demo.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=str(REPO),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert stable_demo_lines(done.stdout) == stable_demo_lines(readme_demo_block())
