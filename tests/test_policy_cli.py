@@ -171,3 +171,40 @@ def test_explain_uses_now_for_hours_and_merges_the_policy_files_in_order() -> No
     day = mepd(*args, "--now", "2024-05-01T13:00:00Z")
     assert day.returncode == 0
     assert json.loads(day.stdout)["lines"][0]["source"].endswith("base.csv")
+
+
+def test_an_endpoint_tables_run_with_its_policy_list_from_the_settings() -> None:
+    """examples/daemon's table names no policy: --config decides it with base.csv and
+    policy.csv, as mepd.yaml lists them; run alone, it is a usage error."""
+    result = mepd("policy", "test", "--config", "examples/daemon/mepd.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.fullmatch(r"[1-9]\d* passed, 0 failed", result.stdout.splitlines()[-1])
+    alone = mepd("policy", "test", "examples/daemon/policy_tests.yaml")
+    assert alone.returncode == 2
+    assert "names no policy" in alone.stderr
+    listed = mepd(
+        "policy",
+        "test",
+        "--policy",
+        "policies/base.csv",
+        "--policy",
+        "examples/daemon/policy.csv",
+        "--run",
+        "root",
+        "examples/daemon/policy_tests.yaml",
+    )
+    # Without --config the requests name no endpoint: a broken table, said so.
+    assert listed.returncode == 2 and "endpoint" in listed.stderr
+
+
+def test_explain_takes_an_endpoint_policy_list_from_the_settings() -> None:
+    request = {"obj": "user:alice", "action": "read_status", "principals": ["user:alice"]}
+    args = ["policy", "explain", "--config", "examples/daemon/mepd.yaml"]
+    result = mepd(*args, "--request", json.dumps({**request, "uid": 1001}))
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["request"]["endpoint"] == "hpc"
+    assert out["lines"][0]["source"].endswith("policies/base.csv")
+    assert mepd(*args, "--endpoint", "nope", "--request", json.dumps(request)).returncode == 2
+    both = mepd(*args, "--policy", "policies/base.csv", "--request", json.dumps(request))
+    assert both.returncode == 2
