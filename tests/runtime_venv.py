@@ -3,7 +3,8 @@
 The project's own .venv may live where other accounts cannot read it (a checkout under
 /root, mode 700), and ``python3`` on PATH may be a build under /root too. Everything a
 test runs as another account — user endpoints, scripts run with ``user=`` — must run an
-interpreter and packages that account can read, so root tests build one under /var/tmp:
+interpreter and packages that account can read, so root tests build one under /var/lib
+(not /var/tmp: mepd refuses a runtime under a shared sticky directory, rule 8):
 made with ``/usr/bin/python3 -m venv``, every directory mode 755, the project installed
 *not* editable, with the optional extras in ``EXTRAS`` (Parsl: the ``GlobusComputeEngine``
 of a user endpoint runs its interchange and workers with this interpreter) and coverage.
@@ -45,7 +46,9 @@ from pathlib import Path
 from typing import IO
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE = Path("/var/tmp/mep-test-runtime")
+BASE = Path("/var/lib/mep-test/runtime")
+# Coverage overlays (below): root-owned too, one per run, removed once its run is gone.
+OVERLAYS = BASE / "overlays"
 SYSTEM_PYTHON = "/usr/bin/python3"
 # Optional dependency groups of pyproject.toml installed into the runtime as well.
 EXTRAS = ("parsl",)
@@ -148,6 +151,12 @@ def _prune(keep: Path) -> None:
     for path in BASE.glob(".building-*"):
         # Builds happen under the lock we hold: any left is a crashed run's.
         shutil.rmtree(path, ignore_errors=True)
+    for path in OVERLAYS.glob("*"):
+        # An overlay is needed while its run's coverage directory exists.
+        run_dir = path / "coverage-dir"
+        gone = not run_dir.exists() or not Path(run_dir.read_text().strip()).exists()
+        if gone and now - path.stat().st_mtime > PRUNE_AFTER / 6:
+            shutil.rmtree(path, ignore_errors=True)
     for path in BASE.glob("rt-*"):
         if path == keep or not path.is_dir() or now - path.stat().st_mtime < PRUNE_AFTER:
             continue
@@ -162,7 +171,8 @@ def _prune(keep: Path) -> None:
 
 def shared_runtime_python() -> str:
     """The python of the shared runtime venv for the current sources, built if needed."""
-    BASE.mkdir(mode=0o755, exist_ok=True)
+    BASE.mkdir(mode=0o755, parents=True, exist_ok=True)
+    os.chmod(BASE.parent, 0o755)
     os.chmod(BASE, 0o755)
     deps = BASE / f"deps-{_digest_pyproject()}"
     runtime = BASE / f"rt-{_digest_pyproject()}-{_digest_src()}"
@@ -258,14 +268,18 @@ def _site_packages(prefix: Path) -> Path:
 
 
 def _overlay_python(shared_python: str, directory: Path) -> str:
-    """A venv in ``directory`` whose site-packages adds the shared runtime's and starts
-    coverage (see the module docstring); built once per run and shared runtime."""
+    """A venv whose site-packages adds the shared runtime's and starts coverage writing
+    into ``directory`` (see the module docstring); built once per run and shared
+    runtime, in root's ``OVERLAYS`` (not in the world-writable ``directory``: mepd
+    refuses a runtime there)."""
     shared = Path(shared_python).parent.parent
-    overlay = directory / f"runtime-{shared.name}"
+    run = hashlib.sha256(str(directory).encode()).hexdigest()[:16]
+    OVERLAYS.mkdir(mode=0o755, exist_ok=True)
+    overlay = OVERLAYS / f"{run}-{shared.name}"
     with open(directory / ".runtime.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not overlay.exists():
-            building = directory / f".runtime-building-{os.getpid()}"
+            building = OVERLAYS / f".building-{os.getpid()}"
             shutil.rmtree(building, ignore_errors=True)
             subprocess.run(
                 [SYSTEM_PYTHON, "-m", "venv", "--without-pip", str(building)],
@@ -279,6 +293,7 @@ def _overlay_python(shared_python: str, directory: Path) -> str:
             )
             (site_packages / f"{OVERLAY_HOOK}.py").write_text(hook)
             (site_packages / f"{OVERLAY_HOOK}.pth").write_text(f"import {OVERLAY_HOOK}\n")
+            (building / "coverage-dir").write_text(f"{directory}\n")
             _make_world_readable(building)
             os.rename(building, overlay)
     return str(overlay / "bin" / "python")

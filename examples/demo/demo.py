@@ -3,7 +3,7 @@
 As root: the demo accounts ``mepdemo1`` and ``mepdemo2`` are created if missing (and
 kept for the next run; ``userdel -r mepdemo1`` removes one), the identities
 alice@example.org and bob@example.org map to them, and user endpoints run from a
-world-readable runtime virtualenv under /var/tmp (built once, the same one the root
+world-readable runtime virtualenv under /var/lib (built once, the same one the root
 tests use: ``tests/runtime_venv.py``). Not as root: both identities map to the current
 account and user endpoints run from this virtualenv.
 
@@ -162,6 +162,20 @@ def leftovers(accounts: list[str], daemon_pid: int) -> list[str]:
     return found
 
 
+def private_parent() -> Path:
+    """Where the demo's temporary deployment goes. Not /tmp: mepd refuses files under
+    a shared sticky directory (security rule 8), so a directory only root can write
+    (as root) or this account's own runtime or cache directory."""
+    if os.geteuid() == 0:
+        return Path("/run")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and Path(runtime).is_dir() and Path(runtime).stat().st_uid == os.getuid():
+        return Path(runtime)
+    cache = Path.home() / ".cache"
+    cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return cache
+
+
 def prepare(work: Path) -> tuple[Path, Path, list[str]]:
     """Accounts, runtime and files of a demo deployment in ``work``: returns the settings
     file, the state directory and the accounts alice and bob map to."""
@@ -205,7 +219,7 @@ def main() -> int:
     started = time.monotonic()
     as_root = os.geteuid() == 0
     say("mep demo")
-    work = Path(tempfile.mkdtemp(prefix="mep-demo-"))
+    work = Path(tempfile.mkdtemp(prefix="mep-demo-", dir=private_parent()))
     config, state_dir, accounts = prepare(work)
     process: subprocess.Popen[bytes] | None = None
     code = 1

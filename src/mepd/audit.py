@@ -1,5 +1,11 @@
 """The audit log: JSON lines, one event per line, in a root-owned file of mode 0600.
 
+The file is opened without following a symbolic link (``O_NOFOLLOW``) and refused,
+after it is open, unless it is a regular file with one name owned by root (or the
+daemon's own uid): in a directory someone else can write, a planted file or link must
+never receive root's appends. Its directory is judged with every other file
+(``mepd.trust``) at start and reload.
+
 Events: authentication failures, mapping results, authorization decisions (with the
 responsible policy line), user endpoint start and stop, task received / started /
 finished. Many events can be written with one ``write`` system call (``record_many``)
@@ -51,6 +57,27 @@ def _encoder() -> json.JSONEncoder:
     return json.JSONEncoder(separators=(",", ":"), default=str)
 
 
+def _refusal(path: Path, info: os.stat_result) -> str | None:
+    """Why the opened file may not be the audit log (rule 8), judged on the open file
+    itself (``fstat``), so nothing can be swapped in between: not a regular file, not
+    owned by root or the daemon's uid (someone else's file in a shared directory), or
+    with a second name (a hard link to another file root would then append to)."""
+    mode = f"mode {stat.S_IMODE(info.st_mode):04o}"
+    if not stat.S_ISREG(info.st_mode):
+        return f"audit log {path} is not a regular file"
+    if info.st_uid not in (0, os.geteuid()):
+        return (
+            f"audit log {path} (owner uid {info.st_uid}, {mode}) is not owned by root or the "
+            "daemon's account (settings.untrusted_file)"
+        )
+    if info.st_nlink != 1:
+        return (
+            f"audit log {path} ({mode}) has {info.st_nlink} names (a hard link): refused "
+            "(settings.untrusted_file)"
+        )
+    return None
+
+
 @attrs.define
 class AuditLog:
     """An append-only JSON-lines file. ``open()`` must be called before recording."""
@@ -72,10 +99,12 @@ class AuditLog:
             self._failed_at = time.monotonic()
             raise AuditUnavailable(detail=f"cannot open audit log {self.path}: {exc}") from exc
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
+        refusal = _refusal(self.path, info)
+        if refusal:
             os.close(fd)
             self._failed = True
-            raise AuditUnavailable(detail=f"audit log {self.path} is not a regular file")
+            self._failed_at = time.monotonic()
+            raise AuditUnavailable(detail=refusal)
         if info.st_uid == os.geteuid():
             # The file may predate us with a laxer mode; the audit trail is root's only.
             os.fchmod(fd, 0o600)

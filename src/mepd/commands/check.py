@@ -11,6 +11,11 @@ Decision tables (``policy_tests``) are tables of ``mepd policy test``, read by t
 command's module only (``mepd.commands.policy.endpoint_table_problems``), decided with
 the endpoint's own model and merged policy list.
 
+First of all, file trust (security rule 8, ``mepd.trust.check_settings``, the same check
+start and reload apply): every file root would read, load or execute, along its whole
+path. A file that fails is not even read: its endpoint (or issuers, TLS) is reported
+and not loaded further.
+
 Exit status: 0 everything loads, 2 at least one problem (each on its own stderr line).
 """
 
@@ -37,6 +42,7 @@ def collect_problems(config: str) -> list[str]:
     from mepcore.errors import MepError
     from mepd.settings import Settings
     from mepd.sites import load_sites
+    from mepd.trust import check_settings
 
     try:
         settings = Settings.from_file(config)
@@ -44,12 +50,15 @@ def collect_problems(config: str) -> list[str]:
         if exc.violations:
             return [f"{config}: {v.path}: {v.message}" for v in exc.violations]
         return [str(exc)]
-    report = load_sites(settings)
+    trust = check_settings(settings)
+    untrusted = trust.areas()
+    report = load_sites(trust.trusted_settings(settings))
     return [
+        *trust.lines(),
         *report.problems,
         *_endpoint_problems(settings, report.sites),
-        *_issuer_problems(settings),
-        *_tls_problems(settings),
+        *([] if "issuers" in untrusted else _issuer_problems(settings)),
+        *([] if "tls" in untrusted else _tls_problems(settings)),
         *_runtime_problems(settings),
         *_state_dir_problems(settings),
     ]
