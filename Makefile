@@ -8,14 +8,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: all venv demo test lint typecheck imports unit bench clean
+.PHONY: all venv demo test lint typecheck imports docs unit bench clean
 
 all: test
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON_BASE) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,parsl]'
+	$(PY) -m pip install -q -e '.[test,parsl,docs]'
 	rm -f $(VENV)/.installed-* && touch $@
 
 venv: $(STAMP)
@@ -30,6 +30,10 @@ typecheck: $(STAMP)
 imports: $(STAMP)
 	$(VENV)/bin/lint-imports
 
+# The documentation site and the library reference (mkdocs.yml): warnings are errors.
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --quiet --site-dir build/site
+
 # Coverage includes the processes the tests start (mepd serve, user endpoints running as
 # other accounts from tests/runtime_venv.py): they write their data into a per-run
 # directory every account can write to (mode 1777, outside this possibly private
@@ -43,7 +47,7 @@ unit: $(STAMP)
 	cp "$$data/.coverage" .coverage 2>/dev/null || true; \
 	exit $$status
 
-test: lint typecheck imports unit
+test: lint typecheck imports docs unit
 
 demo: $(STAMP)
 	$(PY) examples/demo/demo.py

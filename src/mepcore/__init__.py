@@ -5,7 +5,9 @@
 - ``mepcore.config`` validates user variables and renders endpoint configurations;
 - ``mepcore.spawn`` plans and launches user endpoint processes;
 - ``mepcore.tasks`` packs, runs and reports tasks;
-- ``mepcore.client`` is the scientists' SDK.
+- ``mepcore.client`` is the scientists' SDK;
+- ``mepcore.contrib`` puts these decisions into services sites run (Open OnDemand,
+  JupyterHub); nothing else in mepcore imports it.
 
 Importing ``mepcore`` imports none of them: each is imported by name when needed.
 """

@@ -21,6 +21,26 @@ from typing import Any, ClassVar
 
 import attrs
 
+__all__ = [
+    "ADMIN_ONLY_REASONS",
+    "REASONS",
+    "ApiError",
+    "AuthError",
+    "AuthzConfigError",
+    "AuthzError",
+    "ChannelError",
+    "ConfigError",
+    "IdentityConfigError",
+    "IdentityError",
+    "MepError",
+    "SiteConfigError",
+    "SpawnError",
+    "StoreError",
+    "TaskError",
+    "TemplateConfigError",
+    "Violation",
+]
+
 # Stable reason codes and their default public messages. Public messages never name
 # local accounts, files or internals: they are what a remote caller may read.
 REASONS: Mapping[str, str] = MappingProxyType(

@@ -15,6 +15,17 @@ from typing import Protocol, runtime_checkable
 
 from mepcore.types import Account, ShadowEntry
 
+__all__ = [
+    "SHADOW_FILE",
+    "AccountDatabase",
+    "Clock",
+    "ShadowDatabase",
+    "SystemAccountDatabase",
+    "SystemClock",
+    "SystemShadowDatabase",
+    "shadow_entry",
+]
+
 SHADOW_FILE = "/etc/shadow"
 
 

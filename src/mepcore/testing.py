@@ -12,6 +12,8 @@ import attrs
 
 from mepcore.types import Account
 
+__all__ = ["FakeAccountDatabase", "FakeClock"]
+
 
 @attrs.define
 class FakeAccountDatabase:

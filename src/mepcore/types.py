@@ -17,6 +17,15 @@ import attrs
 
 from mepcore.errors import IdentityError, Violation
 
+__all__ = [
+    "MAPPABLE_STATUSES",
+    "Account",
+    "Identity",
+    "IdentitySet",
+    "ShadowEntry",
+    "thaw",
+]
+
 
 def thaw(value: Any) -> Any:
     """A plain copy of frozen data: every ``Mapping`` (``MappingProxyType`` included)
