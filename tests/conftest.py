@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "root" in item.keywords:
             item.add_marker(skip)
+
+
+_PR_SET_CHILD_SUBREAPER = 36
+_PR_GET_CHILD_SUBREAPER = 37
+
+
+@pytest.fixture(autouse=True)
+def _subreaper_stays_in_its_test() -> Iterator[None]:
+    """A test that runs a user endpoint registry in this process makes the process a
+    subreaper (``become_subreaper``), and nothing here reaps adopted orphans after that
+    test: the children of a later test's ``mepd serve`` killed with -9 would then stay
+    zombies of this process for the rest of the run, seen as processes left running.
+    So each test ends with the flag it started with."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    before = ctypes.c_int(0)
+    known = libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(before), 0, 0, 0) == 0
+    yield
+    if known:
+        libc.prctl(_PR_SET_CHILD_SUBREAPER, before.value, 0, 0, 0)
 
 
 @pytest.fixture
