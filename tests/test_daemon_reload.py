@@ -54,7 +54,7 @@ def test_broken_policy_keeps_the_old_one_and_a_fixed_one_takes_effect(
         daemon.process.send_signal(signal.SIGHUP)
         wait_for_reloads(daemon, 1)
         assert status_code(client) == 200  # the old policy is still in force
-        assert "the previous version stays in force" in daemon.stderr()
+        assert "daemon.reload_failed" in daemon.stderr()
 
         # The fixed policy denies read_status (base.csv grants it): it takes effect.
         policy.write_text(good + "p, **, hpc, user:*, read_status, -, deny\n")
@@ -74,8 +74,16 @@ def test_broken_policy_keeps_the_old_one_and_a_fixed_one_takes_effect(
         assert "policy" in out.stderr
         assert status_code(client) == 403
 
-        audit = (daemon.state_dir / "audit.jsonl").read_text()
-        assert audit.count('"event":"daemon.reloaded"') == 3
+        records = [
+            json.loads(line) for line in (daemon.state_dir / "audit.jsonl").read_text().splitlines()
+        ]
+        reloads = [r for r in records if r["event"].startswith("daemon.reload")]
+        assert [r["event"] for r in reloads] == [
+            "daemon.reload_failed",
+            "daemon.reloaded",
+            "daemon.reload_failed",
+        ]
+        assert all("policy" in " ".join(r["problems"]) for r in (reloads[0], reloads[2]))
 
         port_file = daemon.state_dir / "port"
         assert port_file.exists()
@@ -83,3 +91,67 @@ def test_broken_policy_keeps_the_old_one_and_a_fixed_one_takes_effect(
         assert not port_file.exists()
         assert not (daemon.state_dir / "admin.sock").exists()
         assert '"event":"daemon.stopped"' in (daemon.state_dir / "audit.jsonl").read_text()
+
+
+def test_reload_is_all_or_nothing_and_a_broken_key_is_audited(
+    tmp_path: Path, make_account: Any
+) -> None:
+    """A broken issuer key file in the same reload as a good policy change: neither takes
+    effect, the answer and the audit record name the key file, and after the key is
+    fixed the policy change and the key both take effect."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from jwt.algorithms import ECAlgorithm
+
+    acct = make_account()
+    key = ec.generate_private_key(ec.SECP256R1())
+    jwk = json.loads(ECAlgorithm.to_jwk(key.public_key()))
+    jwks = tmp_path / "site" / "jwks.json"
+    jwks.parent.mkdir(parents=True)
+    jwks.write_text(json.dumps({"keys": [{**jwk, "kid": "k1"}]}))
+    config = write_deployment(
+        tmp_path / "site",
+        python=sys.executable,
+        settings_extra={
+            "issuers": [
+                {"type": "local"},
+                {
+                    "type": "jwt",
+                    "issuer": "https://idp.example.org",
+                    "audience": "mep",
+                    "jwks_file": str(jwks),
+                },
+            ]
+        },
+    )
+    policy = tmp_path / "site" / "policy.csv"
+    with running_daemon(config, tmp_path / "site" / "state") as daemon:
+        client = daemon.client(daemon.token(f"{acct.pw_name}@example.org"))
+        assert status_code(client) == 200
+        good = policy.read_text()
+        policy.write_text(good + "p, **, hpc, user:*, read_status, -, deny\n")
+        jwks.write_text("{this is not a key set")
+        out = subprocess.run(
+            [sys.executable, "-m", "mepd", "reload", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 1
+        assert str(jwks) in out.stderr
+        assert status_code(client) == 200  # the policy change did not take effect either
+        failed = [
+            json.loads(line)
+            for line in (daemon.state_dir / "audit.jsonl").read_text().splitlines()
+            if '"daemon.reload_failed"' in line
+        ]
+        assert failed and any(str(jwks) in p for p in failed[-1]["problems"])
+
+        jwks.write_text(json.dumps({"keys": [{**jwk, "kid": "k1"}]}))
+        out = subprocess.run(
+            [sys.executable, "-m", "mepd", "reload", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        assert status_code(client) == 403

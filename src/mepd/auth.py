@@ -183,11 +183,15 @@ class _JwtVerifier:
         if public_key is not None:
             self._keys = {"": public_key}
         elif self.settings.jwks_file is not None:
+            path = self.settings.jwks_file
             try:
-                text = self.settings.jwks_file.read_text(encoding="utf-8")
+                text = path.read_text(encoding="utf-8")
             except OSError as exc:
                 raise AuthError("auth.issuer_unavailable", f"cannot read JWKS: {exc}") from exc
-            self._keys = _parse_jwks(text)
+            try:
+                self._keys = _parse_jwks(text)
+            except AuthError as exc:
+                raise AuthError("auth.issuer_unavailable", f"{path}: {exc.detail}") from exc
 
     async def _refresh(self, http: httpx.AsyncClient) -> None:
         url = self.settings.jwks_url
@@ -317,6 +321,14 @@ class _Introspector:
         return caller
 
 
+@attrs.frozen
+class IssuerKeys:
+    """Every issuer's keys, read and not yet in force."""
+
+    verifiers: dict[str, _JwtVerifier]
+    introspectors: list[_Introspector]
+
+
 @attrs.define
 class Authenticator:
     """All configured issuers. ``reload()`` re-reads key files; ``authenticate`` is async."""
@@ -333,6 +345,17 @@ class Authenticator:
 
     def load(self) -> None:
         """Read the keys (creating the local issuer's key on first start)."""
+        self.install(self.prepare())
+
+    def install(self, keys: IssuerKeys) -> None:
+        """Put keys read by ``prepare`` in force, all at once."""
+        self._jwt = keys.verifiers
+        self._introspectors = keys.introspectors
+        self._verified = {}
+
+    def prepare(self) -> IssuerKeys:
+        """Read every issuer's keys without putting them in force (a reload installs
+        them only if everything else loaded too)."""
         verifiers: dict[str, _JwtVerifier] = {}
         introspectors: list[_Introspector] = []
         for issuer in self.issuers:
@@ -353,9 +376,7 @@ class Authenticator:
                 intro = _Introspector(issuer, self.introspection_cache_entries)
                 intro.load_static()
                 introspectors.append(intro)
-        self._jwt = verifiers
-        self._introspectors = introspectors
-        self._verified = {}
+        return IssuerKeys(verifiers, introspectors)
 
     async def aclose(self) -> None:
         if self._http is not None:

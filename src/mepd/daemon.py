@@ -28,6 +28,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Mapping
@@ -42,11 +43,13 @@ from mepcore.errors import MepError, SiteConfigError, StoreError
 from mepcore.spawn import SpawnSettings
 from mepd.api import create_app
 from mepd.audit import AuditLog, AuditUnavailable
-from mepd.auth import Authenticator
+from mepd.auth import Authenticator, IssuerKeys
 from mepd.delivery import Delivery
 from mepd.endpoints import RegistryEndpoints, UepAudit
 from mepd.inflight import InFlight
 from mepd.metrics import Metrics
+from mepd.notify import Notifier
+from mepd.orphans import sweep_orphan_jobs
 from mepd.pam import PamSessions
 from mepd.pipeline import Pipeline
 from mepd.registry import Registry, RegistryLimits
@@ -76,6 +79,25 @@ def registry_limits(settings: Settings) -> RegistryLimits:
 
 def spawn_settings(settings: Settings) -> SpawnSettings:
     return SpawnSettings.from_mapping(settings.spawn, default_python=settings.python)
+
+
+def tls_problem(settings: Settings) -> str | None:
+    """Why the TLS certificate and key cannot be served (None: they can, or no TLS), naming
+    the file at fault (``ssl`` alone says "[Errno 2]" without saying which)."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    for role, path in (("certificate", settings.tls_cert), ("key", settings.tls_key)):
+        try:
+            path.open("rb").close()
+        except OSError as exc:
+            return f"tls: {role} {path}: {exc.strerror or exc}"
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+            settings.tls_cert, settings.tls_key
+        )
+    except (OSError, ssl.SSLError) as exc:
+        return f"tls: certificate {settings.tls_cert} with key {settings.tls_key}: {exc}"
+    return None
 
 
 class _Server(uvicorn.Server):
@@ -121,6 +143,13 @@ def _server_config(settings: Settings, pipeline: Pipeline) -> uvicorn.Config:
         timeout_keep_alive=30,
         server_header=False,
     )
+
+
+def _describe(exc: BaseException) -> str:
+    """An error as one line for an administrator: a MepError's detail, else its type."""
+    if isinstance(exc, MepError):
+        return exc.detail or exc.public_message
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _open_store(path: Path, settings: Settings, audit: AuditLog, fresh: bool) -> TaskStore:
@@ -178,6 +207,8 @@ class Daemon:
     _stopping: asyncio.Task[None] | None = None
     _background: list[asyncio.Task[Any]] = attrs.field(factory=list)
     _reloads: int = 0
+    # systemd's notification socket (mepd.notify); set by serve() from its environment.
+    _notifier: Notifier = attrs.field(factory=Notifier)
 
     @classmethod
     def open(cls, settings: Settings, *, fresh_store: bool = False) -> Daemon:
@@ -190,6 +221,9 @@ class Daemon:
         trust = check_settings(settings)
         if not trust.ok:
             raise SiteConfigError("settings.untrusted_file", "; ".join(trust.lines()))
+        tls = tls_problem(settings)
+        if tls is not None:
+            raise SiteConfigError("settings.invalid", tls)
         state = settings.state_dir
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
         state.chmod(0o700)
@@ -275,6 +309,8 @@ class Daemon:
         port = sock.getsockname()[1]
         self._announce_start(port)
         self._background.append(loop.create_task(self._sweeper()))
+        # Batch jobs of user endpoints killed with an earlier daemon (mepd.orphans).
+        self._background.append(loop.create_task(sweep_orphan_jobs(self.audit)))
         if self.recovery.queued:
             self._background.append(
                 loop.create_task(self.pipeline.redispatch(self.recovery.queued))
@@ -285,6 +321,7 @@ class Daemon:
             await asyncio.sleep(0.01)
         if self.server.started:
             _write_private(self.settings.state_dir / PORT_FILE, f"{port}\n")
+            self._notify_ready(loop, port)
         try:
             await serving
         finally:
@@ -292,6 +329,20 @@ class Daemon:
             await admin.wait_closed()
             await self._close()
         return 0
+
+    def _notify_ready(self, loop: asyncio.AbstractEventLoop, port: int) -> None:
+        """Tell systemd (Type=notify) that mepd serves; ping its watchdog if it has one."""
+        self._notifier = Notifier.from_environment(os.environ)
+        self._notifier.ready(f"serving on {self.settings.host}:{port}")
+        interval = self._notifier.watchdog_interval
+        if interval is not None:
+            self._background.append(loop.create_task(self._watchdog(interval)))
+
+    async def _watchdog(self, interval: float) -> None:
+        # From the event loop: if the loop hangs, the pings stop and systemd acts.
+        while True:
+            self._notifier.watchdog()
+            await asyncio.sleep(interval)
 
     def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
@@ -352,6 +403,7 @@ class Daemon:
     def request_stop(self, why: str) -> None:
         if self._stopping is None:
             log.info("daemon.stop_requested", why=why)
+            self._notifier.stopping(f"draining ({why})")
             self._stopping = asyncio.get_running_loop().create_task(self._drain_and_stop())
 
     async def _drain_and_stop(self) -> None:
@@ -370,42 +422,52 @@ class Daemon:
     # -- reload -----------------------------------------------------------------------
 
     def _on_sighup(self) -> None:
+        self._notifier.reloading()
         result = self.reload()
+        self._notifier.ready("reloaded" if result["ok"] else "reloaded with problems")
         log.info("daemon.reloaded", **result)
 
     def reload(self) -> dict[str, Any]:
-        """Load mapping, policy, templates and issuer keys again; failures keep the old.
+        """Load mapping, policy, templates and issuer keys again — all or nothing.
 
-        The file trust check comes first: an endpoint with an untrusted file keeps its
-        previous files (they are not read), untrusted issuer files keep the previous
-        keys, an untrusted audit log is not reopened; every refusal is reported."""
+        The file trust check comes first; then every endpoint's files and every issuer's
+        keys are read without putting anything in force. Only when all of it loaded does
+        the new configuration replace the old, whole; otherwise the old one stays whole,
+        the problems are audited as ``daemon.reload_failed`` and returned."""
         self._reloads += 1
-        trust = check_settings(self.settings)
-        untrusted, kept = trust.areas(), trust.endpoints()
-        report = load_sites(trust.trusted_settings(self.settings), self.sites)
-        problems = [*trust.lines(), *report.problems]
-        sites = dict(report.sites)
-        for name in sorted(kept):
-            problems.append(f"endpoint {name}: untrusted file; the previous version stays")
-            if name in self.sites:
-                sites[name] = self.sites[name]
-        if "issuers" in untrusted:
-            problems.append("issuers: untrusted file; the previous keys stay in force")
-        else:
-            try:
-                self.authenticator.load()
-            except MepError as exc:
-                problems.append(f"issuers: {exc}; the previous keys stay in force")
+        problems, staged = self._stage_reload()
+        if problems or staged is None:
+            with contextlib.suppress(AuditUnavailable):
+                self.audit.record("daemon.reload_failed", problems=problems)
+            for problem in problems:
+                log.error("daemon.reload_problem", problem=problem)
+            log.error("daemon.reload_failed", kept="the previous configuration, whole")
+            return {"ok": False, "problems": problems, "endpoints": sorted(self.sites)}
+        sites, keys = staged
         # In place: the pipeline and the registry's adapter look sites up in this dict.
         self.sites.clear()
         self.sites.update(sites)
+        self.authenticator.install(keys)
         with contextlib.suppress(AuditUnavailable):
-            if "audit" not in untrusted:
-                self.audit.reopen()
-            self.audit.record("daemon.reloaded", problems=problems)
-        for problem in problems:
-            log.error("daemon.reload_problem", problem=problem)
-        return {"ok": not problems, "problems": problems, "endpoints": sorted(sites)}
+            self.audit.reopen()
+            self.audit.record("daemon.reloaded", problems=[])
+        return {"ok": True, "problems": [], "endpoints": sorted(sites)}
+
+    def _stage_reload(self) -> tuple[list[str], tuple[dict[str, LoadedSite], IssuerKeys] | None]:
+        trust = check_settings(self.settings)
+        problems = list(trust.lines())
+        if problems:
+            return problems, None
+        report = load_sites(self.settings)
+        problems += report.problems
+        missing = sorted({ep.name for ep in self.settings.endpoints} - set(report.sites))
+        problems += [f"endpoint {name}: not loaded" for name in missing if not report.problems]
+        try:
+            keys = self.authenticator.prepare()
+        except Exception as exc:  # any failure to read a key keeps the old keys in force
+            problems.append(f"issuers: {_describe(exc)}")
+            return problems, None
+        return problems, (dict(report.sites), keys)
 
     # -- status -----------------------------------------------------------------------
 
