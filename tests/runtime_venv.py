@@ -190,15 +190,16 @@ def shared_runtime_python() -> str:
                 _make_world_readable(deps)
                 (deps / "deps.stamp").write_text("ok\n")
             os.utime(deps)
-            building = BASE / f".building-{os.getpid()}"
-            shutil.rmtree(building, ignore_errors=True)
-            # A copy of the dependencies' venv works in place: its python is a symlink
-            # to the system interpreter and site-packages is found relative to it.
-            shutil.copytree(deps, building, symlinks=True)
-            _pip(building / "bin" / "python", "--no-deps", "--force-reinstall", str(ROOT))
-            (building / ".in-use").write_text("")
-            _make_world_readable(building)
-            os.rename(building, runtime)
+            # `mepd runtime build`, seeded with a copy of the dependencies' venv: mep
+            # installed not editable, modes made world-readable, renamed into place
+            # complete (from a .building-* folder, pruned above if a run crashed), then
+            # file-trust checked as the daemon checks its runtime.
+            from mepd.commands.runtime import RuntimeSpec, build_runtime
+
+            spec = RuntimeSpec(python=SYSTEM_PYTHON, source=str(ROOT), seed=deps)
+            built = build_runtime(runtime, spec)
+            if built.problems:
+                raise RuntimeError("; ".join(built.problems))
         os.utime(runtime)
         _hold(runtime)
         _prune(runtime)

@@ -3,9 +3,10 @@
 As root: the demo accounts ``mepdemo1`` and ``mepdemo2`` are created if missing (and
 kept for the next run; ``userdel -r mepdemo1`` removes one), the identities
 alice@example.org and bob@example.org map to them, and user endpoints run from a
-world-readable runtime virtualenv under /var/lib (built once, the same one the root
-tests use: ``tests/runtime_venv.py``). Not as root: both identities map to the current
-account and user endpoints run from this virtualenv.
+world-readable runtime virtualenv under /var/lib/mep-demo, built as an administrator
+builds one: ``mepd runtime build`` (once per content of this checkout; runtimes of
+other checkouts untouched for a day are removed). Not as root: both identities map to
+the current account and user endpoints run from this virtualenv.
 
 The daemon's settings, mapping, policy and template are the files next to this script;
 its state (key, task store, audit log) lives in a temporary directory removed at the
@@ -76,12 +77,38 @@ def ensure_account(name: str) -> pwd.struct_passwd:
     return entry
 
 
-def runtime_python() -> str:
-    """As root: a runtime venv every account can read (shared with the root tests)."""
-    sys.path.insert(0, str(REPO))
-    from tests.runtime_venv import runtime_python as build
+RUNTIMES = Path("/var/lib/mep-demo")
+RUNTIME_KEPT = 86_400  # seconds a runtime of another checkout is kept unused
 
-    return build()
+
+def runtime_python() -> str:
+    """As root: a runtime every account can read, from ``mepd runtime build`` — one per
+    content of this checkout's mep (built under a lock; two demos share it)."""
+    import fcntl
+    import hashlib
+
+    from mepd.commands.runtime import source_digest
+
+    RUNTIMES.mkdir(mode=0o755, parents=True, exist_ok=True)
+    key = hashlib.sha256(source_digest(str(REPO)).encode()).hexdigest()[:16]
+    runtime = RUNTIMES / f"rt-{key}"
+    with open(RUNTIMES / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (runtime / "bin" / "python").exists():
+            command = ["runtime", "build", str(runtime), "--replace", "--source", str(REPO)]
+            built = subprocess.run(
+                [sys.executable, "-m", "mepd", *command],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if built.returncode != 0:
+                raise RuntimeError(f"mepd runtime build failed:\n{built.stderr}{built.stdout}")
+        os.utime(runtime)
+        for other in RUNTIMES.glob("rt-*"):
+            if other != runtime and time.time() - other.stat().st_mtime > RUNTIME_KEPT:
+                shutil.rmtree(other, ignore_errors=True)
+    return str(runtime / "bin" / "python")
 
 
 def fill(template: Path, target: Path, values: dict[str, str]) -> None:

@@ -18,8 +18,10 @@ pipeline does those), and the request schemas themselves (``mepd.shapes``).
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -33,6 +35,7 @@ from starlette.routing import Route
 from mepcore.errors import ADMIN_ONLY_REASONS, REASONS, MepError
 from mepd import __version__
 from mepd.auth import Caller
+from mepd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from mepd.metrics import Metrics
 from mepd.pipeline import Pipeline
 from mepd.settings import Limits
@@ -177,36 +180,77 @@ def create_app(pipeline: Pipeline, limits: Limits, **starlette_options: Any) -> 
     )
 
 
+# A request id a client (or a proxy in front) sends is kept when it is this plain.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def _request_id(request: Request) -> str:
+    given = request.headers.get("x-request-id", "")
+    return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
+def _caller_fields(request: Request) -> dict[str, Any]:
+    """Who the request was from, once authenticated (``_Handlers._caller`` keeps it)."""
+    caller: Caller | None = getattr(request.state, "caller", None)
+    if caller is None:
+        return {"owner": None}
+    primary = caller.identities.primary
+    return {
+        "owner": caller.owner,
+        "identity": primary.id,
+        "username": primary.username,
+        "issuer": caller.issuer,
+    }
+
+
 def _instrumented(name: str, fn: Callable[[Request], Awaitable[Any]], metrics: Metrics) -> Handler:
     """``fn`` as a Starlette handler: its answer (or error) rendered, logged and counted.
 
-    A value that is not already a ``Response`` becomes a 200 JSON answer."""
+    A value that is not already a ``Response`` becomes a 200 JSON answer. Every line
+    logged while it runs carries its ``request_id`` (also the ``X-Request-ID`` answer
+    header); it ends with one access log line (``api.request_completed``)."""
 
     async def handler(request: Request) -> Response:
         started = time.perf_counter()
-        try:
-            result = await fn(request)
-            response = result if isinstance(result, Response) else JSONResponse(result)
-        except MepError as exc:
-            _log_refusal(name, exc)
-            response = error_response(exc)
-        except Exception:
-            log.exception("api.request_crashed", route=name)
-            response = error_response(MepError("mep.internal"))
-        metrics.requests.inc(route=name, status=str(response.status_code))
-        metrics.latency.observe(time.perf_counter() - started, route=name)
+        request_id = _request_id(request)
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            try:
+                result = await fn(request)
+                response = result if isinstance(result, Response) else JSONResponse(result)
+            except MepError as exc:
+                _log_refusal(name, exc, request)
+                response = error_response(exc)
+            except Exception:
+                log.exception("api.request_crashed", route=name, **_caller_fields(request))
+                response = error_response(MepError("mep.internal"))
+            elapsed = time.perf_counter() - started
+            response.headers["X-Request-ID"] = request_id
+            metrics.requests.inc(route=name, status=str(response.status_code))
+            metrics.latency.observe(elapsed, route=name)
+            log.info(
+                "api.request_completed",
+                method=request.method,
+                route=name,
+                path=request.url.path,
+                status=response.status_code,
+                duration_ms=round(elapsed * 1000, 3),
+                client=request.client.host if request.client else None,
+                **_caller_fields(request),
+            )
         return response
 
     return handler
 
 
-def _log_refusal(route: str, exc: MepError) -> None:
+def _log_refusal(route: str, exc: MepError, request: Request) -> None:
     # A 5xx is the daemon's fault and worth an error; a 4xx is the caller's and is not.
-    # The admin log gets the specific code (``admin_reason``), the caller the public one.
+    # The admin log gets the specific code (``admin_reason``), the caller the public one,
+    # and who the caller was (identity and issuer; none when authentication failed).
+    fields = {"route": route, "reason": exc.admin_reason, "detail": exc.detail}
     if status_for(exc.reason) >= 500:
-        log.error("api.request_failed", route=route, reason=exc.admin_reason, detail=exc.detail)
+        log.error("api.request_failed", **fields, **_caller_fields(request))
     else:
-        log.info("api.request_refused", route=route, reason=exc.admin_reason, detail=exc.detail)
+        log.info("api.request_refused", **fields, **_caller_fields(request))
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:
@@ -248,7 +292,9 @@ class _Handlers:
         ]
 
     async def _caller(self, request: Request, route: str) -> Caller:
-        return await self.pipeline.authenticate(request.headers.get("authorization"), route=route)
+        caller = await self.pipeline.authenticate(request.headers.get("authorization"), route=route)
+        request.state.caller = caller  # for the access and refusal log lines
+        return caller
 
     async def functions(self, request: Request) -> Any:
         caller = await self._caller(request, "functions")
@@ -294,7 +340,7 @@ class _Handlers:
         return {"status": "ok", "version": __version__}
 
     async def metrics_text(self, request: Request) -> Any:
-        return Response(self.pipeline.metrics.render(), media_type="text/plain; version=0.0.4")
+        return Response(self.pipeline.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     async def openapi(self, request: Request) -> Any:
         return openapi_document()

@@ -6,10 +6,12 @@ daemon's own uid): in a directory someone else can write, a planted file or link
 never receive root's appends. Its directory is judged with every other file
 (``mepd.trust``) at start and reload.
 
-Events: authentication failures, mapping results, authorization decisions (with the
-responsible policy line), user endpoint start and stop, task received / started /
-finished. Many events can be written with one ``write`` system call (``record_many``)
-so that task events keep up with the task rate, still one line per task.
+Each line is ``{"ts": <RFC 3339 UTC time>, "event": <name>, ...}``, ``ts`` in the
+daemon log's format (``mepd.logs.rfc3339``). Events: authentication failures, mapping
+results, authorization decisions (with the responsible policy line), user endpoint start
+and stop, task received / started / finished. Many events can be written with one
+``write`` system call (``record_many``) so that task events keep up with the task rate,
+still one line per task.
 
 If a write fails the log turns *unavailable* and raises ``AuditUnavailable``; the
 daemon then refuses new work (503 ``audit.unavailable``) rather than continue blind.
@@ -32,6 +34,7 @@ from typing import Any, Protocol
 import attrs
 
 from mepcore.errors import MepError
+from mepd.logs import rfc3339
 
 
 class AuditUnavailable(MepError):
@@ -122,11 +125,11 @@ class AuditLog:
                 self.reopen()
         return self._fd is not None and not self._failed
 
-    def _line(self, event: str, fields: Mapping[str, Any], now: float) -> str:
+    def _line(self, event: str, fields: Mapping[str, Any], now: str) -> str:
         # Task events are most of the volume and their values are ids, hex digests,
         # POSIX names and reason codes: those are written without the JSON encoder
         # (a third of the cost). Anything else goes through the encoder.
-        parts = [f'{{"ts":{now!r},"event":"{event}"']
+        parts = [f'{{"ts":"{now}","event":"{event}"']
         for key, value in fields.items():
             if type(value) is str and _PLAIN.fullmatch(value):
                 parts.append(f',"{key}":"{value}"')
@@ -140,10 +143,10 @@ class AuditLog:
         return "".join(parts)
 
     def record(self, event: str, **fields: Any) -> None:
-        self._write(self._line(event, fields, round(time.time(), 6)).encode())
+        self._write(self._line(event, fields, rfc3339(time.time())).encode())
 
     def record_many(self, events: Iterable[tuple[str, Mapping[str, Any]]]) -> None:
-        now = round(time.time(), 6)
+        now = rfc3339(time.time())
         data = "".join([self._line(event, fields, now) for event, fields in events]).encode()
         if data:
             self._write(data)

@@ -1,17 +1,45 @@
-"""Prometheus metrics of the daemon, in the text exposition format, written by hand.
+"""Prometheus metrics of the daemon, on ``prometheus_client`` (the only module that imports it).
 
-Counters and histograms with labels, held by a ``Metrics`` object the daemon creates
-(no module-level registry, so tests get fresh metrics). Gauges whose value lives
-elsewhere (user endpoints, tasks by state) are read through callbacks at scrape time.
-Deliberately minimal: no exemplars, no summaries, no push gateway.
+A ``Metrics`` object owns its own ``CollectorRegistry`` (never the library's global one:
+each daemon, and each test, gets fresh metrics) with:
+
+- the daemon's counters and histograms (``mepd_http_requests_total``,
+  ``mepd_http_request_seconds``, ``mepd_authz_decisions_total``,
+  ``mepd_auth_failures_total``, ``mepd_tasks_total``, ``mepd_task_seconds``), kept behind
+  the small ``inc``/``observe`` interface the pipeline already used, so no caller knows
+  the library;
+- gauges whose value lives elsewhere (user endpoints by state, tasks in flight and
+  pending, the audit log's availability), read through callbacks at scrape time by one
+  custom collector, so they can never disagree with the state they describe;
+- the standard process and platform collectors (``process_*``: CPU seconds, resident
+  memory, open file descriptors, start time; ``python_info``; ``python_gc_*``) and
+  ``mep_build_info{version, python}``.
+
+``render()`` is the text exposition format. Deliberately not here: an HTTP server of its
+own (``GET /metrics`` is a route of the API), push gateways, exemplars, multiprocess mode
+(the daemon is one process; user endpoints export nothing).
 """
 
 from __future__ import annotations
 
-import bisect
-from collections.abc import Callable, Mapping
+import platform
+from collections.abc import Callable, Iterator, Mapping
 
 import attrs
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client import Counter as _PromCounter
+from prometheus_client import Histogram as _PromHistogram
+from prometheus_client import Info as _PromInfo
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from mepd import __version__
 
 LATENCY_BUCKETS = (
     0.0005,
@@ -31,116 +59,123 @@ LATENCY_BUCKETS = (
     30.0,
 )
 
+# The media type of ``render()``'s text (the classic 0.0.4 text format: every name here
+# is a legacy one, so no escaping is involved), for the HTTP answer.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
 Labels = tuple[tuple[str, str], ...]
-
-
-def _labels(labels: Mapping[str, str]) -> Labels:
-    return tuple(sorted(labels.items()))
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _render_labels(labels: Labels, extra: tuple[tuple[str, str], ...] = ()) -> str:
-    items = labels + extra
-    if not items:
-        return ""
-    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in items) + "}"
-
-
-@attrs.define
-class Counter:
-    name: str
-    help: str
-    values: dict[Labels, float] = attrs.field(factory=dict)
-
-    def inc(self, amount: float = 1.0, **labels: str) -> None:
-        key = _labels(labels)
-        self.values[key] = self.values.get(key, 0.0) + amount
-
-    def render(self) -> list[str]:
-        out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
-        out += [f"{self.name}{_render_labels(k)} {v:g}" for k, v in sorted(self.values.items())]
-        return out
-
-
-@attrs.define
-class Histogram:
-    name: str
-    help: str
-    buckets: tuple[float, ...] = LATENCY_BUCKETS
-    series: dict[Labels, tuple[list[int], list[float]]] = attrs.field(factory=dict)
-
-    def observe(self, value: float, **labels: str) -> None:
-        key = _labels(labels)
-        entry = self.series.get(key)
-        if entry is None:
-            entry = ([0] * (len(self.buckets) + 1), [0.0])
-            self.series[key] = entry
-        entry[0][bisect.bisect_left(self.buckets, value)] += 1
-        entry[1][0] += value
-
-    def render(self) -> list[str]:
-        out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        for key, (counts, total) in sorted(self.series.items()):
-            running = 0
-            for bound, count in zip(self.buckets, counts, strict=False):
-                running += count
-                out.append(
-                    f"{self.name}_bucket{_render_labels(key, (('le', f'{bound:g}'),))} {running}"
-                )
-            running += counts[-1]
-            out.append(f"{self.name}_bucket{_render_labels(key, (('le', '+Inf'),))} {running}")
-            out.append(f"{self.name}_sum{_render_labels(key)} {total[0]:g}")
-            out.append(f"{self.name}_count{_render_labels(key)} {running}")
-        return out
-
-
-@attrs.define
-class Metrics:
-    """Every metric mepd exports."""
-
-    requests: Counter = attrs.field(
-        factory=lambda: Counter("mepd_http_requests_total", "HTTP requests by route and status")
-    )
-    latency: Histogram = attrs.field(
-        factory=lambda: Histogram("mepd_http_request_seconds", "HTTP request latency by route")
-    )
-    decisions: Counter = attrs.field(
-        factory=lambda: Counter("mepd_authz_decisions_total", "authorization decisions")
-    )
-    auth_failures: Counter = attrs.field(
-        factory=lambda: Counter("mepd_auth_failures_total", "authentication failures by reason")
-    )
-    tasks: Counter = attrs.field(
-        factory=lambda: Counter("mepd_tasks_total", "tasks that reached a state")
-    )
-    task_seconds: Histogram = attrs.field(
-        factory=lambda: Histogram("mepd_task_seconds", "time from acceptance to result")
-    )
-    gauges: dict[str, tuple[str, Callable[[], Mapping[Labels, float]]]] = attrs.field(factory=dict)
-
-    def gauge(self, name: str, help_text: str, read: Callable[[], Mapping[Labels, float]]) -> None:
-        self.gauges[name] = (help_text, read)
-
-    def render(self) -> str:
-        lines: list[str] = []
-        for metric in (
-            self.requests,
-            self.latency,
-            self.decisions,
-            self.auth_failures,
-            self.tasks,
-            self.task_seconds,
-        ):
-            lines += metric.render()
-        for name, (help_text, read) in sorted(self.gauges.items()):
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
-            lines += [f"{name}{_render_labels(k)} {v:g}" for k, v in sorted(read().items())]
-        return "\n".join(lines) + "\n"
 
 
 def labels(**items: str) -> Labels:
     """Label set for a gauge callback's answer."""
-    return _labels(items)
+    return tuple(sorted(items.items()))
+
+
+@attrs.frozen
+class Counter:
+    """A counter with declared label names; ``inc(amount, **labels)``."""
+
+    metric: _PromCounter
+
+    def inc(self, amount: float = 1.0, **labels: str) -> None:
+        (self.metric.labels(**labels) if labels else self.metric).inc(amount)
+
+
+@attrs.frozen
+class Histogram:
+    """A histogram with declared label names; ``observe(value, **labels)``."""
+
+    metric: _PromHistogram
+
+    def observe(self, value: float, **labels: str) -> None:
+        (self.metric.labels(**labels) if labels else self.metric).observe(value)
+
+
+GaugeReader = Callable[[], Mapping[Labels, float]]
+
+
+@attrs.define(eq=False)
+class _CallbackGauges(Collector):
+    """Gauges read at scrape time: name -> (help, callback returning label set -> value).
+    Compared by identity: the registry keeps collectors in a dict."""
+
+    gauges: dict[str, tuple[str, GaugeReader]] = attrs.field(factory=dict)
+
+    def collect(self) -> Iterator[Metric]:
+        for name, (help_text, read) in sorted(self.gauges.items()):
+            values = read()
+            names = sorted({key for label_set in values for key, _ in label_set})
+            family = GaugeMetricFamily(name, help_text, labels=names)
+            for label_set, value in sorted(values.items()):
+                given = dict(label_set)
+                family.add_metric([given.get(key, "") for key in names], float(value))
+            yield family
+
+    def describe(self) -> Iterator[Metric]:
+        # Names only (the registry checks for duplicates); values are read at scrape.
+        for name, (help_text, _read) in sorted(self.gauges.items()):
+            yield GaugeMetricFamily(name, help_text)
+
+
+def _counter(registry: CollectorRegistry, name: str, help_text: str, *names: str) -> Counter:
+    return Counter(_PromCounter(name, help_text, labelnames=names, registry=registry))
+
+
+def _histogram(registry: CollectorRegistry, name: str, help_text: str, *names: str) -> Histogram:
+    metric = _PromHistogram(
+        name, help_text, labelnames=names, buckets=LATENCY_BUCKETS, registry=registry
+    )
+    return Histogram(metric)
+
+
+@attrs.define
+class Metrics:
+    """Every metric mepd exports, in a registry of its own (``Metrics()``: a fresh one)."""
+
+    registry: CollectorRegistry = attrs.field(factory=CollectorRegistry)
+    requests: Counter = attrs.field(init=False)
+    latency: Histogram = attrs.field(init=False)
+    decisions: Counter = attrs.field(init=False)
+    auth_failures: Counter = attrs.field(init=False)
+    tasks: Counter = attrs.field(init=False)
+    task_seconds: Histogram = attrs.field(init=False)
+    _gauges: _CallbackGauges = attrs.field(init=False, factory=_CallbackGauges)
+
+    def __attrs_post_init__(self) -> None:
+        registry = self.registry
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+        build = _PromInfo(
+            "mep_build", "the running mep: its version and Python's", registry=registry
+        )
+        build.info({"version": __version__, "python": platform.python_version()})
+        registry.register(self._gauges)
+        self.requests = _counter(
+            registry,
+            "mepd_http_requests_total",
+            "HTTP requests by route and status",
+            "route",
+            "status",
+        )
+        self.latency = _histogram(
+            registry, "mepd_http_request_seconds", "HTTP request latency by route", "route"
+        )
+        self.decisions = _counter(
+            registry, "mepd_authz_decisions_total", "authorization decisions", "action", "allowed"
+        )
+        self.auth_failures = _counter(
+            registry, "mepd_auth_failures_total", "authentication failures by reason", "reason"
+        )
+        self.tasks = _counter(registry, "mepd_tasks_total", "tasks that reached a state", "state")
+        self.task_seconds = _histogram(
+            registry, "mepd_task_seconds", "time from acceptance to result"
+        )
+
+    def gauge(self, name: str, help_text: str, read: GaugeReader) -> None:
+        """A gauge whose values ``read()`` returns at each scrape."""
+        self._gauges.gauges[name] = (help_text, read)
+
+    def render(self) -> str:
+        """Every metric in the Prometheus text exposition format."""
+        return generate_latest(self.registry).decode("utf-8")

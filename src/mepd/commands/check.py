@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import ssl
 import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -100,15 +99,10 @@ def _issuer_problems(settings: Settings) -> list[str]:
 
 
 def _tls_problems(settings: Settings) -> list[str]:
-    if settings.tls_cert is None or settings.tls_key is None:
-        return []
-    try:
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
-            settings.tls_cert, settings.tls_key
-        )
-    except (OSError, ssl.SSLError) as exc:
-        return [f"tls: {exc}"]
-    return []
+    from mepd.daemon import tls_problem
+
+    problem = tls_problem(settings)
+    return [] if problem is None else [problem]
 
 
 def _runtime_problems(settings: Settings) -> list[str]:

@@ -1,9 +1,11 @@
 """``mepd policy``: run decision tables against policies, and explain one decision.
 
 ``mepd policy test [--model FILE] [--policy FILE ...] [--config FILE [--endpoint NAME]]
-[--run REGEX] [--coverage] [PATH ...]`` loads every decision table (``*.yaml``/``*.yml``
-files, or folders searched recursively), decides each case, prints one line per case
-and ends with ``N passed, M failed``; exit 0 only when every case passed. ``--coverage``
+[--run REGEX] [--coverage] [--json] [PATH ...]`` loads every decision table
+(``*.yaml``/``*.yml`` files, or folders searched recursively), decides each case, prints
+one line per case and ends with ``N passed, M failed`` (``--json``: one JSON document
+with ``passed``, ``failed``, ``cases`` and, with ``--coverage``, ``coverage``; an
+unusable table is ``{"error": …}``); exit 0 only when every case passed. ``--coverage``
 lists the policy lines no case touched. ``mepd policy explain`` prints one decision
 with its reason and lines as JSON (exit 0 allowed, 1 denied).
 
@@ -115,6 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     test.add_argument(
         "--coverage", action="store_true", help="list policy lines that no case touched"
     )
+    test.add_argument("--json", action="store_true", help="print the results as one JSON document")
     test.add_argument(
         "--policy",
         action="append",
@@ -154,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
             return _run_explain(args)
     except ConfigProblem as exc:
         sys.stderr.write(f"mepd policy: {exc}\n")
+        if getattr(args, "json", False):
+            print(json.dumps({"error": str(exc)}))
         return EXIT_USAGE
     sys.stderr.write("mepd policy: choose an action: test or explain\n")
     return EXIT_USAGE
@@ -247,6 +252,10 @@ def _print(line: str) -> None:
     print(line)
 
 
+def _discard(line: str) -> None:
+    """``--json``: the lines are not printed; the tally keeps the results."""
+
+
 @attrs.define
 class _Tally:
     """What the run has seen so far: results, and the policy lines for ``--coverage``.
@@ -257,14 +266,41 @@ class _Tally:
     failed: int = 0
     lines: dict[tuple[str, int], str] = attrs.field(factory=dict)
     touched: set[tuple[str, int]] = attrs.field(factory=set)
+    cases: list[dict[str, Any]] = attrs.field(factory=list)
 
     def record(self, label: str, decision: Decision, problems: list[str]) -> None:
+        self.cases.append(
+            {
+                "case": label,
+                "ok": not problems,
+                "decision": _verdict(decision),
+                "reason": decision.reason,
+                "problems": problems,
+            }
+        )
         if problems:
             self.failed += 1
             self.emit(f"FAIL {label}: {'; '.join(problems)}")
         else:
             self.passed += 1
             self.emit(f"ok   {label}: {_verdict(decision)} ({decision.reason})")
+
+    def untouched(self) -> list[tuple[str, int]]:
+        return sorted(key for key in self.lines if key not in self.touched)
+
+    def as_json(self, coverage: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {"passed": self.passed, "failed": self.failed, "cases": self.cases}
+        if coverage:
+            untouched = self.untouched()
+            out["coverage"] = {
+                "lines": len(self.lines),
+                "touched": len(self.lines) - len(untouched),
+                "untouched": [
+                    {"source": source, "line": lineno, "text": self.lines[(source, lineno)]}
+                    for source, lineno in untouched
+                ],
+            }
+        return out
 
     def print_coverage(self) -> None:
         untouched = sorted(key for key in self.lines if key not in self.touched)
@@ -473,13 +509,16 @@ def _runs(args: argparse.Namespace) -> list[tuple[list[str], PolicyFiles | None]
 
 def _run_tests(args: argparse.Namespace) -> int:
     selector = re.compile(args.run) if args.run else None
-    tally = _Tally()
+    tally = _Tally(emit=_discard) if args.json else _Tally()
     for paths, files in _runs(args):
         for table_path in _table_files(paths):
             _run_table(_DecisionTable.load(table_path, args.model, files), selector, tally)
-    if args.coverage:
-        tally.print_coverage()
-    print(f"{tally.passed} passed, {tally.failed} failed")
+    if args.json:
+        print(json.dumps(tally.as_json(args.coverage), indent=2))
+    else:
+        if args.coverage:
+            tally.print_coverage()
+        print(f"{tally.passed} passed, {tally.failed} failed")
     return EXIT_OK if tally.failed == 0 and tally.passed > 0 else EXIT_NEGATIVE
 
 
