@@ -22,6 +22,7 @@ Exit status: 0 everything loads, 2 at least one problem (each on its own stderr 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Mapping
@@ -34,6 +35,11 @@ if TYPE_CHECKING:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, metavar="FILE", help="the settings YAML")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"config", "valid", "problems"} as JSON (the problems also on stderr)',
+    )
 
 
 def collect_problems(config: str) -> list[str]:
@@ -135,8 +141,12 @@ def run(args: argparse.Namespace) -> int:
     problems = collect_problems(args.config)
     for problem in problems:
         sys.stderr.write(f"mepd check: {problem}\n")
+    if args.json:
+        answer = {"config": args.config, "valid": not problems, "problems": problems}
+        sys.stdout.write(json.dumps(answer, indent=2) + "\n")
     if problems:
         sys.stderr.write(f"mepd check: {len(problems)} problem(s); the daemon would not start\n")
         return 2
-    sys.stdout.write(f"mepd check: {args.config} is valid\n")
+    if not args.json:
+        sys.stdout.write(f"mepd check: {args.config} is valid\n")
     return 0

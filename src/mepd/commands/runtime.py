@@ -330,11 +330,14 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         result = build_runtime(Path(args.path), spec, replace=args.replace, say=say)
-    except RuntimeBuildError as exc:
-        sys.stderr.write(f"mepd runtime: {exc}\n")
-        return EXIT_USAGE
-    except OSError as exc:
-        sys.stderr.write(f"mepd runtime: {exc.filename or args.path}: {exc.strerror or exc}\n")
+    except (RuntimeBuildError, OSError) as exc:
+        if isinstance(exc, OSError):
+            why = f"{exc.filename or args.path}: {exc.strerror or exc}"
+        else:
+            why = str(exc)
+        sys.stderr.write(f"mepd runtime: {why}\n")
+        if args.json:
+            sys.stdout.write(json.dumps({"path": args.path, "built": False, "error": why}) + "\n")
         return EXIT_USAGE
     for problem in result.problems:
         sys.stderr.write(f"mepd runtime: {problem}\n")
