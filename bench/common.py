@@ -385,6 +385,7 @@ def bench_deployment(
                         [
                             {
                                 "DATA_TYPE": "expression_identity_mapping#1.0.0",
+                                "mep_match_syntax": "python",
                                 "mappings": [
                                     {
                                         "source": "{username}",

@@ -52,6 +52,7 @@ def identity_set(username: str) -> IdentitySet:
 def expression_mapper(rules: int) -> IdentityMapper:
     document = {
         "DATA_TYPE": "expression_identity_mapping#1.0.0",
+        "mep_match_syntax": "python",
         "mappings": [
             {
                 "source": "{username}",

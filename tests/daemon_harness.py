@@ -412,6 +412,7 @@ EXAMPLE = REPO / "examples" / "daemon"
 MAPPING_FOR_TEST_ACCOUNTS = [
     {
         "DATA_TYPE": "expression_identity_mapping#1.0.0",
+        "mep_match_syntax": "python",
         "mappings": [
             {"source": "{username}", "match": "(mept[0-9a-f]{8})@example\\.org", "output": "{0}"}
         ],

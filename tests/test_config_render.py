@@ -114,7 +114,19 @@ def test_shell_escape_quotes_the_raw_value_and_stays_yaml_safe() -> None:
     import shlex
 
     assert shlex.split(loaded["cmd"]) == [hostile]
-    assert yaml.safe_load(render("n: {{ 5 | shell_escape }}")) == {"n": "5"}
+
+
+def test_shell_escape_has_the_reference_semantics() -> None:
+    # Strings are JSON-decoded (a supplied string's text is its JSON form), so a literal
+    # default in its JSON form works; anything that is not a string passes through.
+    assert yaml.safe_load(render("n: {{ 5 | shell_escape }}")) == {"n": 5}
+    assert render("e: {{ v | default('\"\"') | shell_escape }}") == "e: \"''\""
+    assert render("l: {{ xs | shell_escape }}", {"xs": ["a b"]}) == 'l: ["a b"]'
+    assert render("s: {{ '\"a b\"' | shell_escape }}") == "s: \"'a b'\""
+    # A JSON text that is not a string passes through as it is.
+    assert render("t: {{ '[1]' | shell_escape }}") == "t: [1]"
+    # A literal that is not JSON text is refused, as the reference raises.
+    assert refused("x: {{ 'a b' | shell_escape }}").reason == "config.render_failed"
 
 
 def test_shell_format_builds_a_command_line_from_several_values() -> None:
@@ -135,24 +147,63 @@ def test_mapped_identity_and_user_runtime_under_gc_and_legacy_names() -> None:
     template = (
         "{{ _GC.mapped_identity.local.name }} {{ _GC.mapped_identity.local.uid }} "
         "{{ _GC.mapped_identity.local.gid }} {{ _GC.mapped_identity.local.home }} "
-        "{{ _GC.mapped_identity.local.shell }} {{ _GC.mapped_identity.local.groups }} "
+        "{{ _GC.mapped_identity.local.shell }} {{ _GC.mapped_identity.local.group_names }} "
         "{{ _GC.mapped_identity.id }} {{ _GC.mapped_identity.identity.username }} "
         "{{ _GC.user_runtime.python_version }}|"
         "{{ mapped_identity.local.name }} {{ user_runtime.platform }}"
-        "{% if '\"gpu-users\"' in _GC.mapped_identity.local.groups %} member{% endif %}"
+        "{% if '\"gpu-users\"' in _GC.mapped_identity.local.group_names %} member{% endif %}"
     )
     out = render(template, user_runtime=runtime)
     assert out == (
-        '"alice" 1001 1001 "/home/alice" "/bin/bash" ["alice", "gpu-users"] '
+        '"alice" 1001 1001 "/home/alice" /bin/bash ["alice", "gpu-users"] '
         '"0b6a3c6e-1111-2222-3333-444455556666" "alice@example.org" "3.11.4"|'
         '"alice" "linux" member'
     )
 
 
-def test_without_identity_the_id_is_null_and_parent_config_is_undefined() -> None:
+def test_the_reference_names_of_mapped_identity_render_as_the_reference_shows_them() -> None:
+    # uname, dir, shell, gecos and globus.id are not quoted there: plain text stays
+    # plain (so "{{ dir }}/scratch" works); anything else is quoted, never raw YAML.
+    template = (
+        "a: {{ _GC.mapped_identity.local.uname }}\n"
+        "b: {{ _GC.mapped_identity.local.dir }}/scratch\n"
+        "c: {{ _GC.mapped_identity.local.groups }}\n"
+        "d: {{ _GC.mapped_identity.globus.id }}\n"
+        "e: {{ _GC.mapped_identity.local.gecos }}\n"
+        "f: {{ mapped_identity.local.uid }}\n"
+    )
+    assert yaml.safe_load(render(template)) == {
+        "a": "alice",
+        "b": "/home/alice/scratch",
+        "c": [1001, 2000],
+        "d": "0b6a3c6e-1111-2222-3333-444455556666",
+        "e": None,  # empty, as in the reference: YAML reads null
+        "f": 1001,
+    }
+    hostile = Account("eve", 1003, 1003, "/home/eve", "/bin/sh", gecos="x\nengine: {type: y}")
+    out = render(
+        "display_name: {{ _GC.mapped_identity.local.gecos }}\n", mapped=MappedIdentity(hostile)
+    )
+    assert yaml.safe_load(out) == {"display_name": "x\nengine: {type: y}"}
+
+
+def test_without_identity_the_ids_are_null() -> None:
     mapped = MappedIdentity(account=ALICE)
     assert render("{{ _GC.mapped_identity.id }}", mapped=mapped) == "null"
-    assert refused("{{ parent_config }}").reason == "config.undefined_variable"
+    assert render("{{ _GC.mapped_identity.globus.id }}", mapped=mapped) == "null"
+
+
+def test_parent_config_and_env_come_from_the_daemon() -> None:
+    assert render("{{ _GC.parent_config }} {{ parent_config }} {{ _GC.env }}") == "{} {} {}"
+    out = render_template(
+        "{{ _GC.parent_config.name }} {{ _GC.env.PATH }} {{ _GC.env.X }}",
+        {},
+        mapped=MAPPED,
+        parent_config={"name": "hpc"},
+        environment={"PATH": "/usr/bin:/bin", "X": "a: b"},
+    )
+    assert out == 'hpc /usr/bin:/bin "a: b"'
+    assert refused("{{ _GC.parent_config.missing }}").reason == "config.undefined_variable"
 
 
 def test_reserved_names_are_refused_by_render_too() -> None:

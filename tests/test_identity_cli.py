@@ -18,7 +18,16 @@ from tests.accounts import create_group, delete_group
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "identity"
 EXPR = "expression_identity_mapping#1.0.0"
-KEYS = ["username", "matched_identity", "mapper", "rule", "candidates", "account", "error"]
+KEYS = [
+    "username",
+    "matched_identity",
+    "mapper",
+    "rule",
+    "candidates",
+    "skipped",
+    "account",
+    "error",
+]
 
 
 def write_mapping(tmp_path: Path, docs: Any) -> str:
@@ -80,6 +89,7 @@ def test_no_account_check_prints_the_result_and_exits_0(tmp_path: Path, mapmain:
         "mapper": 0,
         "rule": 0,
         "candidates": [{"identity": "b", "username": "zoe", "mapper": 0, "rule": 0}],
+        "skipped": [],
         "account": None,
         "error": None,
     }

@@ -116,7 +116,7 @@ def test_source_and_output_interpolate_fields_and_groups() -> None:
     docs = [
         expr(
             rule(
-                r"(.+)\|(.+)",
+                r"(.*)\|(.*)",
                 source="{email}|{identity_provider}",
                 output="{1}_{0}",
             )
@@ -131,38 +131,67 @@ def test_output_may_use_identity_fields() -> None:
     assert mapped(docs, ids(user("42", username="dave@example.org"))).username == "x42"
 
 
-def test_missing_field_skips_that_rule_for_that_identity_only() -> None:
+def test_missing_field_fails_the_whole_document_for_the_identity_set() -> None:
+    # As in Globus Compute: any (rule, identity) that cannot be evaluated makes the
+    # document give no result; its later rules are not tried, the next document is.
     docs = [
         expr(
             rule(r"(.*)@a\.org", source="{email}"),
             rule(r"(.*)@b\.org", source="{username}"),
-        )
+        ),
+        expr(rule(r"(.*)@b\.org", output="{0}-next")),
     ]
-    who = ids(user("no-email", username="erin@b.org"), user("has-email", email="frank@a.org"))
+    who = ids(
+        user("no-email", username="erin@b.org"),
+        user("has-email", email="frank@a.org", username="frank@c.org"),
+    )
     result = mapped(docs, who)
-    # Rule 0 matches the second identity (the first has no email); rule 0 wins.
-    assert (result.username, result.matched_identity, result.rule) == ("frank", "has-email", 0)
-    assert [c.to_dict() for c in result.candidates] == [
-        {"identity": "has-email", "username": "frank", "mapper": 0, "rule": 0},
-        {"identity": "no-email", "username": "erin", "mapper": 0, "rule": 1},
-    ]
+    assert (result.username, result.mapper, result.rule) == ("erin-next", 1, 0)
+    assert len(result.skipped) == 1
+    assert result.skipped[0].startswith("$[0].mappings[0].source: identity no-email has no {email}")
+    alone = mapped(docs[:1], who)
+    assert (alone.username, alone.candidates) == (None, ())
+    assert alone.to_dict()["skipped"] == list(alone.skipped) != []
+
+
+def test_missing_output_field_fails_the_document_only_when_the_rule_matches() -> None:
+    docs = [expr(rule(r".*@a\.org", output="{email}"), rule(r"(.*)@b\.org"))]
+    assert mapped(docs, ids(user("u", username="x@b.org"))).username == "x"
+    failed = mapped(docs, ids(user("u", username="x@a.org")))
+    assert failed.username is None
+    assert "output: identity u has no {email}" in failed.skipped[0]
 
 
 def test_non_string_field_counts_as_missing() -> None:
     docs = [expr(rule(r"(.*)", source="{email}"))]
     assert mapped(docs, ids(user("u1", email=None))).username is None
-    assert mapped(docs, ids(user("u1", email=["a"]))).username is None
+    assert mapped(docs, ids(user("u1", email=["a"]))).skipped != ()
 
 
-def test_empty_output_is_no_result() -> None:
+def test_empty_output_decides_and_is_no_mapping() -> None:
+    # The reference takes the empty name of the deciding rule and fails: no fallback.
     docs = [expr(rule(r"(.*)@example\.org"), rule(r".*", output="fallback"))]
     result = mapped(docs, ids(user("u1", username="@example.org")))
-    assert (result.username, result.rule) == ("fallback", 1)
+    assert (result.username, result.matched_identity) == (None, None)
+    assert [(c.username, c.rule) for c in result.candidates] == [("", 0), ("fallback", 1)]
+    assert (
+        mapped(
+            [*docs, expr(rule(".*", output="later"))], ids(user("u1", username="@example.org"))
+        ).username
+        is None
+    )
 
 
-def test_group_that_did_not_take_part_renders_empty() -> None:
+def test_group_that_did_not_take_part_fails_the_document() -> None:
     docs = [expr(rule(r"(x)?(.*)", output="{0}{1}"))]
-    assert mapped(docs, ids(user("u1", username="abc"))).username == "abc"
+    result = mapped(docs, ids(user("u1", username="abc")))
+    assert result.username is None
+    assert result.skipped == ("$[0].mappings[0].output: group {0} took no part in the match",)
+    # Not used in the output: no harm done.
+    assert (
+        mapped([expr(rule(r"(x)?(.*)", output="{1}"))], ids(user("u1", username="abc"))).username
+        == "abc"
+    )
 
 
 def test_escaped_braces_are_literal() -> None:
@@ -215,6 +244,7 @@ def test_no_match_is_a_result_not_an_error() -> None:
         "mapper": None,
         "rule": None,
         "candidates": [],
+        "skipped": [],
     }
 
 
@@ -247,7 +277,7 @@ def test_booleans_must_be_real_json_booleans(field: str, value: Any) -> None:
 def test_invalid_regex_names_the_field() -> None:
     error = config_error([expr(rule("(ok)")), expr(rule("a", output="x"), rule("(unclosed"))])
     assert paths(error) == ["$[1].mappings[1].match"]
-    assert "regular expression" in error.violations[0].message
+    assert "not a valid expression" in error.violations[0].message
 
 
 @pytest.mark.parametrize("missing", ["source", "match", "output"])
@@ -257,12 +287,22 @@ def test_rule_fields_are_required(missing: str) -> None:
     assert paths(config_error([expr(r)])) == [f"$[0].mappings[0].{missing}"]
 
 
-def test_unknown_keys_are_refused() -> None:
-    error = config_error([expr(rule("(a)", ignorecase=True))])
-    assert paths(error) == ["$[0].mappings[0].ignorecase"]
-    doc = expr(rule("(a)"))
+def test_unknown_keys_are_ignored_with_a_warning() -> None:
+    # As the reference: ignored. A misspelt key changes who maps to whom, so mepd check
+    # lists each one (not "comment", which the reference's own example carries).
+    doc = expr(rule("(a)", ignorecase=True))
     doc["extra"] = 1
-    assert paths(config_error([doc])) == ["$[0].extra"]
+    doc["comment"] = "for people"
+    mapper = IdentityMapper.from_documents([doc])
+    assert mapper.map(ids(user("u", username="A"))).username is None  # case-sensitive
+    assert [(w.path, w.code) for w in mapper.warnings] == [
+        ("$[0].extra", "unknown_key"),
+        ("$[0].mappings[0].ignorecase", "unknown_key"),
+    ]
+    external = IdentityMapper.from_documents(
+        [{"DATA_TYPE": EXT, "command": ["/bin/true"], "timeout": 3}]
+    )
+    assert [w.path for w in external.warnings] == ["$[0].timeout"]
 
 
 def test_empty_mappings_list_is_refused() -> None:

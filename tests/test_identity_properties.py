@@ -23,6 +23,7 @@ PASS_THROUGH = IdentityMapper.from_documents(
     [
         {
             "DATA_TYPE": EXPR,
+            "mep_match_syntax": "python",
             "mappings": [
                 {"source": "{username}", "match": r"(.*)@example\.org", "output": "{0}"},
                 {"source": "{email}", "match": "([^@]*)@(.*)", "output": "{1}{0}"},
@@ -153,7 +154,9 @@ def test_external_mapping_never_yields_an_unsafe_account(
 @settings(max_examples=300, deadline=None)
 @given(username=st.text(max_size=60))
 def test_domain_rule_only_strips_a_whole_suffix(username: str) -> None:
-    result = PASS_THROUGH.map(IdentitySet.from_json({"id": "x", "username": username}))
+    # Every field the rules name is present: a missing one fails the whole document.
+    identity = {"id": "x", "username": username, "email": "e@x", "name": "n"}
+    result = PASS_THROUGH.map(IdentitySet.from_json(identity))
     if result.rule == 0:
         assert result.username is not None
         # Whole-string match: nothing may follow the domain, not even a newline.
@@ -213,6 +216,7 @@ EXPRESSION_MAPPERS = [
         [
             {
                 "DATA_TYPE": EXPR,
+                "mep_match_syntax": "python",
                 "mappings": [
                     {"source": "{username}", "match": r".*@example\.org", "output": "shared"},
                     {"source": "{email}", "match": "([^@]*)@(.*)", "output": "{0}"},
@@ -220,6 +224,7 @@ EXPRESSION_MAPPERS = [
             },
             {
                 "DATA_TYPE": EXPR,
+                "mep_match_syntax": "python",
                 "mappings": [{"source": "{name}", "match": "(?s).+", "output": "named"}],
             },
         ]

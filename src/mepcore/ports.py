@@ -128,6 +128,7 @@ def _account_from_pwd(entry: pwd.struct_passwd) -> Account:
         shell=entry.pw_shell,
         group_ids=tuple(gids),
         group_names=tuple(names),
+        gecos=entry.pw_gecos,
     )
 
 

@@ -196,6 +196,8 @@ class Account:
     shell: str
     group_ids: tuple[int, ...] = attrs.field(converter=_int_tuple, factory=tuple)
     group_names: tuple[str, ...] = attrs.field(converter=_str_tuple, factory=tuple)
+    # The passwd comment field (pw_gecos): templates may read it, as in Globus Compute.
+    gecos: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -206,6 +208,7 @@ class Account:
             "shell": self.shell,
             "groups": list(self.group_names),
             "group_ids": list(self.group_ids),
+            "gecos": self.gecos,
         }
 
 

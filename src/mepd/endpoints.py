@@ -119,6 +119,7 @@ class RegistryEndpoints:
             environment=files.environment,
             executor_limits=self.executor_limits,
             variable_limits=attrs.asdict(site.variable_limits),
+            parent_config=site.parent_config,
         )
 
     async def get_or_start(self, admitted: Admitted) -> UserEndpointHandle:

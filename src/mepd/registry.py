@@ -116,6 +116,8 @@ class StartRequest:
     variable_limits: Mapping[str, Any] = attrs.field(converter=_freeze, factory=dict)
     setup_timeout: float = 300.0
     teardown_timeout: float = 300.0
+    # The endpoint's settings its template may read (_GC.parent_config; no secrets).
+    parent_config: Mapping[str, Any] = attrs.field(converter=_freeze, factory=dict)
 
     def start_fields(self) -> dict[str, Any]:
         return {
@@ -132,6 +134,7 @@ class StartRequest:
             "teardown_timeout": self.teardown_timeout,
             "executor_limits": dict(self.executor_limits),
             "variable_limits": dict(self.variable_limits),
+            "parent_config": dict(self.parent_config),
         }
 
 

@@ -218,6 +218,8 @@ SETTINGS_SCHEMA: dict[str, Any] = {
                         "type": "array",
                         "items": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
                     },
+                    # Shown to templates as _GC.parent_config.display_name.
+                    "display_name": {"type": "string", "minLength": 1, "maxLength": 256},
                 },
             },
         },
@@ -433,6 +435,7 @@ class EndpointSettings:
     policy_tests: tuple[Path, ...] = ()
     allowed_functions: tuple[str, ...] | None = None
     template_name: str = DEFAULT_TEMPLATE_NAME
+    display_name: str | None = None
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], *, base_dir: Path) -> EndpointSettings:
@@ -450,6 +453,7 @@ class EndpointSettings:
                 tuple(data["allowed_functions"]) if "allowed_functions" in data else None
             ),
             template_name=data.get("template_name", DEFAULT_TEMPLATE_NAME),
+            display_name=data.get("display_name"),
         )
 
 

@@ -66,6 +66,19 @@ class LoadedSite:
         return self.settings.template_name
 
     @property
+    def parent_config(self) -> dict[str, Any]:
+        """What the template may read of the endpoint's settings (``_GC.parent_config``,
+        as Globus Compute offers its endpoint's config): no paths, nothing secret."""
+        allowed = self.settings.allowed_functions
+        return {
+            "name": self.name,
+            "display_name": self.settings.display_name,
+            "template_name": self.template_name,
+            "allowed_functions": None if allowed is None else list(allowed),
+            "high_assurance": False,
+        }
+
+    @property
     def allowed_functions(self) -> frozenset[str] | None:
         allowed = self.settings.allowed_functions
         return None if allowed is None else frozenset(allowed)

@@ -367,25 +367,40 @@ def _component(module: str) -> Any:
 
 
 def _prefix_matching(docs: Any) -> Any:
-    """The broken ``prefix-match`` variant: every expression also matches any suffix."""
+    """The broken ``prefix-match`` variant: every expression also matches any suffix
+    (rewritten in Python's syntax, which the document then opts in to)."""
     out = []
     for doc in docs if isinstance(docs, list) else [docs]:
-        if isinstance(doc, dict) and isinstance(doc.get("mappings"), list):
+        syntax = doc.get("mep_match_syntax", "gcs") if isinstance(doc, dict) else None
+        if syntax in ("gcs", "python") and isinstance(doc.get("mappings"), list):
+            python = syntax == "python"
             rules = []
             for rule in doc["mappings"]:
                 if isinstance(rule, dict) and isinstance(rule.get("match"), str):
-                    match = rule["match"]
-                    if rule.get("literal") is True:
-                        rule = {**rule, "literal": False, "match": _escape(match)}
-                        match = rule["match"]
+                    match = _as_python(rule["match"], rule.get("literal") is True, python)
+                    if match is None:  # an invalid expression stays invalid
+                        break
                     rule = {**rule, "match": f"(?:{match})(?s:.*)"}
+                    if rule.get("literal") is True:
+                        rule["literal"] = False
                 rules.append(rule)
-            doc = {**doc, "mappings": rules}
+            else:
+                doc = {**doc, "mappings": rules, "mep_match_syntax": "python"}
         out.append(doc)
     return out
 
 
-def _escape(text: str) -> str:
+def _as_python(match: str, literal: bool, python: bool) -> str | None:
+    """A match in Python's syntax, or None when it does not translate (left as it is)."""
     import re
 
-    return re.escape(text)
+    from mepcore.identity.dialect import MatchSyntaxError, translate_gcs
+
+    if literal:
+        return None if "\\" in match and not python else re.escape(match)
+    if python:
+        return match
+    try:
+        return translate_gcs(match)
+    except MatchSyntaxError:
+        return None

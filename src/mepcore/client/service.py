@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import importlib.metadata
 import inspect
 import math
 import platform
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -74,12 +76,44 @@ def url_from_environment(environ: Mapping[str, str]) -> str | None:
     return value or None
 
 
-def user_runtime() -> dict[str, str]:
-    """What the daemon may want to know of the caller's interpreter (informational)."""
-    return {
-        "python_version": platform.python_version(),
+def user_runtime() -> dict[str, Any]:
+    """What the daemon may want to know of the caller's interpreter (informational;
+    templates see it as ``_GC.user_runtime``).
+
+    The fields the Globus Compute SDK sends (``python_version`` is ``sys.version``, as
+    there; ``python``, ``platform``), its two version fields only when those SDKs are
+    installed here (this client is not them), and mep's own ``mep_client_version`` and
+    ``dill_version``."""
+    runtime: dict[str, Any] = {
+        "python_version": sys.version,
+        "python": {
+            "version": platform.python_version(),
+            "version_description": sys.version,
+            "version_tuple": list(sys.version_info[:3]),
+            "version_info": list(sys.version_info),
+            "implementation": platform.python_implementation(),
+            "compiler": platform.python_compiler(),
+        },
+        "platform": {
+            "architecture": list(platform.architecture()),
+            "machine": platform.machine(),
+            "node": platform.node(),
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "release": platform.release(),
+        },
         "dill_version": str(getattr(dill, "__version__", "unknown")),
     }
+    for field, distribution in (
+        ("globus_compute_sdk_version", "globus-compute-sdk"),
+        ("globus_sdk_version", "globus-sdk"),
+        ("mep_client_version", "mep"),
+    ):
+        try:
+            runtime[field] = importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return runtime
 
 
 @attrs.frozen

@@ -24,13 +24,20 @@ from mepcore.config.endpoint import (
     parse_endpoint_config,
     render_endpoint_config,
 )
+from mepcore.config.keys import IGNORED_ENGINE_KEYS, IGNORED_KEYS
 from mepcore.config.limits import RenderLimits, VariableLimits
 from mepcore.config.render import (
     DEFAULT_TEMPLATE_NAME,
     MappedIdentity,
     render_template,
 )
-from mepcore.config.site import SiteFiles, load_environment, load_schema, template_digest
+from mepcore.config.site import (
+    SiteFiles,
+    load_environment,
+    load_schema,
+    site_warnings,
+    template_digest,
+)
 from mepcore.config.variables import RESERVED_NAMES, canonical_json, config_key, validate_variables
 
 __all__ = [
@@ -40,6 +47,8 @@ __all__ = [
     "DEFAULT_IDLE_HEARTBEATS_SOFT",
     "DEFAULT_TEMPLATE_NAME",
     "ENGINE_TYPES",
+    "IGNORED_ENGINE_KEYS",
+    "IGNORED_KEYS",
     "LAUNCHER_TYPES",
     "PROVIDER_TYPES",
     "RESERVED_NAMES",
@@ -57,6 +66,7 @@ __all__ = [
     "parse_endpoint_config",
     "render_endpoint_config",
     "render_template",
+    "site_warnings",
     "template_digest",
     "validate_variables",
 ]

@@ -3,7 +3,11 @@
 ``parse_endpoint_config`` loads the rendered YAML safely (duplicate keys and aliases
 refused), validates it against the project's endpoint-config JSON Schema (unknown keys
 are errors that name the key; ``high_assurance`` may not come from a template), fills
-in documented defaults and returns an ``EndpointConfig``. It deliberately does not
+in documented defaults and returns an ``EndpointConfig``. The schema's keys are what the
+engines honour (``keys``: one truth, tested against ``mepcore.tasks``), plus the
+Globus Compute keys mep accepts and ignores, which are dropped with a warning
+(``EndpointConfig.warnings``); ``null`` engine, provider and launcher values mean "not
+given", as there. It deliberately does not
 build engines or providers: ``mepcore.tasks`` consumes ``EngineConfig.to_dict()``.
 """
 
@@ -14,36 +18,29 @@ from types import MappingProxyType
 from typing import Any
 
 import attrs
+import jsonschema
 
+from mepcore.config.keys import (
+    IGNORED_ENGINE_KEYS,
+    IGNORED_KEYS,
+    LAUNCHER_KEYS,
+    PROVIDER_KEYS,
+    drop_ignored,
+    ignored_properties,
+    launcher_schema,
+    provider_schema,
+    without_nulls,
+)
 from mepcore.config.limits import RenderLimits, VariableLimits
 from mepcore.config.render import DEFAULT_TEMPLATE_NAME, MappedIdentity, render_template
-from mepcore.config.variables import MAX_VIOLATIONS, schema_validator, schema_violations
+from mepcore.config.variables import MAX_VIOLATIONS, schema_violations
 from mepcore.config.yamlsafe import YamlLoadError, load_yaml
 from mepcore.errors import ConfigError, Violation
 from mepcore.types import thaw
 
 ENGINE_TYPES = ("ThreadPoolEngine", "ProcessPoolEngine", "GlobusComputeEngine")
-PROVIDER_TYPES = (
-    "LocalProvider",
-    "SlurmProvider",
-    "PBSProProvider",
-    "TorqueProvider",
-    "CondorProvider",
-    "GridEngineProvider",
-    "LSFProvider",
-)
-LAUNCHER_TYPES = (
-    "SimpleLauncher",
-    "SingleNodeLauncher",
-    "SrunLauncher",
-    "SrunMPILauncher",
-    "AprunLauncher",
-    "JsrunLauncher",
-    "MpiExecLauncher",
-    "MpiRunLauncher",
-    "GnuParallelLauncher",
-    "WrappedLauncher",
-)
+PROVIDER_TYPES = tuple(PROVIDER_KEYS)
+LAUNCHER_TYPES = tuple(LAUNCHER_KEYS)
 
 DEFAULT_ENGINE_TYPE = "ProcessPoolEngine"
 DEFAULT_HEARTBEAT_PERIOD = 30.0
@@ -57,74 +54,36 @@ _POSITIVE = {"type": "integer", "minimum": 1, "maximum": 100_000}
 _WALLTIME = {"type": "string", "pattern": r"^([0-9]+-)?[0-9]{1,3}(:[0-5][0-9]){0,2}$"}
 
 
+_PORT = {"type": "integer", "minimum": 1, "maximum": 65_535}
+_PORT_RANGE = {"type": "array", "items": _PORT, "minItems": 2, "maxItems": 2}
+
+
 def _engine_schema(engine_type: str, options: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "type": "object",
-        "properties": {"type": {"const": engine_type}, **options},
+        "properties": {
+            "type": {"const": engine_type},
+            **options,
+            **ignored_properties(IGNORED_ENGINE_KEYS.get(engine_type, {})),
+        },
         "additionalProperties": False,
     }
 
 
 def endpoint_config_schema() -> dict[str, Any]:
     """The JSON Schema (2020-12) of a rendered endpoint config (a fresh copy each call)."""
-    launcher = {
-        "type": "object",
-        "required": ["type"],
-        "properties": {
-            "type": {"enum": list(LAUNCHER_TYPES)},
-            "debug": {"type": "boolean"},
-            "overrides": _STRING,
-            "prepend": _STRING,
-            "bind_cmd": _STRING,
-            "rank_cmd": _STRING,
-        },
-        "additionalProperties": False,
-    }
-    provider = {
-        "type": "object",
-        "required": ["type"],
-        "properties": {
-            "type": {"enum": list(PROVIDER_TYPES)},
-            "launcher": launcher,
-            # batch-system placement
-            "partition": _NAME,
-            "account": _NAME,
-            "qos": _NAME,
-            "queue": _NAME,
-            "project": _NAME,
-            "constraint": _NAME,
-            "clusters": _NAME,
-            "select_options": _STRING,
-            "scheduler_options": _STRING,
-            "worker_init": _STRING,
-            "walltime": _WALLTIME,
-            "exclusive": {"type": "boolean"},
-            "request_by_nodes": {"type": "boolean"},
-            "nodes_per_block": _POSITIVE,
-            "cores_per_node": _POSITIVE,
-            "cpus_per_node": _POSITIVE,
-            "mem_per_node": {"type": "number", "exclusiveMinimum": 0},
-            "gpus_per_node": _COUNT,
-            # elasticity
-            "init_blocks": _COUNT,
-            "min_blocks": _COUNT,
-            "max_blocks": _COUNT,
-            "parallelism": {"type": "number", "minimum": 0, "maximum": 1},
-            "cmd_timeout": {"type": "integer", "minimum": 1, "maximum": 3600},
-            "move_files": {"type": "boolean"},
-        },
-        "additionalProperties": False,
-    }
+    # Per provider and launcher type: the keys of its Parsl constructor (``keys``).
+    provider = provider_schema()
     max_workers = {"max_workers": {"type": "integer", "minimum": 1, "maximum": 4096}}
     engines = {
         "ThreadPoolEngine": _engine_schema("ThreadPoolEngine", max_workers),
-        "ProcessPoolEngine": _engine_schema("ProcessPoolEngine", max_workers),
+        "ProcessPoolEngine": _engine_schema(
+            "ProcessPoolEngine", {**max_workers, "prefetch": {"type": "integer", "minimum": 1}}
+        ),
         "GlobusComputeEngine": _engine_schema(
             "GlobusComputeEngine",
             {
-                "label": _NAME,
                 "max_workers_per_node": {"type": "integer", "minimum": 1, "maximum": 4096},
-                "max_workers": {"type": "integer", "minimum": 1, "maximum": 4096},
                 "cores_per_worker": {"type": "number", "exclusiveMinimum": 0},
                 "mem_per_worker": {"type": "number", "exclusiveMinimum": 0},
                 "available_accelerators": {
@@ -138,6 +97,13 @@ def endpoint_config_schema() -> dict[str, Any]:
                 "heartbeat_threshold": {"type": "integer", "minimum": 1, "maximum": 86_400},
                 "max_idletime": {"type": "number", "minimum": 0},
                 "worker_debug": {"type": "boolean"},
+                # HighThroughputExecutor's own options, passed on as they are
+                "worker_port_range": _PORT_RANGE,
+                "interchange_port_range": _PORT_RANGE,
+                "poll_period": {"type": "integer", "minimum": 1, "maximum": 60_000},
+                "cpu_affinity": _NAME,
+                "drain_period": {"type": "integer", "minimum": 1},
+                "encrypted": {"type": "boolean"},
                 "provider": provider,
             },
         ),
@@ -145,6 +111,7 @@ def endpoint_config_schema() -> dict[str, Any]:
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "mep endpoint configuration",
+        "$defs": {"launcher": launcher_schema()},
         "type": "object",
         "properties": {
             "display_name": _NAME,
@@ -171,6 +138,7 @@ def endpoint_config_schema() -> dict[str, Any]:
                 "maxItems": 10_000,
                 "uniqueItems": True,
             },
+            **ignored_properties(IGNORED_KEYS),
         },
         "additionalProperties": False,
     }
@@ -204,6 +172,10 @@ def _str_tuple(value: Any) -> tuple[str, ...] | None:
     return None if value is None else tuple(value)
 
 
+def _violations(value: Any) -> tuple[Violation, ...]:
+    return tuple(value)
+
+
 @attrs.frozen
 class EndpointConfig:
     """A validated user endpoint configuration, with defaults filled in."""
@@ -216,6 +188,8 @@ class EndpointConfig:
     endpoint_teardown: str | None = None
     allowed_functions: tuple[str, ...] | None = attrs.field(converter=_str_tuple, default=None)
     display_name: str | None = None
+    # What was accepted and ignored (Globus Compute keys mep cannot honour): not config.
+    warnings: tuple[Violation, ...] = attrs.field(converter=_violations, default=(), eq=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -257,7 +231,9 @@ class EndpointConfig:
         for key in non_string:
             found.append(Violation("$", f"key {key!r} is not a string", "type"))
         if not non_string:
-            validator = schema_validator(endpoint_config_schema(), source="endpoint-config schema")
+            data = without_nulls(data)
+            # The project's own schema (its validity is a test): no re-check per parse.
+            validator = jsonschema.Draft202012Validator(endpoint_config_schema())
             found.extend(schema_violations(validator, data, limit=max_violations))
         if found:
             raise ConfigError(
@@ -265,6 +241,7 @@ class EndpointConfig:
                 f"{len(found)} problem(s), first {found[0].path}: {found[0].message}",
                 violations=found[:max_violations],
             )
+        data, warnings = drop_ignored(data)
         engine_data = dict(data.get("engine") or {"type": DEFAULT_ENGINE_TYPE})
         engine_type = engine_data.pop("type")
         provider = engine_data.pop("provider", None)
@@ -277,6 +254,7 @@ class EndpointConfig:
             endpoint_teardown=data.get("endpoint_teardown"),
             allowed_functions=data.get("allowed_functions"),
             display_name=data.get("display_name"),
+            warnings=warnings,
         )
 
 
@@ -308,6 +286,8 @@ def render_endpoint_config(
     limits: RenderLimits = RenderLimits(),  # noqa: B008 - frozen, so sharing is safe
     template_name: str = DEFAULT_TEMPLATE_NAME,
     variable_limits: VariableLimits = VariableLimits(),  # noqa: B008
+    parent_config: Mapping[str, Any] | None = None,
+    environment: Mapping[str, str] | None = None,
 ) -> EndpointConfig:
     """``render_template`` then ``parse_endpoint_config``. Pass the same
     ``variable_limits`` the variables were validated with; ``limits.max_violations``
@@ -321,5 +301,7 @@ def render_endpoint_config(
         limits=limits,
         template_name=template_name,
         variable_limits=variable_limits,
+        parent_config=parent_config,
+        environment=environment,
     )
     return parse_endpoint_config(text, max_violations=limits.max_violations)

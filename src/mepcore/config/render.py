@@ -7,6 +7,19 @@ produces a double-quoted YAML scalar that no newline, quote or colon can break o
 Lists and objects render as their JSON text and still iterate and index; ``None``,
 booleans and floats render in their YAML/JSON forms (``null``, ``true``, ``1.0e+20``).
 
+The context is the reference's (GC-COMPAT.md §3.3, §4): the user's variables, and
+``_GC`` with ``mapped_identity`` (the reference's ``local.uname/uid/gid/groups/gecos/
+shell/dir`` and ``globus.id`` beside mep's own ``local.name/home/group_ids/group_names``,
+``id`` and ``identity``), ``user_runtime``, ``parent_config`` (what the daemon hands in:
+a non-secret subset of the endpoint's settings) and ``env`` (the user endpoint's
+environment); ``mapped_identity``, ``user_runtime`` and ``parent_config`` also at the top
+level (the reference's deprecated names). The reference gives the values of
+``mapped_identity``, ``parent_config`` and ``env`` to templates as they are, not quoted;
+so that ``{{ _GC.mapped_identity.local.dir }}/scratch`` works as there, the
+reference-named strings of those three render as they are when they are plain YAML text
+(letters, digits and ``_ . / + = @ % ( ) ~ : -``, single spaces) and JSON-quoted otherwise,
+so no value can change the YAML's structure. ``shell_escape`` is the reference's filter.
+
 The template runs in an immutable Jinja2 sandbox with ``StrictUndefined``, autoescape
 off, and with its work bounded (``RenderLimits``): ``range``, loop iterations, calls,
 repetition, concatenation, ``**``, ``%``/``format`` widths, filter arguments and the
@@ -65,6 +78,11 @@ class QuotedStr(str):
     """
 
     _mep_raw: str
+
+
+class PlainStr(str):
+    """A supplied string shown as it is (it has only characters that cannot change the
+    YAML's structure; see the module docstring)."""
 
 
 class JsonList(list[Any]):
@@ -144,6 +162,31 @@ def wrap_value(value: Any) -> Any:
     return value
 
 
+# Plain YAML text that reads back as itself inside a larger plain scalar: no quotes,
+# no indicators, no "# " comment, no ": " mapping, no flow punctuation.
+_PLAIN_TEXT = re.compile(r"[A-Za-z0-9_./(][A-Za-z0-9_./+=@%()~:-]*(?: [A-Za-z0-9_./+=@%()~:-]+)*")
+
+
+def plain_value(value: Any) -> Any:
+    """What the reference shows as it is: strings that are plain YAML text stay plain
+    (``PlainStr``), other strings are JSON-quoted; lists and objects recurse (and print
+    as JSON); other values are unchanged."""
+    if isinstance(value, str):
+        plain = _PLAIN_TEXT.fullmatch(value) and ": " not in value and not value.endswith(":")
+        if plain or value == "":
+            return PlainStr(value)
+        return quote_string(value)
+    if isinstance(value, Mapping):
+        wrapped_dict = JsonDict((k, plain_value(v)) for k, v in value.items())
+        wrapped_dict._mep_json = _json_text(value)
+        return wrapped_dict
+    if isinstance(value, list | tuple):
+        wrapped_list = JsonList(plain_value(v) for v in value)
+        wrapped_list._mep_json = _json_text(list(value))
+        return wrapped_list
+    return value
+
+
 def raw_value(value: Any) -> str:
     """The text a supplied value stands for (the inverse of JSON-quoting)."""
     if isinstance(value, QuotedStr):
@@ -182,9 +225,25 @@ def _finalize(value: Any) -> Any:
     return value
 
 
-def shell_escape(value: Any) -> QuotedStr:
-    """The value as one shell word (``shlex.quote``), rendered as a quoted YAML scalar."""
-    return quote_string(shlex.quote(raw_value(value)))
+def shell_escape(value: Any) -> Any:
+    """The reference's filter: a string is JSON-decoded (a supplied string's text is its
+    JSON form) and, when that gives a string, becomes one shell word (``shlex.quote``)
+    rendered as a quoted YAML scalar; anything else passes through unchanged. So
+    ``v | shell_escape`` quotes a user's value and ``default('""') | shell_escape``
+    renders ``''``. A string that is not JSON text is an error, as there."""
+    if not isinstance(value, str):
+        return value
+    try:
+        decoded = json.loads(str(value))
+    except ValueError as exc:
+        raise ConfigError(
+            "config.render_failed",
+            f"shell_escape: {str(value)[:40]!r} is not JSON text (a supplied value, or a"
+            " literal in its JSON form such as '\"text\"')",
+        ) from exc
+    if not isinstance(decoded, str):
+        return value
+    return quote_string(shlex.quote(decoded))
 
 
 def shell_format(template: Any, *args: Any) -> QuotedStr:
@@ -213,8 +272,9 @@ class MappedIdentity:
     identity: Identity | None = None
 
     def to_template_dict(self) -> dict[str, Any]:
-        """Plain data: ``{"local": {name, uid, gid, groups, group_ids, home, shell},
-        "id": <identity id or None>, "identity": {<plain-keyed scalar fields>}}``."""
+        """Plain data, mep's names: ``{"local": {name, uid, gid, group_ids, group_names,
+        home, shell}, "id": <identity id or None>, "identity": {<plain-keyed scalar
+        fields>}}``; ``reference_dict`` holds the reference's names."""
         fields: dict[str, Any] = {}
         if self.identity is not None:
             for key, value in self.identity.fields.items():
@@ -230,13 +290,32 @@ class MappedIdentity:
                 "name": self.account.name,
                 "uid": self.account.uid,
                 "gid": self.account.gid,
-                "groups": list(self.account.group_names),
                 "group_ids": list(self.account.group_ids),
+                "group_names": list(self.account.group_names),
                 "home": self.account.home,
                 "shell": self.account.shell,
             },
             "id": self.identity.id if self.identity is not None else None,
             "identity": fields,
+        }
+
+    def reference_dict(self) -> dict[str, Any]:
+        """The reference's shape: ``{"local": {uname, uid, gid, groups, gecos, shell,
+        dir}, "globus": {"id"}}``; ``groups`` are group ids, the primary group first (as
+        ``os.getgrouplist`` gives them)."""
+        account = self.account
+        groups = [account.gid, *(g for g in account.group_ids if g != account.gid)]
+        return {
+            "local": {
+                "uname": account.name,
+                "uid": account.uid,
+                "gid": account.gid,
+                "groups": groups,
+                "gecos": account.gecos,
+                "shell": account.shell,
+                "dir": account.home,
+            },
+            "globus": {"id": self.identity.id if self.identity is not None else None},
         }
 
 
@@ -578,12 +657,29 @@ def _wrap_checked(
     return wrap_value(data)
 
 
+def _template_identity(mapped: MappedIdentity) -> JsonDict:
+    """mep's names quoted, the reference's names as the reference shows them; the two
+    ``local`` mappings merged (their keys differ)."""
+    ours = mapped.to_template_dict()
+    theirs = mapped.reference_dict()
+    merged = {**ours, "local": {**ours["local"], **theirs["local"]}, "globus": theirs["globus"]}
+    identity: JsonDict = wrap_value(merged)
+    local = identity["local"]
+    for key, value in theirs["local"].items():
+        local[key] = plain_value(value)
+    local._mep_json = _json_text(merged["local"])
+    identity["globus"] = plain_value(theirs["globus"])
+    return identity
+
+
 def render_template(
     template_text: str,
     variables: Mapping[str, Any],
     *,
     mapped: MappedIdentity,
     user_runtime: Mapping[str, Any] | None = None,
+    parent_config: Mapping[str, Any] | None = None,
+    environment: Mapping[str, str] | None = None,
     includes: Mapping[str, str] | None = None,
     limits: RenderLimits = RenderLimits(),  # noqa: B008 - frozen, so sharing is safe
     template_name: str = DEFAULT_TEMPLATE_NAME,
@@ -591,6 +687,10 @@ def render_template(
 ) -> str:
     """Render ``template_text`` with ``variables`` (already validated by
     ``validate_variables``; their shape is checked again here, cheaply).
+
+    ``parent_config`` (the endpoint's settings a template may read) and ``environment``
+    (the user endpoint's environment) are the daemon's: ``_GC.parent_config`` and
+    ``_GC.env``, empty when not given.
 
     Raises ``ConfigError`` with reason ``config.sandbox_violation``,
     ``config.render_limit``, ``config.undefined_variable`` or ``config.render_failed``,
@@ -601,10 +701,14 @@ def render_template(
     most = limits.max_violations
     context_vars = _wrap_checked(variables, "variables", variable_limits, RESERVED_NAMES, most)
     runtime = _wrap_checked(user_runtime, "user_runtime", variable_limits, frozenset(), most)
-    identity = wrap_value(mapped.to_template_dict())
-    gc = {"mapped_identity": identity, "user_runtime": runtime}
+    identity = _template_identity(mapped)
+    parent = plain_value(dict(parent_config or {}))
+    env = plain_value(dict(environment or {}))
+    gc = {"mapped_identity": identity, "user_runtime": runtime, "parent_config": parent, "env": env}
     context: dict[str, Any] = dict(context_vars)
-    context.update({"_GC": gc, "mapped_identity": identity, "user_runtime": runtime})
+    context.update(
+        {"_GC": gc, "mapped_identity": identity, "user_runtime": runtime, "parent_config": parent}
+    )
 
     texts = dict(includes or {})
     texts[template_name] = template_text

@@ -5,7 +5,8 @@ template (``user_config_template.yaml.j2``), the other ``*.j2`` files of its fol
 (for ``include``/``import``/``extends``), the optional schema
 (``user_config_schema.json``) and the optional environment (``user_environment.yaml``).
 Every problem is reported with the file and, where there is one, the position. It
-deliberately does not render anything: rendering takes the texts held here.
+renders nothing for a user (rendering takes the texts held here); ``site_warnings``
+renders once with no variables, for ``mepd check``.
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ import attrs
 import jinja2
 import yaml
 
-from mepcore.config.render import _FolderLoader
+from mepcore.config.endpoint import render_endpoint_config
+from mepcore.config.keys import IGNORED_KEYS
+from mepcore.config.render import MappedIdentity, _FolderLoader
 from mepcore.config.variables import canonical_json, schema_validator
 from mepcore.config.yamlsafe import YamlLoadError, compose_yaml
-from mepcore.errors import TemplateConfigError, Violation
+from mepcore.errors import MepError, TemplateConfigError, Violation
+from mepcore.types import Account
 
 MAX_FILE_BYTES = 1_048_576
 MAX_INCLUDES = 100
@@ -226,3 +230,36 @@ def load_environment(path: str | Path) -> dict[str, str]:
             raise fail(f"{name}: the value contains a NUL character", value_node)
         result[name] = value_node.value
     return result
+
+
+_TOP_LEVEL_KEY = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)[ \t]*:", re.MULTILINE)
+
+
+def site_warnings(files: SiteFiles, account: Account) -> list[Violation]:
+    """What ``mepd check`` reports about a template without refusing it: the keys it
+    sets that mep accepts and ignores (Globus Compute keys mep cannot honour).
+
+    Two looks, both cheap: a trial render with no variables for ``account`` (a template
+    that needs variables simply gives nothing here), and the top-level keys written at
+    the start of a line of any of its files (so a key set only for some users is seen)."""
+    found: dict[str, Violation] = {}
+    try:
+        config = render_endpoint_config(
+            files.template_text,
+            {},
+            mapped=MappedIdentity(account),
+            includes=files.includes,
+            template_name=files.template_name,
+            environment=files.environment,
+        )
+    except MepError:
+        pass
+    else:
+        found.update((w.path, w) for w in config.warnings)
+    for text in (files.template_text, *files.includes.values()):
+        for key in _TOP_LEVEL_KEY.findall(text):
+            if key in IGNORED_KEYS and f"$.{key}" not in found:
+                found[f"$.{key}"] = Violation(
+                    f"$.{key}", f"accepted and ignored: {IGNORED_KEYS[key]}", "ignored_key"
+                )
+    return sorted(found.values(), key=lambda v: v.path)

@@ -6,8 +6,15 @@ one), validate each with JSON Schema, compile every regex and template, and refu
 anything wrong with ``IdentityConfigError`` (``identity.mapping_invalid``) whose
 violations name the document index and field (``$[1].mappings[0].match``).
 
+Unknown keys are ignored (``warnings`` lists them, with likely mistakes in patterns, for
+``mepd check``); ``match`` is read in the reference's dialect unless the document opts
+in to Python's syntax (``dialect``).
+
 ``IdentityMapper.map`` selects the first mapper (document) with a result and, within
-it, the first rule that matches any identity, as Globus Compute does. Within that rule
+it, the first rule that matches any identity, as Globus Compute does. An expression
+document that cannot be evaluated for the identity set (a field it names is missing)
+has no result, as there, and is listed in ``MappingResult.skipped``. An empty name from
+the deciding rule is no mapping (the search does not go on). Within that rule
 (for a program: among its answers) it differs on purpose, so that no client chooses its
 account by the order of its linked identities: identities whose ``status`` is not
 ``used``/``private`` are left out; the primary identity (the token's subject, which the
@@ -28,7 +35,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Mapping, Sequence
 from os import PathLike
 from typing import Any
@@ -36,7 +42,15 @@ from typing import Any
 import attrs
 
 from mepcore.errors import IdentityConfigError, IdentityError, Violation
-from mepcore.identity.expression import ExpressionMapper, ExpressionRule
+from mepcore.identity.dialect import (
+    GCS_SYNTAX,
+    SYNTAX_KEY,
+    MatchSyntaxError,
+    RulePattern,
+    compile_match,
+    pattern_warnings,
+)
+from mepcore.identity.expression import ExpressionFailed, ExpressionMapper, ExpressionRule
 from mepcore.identity.external import ExternalMapper
 from mepcore.identity.runner import (
     DEFAULT_MAX_OUTPUT,
@@ -44,7 +58,12 @@ from mepcore.identity.runner import (
     CommandRunner,
     SubprocessCommandRunner,
 )
-from mepcore.identity.schema import EXPRESSION_TYPE, document_violations, json_path
+from mepcore.identity.schema import (
+    EXPRESSION_TYPE,
+    document_violations,
+    json_path,
+    unknown_key_warnings,
+)
 from mepcore.identity.template import Template, TemplateSyntaxError
 from mepcore.types import Identity, IdentitySet
 
@@ -52,6 +71,14 @@ MAX_MAPPING_FILE_BYTES = 4 * 1024 * 1024
 
 
 def _candidate_tuple(value: Sequence[Candidate]) -> tuple[Candidate, ...]:
+    return tuple(value)
+
+
+def _str_tuple(value: Sequence[str]) -> tuple[str, ...]:
+    return tuple(value)
+
+
+def _violation_tuple(value: Sequence[Violation]) -> tuple[Violation, ...]:
     return tuple(value)
 
 
@@ -77,7 +104,8 @@ class Candidate:
 class MappingResult:
     """The outcome of a mapping: the chosen name (None if nothing matched) and why.
 
-    ``rule`` is None for an external program (it has no rules).
+    ``rule`` is None for an external program (it has no rules). ``skipped`` says which
+    expression documents could not be evaluated for this identity set, and why.
     """
 
     username: str | None
@@ -85,6 +113,7 @@ class MappingResult:
     mapper: int | None
     rule: int | None
     candidates: tuple[Candidate, ...] = attrs.field(converter=_candidate_tuple, default=())
+    skipped: tuple[str, ...] = attrs.field(converter=_str_tuple, default=())
 
     @classmethod
     def from_candidates(cls, candidates: Sequence[Candidate]) -> MappingResult:
@@ -100,6 +129,7 @@ class MappingResult:
             "mapper": self.mapper,
             "rule": self.rule,
             "candidates": [c.to_dict() for c in self.candidates],
+            "skipped": list(self.skipped),
         }
 
 
@@ -115,6 +145,8 @@ class IdentityMapper:
     runner: CommandRunner = attrs.field(factory=SubprocessCommandRunner)
     timeout: float = attrs.field(default=DEFAULT_TIMEOUT)
     max_output: int = attrs.field(default=DEFAULT_MAX_OUTPUT)
+    # Not errors: ignored keys and likely mistakes, for ``mepd check`` (loading succeeds).
+    warnings: tuple[Violation, ...] = attrs.field(converter=_violation_tuple, default=())
 
     @timeout.validator
     def _timeout_positive(self, _attr: object, value: float) -> None:
@@ -156,6 +188,7 @@ class IdentityMapper:
                 source, [Violation("$", "expected a non-empty JSON list of mapping documents")]
             )
         violations: list[Violation] = []
+        warnings: list[Violation] = []
         mappers: list[Mapper] = []
         for index, doc in enumerate(docs):
             base = f"$[{index}]"
@@ -164,6 +197,8 @@ class IdentityMapper:
                 mapper, found = _compile(doc, base, base_dir)
                 if mapper is not None:
                     mappers.append(mapper)
+            if not found:
+                warnings += unknown_key_warnings(doc, base) + _rule_warnings(doc, base)
             violations.extend(found)
         if violations:
             raise _config_error(source, violations)
@@ -173,6 +208,7 @@ class IdentityMapper:
             runner=runner if runner is not None else SubprocessCommandRunner(),
             timeout=timeout,
             max_output=max_output,
+            warnings=warnings,
         )
 
     @classmethod
@@ -243,20 +279,28 @@ class IdentityMapper:
         """
         ordered = identities.mapping_order()
         primary = identities.primary if ordered and ordered[0] is identities.primary else None
+        skipped: list[str] = []
         for index, mapper in enumerate(self.mappers):
             if isinstance(mapper, ExpressionMapper):
-                found = [
-                    (i, Candidate(i.id, name, index, rule))
-                    for rule, i, name in mapper.matches(ordered)
-                ]
+                try:
+                    matches = mapper.matches(ordered)
+                except ExpressionFailed as exc:
+                    skipped.append(f"$[{index}].{exc}")
+                    continue
+                found = [(i, Candidate(i.id, name, index, rule)) for rule, i, name in matches]
             else:
                 found = [
                     (i, Candidate(i.id, name, index, None))
                     for i, name in self._run(index, mapper, ordered)
                 ]
             if found:
-                return _select(found, primary, self.source)
-        return MappingResult.from_candidates(())
+                result = attrs.evolve(_select(found, primary, self.source), skipped=skipped)
+                if result.username == "":
+                    # The deciding rule produced the empty name: no mapping, and (as in
+                    # Globus Compute) no later rule or document is tried.
+                    return attrs.evolve(result, username=None, matched_identity=None)
+                return result
+        return MappingResult(None, None, None, None, (), skipped)
 
     def _run(
         self, index: int, mapper: ExternalMapper, ordered: Sequence[Identity]
@@ -327,9 +371,10 @@ def _compile(
         return ExternalMapper(command=command), []
     rules: list[ExpressionRule] = []
     violations: list[Violation] = []
+    syntax = doc.get(SYNTAX_KEY, GCS_SYNTAX)
     for position, item in enumerate(doc["mappings"]):
         path = json_path(base, ["mappings", position])
-        rule, found = _compile_rule(item, path)
+        rule, found = _compile_rule(item, path, syntax)
         violations.extend(found)
         if rule is not None:
             rules.append(rule)
@@ -337,16 +382,19 @@ def _compile(
 
 
 def _compile_rule(
-    item: Mapping[str, Any], path: str
+    item: Mapping[str, Any], path: str, syntax: str
 ) -> tuple[ExpressionRule | None, list[Violation]]:
     violations: list[Violation] = []
-    flags = re.IGNORECASE if item.get("ignore_case", False) else 0
-    text = item["match"]
-    pattern: re.Pattern[str] | None = None
+    pattern: RulePattern | None = None
     try:
-        pattern = re.compile(re.escape(text) if item.get("literal", False) else text, flags)
-    except re.error as exc:
-        violations.append(Violation(f"{path}.match", f"not a valid regular expression: {exc}"))
+        pattern = compile_match(
+            item["match"],
+            ignore_case=item.get("ignore_case", False),
+            literal=item.get("literal", False),
+            syntax=syntax,
+        )
+    except MatchSyntaxError as exc:
+        violations.append(Violation(f"{path}.match", str(exc), "match"))
     source: Template | None = None
     output: Template | None = None
     try:
@@ -368,6 +416,26 @@ def _compile_rule(
     if violations or pattern is None or source is None or output is None:
         return None, violations
     return ExpressionRule(source=source, pattern=pattern, output=output), []
+
+
+def _rule_warnings(doc: Mapping[str, Any], base: str) -> list[Violation]:
+    """Likely mistakes in the rules of a valid expression document."""
+    if doc["DATA_TYPE"] != EXPRESSION_TYPE:
+        return []
+    syntax = doc.get(SYNTAX_KEY, GCS_SYNTAX)
+    found: list[Violation] = []
+    for position, item in enumerate(doc["mappings"]):
+        output = Template.parse(item["output"], allow_groups=True)
+        for field, message, code in pattern_warnings(
+            item["match"],
+            literal=bool(item.get("literal", False)),
+            syntax=syntax,
+            output_groups=[p for _, p in output.parts if isinstance(p, int)],
+            output_fields=sorted(output.field_names),
+            output_text="".join(literal for literal, _ in output.parts),
+        ):
+            found.append(Violation(json_path(base, ["mappings", position, field]), message, code))
+    return found
 
 
 def _config_error(source: str, violations: Sequence[Violation]) -> IdentityConfigError:

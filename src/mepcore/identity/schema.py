@@ -2,8 +2,11 @@
 
 ``document_violations`` checks one mapping document and returns every problem as a
 ``Violation`` located by a JSON path (``$[1].mappings[0].match``). Unknown keys are
-refused: a misspelt ``ignorecase`` silently ignored would change who maps to whom.
-This module deliberately knows nothing about regexes or templates (``loader`` checks
+ignored, as Globus Connect Server and Globus Compute ignore them (their own example file
+carries a ``comment``); ``unknown_key_warnings`` lists them for ``mepd check``, because a
+misspelt ``ignorecase`` silently ignored changes who maps to whom. The keys mep knows
+must have the right JSON type: ``"ignore_case": "false"`` is an error, not true.
+This module deliberately knows nothing about regexes or templates (``mapper`` checks
 those after the schema passed).
 """
 
@@ -16,6 +19,7 @@ from typing import Any
 import jsonschema
 
 from mepcore.errors import Violation
+from mepcore.identity.dialect import SYNTAX_KEY, SYNTAXES
 
 EXPRESSION_TYPE = "expression_identity_mapping#1.0.0"
 EXTERNAL_TYPE = "external_identity_mapping#1.0.0"
@@ -26,12 +30,16 @@ MAX_RULES = 10_000
 MAX_PATTERN_LENGTH = 4096
 MAX_TEMPLATE_LENGTH = 1024
 
+# Keys a document may carry for people, not for mep: no warning.
+COMMENT_KEYS = frozenset({"comment"})
+
 _EXPRESSION_SCHEMA: Mapping[str, Any] = {
     "type": "object",
     "required": ["DATA_TYPE", "mappings"],
-    "additionalProperties": False,
     "properties": {
         "DATA_TYPE": {"const": EXPRESSION_TYPE},
+        # mep-specific: the match syntax of every rule (the reference ignores the key).
+        SYNTAX_KEY: {"enum": list(SYNTAXES)},
         "mappings": {
             "type": "array",
             "minItems": 1,
@@ -39,7 +47,6 @@ _EXPRESSION_SCHEMA: Mapping[str, Any] = {
             "items": {
                 "type": "object",
                 "required": ["source", "match", "output"],
-                "additionalProperties": False,
                 "properties": {
                     "source": {"type": "string", "minLength": 1, "maxLength": MAX_TEMPLATE_LENGTH},
                     "match": {"type": "string", "minLength": 1, "maxLength": MAX_PATTERN_LENGTH},
@@ -56,7 +63,6 @@ _EXPRESSION_SCHEMA: Mapping[str, Any] = {
 _EXTERNAL_SCHEMA: Mapping[str, Any] = {
     "type": "object",
     "required": ["DATA_TYPE", "command"],
-    "additionalProperties": False,
     "properties": {
         "DATA_TYPE": {"const": EXTERNAL_TYPE},
         "command": {
@@ -124,18 +130,6 @@ def _violations(validator_key: str, instance: Any, base: str) -> list[Violation]
                     Violation(json_path(base, [*parts, key]), "is required", code="required")
                 )
             continue
-        if error.validator == "additionalProperties" and isinstance(error.instance, Mapping):
-            schema = error.schema if isinstance(error.schema, Mapping) else {}
-            allowed = set(schema.get("properties", {}))
-            for key in sorted(k for k in error.instance if k not in allowed):
-                found.append(
-                    Violation(
-                        json_path(base, [*parts, key]),
-                        f"unknown key (allowed: {', '.join(sorted(allowed))})",
-                        code="unknown_key",
-                    )
-                )
-            continue
         if error.validator == "type":
             message = f"must be of type {error.validator_value}, not {_json_type(error.instance)}"
         found.append(Violation(json_path(base, parts), message, code=str(error.validator)))
@@ -173,6 +167,34 @@ def document_violations(document: Any, base: str) -> list[Violation]:
             )
         ]
     return _violations(str(data_type), document, base)
+
+
+def unknown_key_warnings(document: Any, base: str) -> list[Violation]:
+    """The keys of a (valid) mapping document mep ignores, outside ``COMMENT_KEYS``: in
+    the document and in each of its rules."""
+    if not isinstance(document, Mapping) or document.get("DATA_TYPE") not in DOCUMENT_TYPES:
+        return []
+    schema = _EXPRESSION_SCHEMA if document["DATA_TYPE"] == EXPRESSION_TYPE else _EXTERNAL_SCHEMA
+    found = _unknown(document, schema["properties"], base)
+    if document["DATA_TYPE"] == EXPRESSION_TYPE and isinstance(document.get("mappings"), list):
+        rule_keys = schema["properties"]["mappings"]["items"]["properties"]
+        for index, rule in enumerate(document["mappings"]):
+            found += _unknown(rule, rule_keys, json_path(base, ["mappings", index]))
+    return found
+
+
+def _unknown(item: Any, known: Mapping[str, Any], base: str) -> list[Violation]:
+    if not isinstance(item, Mapping):
+        return []
+    return [
+        Violation(
+            json_path(base, [key]),
+            f"unknown key, ignored (known: {', '.join(sorted(known))})",
+            code="unknown_key",
+        )
+        for key in sorted(str(k) for k in item)
+        if key not in known and key not in COMMENT_KEYS
+    ]
 
 
 def output_violations(answer: Any) -> list[Violation]:

@@ -22,7 +22,7 @@ from mepcore.tasks.envelopes import (
     TaskEnvelope,
     unpack_result,
 )
-from mepcore.tasks.executor import ENGINE_TYPES, Executor, build_engine
+from mepcore.tasks.executor import ENGINE_TYPES, Executor, build_engine, engine_keys
 from mepcore.tasks.serialization import (
     DEFAULT_STRATEGY,
     STRATEGIES,
@@ -49,6 +49,7 @@ __all__ = [
     "Strategy",
     "TaskEnvelope",
     "build_engine",
+    "engine_keys",
     "function_id_of",
     "pack_args",
     "pack_function",

@@ -51,10 +51,26 @@ def _check_keys(options: Mapping[str, Any], allowed: Collection[str], path: str)
             raise _config_error(f"{path}.{key}", "is not a known option")
 
 
+_THREAD_KEYS = frozenset({"type", "max_workers"})
+_PROCESS_KEYS = frozenset({"type", "max_workers", "prefetch"})
+
+
+def engine_keys(engine_type: str) -> frozenset[str]:
+    """The keys an ``engine`` mapping of this type may hold (all honoured at start);
+    the endpoint-config schema is tested equal to them."""
+    if engine_type == "GlobusComputeEngine":
+        from mepcore.tasks.parsl_engine import _ENGINE_KEYS
+
+        return frozenset(_ENGINE_KEYS)
+    if engine_type not in _BUILDERS:
+        raise ValueError(f"unknown engine type {engine_type!r}")
+    return _THREAD_KEYS if engine_type == "ThreadPoolEngine" else _PROCESS_KEYS
+
+
 def _build_threads(options: Mapping[str, Any], limits: ExecutorLimits) -> Engine:
     from mepcore.tasks.threads import ThreadPoolEngine
 
-    _check_keys(options, {"type", "max_workers"}, "$.engine")
+    _check_keys(options, _THREAD_KEYS, "$.engine")
     default = min(32, (os.cpu_count() or 1) + 4)
     return ThreadPoolEngine(_positive_int(options, "max_workers", default), limits.max_result_bytes)
 
@@ -62,7 +78,7 @@ def _build_threads(options: Mapping[str, Any], limits: ExecutorLimits) -> Engine
 def _build_processes(options: Mapping[str, Any], limits: ExecutorLimits) -> Engine:
     from mepcore.tasks.process import ProcessPoolEngine
 
-    _check_keys(options, {"type", "max_workers", "prefetch"}, "$.engine")
+    _check_keys(options, _PROCESS_KEYS, "$.engine")
     return ProcessPoolEngine(
         _positive_int(options, "max_workers", os.cpu_count() or 1),
         limits.max_result_bytes,

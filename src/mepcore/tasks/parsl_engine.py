@@ -129,7 +129,9 @@ def _same_kind(parameter: inspect.Parameter, value: Any) -> bool:
     kind = type(parameter.default)
     if kind not in (bool, int, float, str):
         return True
-    if kind is float or (kind is int and "float" in str(parameter.annotation)):
+    # Parsl's parallelism is a fraction even where its default is written as 1.
+    fraction = parameter.name == "parallelism"
+    if kind is float or (kind is int and ("float" in str(parameter.annotation) or fraction)):
         return type(value) in (int, float)
     return type(value) is kind
 
@@ -212,6 +214,10 @@ class ParslEngine:
         if run_dir is not None and not isinstance(run_dir, str):
             raise _invalid("$.engine.run_dir", "must be a path")
         options = {k: v for k, v in config.items() if k in _HTEX_OPTIONS}
+        # YAML writes the port ranges as lists; Parsl types them as tuples.
+        for key in ("worker_port_range", "interchange_port_range"):
+            if isinstance(options.get(key), list):
+                options[key] = tuple(options[key])
         # Parsl's manager checks its workers once per heartbeat period: its default (30 s)
         # makes a lost worker a 30 s wait.
         options.setdefault("heartbeat_period", _DEFAULT_HEARTBEAT_PERIOD)

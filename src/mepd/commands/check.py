@@ -85,7 +85,29 @@ def _endpoint_problems(settings: Settings, sites: Mapping[str, LoadedSite]) -> l
             for v in environment_violations(site.files.environment)
         ]
         problems += endpoint_table_problems(ep)
+        _warn_about_site(site)
     return problems
+
+
+def _warn_about_site(site: LoadedSite) -> None:
+    """What loads but is likely a mistake or is ignored, as warnings on stderr (not
+    problems): the mapping's unknown keys and suspicious patterns, and the keys the
+    template sets that mep accepts and ignores."""
+    from mepcore.config import site_warnings
+    from mepcore.types import Account
+
+    where = f"endpoint {site.name}"
+    for v in site.mapper.warnings:
+        sys.stderr.write(
+            f"mepd check: warning: {where}: mapping {site.settings.mapping}: {v.path}:"
+            f" {v.message}\n"
+        )
+    probe = Account("nobody-placeholder", 65534, 65534, "/nonexistent", "/usr/sbin/nologin")
+    for v in site_warnings(site.files, probe):
+        sys.stderr.write(
+            f"mepd check: warning: {where}: template {site.settings.template}: {v.path}:"
+            f" {v.message}\n"
+        )
 
 
 def _issuer_problems(settings: Settings) -> list[str]:

@@ -2,8 +2,9 @@
 
 What administrators run to debug a mapping. Reads ``{"identities": [...]}``, a bare
 list of identity objects, or one identity object on stdin and prints one JSON object:
-``username``, ``matched_identity``, ``mapper``, ``rule``, ``candidates``, ``account``
-and ``error`` (a reason code or null: the specific one, such as
+``username``, ``matched_identity``, ``mapper``, ``rule``, ``candidates``, ``skipped``
+(expression documents that could not be evaluated for these identities, and why),
+``account`` and ``error`` (a reason code or null: the specific one, such as
 ``identity.account_uid_too_low``, where a caller of the daemon sees only
 ``identity.account_refused``).
 
@@ -126,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
         "mapper": None,
         "rule": None,
         "candidates": [],
+        "skipped": [],
         "account": None,
         "error": None,
     }

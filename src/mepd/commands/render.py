@@ -2,8 +2,12 @@
 
 For administrators writing or debugging a template: reads the site files, validates
 the variables, renders, validates the endpoint config, and prints the YAML (or, with
-``--json``, the validated config and its config key). It deliberately starts nothing
-and does not drop privileges: it is a dry run of ``mepcore.config``.
+``--json``, the validated config and its config key). Keys the template sets that mep
+accepts and ignores (Globus Compute keys it cannot honour) are listed on stderr as
+warnings. ``_GC.env`` is the site's user environment file (the user endpoint has its
+full environment); ``_GC.parent_config`` is ``--parent-config`` (empty without it). It
+deliberately starts nothing and does not drop privileges: it is a dry run of
+``mepcore.config``.
 
 Exit status: 0 rendered; 1 the variables or the rendering were refused (the reason
 code and every violation on stderr); 2 a usage error, an unreadable or invalid input
@@ -59,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="JSON identity document for _GC.mapped_identity.id / .identity",
     )
     parser.add_argument("--user-runtime", metavar="FILE", help="JSON object for _GC.user_runtime")
+    parser.add_argument("--parent-config", metavar="FILE", help="JSON object for _GC.parent_config")
     parser.add_argument(
         "--json",
         action="store_true",
@@ -109,6 +114,7 @@ class _Inputs:
     account: Account
     identity: Identity | None
     user_runtime: dict[str, Any] | None
+    parent_config: dict[str, Any] | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> _Inputs:
@@ -129,7 +135,8 @@ class _Inputs:
             variables=variables,
             account=account,
             identity=identity,
-            user_runtime=_user_runtime(args.user_runtime),
+            user_runtime=_json_object(args.user_runtime, "--user-runtime"),
+            parent_config=_json_object(args.parent_config, "--parent-config"),
         )
 
 
@@ -153,13 +160,13 @@ def _account(name: str | None) -> Account:
     )
 
 
-def _user_runtime(path: str | None) -> dict[str, Any] | None:
+def _json_object(path: str | None, what: str) -> dict[str, Any] | None:
     if path is None:
         return None
-    user_runtime = _json_file(path, "--user-runtime")
-    if not isinstance(user_runtime, dict):
-        raise _InputError("--user-runtime: must be a JSON object")
-    return user_runtime
+    value = _json_file(path, what)
+    if not isinstance(value, dict):
+        raise _InputError(f"{what}: must be a JSON object")
+    return value
 
 
 def _render(inputs: _Inputs) -> tuple[dict[str, Any], str, EndpointConfig]:
@@ -178,6 +185,8 @@ def _render(inputs: _Inputs) -> tuple[dict[str, Any], str, EndpointConfig]:
         checked,
         mapped=MappedIdentity(account=inputs.account, identity=inputs.identity),
         user_runtime=inputs.user_runtime,
+        parent_config=inputs.parent_config,
+        environment=site.environment,
         includes=site.includes,
         template_name=site.template_name,
     )
@@ -198,6 +207,8 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _print_error(exc)
         return EXIT_NEGATIVE
+    for warning in config.warnings:
+        sys.stderr.write(f"mepd render: warning: {warning.path}: {warning.message}\n")
     if args.json:
         out = {
             "config": config.to_dict(),

@@ -92,6 +92,8 @@ class StartMessage:
     teardown_timeout: float
     executor_limits: Mapping[str, Any]
     variable_limits: Mapping[str, Any]
+    # The endpoint's settings a template may read (_GC.parent_config).
+    parent_config: Mapping[str, Any] = attrs.field(factory=dict)
 
     @classmethod
     def from_header(cls, header: Mapping[str, Any]) -> StartMessage:
@@ -104,6 +106,9 @@ class StartMessage:
             raise _refuse("spawn.start_failed", "start message: identity must be an object")
         if runtime is not None and not isinstance(runtime, dict):
             raise _refuse("spawn.start_failed", "start message: user_runtime must be an object")
+        parent_config = header.get("parent_config") or {}
+        if not isinstance(parent_config, dict):
+            raise _refuse("spawn.start_failed", "start message: parent_config must be an object")
         timeouts = [
             header.get("setup_timeout", DEFAULT_SCRIPT_TIMEOUT),
             header.get("teardown_timeout", DEFAULT_SCRIPT_TIMEOUT),
@@ -125,6 +130,7 @@ class StartMessage:
             teardown_timeout=float(timeouts[1]),
             executor_limits=header.get("executor_limits") or {},
             variable_limits=header.get("variable_limits") or {},
+            parent_config=parent_config,
         )
 
 
@@ -234,6 +240,7 @@ class UserEndpoint:
                 shell=str(acc["shell"]),
                 group_ids=tuple(int(g) for g in acc.get("group_ids", ())),
                 group_names=tuple(str(g) for g in acc.get("groups", ())),
+                gecos=str(acc.get("gecos", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise _refuse("spawn.start_failed", f"start message: bad account: {exc}") from exc
@@ -250,6 +257,9 @@ class UserEndpoint:
             includes=start.includes,
             template_name=start.template_name,
             variable_limits=variable_limits,
+            # _GC.parent_config and _GC.env, as Globus Compute offers them.
+            parent_config=start.parent_config,
+            environment=dict(os.environ),
         )
 
     def _engine_dict(self) -> dict[str, Any]:
