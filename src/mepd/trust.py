@@ -160,11 +160,11 @@ class _MemoFileSystem:
 
 @attrs.frozen
 class Need:
-    """One path root will act on, and why (``role``), for the report and for reload.
+    """One path root will act on, and why (``role``).
 
-    ``area`` is what a reload keeps when the file fails: ``endpoint`` (that endpoint's
-    previous files), ``issuers`` (the previous keys), ``audit`` (the open log), or
-    ``settings``, ``tls``, ``runtime``, ``state`` (reported only)."""
+    ``area`` says what the file belongs to — ``settings``, ``endpoint`` (then
+    ``endpoint`` names it), ``issuers``, ``tls``, ``runtime``, ``state``, ``audit`` — so
+    ``mepd check`` can leave out of its further checks what it must not read."""
 
     path: str
     role: str
@@ -396,7 +396,7 @@ RuntimeProbe = Callable[[str, bool], RuntimePaths]
 
 @attrs.frozen
 class TrustReport:
-    """Every refusal of one check; what a reload must keep."""
+    """Every refusal of one check."""
 
     problems: tuple[Untrusted, ...] = ()
 
