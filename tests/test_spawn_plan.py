@@ -42,8 +42,12 @@ def test_plan_has_identity_groups_umask_cwd_and_limits() -> None:
     assert plan.uid == 2001 and plan.gid == 2001
     assert plan.groups == (2001, 3000, 3001)
     assert plan.umask == 0o077
-    assert plan.cwd == "/home/alice"
+    # The process starts in "/" (subprocess changes directory as root, before the drop);
+    # the home is data, entered by the user endpoint as the user.
+    assert plan.cwd == "/" and plan.home == "/home/alice"
     assert plan.argv[:4] == ("/opt/mep/venv/bin/python", "-I", "-m", "mepd.uep")
+    assert plan.argv[-1] == "--home=/home/alice"
+    assert "--no-new-privs" in plan.argv and plan.no_new_privs
     assert "--rlimit=RLIMIT_NPROC=100" in plan.argv and "--rlimit=RLIMIT_NOFILE=200" in plan.argv
     assert dict(plan.limits.items()) == {
         "RLIMIT_NPROC": 100,
@@ -106,6 +110,23 @@ def test_settings_validation() -> None:
         {"limits": {"nproc": 7}}, default_python="/usr/bin/python3"
     )
     assert settings.python == "/usr/bin/python3" and settings.limits.nproc == 7
+    assert settings.no_new_privs and settings.cgroup.enable == "auto"
+
+
+def test_no_new_privs_and_cgroup_settings_come_from_the_mapping() -> None:
+    settings = SpawnSettings.from_mapping(
+        {"no_new_privs": False, "cgroup": {"enable": True, "pids_max": 50, "memory_max": "2G"}},
+        default_python="/usr/bin/python3",
+    )
+    assert not settings.no_new_privs
+    assert settings.cgroup.enable == "true" and settings.cgroup.pids_max == 50
+    assert settings.cgroup.memory_max == 2 << 30
+    plan = plan_spawn(alice(), settings, {})
+    assert "--no-new-privs" not in plan.argv and not plan.no_new_privs
+    for bad in ({"enable": "yes"}, {"pids_max": 0}, {"memory_max": "2X"}, {"parent": "../x"}):
+        with pytest.raises(SpawnError) as info:
+            SpawnSettings.from_mapping({"cgroup": bad}, default_python="/usr/bin/python3")
+        assert info.value.reason == "spawn.settings_invalid"
 
 
 def fake_stat(uid: int, gid: int, mode: int) -> os.stat_result:

@@ -100,6 +100,7 @@ REASONS: Mapping[str, str] = MappingProxyType(
         "spawn.interpreter_unreadable": "the user endpoint cannot start for this account",
         "spawn.launch_failed": "the user endpoint could not be started",
         "spawn.privilege_drop": "the user endpoint could not drop privileges",
+        "spawn.cgroup_failed": "the user endpoint could not be contained",
         "spawn.start_failed": "the user endpoint could not be started",
         "spawn.start_timeout": "the user endpoint did not start in time",
         "spawn.too_many_endpoints": "too many user endpoints",

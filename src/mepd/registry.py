@@ -44,11 +44,14 @@ from mepcore.errors import (
     Violation,
 )
 from mepcore.spawn import (
+    Cgroups,
     LaunchedProcess,
     SpawnSettings,
+    SystemCgroupPort,
     become_subreaper,
     launch,
     plan_spawn,
+    prepare_cgroups,
     reap_adopted_orphans,
     stop_ladder,
 )
@@ -59,6 +62,7 @@ from mepd.inflight import DispatchTask, InFlight, InFlightTask
 from mepd.spec import EndpointSpec
 
 log = structlog.get_logger("mepd.registry")
+
 
 class SessionHooks(Protocol):
     """What happens around each user endpoint's process (PAM, in ``mepd.pam``)."""
@@ -482,6 +486,7 @@ class Registry:
     _start_tasks: set[asyncio.Task[None]] = attrs.field(init=False, factory=set)
     _shutting_down: bool = attrs.field(init=False, default=False)
     _subreaper: bool = attrs.field(init=False, default=False)
+    _cgroups: Cgroups | None = attrs.field(init=False, default=None)
     _serial: itertools.count[int] = attrs.field(init=False, factory=itertools.count)
 
     # ----------------------------------------------------------------- start
@@ -604,12 +609,13 @@ class Registry:
             self._subreaper = become_subreaper()
             self._watch_adopted(loop)
         plan = plan_spawn(req.account, self.spawn_settings, req.environment)
+        cgroups = self.cgroups()
         if self.sessions is not None:
             await self.sessions.open(req.account)
             handle.session_open = True
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            handle.process = launch(plan, theirs.fileno())
+            handle.process = launch(plan, theirs.fileno(), cgroups=cgroups)
             self._unreaped.add(handle.process.pid)
         except BaseException:
             ours.close()
@@ -649,6 +655,21 @@ class Registry:
             reason=error.reason,
             detail=error.detail,
         )
+
+    def cgroups(self) -> Cgroups:
+        """The user endpoints' cgroups, prepared at the first start; what the machine
+        does not allow is logged once. Raises ``spawn.cgroup_failed`` (every start then
+        fails) when the settings require cgroups and there are none."""
+        if self._cgroups is None:
+            cgroups = prepare_cgroups(self.spawn_settings.cgroup, SystemCgroupPort())
+            if not cgroups.available:
+                log.warning("spawn.cgroups_unavailable", detail="; ".join(cgroups.notes))
+            else:
+                log.info("spawn.cgroups_prepared", layout=cgroups.describe())
+                for note in cgroups.notes:
+                    log.warning("spawn.cgroup_limited", detail=note)
+            self._cgroups = cgroups
+        return self._cgroups
 
     def _forget(self, handle: UserEndpointHandle) -> None:
         key = (handle.account.name, handle.config_key)
@@ -747,6 +768,8 @@ class Registry:
                 process.signal_group(signal.SIGKILL)
                 await asyncio.to_thread(process.reap, deadline=1.0)
         self._leaving.clear()
+        if self._cgroups is not None:
+            self._cgroups.release()
 
 
 def _checked_result(header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:

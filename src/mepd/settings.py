@@ -162,6 +162,23 @@ SETTINGS_SCHEMA: dict[str, Any] = {
                 "lang": {"type": ["string", "null"]},
                 "tz": {"type": ["string", "null"]},
                 "inherit_stderr": {"type": "boolean"},
+                "no_new_privs": {"type": "boolean"},
+                "cgroup": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "enable": {"enum": ["auto", True, False]},
+                        "pids_max": {"type": ["integer", "null"], "minimum": 1},
+                        "memory_max": {
+                            "oneOf": [
+                                {"type": "integer", "minimum": 1},
+                                {"type": "string", "pattern": "^[0-9]+[KMGT]?$"},
+                                {"type": "null"},
+                            ]
+                        },
+                        "parent": {"type": "string", "pattern": "^(/[A-Za-z0-9_.@:-]+)+$"},
+                    },
+                },
                 "limits": {
                     "type": "object",
                     "additionalProperties": False,

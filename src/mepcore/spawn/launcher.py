@@ -3,7 +3,8 @@
 ``launch(plan, channel_fd)`` checks that the account can run the interpreter and read
 the packages, then starts the process with ``subprocess.Popen(user=, group=,
 extra_groups=, umask=0o077, start_new_session=True, close_fds=True, pass_fds=(channel,),
-env=, cwd=)``. A pre-exec Python hook is banned (it is unsafe with threads and runs Python in the
+env=, cwd="/")`` — the user endpoint enters the home itself, as the user. A pre-exec
+Python hook is banned (it is unsafe with threads and runs Python in the
 child before the drop), so resource limits are applied twice: the plan's argv carries
 them (``--rlimit=NAME=VALUE``) and the user endpoint lowers its own limits right after
 proving the drop, before it reads its start message (lowering needs no privilege); and
@@ -11,7 +12,14 @@ the launcher also sets them from the parent with ``resource.prlimit(pid, …)`` 
 holds CAP_SYS_RESOURCE (containers often drop that capability; then the child's own
 setting is what counts). Either way no user code runs before the limits are in place:
 the user endpoint runs nothing of the user's before its start message, and the daemon
-sends that only after ``launch`` returns.
+sends that only after ``launch`` returns. For the same reason the daemon can move the
+new process into its cgroup (``mepcore.spawn.cgroup``) right after ``Popen`` returns:
+nothing of the user's has run by then.
+
+When the start fails before the exec, subprocess reports only an errno (and Python 3.11
+blames ``cwd`` for any of them). If identities were to change, a throwaway child forked
+on that error path repeats the drop — ``setgroups``, ``setregid``, ``setreuid``, in
+subprocess's order — and names the call that fails: ``spawn.privilege_drop``.
 
 The stop ladder asks over the channel (a callable supplied by the caller), then sends
 SIGTERM to the process group, then SIGKILL, each step with an injected grace period. It
@@ -19,8 +27,8 @@ is written once, as a coroutine; the blocking form runs it in a private event lo
 Reaping kills what is left of the process's *session* (workers, stray children —
 ``start_new_session`` makes the user endpoint the leader of both its session and its
 group) while the leader is still an unreaped zombie, so the session id cannot have been
-reused by then. Processes that escape with ``setsid`` are out of reach; cgroups would be
-needed for those (docs/user-endpoints.md).
+reused by then. What left the session (``setsid``, double forks) is reached through the
+user endpoint's cgroup, which reaping ends and removes.
 
 Deliberately not here: the channel protocol (mepd) and any decision about *when* to stop.
 """
@@ -30,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import os
 import resource
 import select
@@ -42,6 +51,7 @@ import attrs
 
 from mepcore.errors import SpawnError
 from mepcore.spawn.access import check_runtime_readable
+from mepcore.spawn.cgroup import Cgroups, EndpointCgroup
 from mepcore.spawn.plan import SpawnPlan
 
 _PR_SET_CHILD_SUBREAPER = 36
@@ -49,12 +59,14 @@ _PR_SET_CHILD_SUBREAPER = 36
 
 @attrs.define
 class LaunchedProcess:
-    """A running user endpoint process: its Popen, a pidfd to watch it, and its plan."""
+    """A running user endpoint process: its Popen, a pidfd to watch it, its plan, and its
+    cgroup (None where the machine allows none)."""
 
     popen: subprocess.Popen[bytes]
     plan: SpawnPlan
     pidfd: int
     returncode: int | None = None
+    cgroup: EndpointCgroup | None = None
 
     @property
     def pid(self) -> int:
@@ -109,7 +121,8 @@ class LaunchedProcess:
         return True
 
     def reap(self, *, deadline: float = 2.0) -> int | None:
-        """Kill what is left of the session, reap it, then reap the leader.
+        """Kill what is left of the cgroup and the session, reap them, then reap the
+        leader and remove the cgroup.
 
         Call once the leader has exited (or to force it). Returns the exit status.
         """
@@ -118,13 +131,27 @@ class LaunchedProcess:
         if not self.has_exited():
             self.signal_group(signal.SIGKILL)
             self.wait_exit(deadline)
+        self.end_cgroup(deadline=deadline)
         kill_session(self.pid, deadline=deadline)
         try:
             self.returncode = self.popen.wait(timeout=deadline)
         except subprocess.TimeoutExpired:
             return None
         self.close()
+        if self.cgroup is not None:
+            self.cgroup.remove(timeout=deadline)
         return self.returncode
+
+    def end_cgroup(self, *, deadline: float = 2.0) -> list[int]:
+        """SIGKILL everything in the cgroup (double-forked, ``setsid``, SIGTERM-ignoring
+        descendants too) and reap those re-parented to this process (a subreaper)."""
+        if self.cgroup is None:
+            return []
+        ended = self.cgroup.end(timeout=deadline)
+        for pid in ended:
+            if pid != self.pid:
+                _reap_if_of(pid, self.plan.uid)
+        return ended
 
     def close(self) -> None:
         if self.pidfd >= 0:
@@ -132,8 +159,15 @@ class LaunchedProcess:
             self.pidfd = -1
 
 
-def launch(plan: SpawnPlan, channel_fd: int, *, check_access: bool = True) -> LaunchedProcess:
-    """Start the user endpoint of ``plan`` with ``channel_fd`` as its only extra descriptor."""
+def launch(
+    plan: SpawnPlan,
+    channel_fd: int,
+    *,
+    check_access: bool = True,
+    cgroups: Cgroups | None = None,
+) -> LaunchedProcess:
+    """Start the user endpoint of ``plan`` with ``channel_fd`` as its only extra descriptor,
+    in a cgroup of its own when ``cgroups`` has one to give."""
     if check_access:
         check_runtime_readable(
             plan.python,
@@ -151,6 +185,36 @@ def launch(plan: SpawnPlan, channel_fd: int, *, check_access: bool = True) -> La
             "spawn.launch_failed",
             f"the daemon runs as uid {os.geteuid()} and cannot start processes as {plan.uid}",
         )
+    cgroup = cgroups.create() if cgroups is not None and cgroups.available else None
+    try:
+        process = _start(plan, argv, channel_fd, identity)
+    except BaseException:
+        if cgroup is not None:
+            cgroup.remove(timeout=2.0)
+        raise
+    process.cgroup = cgroup
+    if cgroup is not None:
+        try:
+            cgroup.attach(process.pid)
+        except OSError as exc:
+            process.signal_group(signal.SIGKILL)
+            process.reap()
+            raise SpawnError(
+                "spawn.cgroup_failed",
+                f"moving the user endpoint of {plan.account.name} into {cgroup.name} failed: {exc}",
+            ) from exc
+    try:
+        apply_limits(process.pid, plan)
+    except OSError as exc:
+        process.signal_group(signal.SIGKILL)
+        process.reap()
+        raise SpawnError("spawn.launch_failed", f"setting resource limits failed: {exc}") from exc
+    return process
+
+
+def _start(
+    plan: SpawnPlan, argv: list[str], channel_fd: int, identity: dict[str, object]
+) -> LaunchedProcess:
     try:
         popen = subprocess.Popen(  # type: ignore[call-overload]
             argv,
@@ -166,6 +230,16 @@ def launch(plan: SpawnPlan, channel_fd: int, *, check_access: bool = True) -> La
             **identity,
         )
     except (OSError, subprocess.SubprocessError) as exc:
+        failed = diagnose_privilege_drop(plan.uid, plan.gid, plan.groups) if identity else None
+        if failed is not None:
+            call, error = failed
+            raise SpawnError(
+                "spawn.privilege_drop",
+                f"dropping privileges to the account {plan.account.name} failed: {call} "
+                f"refused with {errno.errorcode.get(error, error)} ({os.strerror(error)}); "
+                "nothing ran as the account",
+                context={"call": call, "errno": error},
+            ) from exc
         raise SpawnError(
             "spawn.launch_failed",
             f"starting the user endpoint of {plan.account.name} failed: {exc}",
@@ -177,14 +251,64 @@ def launch(plan: SpawnPlan, channel_fd: int, *, check_access: bool = True) -> La
         popen.kill()
         popen.wait()
         raise SpawnError("spawn.launch_failed", f"pidfd_open failed: {exc}") from exc
-    process = LaunchedProcess(popen=popen, plan=plan, pidfd=pidfd)
+    return LaunchedProcess(popen=popen, plan=plan, pidfd=pidfd)
+
+
+def diagnose_privilege_drop(uid: int, gid: int, groups: Collection[int]) -> tuple[str, int] | None:
+    """Which call of the privilege drop fails here: (its name, errno), or None.
+
+    Only for the error path of a launch: subprocess reports an errno but not the step.
+    A throwaway child forked here makes the same calls in the same order as subprocess
+    does (``setgroups``, ``setregid``, ``setreuid``), writes which one failed to a pipe
+    and exits at once; it execs nothing, imports nothing and returns to no caller, so
+    forking a daemon with threads is harmless here.
+    """
+    steps = ("setgroups", "setregid", "setreuid")
+    group_list = list(groups)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child; coverage does not follow os._exit
+        answer = b"ok"
+        try:
+            os.close(read_end)
+            for step in steps:
+                try:
+                    if step == "setgroups":
+                        os.setgroups(group_list)
+                    elif step == "setregid":
+                        os.setregid(gid, gid)
+                    else:
+                        os.setreuid(uid, uid)
+                except OSError as exc:
+                    answer = f"{step} {exc.errno}".encode()
+                    break
+            os.write(write_end, answer)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    chunks = []
     try:
-        apply_limits(popen.pid, plan)
-    except OSError as exc:
-        process.signal_group(signal.SIGKILL)
-        process.reap()
-        raise SpawnError("spawn.launch_failed", f"setting resource limits failed: {exc}") from exc
-    return process
+        while chunk := os.read(read_end, 256):
+            chunks.append(chunk)
+    finally:
+        os.close(read_end)
+        with contextlib.suppress(ChildProcessError):  # reaped by a SIGCHLD handler
+            os.waitpid(pid, 0)
+    step, _, number = b"".join(chunks).decode("ascii", "replace").partition(" ")
+    if step in steps and number.isdigit():
+        return step, int(number)
+    return None
+
+
+def _reap_if_of(pid: int, uid: int) -> None:
+    """Reap ``pid`` if it is an exited child of this process running as ``uid`` (an
+    adopted descendant of a user endpoint; never one of the daemon's own children)."""
+    try:
+        if os.stat(f"/proc/{pid}").st_uid != uid:
+            return
+        os.waitpid(pid, os.WNOHANG)
+    except (OSError, ChildProcessError):
+        return
 
 
 def apply_limits(pid: int, plan: SpawnPlan) -> bool:

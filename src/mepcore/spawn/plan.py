@@ -3,7 +3,11 @@
 ``plan_spawn(account, settings, environment)`` is pure: it turns an account, the
 daemon's spawn settings and the site's ``user_environment.yaml`` mapping into a frozen
 ``SpawnPlan`` (argv, environment, cwd, uid, gid, every group, umask, resource limits).
-It reads nothing from the machine — not even ``os.environ``: the interpreter path is
+The process starts in ``/``: Python's subprocess changes directory *before* it drops
+privileges, i.e. as root, so a home that is a symbolic link to a root-only directory
+would put the user's process there. The home travels as data (``--home=``) and the user
+endpoint enters it itself, once it has proved it cannot regain root. It reads nothing
+from the machine — not even ``os.environ``: the interpreter path is
 an input (mepd passes its own ``sys.executable`` unless configured otherwise).
 
 The environment is built from an allowlist, never inherited. Callers (remote users)
@@ -27,11 +31,14 @@ from typing import Any
 import attrs
 
 from mepcore.errors import SpawnError, Violation
+from mepcore.spawn.cgroup import CgroupSettings
 from mepcore.types import Account
 
 UEP_MODULE = "mepd.uep"
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 UMASK = 0o077
+# Where the process starts: never a directory root chose for it (see the docstring).
+START_DIRECTORY = "/"
 
 # Keys the daemon sets itself from the account; a site file may not override them.
 IDENTITY_KEYS = frozenset({"HOME", "USER", "LOGNAME", "SHELL"})
@@ -107,6 +114,11 @@ class SpawnSettings:
     ``python`` is the interpreter the user endpoint runs; it and ``package_paths`` (the
     directories holding mepd, mepcore and their dependencies for that interpreter) must be
     readable by every mapped account — the launcher checks before each spawn.
+
+    ``no_new_privs``: the user endpoint sets PR_SET_NO_NEW_PRIVS on itself before it runs
+    anything of the user's, so no setuid program or file capability gains privilege
+    below it; turn it off only for sites whose batch scheduler tools are setuid.
+    ``cgroup``: the user endpoint's own cgroup and its limits (``mepcore.spawn.cgroup``).
     """
 
     python: str = attrs.field()
@@ -117,6 +129,8 @@ class SpawnSettings:
     limits: ResourceLimits = ResourceLimits()
     inherit_stderr: bool = False
     module: str = UEP_MODULE
+    no_new_privs: bool = True
+    cgroup: CgroupSettings = attrs.field(factory=CgroupSettings)
 
     @python.validator
     def _absolute(self, _attr: object, value: str) -> None:
@@ -135,16 +149,23 @@ class SpawnSettings:
             tz=data.get("tz"),
             limits=limits,
             inherit_stderr=bool(data.get("inherit_stderr", False)),
+            no_new_privs=bool(data.get("no_new_privs", True)),
+            cgroup=CgroupSettings.from_mapping(data.get("cgroup") or {}),
         )
 
 
 @attrs.frozen
 class SpawnPlan:
-    """Everything the launcher needs; the launcher adds only the channel descriptor."""
+    """Everything the launcher needs; the launcher adds only the channel descriptor.
+
+    ``cwd`` is where the process starts (``/``); ``home`` is where the user endpoint goes
+    once it runs as the account (it is also in argv, ``--home=``).
+    """
 
     argv: tuple[str, ...]
     env: Mapping[str, str] = attrs.field(converter=_freeze)
     cwd: str
+    home: str
     uid: int
     gid: int
     groups: tuple[int, ...]
@@ -154,6 +175,7 @@ class SpawnPlan:
     python: str
     package_paths: tuple[str, ...]
     inherit_stderr: bool = False
+    no_new_privs: bool = True
 
 
 def environment_violations(environment: Mapping[str, Any]) -> list[Violation]:
@@ -218,9 +240,12 @@ def plan_spawn(
             "-m",
             settings.module,
             *(f"--rlimit={name}={value}" for name, value in settings.limits.items()),
+            *(("--no-new-privs",) if settings.no_new_privs else ()),
+            f"--home={account.home}",
         ),
         env=env,
-        cwd=account.home,
+        cwd=START_DIRECTORY,
+        home=account.home,
         uid=account.uid,
         gid=account.gid,
         groups=groups,
@@ -230,4 +255,5 @@ def plan_spawn(
         python=settings.python,
         package_paths=settings.package_paths,
         inherit_stderr=settings.inherit_stderr,
+        no_new_privs=settings.no_new_privs,
     )

@@ -65,6 +65,7 @@ def collect_problems(config: str) -> list[str]:
         *([] if "issuers" in untrusted else _issuer_problems(settings)),
         *([] if "tls" in untrusted else _tls_problems(settings)),
         *_runtime_problems(settings),
+        *_cgroup_problems(settings),
         *_state_dir_problems(settings),
     ]
 
@@ -146,6 +147,26 @@ def _runtime_problems(settings: Settings) -> list[str]:
     except (MepError, ValueError, TypeError) as exc:
         problems.append(f"spawn: {exc}")
     return problems
+
+
+def _cgroup_problems(settings: Settings) -> list[str]:
+    """No writable cgroup for user endpoints: a problem with ``spawn.cgroup.enable: true``,
+    otherwise a warning on stderr (they still start, without a cgroup)."""
+    from mepcore.errors import MepError
+    from mepcore.spawn import SystemCgroupPort, probe_cgroups
+    from mepd.daemon import spawn_settings
+
+    try:
+        cgroup = spawn_settings(settings).cgroup
+    except (MepError, ValueError, TypeError):
+        return []  # reported by _runtime_problems
+    probe = probe_cgroups(cgroup, SystemCgroupPort())
+    if probe.usable or cgroup.enable == "false":
+        return []
+    if cgroup.enable == "true":
+        return [f"spawn.cgroup: {probe.detail}"]
+    sys.stderr.write(f"mepd check: warning: spawn.cgroup: {probe.detail}\n")
+    return []
 
 
 def _state_dir_problems(settings: Settings) -> list[str]:

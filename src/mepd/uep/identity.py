@@ -4,8 +4,12 @@
 cannot regain root (``setuid(0)`` must fail with ``PermissionError``, no capability may
 be permitted, effective or ambient). ``set_parent_death_signal()`` asks the kernel to
 kill the process when the daemon dies; it must run *after* the drop because the kernel
-clears that setting whenever credentials change. ``introspect()`` reports the identity
-for admin tools and tests. Nothing here changes credentials: the launcher did the drop.
+clears that setting whenever credentials change. ``set_no_new_privs()`` makes execve
+grant no privilege from then on (setuid bits and file capabilities are ignored), for
+this process and everything it starts. ``enter_home()`` changes to the home directory
+*as the account* (the launcher starts the process in ``/``: subprocess would change
+directory while still root). ``introspect()`` reports the identity for admin tools and
+tests. Nothing here changes credentials: the launcher did the drop.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from collections.abc import Sequence
 from typing import Any
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NO_NEW_PRIVS = 38
+_PR_GET_NO_NEW_PRIVS = 39
 _CAP_FIELDS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
 _RLIMITS = ("RLIMIT_NPROC", "RLIMIT_NOFILE", "RLIMIT_AS", "RLIMIT_CORE", "RLIMIT_CPU")
 
@@ -62,6 +68,26 @@ def set_parent_death_signal(expected_parent: int) -> bool:
     return os.getppid() == expected_parent
 
 
+def set_no_new_privs() -> bool:
+    """PR_SET_NO_NEW_PRIVS on this process (irreversible, inherited); True once it is set."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        return False
+    return int(libc.prctl(_PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0)) == 1
+
+
+def enter_home(home: str) -> str | None:
+    """Change to ``home`` as this (unprivileged) process; why not, or None when done.
+
+    On failure the process stays where it is (``/``, where the launcher started it).
+    """
+    try:
+        os.chdir(home)
+    except OSError as exc:
+        return f"cannot enter the home directory {home}: {exc.strerror or exc}"
+    return None
+
+
 def open_fds() -> list[dict[str, Any]]:
     """Open descriptors with what they point at (the listing's own descriptor excluded)."""
     out: list[dict[str, Any]] = []
@@ -74,6 +100,15 @@ def open_fds() -> list[dict[str, Any]]:
             continue
         out.append({"fd": fd, "target": target})
     return out
+
+
+def _own_cgroups() -> list[str]:
+    """This process's lines of ``/proc/self/cgroup`` (``hierarchy:controllers:path``)."""
+    try:
+        with open("/proc/self/cgroup", encoding="ascii", errors="replace") as fh:
+            return [line.strip() for line in fh if line.strip()]
+    except OSError:
+        return []
 
 
 def introspect(*, channel_fd: int, inherited_fds: Sequence[int] = ()) -> dict[str, Any]:
@@ -107,6 +142,7 @@ def introspect(*, channel_fd: int, inherited_fds: Sequence[int] = ()) -> dict[st
         "pgid": os.getpgid(0),
         "rlimits": rlimits,
         "capabilities": caps,
-        "no_new_privs": status.get("NoNewPrivs", ""),
+        "no_new_privs": status.get("NoNewPrivs") == "1",
+        "cgroups": _own_cgroups(),
         "setuid_refused": setuid_refused,
     }
