@@ -348,10 +348,11 @@ def bench_deployment(
     """
     from tests.accounts import create_account, delete_account
     from tests.daemon_harness import running_daemon, write_deployment
+    from tests.trusted_dir import trusted_directory
 
     made: list[pwd.struct_passwd] = []
-    with tempfile.TemporaryDirectory(prefix=prefix) as top:
-        os.chmod(top, 0o755)
+    # Not under /tmp: mepd refuses files below a shared sticky directory (rule 8).
+    with trusted_directory(prefix) as top:
         try:
             python, paths = _runtime()
             if is_root():
