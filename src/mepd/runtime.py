@@ -12,7 +12,7 @@ as ``nobody``: the runtime is what every account runs, never root, and what it r
 is judged before anything relies on it.
 
 The interpreter is administrator configuration, not user input. Deliberately not here:
-building a runtime (see docs/user-endpoints.md for the recipe).
+building a runtime (``mepd runtime build``, ``mepd.commands.runtime``).
 """
 
 from __future__ import annotations

@@ -131,18 +131,20 @@ endpoints:
 
 def _mapping(domain: str) -> str:
     """mapping.json: ``<name>@<domain>`` is the local account ``<name>``."""
-    pattern = "(.*)@" + domain.replace(".", "\\.")
+    pattern = "([a-z_][a-z0-9_-]{0,31})@" + domain.replace(".", "\\.")
     document = {
         # Globus Connect Server's loader ignores unknown keys, and so does mep's.
         "comment": [
-            "Written by mepd init. <name>@" + domain + " is the local account <name>; the",
-            "name must be a portable POSIX user name and the account must pass the",
-            "account rules of mepd.yaml. 'match' is Globus Connect Server's reduced",
-            "pattern language, matched against the whole string (docs/identity-mapping.md).",
+            "Written by mepd init. <name>@" + domain + " is the local account <name>",
+            "(lower-case letters, digits, '_' and '-'); the account must also pass the",
+            "account rules of mepd.yaml. 'match' is matched against the whole string, in",
+            "Python's syntax here (mep_match_syntax; without it, Globus Connect Server's",
+            "reduced one, where [a-z] is text): docs/identity-mapping.md.",
             'Try: echo \'{"id": "1", "username": "alice@' + domain + "\"}'"
             " | mepd map --config mepd.yaml",
         ],
         "DATA_TYPE": "expression_identity_mapping#1.0.0",
+        "mep_match_syntax": "python",
         "mappings": [{"source": "{username}", "match": pattern, "output": "{0}"}],
     }
     return json.dumps([document], indent=2) + "\n"
