@@ -308,6 +308,7 @@ class Daemon:
         admin = await self._start_admin_socket()
         port = sock.getsockname()[1]
         self._announce_start(port)
+        self._prepare_cgroups()
         self._background.append(loop.create_task(self._sweeper()))
         # Batch jobs of user endpoints killed with an earlier daemon (mepd.orphans).
         self._background.append(loop.create_task(sweep_orphan_jobs(self.audit)))
@@ -343,6 +344,13 @@ class Daemon:
         while True:
             self._notifier.watchdog()
             await asyncio.sleep(interval)
+
+    def _prepare_cgroups(self) -> None:
+        """Say at start, not at the first request, whether user endpoints get cgroups."""
+        try:
+            self.registry.cgroups()
+        except MepError as exc:  # required and missing: every start will fail, loudly
+            log.error("spawn.cgroups_required", detail=exc.detail)
 
     def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
