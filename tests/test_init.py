@@ -72,6 +72,7 @@ def test_the_output_passes_mepd_check(top: Path) -> None:
         assert info.st_uid == os.geteuid()
     checked = mepd("check", "--config", str(folder / "mepd.yaml"))
     assert checked.returncode == 0, checked.stderr
+    assert "warning" not in checked.stderr  # nothing likely to be a mistake either
     tables = mepd("policy", "test", "--config", str(folder / "mepd.yaml"))
     assert tables.returncode == 0 and " 0 failed" in tables.stdout, tables.stdout
 
