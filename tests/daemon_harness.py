@@ -441,6 +441,10 @@ def write_deployment(
     (top / "mapping.json").write_text(json.dumps(MAPPING_FOR_TEST_ACCOUNTS))
     policy = (EXAMPLE / "policy.csv").read_text() + "".join(f"{line}\n" for line in policy_extra)
     (top / "policy.csv").write_text(policy)
+    # Copies, not the checkout's files: mepd trusts only files no one else can change,
+    # and a checkout may live anywhere (under /tmp, with a group-writable umask…).
+    for shipped in ("model.conf", "base.csv"):
+        shutil.copyfile(REPO / "policies" / shipped, top / shipped)
     settings: dict[str, Any] = {
         "listen": {"host": "127.0.0.1", "port": 0},
         "state_dir": str(top / "state"),
@@ -456,9 +460,9 @@ def write_deployment(
                 "schema": "templates/user_config_schema.json",
                 "environment": "templates/user_environment.yaml",
                 "mapping": "mapping.json",
-                "policy_model": str(REPO / "policies" / "model.conf"),
+                "policy_model": "model.conf",
                 # As the example: the shipped defaults, then the example's own lines.
-                "policy": [str(REPO / "policies" / "base.csv"), "policy.csv"],
+                "policy": ["base.csv", "policy.csv"],
                 **(endpoint_extra or {}),
             }
         ],

@@ -227,19 +227,45 @@ def prepare(work: Path) -> tuple[Path, Path, list[str]]:
         {"ALICE_ACCOUNT": accounts[0], "BOB_ACCOUNT": accounts[1]},
     )
     config = work / "settings.yaml"
+    files, shipped = copy_site_files(work)
     fill(
         DEMO_DIR / "settings.yaml.in",
         config,
         {
             "STATE_DIR": str(state_dir),
             "PYTHON": python,
-            "DEMO_DIR": str(DEMO_DIR),
+            "DEMO_DIR": str(files),
             "WORK_DIR": str(work),
-            "REPO": str(REPO),
+            "REPO": str(shipped),
             "ALLOWED_FUNCTIONS": ids,
         },
     )
     return config, state_dir, accounts
+
+
+SITE_FILES = (
+    "user_config_template.yaml.j2",
+    "user_config_schema.json",
+    "user_environment.yaml",
+    "policy.csv",
+)
+
+
+def copy_site_files(work: Path) -> tuple[Path, Path]:
+    """Copies of the site's files in the demo's own directory, as an administrator
+    installs them: mepd trusts only files no one else could have changed, and the
+    checkout may live anywhere (under /tmp, cloned with a group-writable umask…)."""
+    files = work / "site"
+    shipped = work / "shipped"
+    (shipped / "policies").mkdir(parents=True)
+    files.mkdir()
+    for name in SITE_FILES:
+        shutil.copyfile(DEMO_DIR / name, files / name)
+    for name in ("model.conf", "base.csv"):
+        shutil.copyfile(REPO / "policies" / name, shipped / "policies" / name)
+    for path in (files, shipped, shipped / "policies", *files.iterdir(), *shipped.rglob("*")):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return files, shipped
 
 
 def main() -> int:
