@@ -1,9 +1,10 @@
 """``make demo`` (examples/demo/demo.py) runs end to end and leaves nothing running.
 
 The demo uses fixed account names and checks that nothing of them is left running, so
-two test runs on one machine take turns (an flock on ``DEMO_LOCK``). Run as another
-account, it runs from a world-readable copy of its files with the runtime of
-tests/runtime_venv.py: this checkout and its virtualenv may be private to root.
+two test runs on one machine take turns (an flock on ``DEMO_LOCK``). It runs from a
+world-readable copy of this checkout (which may be private to root): its user endpoints
+read the source lines of run.py for the tracebacks it prints; run as another account it
+uses the runtime of tests/runtime_venv.py, never this checkout's virtualenv.
 """
 
 from __future__ import annotations
@@ -37,28 +38,38 @@ def one_demo_at_a_time() -> Iterator[None]:
         yield
 
 
+_NOT_COPIED = shutil.ignore_patterns(
+    ".git", ".venv", "__pycache__", ".*_cache", "build", ".coverage*", "*.egg-info"
+)
+
+
 @pytest.fixture
 def readable_demo() -> Iterator[Path]:
-    """A copy of the demo's files (and the policy model it names) every account can read."""
+    """demo.py in a copy of this checkout every account can read (the demo builds its
+    runtime from the sources next to it)."""
     top = Path(tempfile.mkdtemp(prefix="mept-demo-files-"))
     try:
-        shutil.copytree(REPO / "examples" / "demo", top / "examples" / "demo")
-        shutil.copytree(REPO / "policies", top / "policies")
+        shutil.copytree(REPO, top / "mep", symlinks=True, ignore=_NOT_COPIED)
         for path in [top, *top.rglob("*")]:
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        yield top / "examples" / "demo" / "demo.py"
+            if not path.is_symlink():
+                path.chmod(0o755 if path.is_dir() or os.access(path, os.X_OK) else 0o644)
+        yield top / "mep" / "examples" / "demo" / "demo.py"
     finally:
         shutil.rmtree(top, ignore_errors=True)
 
 
-def test_demo_shows_each_point_and_leaves_nothing_running() -> None:
-    done = subprocess.run(
-        [sys.executable, str(REPO / "examples" / "demo" / "demo.py")],
+def run_demo_as_root(demo: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(demo)],
         capture_output=True,
         text=True,
         timeout=120,
-        cwd=str(REPO),
+        cwd=str(demo.parents[2]),
     )
+
+
+def test_demo_shows_each_point_and_leaves_nothing_running(readable_demo: Path) -> None:
+    done = run_demo_as_root(readable_demo)
     out = done.stdout
     assert done.returncode == 0, out + done.stderr
     uids = {name: pwd.getpwnam(name).pw_uid for name in ("mepdemo1", "mepdemo2")}
@@ -140,13 +151,7 @@ def readme_demo_block() -> str:
     return text[start : text.index("```\n", start)]
 
 
-def test_the_readme_shows_the_real_demo_output() -> None:
-    done = subprocess.run(
-        [sys.executable, str(REPO / "examples" / "demo" / "demo.py")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=str(REPO),
-    )
+def test_the_readme_shows_the_real_demo_output(readable_demo: Path) -> None:
+    done = run_demo_as_root(readable_demo)
     assert done.returncode == 0, done.stdout + done.stderr
     assert stable_demo_lines(done.stdout) == stable_demo_lines(readme_demo_block())
