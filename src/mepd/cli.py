@@ -46,6 +46,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "runtime": ("mepd.commands.runtime", "build the user endpoints' runtime (a virtualenv)"),
     "token": ("mepd.commands.token", "issue tokens of the local issuer"),
     "functions": ("mepd.commands.functions", "list the functions registered with the daemon"),
+    "import-globus-compute": (
+        "mepd.commands.import_gc",
+        "write a mep deployment from a Globus Compute multi-user endpoint's files",
+    ),
 }
 
 EXIT_OK = 0

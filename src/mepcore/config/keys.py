@@ -146,6 +146,7 @@ _SERIALIZERS = "mep's serialization strategies are fixed by mep (mepcore.tasks.S
 _WORKDIR = "tasks run in the user endpoint's working directory (the user's home)"
 _LABEL = "mep names its executor and batch jobs itself, to find them again after a restart"
 _ENDPOINT_ID = "set by Globus Compute itself; mep names user endpoints by their config key"
+_INITIALIZER = "a worker initializer is a Python callable, which YAML cannot give"
 
 # Top-level keys of a user endpoint's configuration mep accepts and ignores.
 IGNORED_KEYS: Mapping[str, str] = MappingProxyType(
@@ -171,16 +172,15 @@ IGNORED_ENGINE_KEYS: Mapping[str, Mapping[str, str]] = _freeze(
         "ThreadPoolEngine": {
             "label": _LABEL,
             "thread_name_prefix": "mep names its worker threads itself",
-            "initargs": "there is no initializer to give them to",
-            "endpoint_id": _ENDPOINT_ID,
-            "max_retries_on_system_failure": _RETRIES,
-            "working_dir": _WORKDIR,
+            "initargs": _INITIALIZER,
             "allowed_serializers": _SERIALIZERS,
         },
         "ProcessPoolEngine": {
             "label": _LABEL,
             "max_tasks_per_child": "mep's pool replaces a worker only when it dies",
-            "initargs": "there is no initializer to give them to",
+            "initializer": _INITIALIZER,
+            "initargs": _INITIALIZER,
+            "mp_context": "mep's pool forks its workers itself",
             "endpoint_id": _ENDPOINT_ID,
             "max_retries_on_system_failure": _RETRIES,
             "working_dir": _WORKDIR,
@@ -194,7 +194,6 @@ IGNORED_ENGINE_KEYS: Mapping[str, Mapping[str, str]] = _freeze(
             "container_cmd_options": "mep runs no containers (see container_type)",
             "run_in_sandbox": _WORKDIR,
             "allowed_serializers": _SERIALIZERS,
-            "endpoint_id": _ENDPOINT_ID,
             "working_dir": _WORKDIR,
             "launch_cmd": "mep sets the worker command itself (Globus Compute overrides it too)",
             "interchange_launch_cmd": (

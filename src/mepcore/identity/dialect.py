@@ -10,19 +10,20 @@ and mep reads it the same way by default (``mep_match_syntax: "gcs"``):
 - every other character is ordinary: ``^ $ + { } [ ]`` too, so ``[a-z]+`` is eight
   characters of text, not a character class;
 - refused when the file loads, as there: any other backslash escape (``\\d``, ``\\w``,
-  ``\\@``), a ``?`` right after ``*`` or ``?`` (lazy quantifiers, even after an escaped
-  ``\\*``), a leading ``*`` or ``?``, and whatever Python's compiler refuses (an
-  unbalanced parenthesis, ``**``).
+  ``\\@``; every backslash is looked at, so ``\\\\d`` too), a ``?`` right after ``*`` or
+  ``?`` (lazy quantifiers, even after an escaped ``\\*``), a leading ``*`` or ``?``, and
+  whatever Python's compiler refuses (an unbalanced parenthesis, ``**``).
 
 On top of the dialect mep keeps its own rules: the *whole* string must match, every
 alternative included (``alice|bob`` does not match ``alicex``), and nothing may follow
-the match (the reference's ``$`` also matches before a trailing newline). It also
-refuses, when the file loads, four spellings whose meaning in the reference is not what
-the dialect says, so a migrated file never maps more than the administrator tested:
-a trailing backslash (there it escapes the reference's own end anchor), one of
-``^ $ + { } [ ]`` right after an escaped backslash ``\\\\`` (there it keeps its regex
-meaning), a group extension ``(?…)`` (Python syntax the dialect does not have), and a
-backslash in a ``literal`` rule (there the character after it is not escaped).
+the match (the reference's ``$`` also matches before a trailing newline): a match
+counts only when the reference's own match spans the whole string, so mep maps with the
+very groups the reference would, or not at all. It also refuses, when the file loads,
+three spellings whose meaning in the reference is not what the dialect says, so a
+migrated file never maps more than the administrator tested: a trailing backslash
+(there it escapes the reference's own end anchor), a group extension ``(?…)`` (Python
+syntax the dialect does not have), and a backslash in a ``literal`` rule (there the
+character after it is not escaped).
 
 A document may opt in to Python's full regex syntax with ``"mep_match_syntax":
 "python"`` (mep-specific; the reference ignores the key and would still read the
@@ -51,7 +52,8 @@ _DIGITS = frozenset("0123456789")
 # Ordinary characters of the dialect that are special to Python's regex compiler.
 _ORDINARY_SPECIALS = frozenset("^$+{}[]")
 # Python escapes and classes that can match "@" (for the warning, python syntax only).
-_PY_AT_CAPABLE = re.compile(r"\\[SWD]|\[\^|\.|@")
+_PY_AT_CAPABLE = re.compile(r"\\[SWD]|(?<!\\)\.|@")
+_PY_CLASS = re.compile(r"(?<!\\)\[(\^?)((?:\\.|[^\]\\])*)\]")
 _DOMAIN_DOT = re.compile(r"[A-Za-z0-9-]\.[A-Za-z]")
 _FIELDS_WITH_AT = frozenset({"username", "email"})
 
@@ -77,24 +79,18 @@ def translate_gcs(text: str) -> str:
                 " . ? * | ( ) \\ or a digit (a back-reference)"
             )
     out: list[str] = []
-    after_escaped_backslash = False
     position = 0
     while position < len(text):
         char = text[position]
         if char == "\\":
             if position + 1 == len(text):
                 raise MatchSyntaxError("a trailing backslash escapes nothing")
-            following = text[position + 1]
-            out.append(char + following)
-            after_escaped_backslash = following == "\\"
+            # Only . ? * | ( ) \ or a digit can follow (checked above), so one of
+            # ^ $ + { } [ ] is never right after a backslash.
+            out.append(char + text[position + 1])
             position += 2
             continue
         if char in _ORDINARY_SPECIALS:
-            if after_escaped_backslash:
-                raise MatchSyntaxError(
-                    f"{char!r} right after an escaped backslash keeps its regex meaning in"
-                    f" Globus Compute; write it elsewhere or use {SYNTAX_KEY}: python"
-                )
             out.append("\\" + char)
         elif char == "(" and text[position + 1 : position + 2] == "?":
             raise MatchSyntaxError(
@@ -103,7 +99,6 @@ def translate_gcs(text: str) -> str:
             )
         else:
             out.append(char)
-        after_escaped_backslash = False
         position += 1
     return "".join(out)
 
@@ -210,10 +205,15 @@ def _unescaped(text: str, wanted: str) -> list[int]:
 
 
 def _group_can_match_at(inner: str, syntax: str) -> bool:
+    if re.search(r"\\[0-9]", inner):
+        return True  # a back-reference repeats what may hold one
     if syntax == GCS_SYNTAX:
-        # The dialect has no classes: only "." "@" or a back-reference can give an "@".
-        return bool(_unescaped(inner, ".") or "@" in inner or re.search(r"\\[0-9]", inner))
-    return bool(_PY_AT_CAPABLE.search(inner) or re.search(r"\\[0-9]", inner))
+        # The dialect has no classes: only "." or "@" itself gives an "@".
+        return bool(_unescaped(inner, ".") or "@" in inner)
+    for negated, body in _PY_CLASS.findall(inner):
+        if bool(negated) != ("@" in body):
+            return True
+    return bool(_PY_AT_CAPABLE.search(_PY_CLASS.sub("", inner)))
 
 
 def pattern_warnings(

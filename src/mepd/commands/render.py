@@ -2,7 +2,9 @@
 
 For administrators writing or debugging a template: reads the site files, validates
 the variables, renders, validates the endpoint config, and prints the YAML (or, with
-``--json``, the validated config and its config key). Keys the template sets that mep
+``--json``, the validated config and its config key). ``_GC.user_runtime`` is what mep's
+client would send from this machine unless ``--user-runtime`` gives one. Keys the
+template sets that mep
 accepts and ignores (Globus Compute keys it cannot honour) are listed on stderr as
 warnings. ``_GC.env`` is the site's user environment file (the user endpoint has its
 full environment); ``_GC.parent_config`` is ``--parent-config`` (empty without it). It
@@ -44,7 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--schema", metavar="FILE", help="user_config_schema.json")
     parser.add_argument(
-        "--environment", metavar="FILE", help="user_environment.yaml (checked, not rendered)"
+        "--environment",
+        metavar="FILE",
+        help="user_environment.yaml (checked; its variables are _GC.env)",
     )
     parser.add_argument(
         "--user-config",
@@ -62,7 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="JSON identity document for _GC.mapped_identity.id / .identity",
     )
-    parser.add_argument("--user-runtime", metavar="FILE", help="JSON object for _GC.user_runtime")
+    parser.add_argument(
+        "--user-runtime",
+        metavar="FILE",
+        help="JSON object for _GC.user_runtime (default: what mep's client on this machine sends)",
+    )
     parser.add_argument("--parent-config", metavar="FILE", help="JSON object for _GC.parent_config")
     parser.add_argument(
         "--json",
@@ -135,7 +143,7 @@ class _Inputs:
             variables=variables,
             account=account,
             identity=identity,
-            user_runtime=_json_object(args.user_runtime, "--user-runtime"),
+            user_runtime=_runtime(args.user_runtime),
             parent_config=_json_object(args.parent_config, "--parent-config"),
         )
 
@@ -158,6 +166,16 @@ def _account(name: str | None) -> Account:
     return accounts.by_uid(os.getuid()) or Account(
         name="nobody-placeholder", uid=os.getuid(), gid=os.getgid(), home="/", shell=""
     )
+
+
+def _runtime(path: str | None) -> dict[str, Any]:
+    """``--user-runtime``, else what the client sends from here: a template that reads
+    the runtime (Globus Compute's default one does) renders as for a real submission."""
+    if path is not None:
+        return _json_object(path, "--user-runtime") or {}
+    from mepcore.client.service import user_runtime
+
+    return user_runtime()
 
 
 def _json_object(path: str | None, what: str) -> dict[str, Any] | None:
