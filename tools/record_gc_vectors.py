@@ -508,11 +508,17 @@ def _template_cases() -> list[dict[str, Any]]:
         schema="@default",
     )
     add("the default template with only a runtime", "@default", user_runtime=RUNTIME)
-    add("the default template with worker_init and no runtime: invalid YAML in both",
-        "@default", {"worker_init": "module load python"})
-    add("the default template with the runtime mep's client sends (no Globus SDK)",
-        "@default", {"worker_init": "module load python"},
-        user_runtime={k: v for k, v in RUNTIME.items() if not k.startswith("globus")})
+    add(
+        "the default template with worker_init and no runtime: invalid YAML in both",
+        "@default",
+        {"worker_init": "module load python"},
+    )
+    add(
+        "the default template with the runtime mep's client sends (no Globus SDK)",
+        "@default",
+        {"worker_init": "module load python"},
+        user_runtime={k: v for k, v in RUNTIME.items() if not k.startswith("globus")},
+    )
     add(
         "configure --multi-user's template and schema",
         "@configure",
