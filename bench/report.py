@@ -55,6 +55,7 @@ ORDER = [
     "api.py",
     "client.py",
     "payload.py",
+    "slurm.py",
     "scale.py",
 ]
 # Seconds each script may take in a full run (their sum stays under 15 minutes).
@@ -67,6 +68,8 @@ TIMEOUTS = {
     "api.py": 120,
     "client.py": 120,
     "payload.py": 90,
+    # mep and Parsl HTEX on a real (single-node) Slurm; starts one with .ci/slurm-up
+    "slurm.py": 150,
     "scale.py": 180,
 }
 DEFAULT_TIMEOUT = 90

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -82,3 +84,65 @@ def make_account():  # type: ignore[no-untyped-def]
     yield factory
     for name in made:
         delete_account(name)
+
+
+# -- a real Slurm for the tests marked ``slurm`` -----------------------------------------
+
+CI = Path(__file__).resolve().parent.parent / ".ci"
+SLURM_STATE = Path(os.environ.get("MEP_SLURM_STATE", "/run/mep-slurm"))
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[str]:
+    """A single-node Slurm, started once per session by ``.ci/slurm-up`` (which installs
+    it if needed), stopped by ``.ci/slurm-down`` at the end by the last session using it
+    (only if slurm-up started it). Where Slurm cannot run the test is skipped with
+    slurm-up's reason, never silently."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: installs and starts slurmctld, slurmd and munged (.ci/slurm-up)")
+    done = subprocess.run(
+        [str(CI / "slurm-up")], capture_output=True, text=True, timeout=900, check=False
+    )
+    last = (done.stdout.strip().splitlines() or ["slurm-up: no output"])[-1]
+    if done.returncode == 2:
+        pytest.skip(last)
+    if done.returncode != 0:
+        pytest.fail(f"{last}\n{done.stdout[-4000:]}\n{done.stderr[-2000:]}")
+    with open(SLURM_STATE / "in-use.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_SH)  # sessions sharing this Slurm hold it
+        try:
+            yield last
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pass  # another session still uses it: the last one stops it
+            else:
+                subprocess.run(
+                    [str(CI / "slurm-down")], capture_output=True, timeout=120, check=False
+                )
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """One line with the Slurm suite's counts (``.ci/run`` prints it again at the end)."""
+    counts = {"passed": 0, "failed": 0, "error": 0, "skipped": 0}
+    seconds = 0.0
+    reasons: set[str] = set()
+    for outcome, reports in terminalreporter.stats.items():
+        for report in reports:
+            if "slurm" not in getattr(report, "keywords", {}) or not hasattr(report, "when"):
+                continue
+            seconds += report.duration
+            if outcome == "skipped":
+                counts["skipped"] += 1
+                if isinstance(report.longrepr, tuple):
+                    reasons.add(str(report.longrepr[2]))
+            elif outcome in ("failed", "error") and report.when != "call":
+                counts["error"] += 1
+            elif outcome in counts and report.when == "call":
+                counts[outcome] += 1
+    if sum(counts.values()):
+        line = ", ".join(f"{n} {k}" for k, n in counts.items())
+        why = f" ({'; '.join(sorted(reasons))})" if reasons else ""
+        terminalreporter.write_line(f"slurm suite: {line} in {seconds:.1f} s{why}")

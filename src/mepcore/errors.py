@@ -115,6 +115,7 @@ REASONS: Mapping[str, str] = MappingProxyType(
         "task.failed": "the task raised an exception",
         "task.timeout": "the task exceeded its walltime",
         "task.worker_lost": "the worker running the task was lost",
+        "task.provider_failed": "the batch system did not start workers for the task",
         "task.endpoint_lost": "the user endpoint running the task was lost",
         "task.result_too_large": "the task result is too large",
         "task.payload_too_large": "the task payload is too large",

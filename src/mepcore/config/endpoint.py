@@ -95,7 +95,26 @@ def endpoint_config_schema() -> dict[str, Any]:
                 "prefetch_capacity": _COUNT,
                 "heartbeat_period": {"type": "integer", "minimum": 1, "maximum": 3600},
                 "heartbeat_threshold": {"type": "integer", "minimum": 1, "maximum": 86_400},
-                "max_idletime": {"type": "number", "minimum": 0},
+                "max_idletime": {"type": "number", "minimum": 0, "maximum": 86_400},
+                # Parsl's scaling strategy (run inside the engine) and its poller's options
+                "strategy": {"enum": ["simple", "htex_auto_scale", "none"]},
+                "job_status_kwargs": {
+                    "type": "object",
+                    "properties": {
+                        "strategy": {"enum": ["simple", "htex_auto_scale", "none"]},
+                        "max_idletime": {"type": "number", "minimum": 0, "maximum": 86_400},
+                        "strategy_period": {
+                            "type": "number",
+                            "minimum": 0.1,
+                            "maximum": 86_400,
+                        },
+                    },
+                    "additionalProperties": False,
+                },
+                "max_retries_on_system_failure": {"type": "integer", "minimum": 0, "maximum": 100},
+                # where the interchange listens for workers; where run directories go
+                "address": _NAME,
+                "run_dir": {"type": "string", "minLength": 1, "maxLength": 4096},
                 "worker_debug": {"type": "boolean"},
                 # HighThroughputExecutor's own options, passed on as they are
                 "worker_port_range": _PORT_RANGE,

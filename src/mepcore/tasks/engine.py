@@ -126,6 +126,8 @@ class Watchdog:
     For engines that cannot kill what runs a task (threads, Parsl): the caller is told
     ``task.timeout`` on time; the work itself is left to finish or be stopped otherwise.
     The thread starts on the first ``arm`` (never in a constructor) and ends at ``stop``.
+    ``postpone(job)``, when given, is asked at each deadline first: a number of seconds
+    re-arms the job instead (an engine whose task has not started yet says so).
     """
 
     def __init__(
@@ -133,10 +135,12 @@ class Watchdog:
         name: str,
         explanation: str,
         on_expired: Callable[[Job], None] | None = None,
+        postpone: Callable[[Job], float | None] | None = None,
     ) -> None:
         self._name = name
         self._explanation = explanation
         self._on_expired = on_expired
+        self._postpone = postpone
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._deadlines: list[tuple[float, int, Job]] = []
@@ -180,6 +184,10 @@ class Watchdog:
                     continue
             # Outside the lock: completing a future runs the caller's callbacks.
             for job in expired:
+                later = None if self._postpone is None else self._postpone(job)
+                if later is not None:
+                    self.arm(job, later)
+                    continue
                 job.fail(
                     "task.timeout",
                     f"the task ran longer than its walltime of {job.walltime:g} s; "

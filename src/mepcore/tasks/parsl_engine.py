@@ -1,31 +1,60 @@
 """The Parsl engine (``GlobusComputeEngine``): Parsl's HighThroughputExecutor, driven directly.
 
-The executor is built, started and scaled here without Parsl's ``load()`` and its
-DataFlowKernel: we set its run directory, start it (interchange and result thread), and
-ask its provider for ``init_blocks`` blocks ourselves. Providers and launchers come from
-closed tables (``PROVIDERS``, ``LAUNCHERS``); their options are checked against the
-chosen class's constructor, never used to import anything by name.
+The executor is built and started here without Parsl's ``load()`` and its DataFlowKernel;
+providers and launchers come from closed tables (``PROVIDERS``, ``LAUNCHERS``), their
+options checked against the chosen class's constructor, never used to import anything by
+name.
 
-Walltime: each task arms SIGALRM in the Parsl worker (interrupts Python code and sleeps),
-and the caller is told ``task.timeout`` on time in any case; a task stuck in C code keeps
-its worker until it returns. A worker that dies fails its task with ``task.worker_lost``
-(Parsl's manager notices and replaces the worker).
+Blocks (batch jobs, or local process groups) are managed by Parsl's own scaling
+``Strategy`` (``strategy``: ``simple`` by default, ``htex_auto_scale`` or ``none``), run by
+one poller thread of the engine every ``strategy_period``, as Parsl's ``JobStatusPoller``
+does: it scales out up to ``max_blocks`` while tasks wait, scales in after ``max_idletime``
+without tasks, and replaces a block that ended while tasks wait. Around it the engine adds
+what Parsl leaves to its callers:
 
-Shutdown cancels every block through the provider, waits (bounded) until the block's
-processes are gone for local blocks, then stops the interchange.
+- tasks submitted while no block is pending or running wait in the engine (they reach
+  Parsl's interchange only once a block is on its way), and the poller is woken at once;
+- a refused submission (``sbatch`` exits non-zero) or blocks that end twice before their
+  workers connect fail the waiting tasks with ``task.provider_failed`` and the
+  scheduler's message, once no block is left to run them (an interchange that still
+  holds such tasks is replaced, so a task reported failed can never run later);
+- a task whose block is lost fails with ``task.worker_lost`` naming the block's job and
+  its state (from the provider), within ``heartbeat_threshold`` (30 s by default, Parsl's
+  is 120 s); ``max_retries_on_system_failure`` runs it again instead, that many times;
+- walltime: each task arms SIGALRM in the Parsl worker; a caller-side watchdog reports
+  ``task.timeout`` one second after the walltime *from the task's start* (the worker
+  leaves a start marker in the run directory), so a task that never started is never
+  reported as timed out.
+
+Nothing outlives the engine's process: the interchange runs under a guard (parent-death
+signal, and a pidfd on the engine's process) that kills it when the engine's process
+dies; a local block's worker pool runs under a guard that kills the block's process group
+in that case; every block's worker pool gets a private TMPDIR, removed when it ends. Batch
+jobs are named after the engine's process (``OwnerTag``: host, boot, pid, start time), so
+that mepd can find and cancel the jobs of user endpoints that no longer exist. The run
+directory is ``<run_dir>/<tag>`` (``run_dir`` defaults to the system's temporary
+directory; user endpoints pass one under the user's home), removed at shutdown; run
+directories of this machine's dead engines found there are removed at start.
 
 This module imports Parsl only inside functions: importing ``mepcore.tasks`` never
-imports Parsl.
+imports Parsl. ``python -I <this file>`` is the guard (``_guard_main``): run by path, it
+imports only the standard library (and Parsl's interchange), so a block starts no slower.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import inspect
+import itertools
 import os
+import re
+import select
 import shlex
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -35,11 +64,145 @@ from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from typing import Any
 
-import attrs
 
-from mepcore.errors import ConfigError, TaskError, Violation
-from mepcore.tasks._run import Outcome, load_function, run_task
-from mepcore.tasks.engine import ExecutorLimits, Job, Watchdog
+def process_start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks after boot, /proc/<pid>/stat), None if it is gone
+    — a zombie is gone too (killed, not yet reaped by whoever inherited it)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            raw = fh.read()
+    except OSError:
+        return None
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    try:
+        if fields[0] in (b"Z", b"X"):
+            return None
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+# -- the guard: python -I <this file> {interchange|block} (the standard library only) ---------
+
+_PR_SET_PDEATHSIG = 1
+_GUARD = os.path.abspath(__file__)
+_GUARD_USAGE = (
+    "usage: python -I parsl_engine.py interchange --watch PID:START\n"
+    "       python -I parsl_engine.py block [--watch PID:START] -- COMMAND..."
+)
+
+
+def _parse_watch(value: str) -> tuple[int, int]:
+    pid, _, start = value.partition(":")
+    if not pid.isdigit() or not start.isdigit():
+        raise SystemExit(_GUARD_USAGE)
+    return int(pid), int(start)
+
+
+def _watch_owner(owner: tuple[int, int], on_gone: Callable[[], None]) -> None:
+    """Call ``on_gone`` (in a daemon thread) as soon as the owner process is gone."""
+    pid, start = owner
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        on_gone()
+        return
+    if process_start_time(pid) != start:  # the pid was reused: the owner is gone
+        on_gone()
+        return
+
+    def watch() -> None:
+        select.select([pidfd], [], [])
+        on_gone()
+
+    threading.Thread(target=watch, name="mep-owner-watch", daemon=True).start()
+
+
+def _set_parent_death_signal() -> None:
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+
+
+def _guard_interchange(owner: tuple[int, int]) -> int:
+    """Run Parsl's interchange in this process, killed when its engine's process dies."""
+    import runpy
+
+    _set_parent_death_signal()
+    if os.getppid() != owner[0]:
+        return 1  # the engine died before the signal was armed
+    _watch_owner(owner, lambda: os.kill(os.getpid(), signal.SIGKILL))
+    runpy.run_module("parsl.executors.high_throughput.interchange", run_name="__main__")
+    return 0
+
+
+def _guard_block(command: list[str], owner: tuple[int, int] | None) -> int:
+    """Run a block's worker pool with a private TMPDIR (multiprocessing leaves its
+    ``pymp-*`` directories there), removed when the pool ends; for a local block, kill
+    the block's process group when the engine's process dies."""
+    import subprocess
+
+    private = tempfile.mkdtemp(prefix="mepb-")
+    # This is a process's entry point: its environment is its input, passed on.
+    child = subprocess.Popen(command, env={**os.environ, "TMPDIR": private})
+
+    def forward(signum: int, _frame: Any) -> None:
+        with contextlib.suppress(OSError):
+            child.send_signal(signum)
+        # The pool is being stopped (scancel, walltime, the block's cancel): its
+        # directory goes now, before a SIGKILL that may follow gives no other chance.
+        shutil.rmtree(private, ignore_errors=True)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    if owner is not None:
+
+        def owner_gone() -> None:
+            shutil.rmtree(private, ignore_errors=True)
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+
+        _watch_owner(owner, owner_gone)
+    try:
+        return child.wait()
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def _guard_main(argv: Sequence[str]) -> int:
+    args = list(argv)
+    if not args or args[0] not in ("interchange", "block"):
+        raise SystemExit(_GUARD_USAGE)
+    mode, rest = args[0], args[1:]
+    command: list[str] = []
+    if "--" in rest:
+        at = rest.index("--")
+        rest, command = rest[:at], rest[at + 1 :]
+    owner = None
+    if rest[:1] == ["--watch"] and len(rest) == 2:
+        owner = _parse_watch(rest[1])
+    elif rest:
+        raise SystemExit(_GUARD_USAGE)
+    if mode == "interchange":
+        if owner is None:
+            raise SystemExit(_GUARD_USAGE)
+        return _guard_interchange(owner)
+    if not command:
+        raise SystemExit(_GUARD_USAGE)
+    return _guard_block(command, owner)
+
+
+if __name__ == "__main__":
+    # Run by path (``python -I <this file>``): nothing below is imported for the guard.
+    sys.exit(_guard_main(sys.argv[1:]))
+
+import attrs  # noqa: E402 - after the guard's entry point, which needs none of it
+import structlog  # noqa: E402
+
+from mepcore.errors import ConfigError, TaskError, Violation  # noqa: E402
+from mepcore.tasks._run import Outcome, load_function, run_task  # noqa: E402
+from mepcore.tasks.engine import ExecutorLimits, Job, Watchdog  # noqa: E402
 
 PROVIDER_TYPES = (
     "LocalProvider",
@@ -60,6 +223,7 @@ LAUNCHER_TYPES = (
     "AprunLauncher",
     "JsrunLauncher",
 )
+STRATEGIES = ("simple", "htex_auto_scale", "none")
 # HighThroughputExecutor options an endpoint config may set (besides type and provider).
 _HTEX_OPTIONS = frozenset(
     {
@@ -80,12 +244,39 @@ _HTEX_OPTIONS = frozenset(
         "drain_period",
     }
 )
-_ENGINE_KEYS = _HTEX_OPTIONS | {"type", "provider", "run_dir"}
+_ENGINE_KEYS = _HTEX_OPTIONS | {
+    "type",
+    "provider",
+    "run_dir",
+    "strategy",
+    "max_idletime",
+    "job_status_kwargs",
+    "max_retries_on_system_failure",
+}
+_JOB_STATUS_KEYS = frozenset({"strategy", "max_idletime", "strategy_period"})
 _BLOCK_EXIT_TIMEOUT = 10.0
+# Parsl's manager checks its workers once per heartbeat period: its default (30 s) makes
+# a lost worker a 30 s wait.
 _DEFAULT_HEARTBEAT_PERIOD = 5
+# A block whose manager sends nothing for this long is lost (Parsl: 120 s). Six missed
+# heartbeats: long enough for a busy login node, short enough that a cancelled job's
+# tasks are reported while the caller still cares. Also how long a worker pool keeps
+# going without its interchange (when the endpoint is gone).
+_DEFAULT_HEARTBEAT_THRESHOLD = 30
+_DEFAULT_STRATEGY = "simple"
+_DEFAULT_MAX_IDLETIME = 120.0
+_DEFAULT_STRATEGY_PERIOD = 5.0
+_MAX_RETRIES = 100
+# Blocks that end before any worker connects, in a row, before waiting tasks are failed.
+_FAILED_STARTS_LIMIT = 2
+# The same provider failure is reported (event) at most this often.
+_REPORT_EVERY = 60.0
 # The caller-side timer fires a little after the in-worker alarm so the worker's own
 # (more precise) timeout normally wins.
 _CALLER_GRACE = 1.0
+_MAX_MESSAGE = 2000
+
+log = structlog.get_logger("mepcore.tasks.parsl")
 
 
 def _invalid(path: str, message: str) -> ConfigError:
@@ -158,14 +349,160 @@ def build_provider(config: Any, path: str = "$.engine.provider") -> Any:
     return _construct(cls, options, path)
 
 
-def _worker_launch_command(template: str) -> str:
+# -- scaling settings -----------------------------------------------------------------------
+
+
+@attrs.frozen
+class ScalingPolicy:
+    """Parsl's strategy settings: ``strategy``, ``max_idletime`` (seconds a block may stay
+    idle before it is scaled in) and ``strategy_period`` (seconds between two runs)."""
+
+    strategy: str = _DEFAULT_STRATEGY
+    max_idletime: float = _DEFAULT_MAX_IDLETIME
+    strategy_period: float = _DEFAULT_STRATEGY_PERIOD
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> ScalingPolicy:
+        """From the engine keys ``strategy``, ``max_idletime`` and ``job_status_kwargs``
+        (Parsl's ``JobStatusPoller`` arguments); one setting given twice must agree."""
+        kwargs = config.get("job_status_kwargs", {})
+        if not isinstance(kwargs, Mapping):
+            raise _invalid("$.engine.job_status_kwargs", "must be a mapping")
+        for key in kwargs:
+            if key not in _JOB_STATUS_KEYS:
+                raise _invalid(f"$.engine.job_status_kwargs.{key}", "is not a known option")
+        merged: dict[str, Any] = dict(kwargs)
+        for key in ("strategy", "max_idletime"):
+            if key in config:
+                if key in kwargs and kwargs[key] != config[key]:
+                    raise _invalid(
+                        f"$.engine.{key}", "disagrees with the same setting in job_status_kwargs"
+                    )
+                merged[key] = config[key]
+        strategy = merged.get("strategy", _DEFAULT_STRATEGY)
+        if strategy not in STRATEGIES:
+            raise _invalid("$.engine.strategy", f"must be one of {', '.join(STRATEGIES)}")
+        numbers = {}
+        for key, default, low in (
+            ("max_idletime", _DEFAULT_MAX_IDLETIME, 0.0),
+            ("strategy_period", _DEFAULT_STRATEGY_PERIOD, 0.1),
+        ):
+            value = merged.get(key, default)
+            if type(value) not in (int, float) or not low <= value <= 86_400:
+                raise _invalid(f"$.engine.{key}", f"must be a number from {low:g} to 86400")
+            numbers[key] = float(value)
+        return cls(strategy, numbers["max_idletime"], numbers["strategy_period"])
+
+
+def _heartbeat_options(options: dict[str, Any]) -> None:
+    options.setdefault("heartbeat_period", _DEFAULT_HEARTBEAT_PERIOD)
+    period = options["heartbeat_period"]
+    options.setdefault("heartbeat_threshold", max(_DEFAULT_HEARTBEAT_THRESHOLD, 3 * period))
+    threshold = options["heartbeat_threshold"]
+    if type(period) is int and type(threshold) is int and threshold <= period:
+        raise _invalid("$.engine.heartbeat_threshold", "must be longer than heartbeat_period")
+
+
+# -- who owns a block: the tag in job names and run directories -----------------------------
+
+_TAG = re.compile(r"mep-([0-9a-f]{6})-([0-9a-f]{6})-([0-9]{1,10})-([0-9]{1,20})")
+
+
+def _short_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:6]
+
+
+def machine_keys() -> tuple[str, str]:
+    """(this host, this boot) as the tag writes them."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            boot = fh.read().strip()
+    except OSError:
+        boot = ""
+    return _short_digest(socket.gethostname()), _short_digest(boot)
+
+
+@attrs.frozen
+class OwnerTag:
+    """The process that owns a block or a run directory: ``mep-<host>-<boot>-<pid>-<start>``.
+
+    Job names carry it (``parsl.<tag>.block-<n>.<time>``), so that a daemon can tell the
+    jobs of a user endpoint that no longer exists (``is_gone``) without any state."""
+
+    host: str
+    boot: str
+    pid: int
+    start: int
+
+    def __str__(self) -> str:
+        return f"mep-{self.host}-{self.boot}-{self.pid}-{self.start}"
+
+    @classmethod
+    def of_process(cls, pid: int) -> OwnerTag:
+        host, boot = machine_keys()
+        return cls(host, boot, pid, process_start_time(pid) or 0)
+
+    @classmethod
+    def find(cls, text: str) -> OwnerTag | None:
+        """The tag inside a job or directory name, if it has one."""
+        match = _TAG.search(text)
+        if match is None:
+            return None
+        host, boot, pid, start = match.groups()
+        return cls(host, boot, int(pid), int(start))
+
+    def is_gone(self, machine: tuple[str, str] | None = None) -> bool | None:
+        """Whether the owner no longer exists: True (gone), False (alive), None (it ran on
+        another host: this machine cannot tell)."""
+        host, boot = machine or machine_keys()
+        if self.host != host:
+            return None
+        if self.boot != boot:
+            return True  # this machine rebooted since
+        return process_start_time(self.pid) != self.start
+
+
+def _remove_dead_run_dirs(base: str, machine: tuple[str, str]) -> None:
+    """Run directories under ``base`` of this machine's engines that are gone (killed
+    before they could clean up), if they are ours."""
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return
+    uid = os.geteuid()
+    for entry in entries:
+        tag = OwnerTag.find(entry.name)
+        if tag is None or entry.name != str(tag):
+            continue
+        with contextlib.suppress(OSError):
+            if entry.stat(follow_symlinks=False).st_uid != uid or not entry.is_dir(
+                follow_symlinks=False
+            ):
+                continue
+            if tag.is_gone(machine):
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+
+# -- what runs where ------------------------------------------------------------------------
+
+
+def _format_literal(text: str) -> str:
+    # Launch commands are format templates for Parsl: literal braces are doubled.
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+def _worker_launch_command(template: str, watch: str | None) -> str:
     # Parsl's default names its worker script, found on PATH; an endpoint's PATH is a
     # safe default that does not hold the virtualenv, so run the module with our own
-    # interpreter instead (braces doubled: the command is a format template).
-    python = shlex.quote(sys.executable).replace("{", "{{").replace("}", "}}")
+    # interpreter, under the block guard (private TMPDIR; for local blocks, the group
+    # dies with the engine).
+    python = _format_literal(shlex.quote(sys.executable))
+    guard = f"{python} -I {_format_literal(shlex.quote(_GUARD))} block"
+    if watch is not None:
+        guard += f" --watch {watch}"
     return template.replace(
         "process_worker_pool.py",
-        f"{python} -m parsl.executors.high_throughput.process_worker_pool",
+        f"{guard} -- {python} -m parsl.executors.high_throughput.process_worker_pool",
         1,
     )
 
@@ -175,32 +512,131 @@ def parsl_task(
     args_payload: bytes,
     max_result_bytes: int,
     walltime: float | None,
+    started_marker: str | None = None,
 ) -> Outcome:
-    """What a Parsl worker runs: load, call, serialize with the size bound (never raises)."""
-    return run_task(
-        load_function(function_payload), args_payload, max_result_bytes, alarm_walltime=walltime
-    )
+    """What a Parsl worker runs: load, call, serialize with the size bound (never raises).
+
+    ``started_marker`` (tasks with a walltime) is a file in the run directory written
+    with the start time while the task runs, so the engine's watchdog counts the
+    walltime from the start, not from the submission."""
+    if started_marker is not None:
+        with contextlib.suppress(OSError):
+            fd = os.open(started_marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(repr(time.time()))
+    try:
+        return run_task(
+            load_function(function_payload),
+            args_payload,
+            max_result_bytes,
+            alarm_walltime=walltime,
+        )
+    finally:
+        if started_marker is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(started_marker)
+
+
+@functools.cache
+def _executor_class() -> type:
+    """HighThroughputExecutor whose outstanding count, which Parsl's strategy scales by,
+    includes the tasks the engine holds back while no block is on its way."""
+    from parsl.executors import HighThroughputExecutor
+
+    class MepHighThroughputExecutor(HighThroughputExecutor):
+        held_back: Callable[[], int] = staticmethod(lambda: 0)
+
+        def outstanding(self) -> int:
+            return int(len(self.tasks) + self.held_back())
+
+    return MepHighThroughputExecutor
+
+
+def _terminal_states() -> frozenset[Any]:
+    from parsl.jobs.states import TERMINAL_STATES
+
+    return frozenset(TERMINAL_STATES)
+
+
+def _state_name(status: Any) -> str:
+    state = getattr(status, "state", None)
+    return getattr(state, "name", "UNKNOWN")
+
+
+def _scheduler_message(exc: BaseException) -> str:
+    """What the scheduler said when it refused a job (Parsl's SubmitException keeps the
+    command's output), else the exception."""
+    parts = [
+        text.strip()
+        for text in (getattr(exc, "stderr", None), getattr(exc, "stdout", None))
+        if isinstance(text, str) and text.strip()
+    ]
+    if not parts:
+        parts = [str(getattr(exc, "message", "") or exc)]
+    return "\n".join(parts)[:_MAX_MESSAGE]
+
+
+class _Attempt:
+    """The engine's record of one accepted job."""
+
+    __slots__ = ("future", "marker", "retries")
+
+    def __init__(self, marker: str | None) -> None:
+        self.future: Future[Any] | None = None  # Parsl's, once given to the interchange
+        self.marker = marker
+        self.retries = 0
+
+
+EventSink = Callable[[str, Mapping[str, Any]], None]
 
 
 @attrs.define
 class ParslEngine:
-    """HighThroughputExecutor with a provider built from the endpoint config."""
+    """HighThroughputExecutor with a provider built from the endpoint config, scaled by
+    Parsl's strategy; see the module docstring."""
 
     options: Mapping[str, Any]
     provider: Any
     max_result_bytes: int
     run_dir: str | None = None
+    scaling: ScalingPolicy = ScalingPolicy()
+    max_retries: int = 0
+    # Told about provider failures and lost blocks: ("provider_failed" | "block_ended" |
+    # "worker_lost", fields). Called from the engine's threads; must not block.
+    on_event: EventSink | None = None
     _htex: Any = attrs.field(init=False, default=None)
-    _owned_run_dir: str | None = attrs.field(init=False, default=None)
-    _block_tmp: str | None = attrs.field(init=False, default=None)
-    _outstanding: set[Job] = attrs.field(init=False, factory=set)
+    _strategy: Any = attrs.field(init=False, default=None)
+    _generation: int = attrs.field(init=False, default=0)
+    _tag: OwnerTag | None = attrs.field(init=False, default=None)
+    _dir: str | None = attrs.field(init=False, default=None)
+    _jobs: dict[Job, _Attempt] = attrs.field(init=False, factory=dict)
+    _waiting: list[Job] = attrs.field(init=False, factory=list)
+    _lost: list[tuple[Job, BaseException]] = attrs.field(init=False, factory=list)
+    _refusals: list[str] = attrs.field(init=False, factory=list)
     _lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
-    _watchdog: Watchdog = attrs.field(
-        init=False,
-        factory=lambda: Watchdog("mep-parsl-watchdog", "the Parsl worker could not interrupt it"),
-    )
+    # Parsl's task socket is not thread-safe: one submitter at a time.
+    _submit_lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
+    _wake: threading.Event = attrs.field(init=False, factory=threading.Event)
+    _poller: threading.Thread | None = attrs.field(init=False, default=None)
+    _active_blocks: int = attrs.field(init=False, default=0)
+    _force_poll: bool = attrs.field(init=False, default=False)
+    _manager_blocks: dict[str, str] = attrs.field(init=False, factory=dict)
+    _dispatched: int = attrs.field(init=False, default=0)
+    _block_states: dict[str, str] = attrs.field(init=False, factory=dict)
+    _connected: set[str] = attrs.field(init=False, factory=set)
+    _failed_starts: int = attrs.field(init=False, default=0)
+    _last_report: tuple[str, float] = attrs.field(init=False, default=("", 0.0))
+    _serial: itertools.count[int] = attrs.field(init=False, factory=itertools.count)
+    _watchdog: Watchdog = attrs.field(init=False)
     _stopping: bool = attrs.field(init=False, default=False)
-    _asked_first_block: bool = attrs.field(init=False, default=False)
+
+    @_watchdog.default
+    def _make_watchdog(self) -> Watchdog:
+        return Watchdog(
+            "mep-parsl-watchdog",
+            "the Parsl worker could not interrupt it",
+            postpone=self._not_started_yet,
+        )
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], limits: ExecutorLimits) -> ParslEngine:
@@ -211,142 +647,469 @@ class ParslEngine:
         if not isinstance(provider, Mapping):
             raise _invalid("$.engine.provider", "must be a mapping")
         run_dir = config.get("run_dir")
-        if run_dir is not None and not isinstance(run_dir, str):
+        if run_dir is not None and (not isinstance(run_dir, str) or not run_dir):
             raise _invalid("$.engine.run_dir", "must be a path")
+        retries = config.get("max_retries_on_system_failure", 0)
+        if type(retries) is not int or not 0 <= retries <= _MAX_RETRIES:
+            raise _invalid(
+                "$.engine.max_retries_on_system_failure",
+                f"must be an integer from 0 to {_MAX_RETRIES}",
+            )
         options = {k: v for k, v in config.items() if k in _HTEX_OPTIONS}
         # YAML writes the port ranges as lists; Parsl types them as tuples.
         for key in ("worker_port_range", "interchange_port_range"):
             if isinstance(options.get(key), list):
                 options[key] = tuple(options[key])
-        # Parsl's manager checks its workers once per heartbeat period: its default (30 s)
-        # makes a lost worker a 30 s wait.
-        options.setdefault("heartbeat_period", _DEFAULT_HEARTBEAT_PERIOD)
+        _heartbeat_options(options)
         # Built now so a bad provider or launcher is a configuration error, not a start one.
-        return cls(dict(options), build_provider(provider), limits.max_result_bytes, run_dir)
+        return cls(
+            dict(options),
+            build_provider(provider),
+            limits.max_result_bytes,
+            run_dir,
+            ScalingPolicy.from_config(config),
+            retries,
+        )
+
+    @property
+    def run_directory(self) -> str | None:
+        """This engine's own directory (``<run_dir>/<tag>``), while it runs."""
+        return self._dir
+
+    # -- start -----------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Start the interchange and the initial blocks, then the poller thread.
+
+        Call it from a thread that lives as long as the engine (the interchange's
+        parent-death signal is tied to the thread that starts it)."""
         if self._htex is not None:
             raise RuntimeError("the engine was already started")
-        from parsl.executors import HighThroughputExecutor
-        from parsl.executors.high_throughput.executor import DEFAULT_LAUNCH_CMD
+        from parsl.jobs.strategy import Strategy
 
-        provider = self.provider
-        options = dict(self.options)
-        if type(provider).__name__ == "LocalProvider":
-            options.setdefault("address", "127.0.0.1")
+        self._tag = OwnerTag.of_process(os.getpid())
+        base = self.run_dir or tempfile.gettempdir()
         try:
-            htex = HighThroughputExecutor(
-                label="mep",
-                provider=provider,
-                launch_cmd=_worker_launch_command(DEFAULT_LAUNCH_CMD),
-                interchange_launch_cmd=[
-                    sys.executable,
-                    "-m",
-                    "parsl.executors.high_throughput.interchange",
-                ],
-                **options,
+            os.makedirs(base, mode=0o700, exist_ok=True)
+            _remove_dead_run_dirs(base, (self._tag.host, self._tag.boot))
+            self._dir = os.path.join(base, str(self._tag))
+            os.makedirs(os.path.join(self._dir, "started"), mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise TaskError(
+                "task.engine_failed", f"cannot create the run directory in {base}: {exc}"
+            ) from exc
+        self._prepare_provider()
+        try:
+            self._htex = self._new_htex()
+            self._strategy = Strategy(
+                strategy=self.scaling.strategy, max_idletime=self.scaling.max_idletime
             )
-        except Exception as exc:
-            raise _invalid("$.engine", f"{type(exc).__name__}: {exc}") from exc
-        if self.run_dir is None:
-            self._owned_run_dir = tempfile.mkdtemp(prefix="mep-parsl-")
-            run_dir = self._owned_run_dir
-        else:
-            run_dir = self.run_dir
-            os.makedirs(run_dir, mode=0o700, exist_ok=True)
-        if type(provider).__name__ == "LocalProvider":
-            # A block's worker pool keeps a multiprocessing socket directory in TMPDIR
-            # that outlives a cancelled block; local blocks get a private TMPDIR of
-            # their own, removed at shutdown. It is a short path on purpose: the socket
-            # path inside must fit AF_UNIX's 108 bytes. (Remote blocks keep their
-            # node's TMPDIR: a local directory need not exist there.)
-            block_tmp = tempfile.mkdtemp(prefix="mepb-")
-            self._block_tmp = block_tmp
-            tmp_arg = shlex.quote(block_tmp).replace("{", "{{").replace("}", "}}")
-            htex.launch_cmd = f"env TMPDIR={tmp_arg} {htex.launch_cmd}"
-        # What Parsl's DataFlowKernel would otherwise set before starting an executor.
-        htex.run_dir = run_dir
-        htex.run_id = "mep"
-        script_dir = os.path.join(run_dir, "submit_scripts")
-        os.makedirs(script_dir, mode=0o700, exist_ok=True)
-        provider.script_dir = script_dir
-        self._htex = htex
-        try:
-            htex.start()  # type: ignore[no-untyped-call]
-            blocks = htex.scale_out_facade(provider.init_blocks)
-            if provider.init_blocks and not blocks:
-                raise TaskError("task.engine_failed", "the provider started no block")
+            self._strategy.add_executors([self._htex])
+            self._tick()  # the initial blocks, before start returns
         except Exception as exc:
             self._stop_parsl()
             if isinstance(exc, TaskError):
                 raise
             raise TaskError("task.engine_failed", f"{type(exc).__name__}: {exc}") from exc
+        self._poller = threading.Thread(target=self._poll, name="mep-parsl-scaling", daemon=True)
+        self._poller.start()
+
+    def _prepare_provider(self) -> None:
+        provider = self.provider
+        script_dir = os.path.join(str(self._dir), "submit_scripts")
+        os.makedirs(script_dir, mode=0o700, exist_ok=True)
+        provider.script_dir = script_dir
+        command = getattr(provider, "_cmd", None)
+        if isinstance(command, str) and command.startswith("squeue") and "--states" not in command:
+            # Without accounting Parsl asks squeue, which by default forgets a job once it
+            # ended: with --states=all an ended job reports how it ended (CA, TO, F…),
+            # not a guessed COMPLETED.
+            provider._cmd = command.replace("squeue", "squeue --states=all", 1)
+        submit = provider.submit
+
+        def submit_noting_refusals(command: str, tasks_per_node: int, job_name: str) -> Any:
+            try:
+                return submit(command, tasks_per_node, job_name)
+            except Exception as exc:
+                message = _scheduler_message(exc)
+                with self._lock:
+                    self._refusals.append(message)
+                raise
+
+        provider.submit = submit_noting_refusals
+
+    def _new_htex(self) -> Any:
+        """An HTEX named after this process (and generation), started."""
+        from parsl.executors.high_throughput.executor import DEFAULT_LAUNCH_CMD
+
+        assert self._tag is not None
+        assert self._dir is not None
+        local = type(self.provider).__name__ == "LocalProvider"
+        options = dict(self.options)
+        if local:
+            options.setdefault("address", "127.0.0.1")
+        pid = f"{self._tag.pid}:{self._tag.start}"
+        label = str(self._tag) if self._generation == 0 else f"{self._tag}.g{self._generation}"
+        try:
+            htex = _executor_class()(
+                label=label,
+                provider=self.provider,
+                launch_cmd=_worker_launch_command(DEFAULT_LAUNCH_CMD, pid if local else None),
+                interchange_launch_cmd=[
+                    sys.executable,
+                    "-I",
+                    _GUARD,
+                    "interchange",
+                    "--watch",
+                    pid,
+                ],
+                # Failed blocks are this engine's business (task.provider_failed), not a
+                # reason to put the executor in Parsl's permanent bad state.
+                block_error_handler=False,
+                **options,
+            )
+        except Exception as exc:
+            raise _invalid("$.engine", f"{type(exc).__name__}: {exc}") from exc
+        htex.held_back = self._held_back
+        # What Parsl's DataFlowKernel would otherwise set before starting an executor.
+        htex.run_dir = self._dir
+        htex.run_id = label
+        htex.start()
+        return htex
+
+    def _held_back(self) -> int:
+        return len(self._waiting)
+
+    # -- tasks -----------------------------------------------------------------------------
 
     def submit(self, jobs: Sequence[Job]) -> None:
-        htex = self._htex
-        if htex is None or self._stopping:
-            raise RuntimeError("cannot submit to an engine that is not running")
         with self._lock:
-            self._outstanding.update(jobs)
-            # With init_blocks: 0 the first task asks for the first block (no Parsl
-            # scaling strategy runs here: see docs/engines.md).
-            if not self._asked_first_block and self.provider.max_blocks > 0:
-                self._asked_first_block = True
-                if not htex.blocks_to_job_id:
-                    htex.scale_out_facade(1)
+            if self._htex is None or self._stopping:
+                raise RuntimeError("cannot submit to an engine that is not running")
+            for job in jobs:
+                marker = None
+                if job.walltime is not None and self._dir is not None:
+                    marker = os.path.join(self._dir, "started", str(next(self._serial)))
+                self._jobs[job] = _Attempt(marker)
+            forward = self._active_blocks > 0
+            if not forward:
+                self._waiting.extend(jobs)
         for job in jobs:
-            try:
-                future = htex.submit(
-                    parsl_task,
-                    {},
-                    job.function_payload,
-                    job.task.payload,
-                    self.max_result_bytes,
-                    job.walltime,
-                )
-            except Exception as exc:
-                self._finish(job)
-                job.fail("task.engine_failed", f"{type(exc).__name__}: {exc}")
-                continue
             if job.walltime is not None:
                 self._watchdog.arm(job, job.walltime + _CALLER_GRACE)
-            future.add_done_callback(self._on_done(job))
+        if forward:
+            self._forward(jobs)
+        else:
+            self._wake.set()
+
+    def _forward(self, jobs: Sequence[Job]) -> None:
+        """Give jobs to the interchange (from any thread)."""
+        with self._submit_lock:
+            htex = self._htex
+            if htex is None:
+                with self._lock:
+                    self._waiting.extend(j for j in jobs if j in self._jobs)
+                return
+            for job in jobs:
+                attempt = self._jobs.get(job)
+                if attempt is None:
+                    continue  # answered meanwhile
+                try:
+                    future = htex.submit(
+                        parsl_task,
+                        {},
+                        job.function_payload,
+                        job.task.payload,
+                        self.max_result_bytes,
+                        job.walltime,
+                        attempt.marker,
+                    )
+                except Exception as exc:
+                    self._answer(job, "task.engine_failed", f"{type(exc).__name__}: {exc}")
+                    continue
+                attempt.future = future
+                future.add_done_callback(self._on_done(job))
 
     def _on_done(self, job: Job) -> Callable[[Future[Any]], None]:
         def done(future: Future[Any]) -> None:
-            self._finish(job)
+            attempt = self._jobs.get(job)
+            if attempt is None or attempt.future is not future:
+                return  # answered already, or an earlier attempt
             error = future.exception()
             if error is None:
+                self._take(job)
                 try:
                     job.complete(future.result())
                 except Exception as exc:  # not an Outcome: never leave the caller waiting
                     job.fail("task.engine_failed", f"unexpected result from Parsl: {exc}")
                 return
-            name = type(error).__name__
-            reason = (
-                "task.worker_lost"
-                if name in ("WorkerLost", "ManagerLost")
-                else ("task.engine_failed")
-            )
-            job.fail(reason, f"{name}: {error}"[:2000])
+            if type(error).__name__ in ("WorkerLost", "ManagerLost"):
+                # Explained (which block, how it ended) and retried or failed by the
+                # poller, after a fresh look at the blocks' states.
+                with self._lock:
+                    self._lost.append((job, error))
+                    self._force_poll = True
+                self._wake.set()
+                return
+            self._answer(job, "task.engine_failed", f"{type(error).__name__}: {error}")
 
         return done
 
-    def _finish(self, job: Job) -> None:
+    def _take(self, job: Job) -> _Attempt | None:
         with self._lock:
-            self._outstanding.discard(job)
+            return self._jobs.pop(job, None)
+
+    def _answer(self, job: Job, reason: str, message: str) -> None:
+        attempt = self._take(job)
+        if attempt is not None and attempt.marker is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(attempt.marker)
+        job.fail(reason, message[:_MAX_MESSAGE])
+
+    def _not_started_yet(self, job: Job) -> float | None:
+        """The watchdog's question at a job's deadline: seconds to wait longer when the
+        task has not run its walltime yet (not started, or started late), else None."""
+        attempt = self._jobs.get(job)
+        walltime = job.walltime
+        if attempt is None or attempt.marker is None or walltime is None:
+            return None
+        try:
+            with open(attempt.marker) as fh:
+                text = fh.read(64)
+        except FileNotFoundError:
+            return walltime + _CALLER_GRACE  # not started (or finished: the result is near)
+        except OSError:
+            return None
+        try:
+            started = float(text)
+        except ValueError:
+            started = time.time()  # being written: it starts now
+        remaining = started + walltime + _CALLER_GRACE - time.time()
+        return remaining if remaining > 0 else None
+
+    # -- the poller ------------------------------------------------------------------------
+
+    def _poll(self) -> None:
+        while True:
+            self._wake.wait(self.scaling.strategy_period)
+            self._wake.clear()
+            if self._stopping:
+                return
+            try:
+                self._tick()
+            except Exception:  # the poller must outlive one bad round
+                log.exception("parsl.poll_failed")
+
+    def _tick(self) -> None:
+        """One round: block states, lost tasks, Parsl's strategy, held tasks, failures."""
+        htex = self._htex
+        with self._lock:
+            force, self._force_poll = self._force_poll, False
+        if force and hasattr(htex, "_last_poll_time"):
+            # Parsl polls a provider at its own pace (60 s for Slurm); after a lost
+            # manager the block's state is wanted now.
+            htex._last_poll_time = 0.0
+        htex.poll_facade()
+        self._look_at_managers(htex)
+        self._note_block_changes(htex)
+        self._handle_lost(htex)
+        self._strategy.strategize([htex])
+        terminal = _terminal_states()
+        active = sum(1 for s in htex.status_facade.values() if s.state not in terminal)
+        with self._lock:
+            self._active_blocks = active
+            held = self._waiting if active else []
+            if active:
+                self._waiting = []
+            refusals, self._refusals = self._refusals, []
+        if held:
+            self._forward(held)
+        if refusals:
+            self._failed_starts += len(refusals)
+            self._report("provider_failed", message=refusals[-1])
+        if not active and (refusals or self._failed_starts >= _FAILED_STARTS_LIMIT):
+            with self._lock:
+                pending = bool(self._jobs)
+            if pending:
+                reason = refusals[-1] if refusals else self._last_report[0]
+                self._fail_waiting(htex, reason)
+
+    def _look_at_managers(self, htex: Any) -> None:
+        try:
+            managers = htex.connected_managers()
+        except Exception:
+            return
+        dispatched = 0
+        for manager in managers:
+            block = str(manager.get("block_id"))
+            self._manager_blocks[str(manager.get("manager"))] = block
+            self._connected.add(block)
+            dispatched += int(manager.get("tasks") or 0)
+        self._dispatched = dispatched
+        if managers:
+            self._failed_starts = 0
+
+    def _note_block_changes(self, htex: Any) -> None:
+        from parsl.jobs.states import JobState
+
+        terminal = _terminal_states()
+        for block, status in list(htex.status_facade.items()):
+            name = _state_name(status)
+            if self._block_states.get(block) == name:
+                continue
+            self._block_states[block] = name
+            if status.state not in terminal or status.state == JobState.SCALED_IN:
+                continue
+            job_id = htex.blocks_to_job_id.get(block)
+            if job_id is None:
+                continue  # a refused submission: reported as such
+            fields: dict[str, Any] = {"block": block, "job_id": job_id, "state": name}
+            if block not in self._connected:
+                # It ended before any worker connected (bad worker_init, a node that
+                # cannot reach the interchange…): as good as a failed submission.
+                self._failed_starts += 1
+                detail = status.message or ""
+                with contextlib.suppress(Exception):
+                    detail = f"{detail} {status.stderr_summary or ''}".strip()
+                fields["message"] = (
+                    f"block {block} (job {job_id}) ended {name} before its workers "
+                    f"connected: {detail}"
+                )[:_MAX_MESSAGE]
+                self._last_report = (fields["message"], self._last_report[1])
+            self._emit("block_ended", fields)
+
+    def _handle_lost(self, htex: Any) -> None:
+        with self._lock:
+            lost, self._lost = self._lost, []
+        retry: list[Job] = []
+        for job, error in lost:
+            attempt = self._jobs.get(job)
+            if attempt is None:
+                continue
+            message = self._explain_loss(htex, error)
+            if attempt.retries < self.max_retries:
+                attempt.retries += 1
+                attempt.future = None
+                if attempt.marker is not None:
+                    with contextlib.suppress(OSError):
+                        os.unlink(attempt.marker)
+                self._emit("worker_lost", {"message": message, "retry": attempt.retries})
+                retry.append(job)
+                continue
+            self._emit("worker_lost", {"message": message})
+            self._answer(job, "task.worker_lost", message)
+        if retry:
+            with self._lock:
+                forward = self._active_blocks > 0
+                if not forward:
+                    self._waiting.extend(retry)
+            if forward:
+                self._forward(retry)
+
+    def _explain_loss(self, htex: Any, error: BaseException) -> str:
+        manager = getattr(error, "manager_id", None)
+        if not isinstance(manager, bytes):
+            return f"{type(error).__name__}: {error}"
+        host = getattr(error, "hostname", "?")
+        block = self._manager_blocks.get(manager.decode(errors="replace"))
+        threshold = self.options.get("heartbeat_threshold")
+        silence = f"no heartbeat from its workers on {host} for {threshold} s"
+        if block is None:
+            return f"the task's block was lost: {silence}"
+        job_id = htex.blocks_to_job_id.get(block, "?")
+        status = htex.status_facade.get(block)
+        state = _state_name(status)
+        if status is not None and status.state in _terminal_states():
+            how = f"ended: {state}"
+        else:
+            how = f"is still {state}"
+        return f"the task's block {block} (job {job_id}) {how}; {silence}"
+
+    def _fail_waiting(self, htex: Any, message: str) -> None:
+        """No block is left and none can be started: fail every task that waits for one."""
+        text = f"the batch system did not start workers for this task: {message}"
+        with self._lock:
+            held, self._waiting = self._waiting, []
+            given = sorted(
+                (
+                    (a.future.parsl_executor_task_id, j)
+                    for j, a in self._jobs.items()
+                    if a.future is not None and hasattr(a.future, "parsl_executor_task_id")
+                ),
+                key=lambda pair: pair[0],
+            )
+        for job in held:
+            self._answer(job, "task.provider_failed", text)
+        # The interchange hands tasks out in order: those beyond what its managers took
+        # never started. They are answered now, and the interchange replaced so that they
+        # can never run later; those the (lost) managers took are lost with them.
+        queued = given[self._dispatched :]
+        if not queued:
+            return
+        for _, job in queued:
+            self._answer(job, "task.provider_failed", text)
+        for _, job in given[: self._dispatched]:
+            self._answer(job, "task.worker_lost", "the task's block ended and none replaces it")
+        self._replace_interchange()
+
+    def _replace_interchange(self) -> None:
+        from parsl.jobs.strategy import Strategy
+
+        with self._submit_lock:
+            old = self._htex
+            self._generation += 1
+            new = self._new_htex()
+            strategy = Strategy(
+                strategy=self.scaling.strategy, max_idletime=self.scaling.max_idletime
+            )
+            strategy.add_executors([new])
+            # init_blocks are for the endpoint's start only.
+            strategy.executors[new.label]["first"] = False
+            with self._lock:
+                self._htex, self._strategy = new, strategy
+                self._manager_blocks.clear()
+                self._block_states.clear()
+                self._connected.clear()
+                self._dispatched = 0
+        log.warning("parsl.interchange_replaced", generation=self._generation)
+        with contextlib.suppress(Exception):
+            old.shutdown()
+
+    def _report(self, kind: str, *, message: str) -> None:
+        """A provider failure, at most once per ``_REPORT_EVERY`` unless it changes."""
+        now = time.monotonic()
+        last, when = self._last_report
+        self._last_report = (message, now)
+        if message == last and now - when < _REPORT_EVERY:
+            return
+        self._emit(kind, {"message": message})
+
+    def _emit(self, kind: str, fields: Mapping[str, Any]) -> None:
+        log.warning(f"parsl.{kind}", **fields)
+        sink = self.on_event
+        if sink is not None:
+            try:
+                sink(kind, fields)
+            except Exception:
+                log.exception("parsl.event_sink_failed")
+
+    # -- shutdown --------------------------------------------------------------------------
 
     def shutdown(self, wait: bool = True) -> None:
         if self._htex is None or self._stopping:
             return
         if wait:
             with self._lock:
-                outstanding = [job.future for job in self._outstanding]
+                outstanding = [job.future for job in self._jobs]
             wait_futures(outstanding)
         with self._lock:
             self._stopping = True
-            leftovers = list(self._outstanding)
-            self._outstanding.clear()
+            leftovers = list(self._jobs)
+            self._jobs.clear()
+            self._waiting.clear()
+        self._wake.set()
+        if self._poller is not None and self._poller is not threading.current_thread():
+            self._poller.join()
         self._watchdog.stop()
         try:
             self._stop_parsl()
@@ -357,20 +1120,24 @@ class ParslEngine:
     def _stop_parsl(self) -> None:
         htex, provider = self._htex, self.provider
         try:
-            job_ids = list(htex.blocks_to_job_id.values())
-            local_groups = _local_process_groups(provider, job_ids)
-            if job_ids:
-                with contextlib.suppress(Exception):
-                    provider.cancel(job_ids)
-            _wait_groups_gone(local_groups, _BLOCK_EXIT_TIMEOUT)
-            htex.shutdown()
+            if htex is not None:
+                terminal = _terminal_states()
+                status = htex.status_facade
+                job_ids = [
+                    job_id
+                    for block, job_id in list(htex.blocks_to_job_id.items())
+                    if block not in status or status[block].state not in terminal
+                ]
+                local_groups = _local_process_groups(provider, job_ids)
+                if job_ids:
+                    with contextlib.suppress(Exception):
+                        provider.cancel(job_ids)
+                _wait_groups_gone(local_groups, _BLOCK_EXIT_TIMEOUT)
+                htex.shutdown()
         finally:
-            if self._owned_run_dir is not None:
-                shutil.rmtree(self._owned_run_dir, ignore_errors=True)
-                self._owned_run_dir = None
-            if self._block_tmp is not None:
-                shutil.rmtree(self._block_tmp, ignore_errors=True)
-                self._block_tmp = None
+            if self._dir is not None:
+                shutil.rmtree(self._dir, ignore_errors=True)
+                self._dir = None
 
 
 def _local_process_groups(provider: Any, job_ids: Sequence[Any]) -> list[int]:

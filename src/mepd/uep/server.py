@@ -14,8 +14,10 @@ This module deliberately does not deserialize anything itself.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import threading
@@ -32,7 +34,40 @@ from mepd.uep.identity import introspect
 START_WAIT = 120.0
 MAX_RESULT_BATCH = 4096
 DEFAULT_SCRIPT_TIMEOUT = 300.0
+# The site environment (user_environment.yaml) may move Parsl run directories here.
+RUN_DIR_VARIABLE = "MEP_RUN_DIR"
+ENDPOINT_LOG = "endpoint.log"
+MAX_ENDPOINT_LOG = 1024 * 1024
+# Engine events the daemon hears about (its log), as the error reason they are about.
+_REPORTED_EVENTS = {"provider_failed": "task.provider_failed", "worker_lost": "task.worker_lost"}
 _STOP = object()
+
+
+def run_dir_base(configured: Any, endpoint: str, home: str) -> str:
+    """Where a Parsl engine keeps its run directories (each engine a ``<tag>`` directory
+    inside, removed when it ends): the template's ``engine.run_dir``, else
+    ``$MEP_RUN_DIR/<endpoint>``, else ``~/.mep/run/<endpoint>`` — under the home
+    directory, which compute nodes see, unlike a node-local ``/tmp``."""
+    if isinstance(configured, str) and configured:
+        return os.path.expanduser(configured)
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", endpoint)[:64].lstrip(".") or "endpoint"
+    site = os.environ.get(RUN_DIR_VARIABLE)
+    if site:
+        return os.path.join(os.path.expanduser(site), name)
+    return os.path.join(home, ".mep", "run", name)
+
+
+def append_endpoint_log(directory: str, kind: str, fields: Mapping[str, Any]) -> None:
+    """One JSON line in the user's ``endpoint.log`` (kept to about 1 MiB, one backup)."""
+    path = os.path.join(directory, ENDPOINT_LOG)
+    line = json.dumps({"time": time.time(), "event": kind, **fields}, default=str) + "\n"
+    with contextlib.suppress(OSError):
+        if os.path.getsize(path) > MAX_ENDPOINT_LOG:
+            os.replace(path, path + ".1")
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "a") as fh:
+            fh.write(line)
 
 
 class StartRefused(Exception):
@@ -175,10 +210,15 @@ class UserEndpoint:
     _tasks_seen: int = 0
     _results_seen: int = 0
     _drained: threading.Event = attrs.field(factory=threading.Event)
+    _serving: bool = False
 
     # ----------------------------------------------------------------- start
 
     def run(self) -> int:
+        # SIGTERM (the daemon's stop ladder, or anyone) ends the endpoint through its
+        # cleanup: the engine cancels its blocks and removes its run directory.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             self._start()
         except StartRefused as refused:
@@ -190,8 +230,10 @@ class UserEndpoint:
             self._send_quietly("error", error_fields(exc))
             return 2
         try:
+            self._serving = True
             self._serve()
         finally:
+            self._serving = False
             self._finish()
         return 0
 
@@ -271,13 +313,43 @@ class UserEndpoint:
         from mepcore.tasks import Executor, ExecutorLimits
 
         limits = ExecutorLimits(**dict(start.executor_limits))
+        engine = self._engine_dict()
+        if engine.get("type") == "GlobusComputeEngine":
+            home = str(start.account.get("home") or os.getcwd())
+            engine["run_dir"] = run_dir_base(engine.get("run_dir"), start.endpoint, home)
         executor = Executor.from_engine_config(
-            self._engine_dict(),
+            engine,
             limits=limits,
             allowed_functions=getattr(self.config, "allowed_functions", None),
         )
+        if hasattr(executor.engine, "on_event"):
+            log_dir = str(engine.get("run_dir"))
+            executor.engine.on_event = lambda kind, fields: self._engine_event(
+                log_dir, kind, fields
+            )
         executor.start()
         return executor
+
+    def _engine_event(self, log_dir: str, kind: str, fields: Mapping[str, Any]) -> None:
+        """Blocks refused or lost: into the user's endpoint log, and to the daemon (its
+        log names the account) when tasks fail because of it."""
+        append_endpoint_log(log_dir, kind, fields)
+        reason = _REPORTED_EVENTS.get(kind)
+        # Before ``ready`` an error frame would fail the start: a refusal of the initial
+        # blocks is reported with the first task it fails instead.
+        if reason is not None and self._serving:
+            detail = str(fields.get("message", ""))[:4000]
+            self._send_quietly(
+                "error",
+                {"reason": reason, "detail": f"{kind}: {detail}", "error_class": "TaskError"},
+            )
+
+    def _on_sigterm(self, _signum: int, _frame: Any) -> None:
+        if self.exit_reason.startswith("signal"):
+            return  # cleanup is under way
+        self.exit_reason = "signal SIGTERM"
+        if self._serving:  # interrupt the wait for the next frame; _finish follows
+            raise SystemExit(0)
 
     # ----------------------------------------------------------------- serve
 
