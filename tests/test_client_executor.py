@@ -223,7 +223,7 @@ def test_each_user_endpoint_config_gets_its_own_user_endpoint(
         again = ex.submit(square, 9)
     assert [f.result() for f in small + big] == [i * i for i in range(20)] * 2
     assert again.result() == 81
-    assert sorted(s.variables["workers"] for s in daemon.endpoints.starts) == [1, 2]
+    assert sorted(s.spec.variables["workers"] for s in daemon.endpoints.starts) == [1, 2]
     assert len({s.config_key for s in daemon.endpoints.starts}) == 2
 
 

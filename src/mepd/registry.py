@@ -652,7 +652,7 @@ class Registry:
             "uep.start_failed",
             account=req.account.name,
             config_key=req.config_key,
-            reason=error.reason,
+            reason=error.admin_reason,
             detail=error.detail,
         )
 
