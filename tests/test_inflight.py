@@ -7,13 +7,12 @@ import asyncio
 import gc
 import weakref
 from pathlib import Path
-from typing import Any
 
 import httpx
 
-from mepd.api import create_app
 from mepd.inflight import InFlight, InFlightTask
-from tests.daemon_harness import PipelineKit, b64, make_pipeline
+from tests.daemon_harness import PipelineKit, b64
+from tests.test_api_pipeline import run
 
 
 def record(task_id: str, account: str = "alice", endpoint: str | None = "e1") -> InFlightTask:
@@ -54,19 +53,6 @@ def test_a_queued_task_dispatched_again_is_one_record() -> None:
     assert table.count_endpoint("e9") == 1 and table.dispatched() == 1
     assert table.take_endpoint("e9")[0].task_id == "q"
     assert len(table) == 0 and table.by_account() == {}
-
-
-def run(tmp_path: Path, scenario: Any) -> PipelineKit:
-    kit = make_pipeline(tmp_path)
-    app = create_app(kit.pipeline, kit.pipeline.limits)
-
-    async def main() -> None:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://mepd") as client:
-            await scenario(client, kit)
-
-    asyncio.run(main())
-    return kit
 
 
 def test_the_pipeline_forgets_a_user_endpoint_once_it_is_gone(tmp_path: Path) -> None:

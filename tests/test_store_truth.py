@@ -13,15 +13,14 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from mepcore.errors import StoreError
-from mepd.api import create_app
 from mepd.store import SCHEMA_VERSION, NewTask, Outcome, TaskStore
-from tests.daemon_harness import PipelineKit, b64, make_pipeline
+from tests.daemon_harness import PipelineKit, b64
+from tests.test_api_pipeline import run
 
 
 def task(i: int, owner: str = "alice") -> NewTask:
@@ -138,19 +137,6 @@ def test_a_full_store_refuses_writes_and_recovers(tmp_path: Path) -> None:
     unfill(store)
     store.add_tasks([big], state="dispatched", now=1.0)
     assert store.available and store.get("big") is not None
-
-
-def run(tmp_path: Path, scenario: Any) -> PipelineKit:
-    kit = make_pipeline(tmp_path)
-    app = create_app(kit.pipeline, kit.pipeline.limits)
-
-    async def main() -> None:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://mepd") as client:
-            await scenario(client, kit)
-
-    asyncio.run(main())
-    return kit
 
 
 def test_a_full_disk_is_a_503_and_results_wait_for_it(tmp_path: Path) -> None:
