@@ -238,16 +238,16 @@ def test_schema_engine_keys_are_exactly_what_the_engine_honours(engine: str) -> 
 def test_provider_and_launcher_keys_are_the_parsl_constructors() -> None:
     import inspect
 
-    from mepcore.tasks import parsl_engine
+    from mepcore.tasks import parsl_build
 
     provider_schemas = _typed(_engine_schemas()["GlobusComputeEngine"]["properties"]["provider"])
-    assert set(provider_schemas) == set(parsl_engine.PROVIDER_TYPES) == set(PROVIDER_TYPES)
-    for name, cls in parsl_engine.provider_classes().items():
+    assert set(provider_schemas) == set(parsl_build.PROVIDER_TYPES) == set(PROVIDER_TYPES)
+    for name, cls in parsl_build.provider_classes().items():
         assert set(provider_schemas[name]) - {"type"} == set(inspect.signature(cls).parameters)
     assert provider_schemas["SlurmProvider"]["launcher"] == {"$ref": "#/$defs/launcher"}
     launcher_schemas = _typed(endpoint_config_schema()["$defs"]["launcher"])
-    assert set(launcher_schemas) == set(parsl_engine.LAUNCHER_TYPES) == set(LAUNCHER_TYPES)
-    for name, cls in parsl_engine.launcher_classes().items():
+    assert set(launcher_schemas) == set(parsl_build.LAUNCHER_TYPES) == set(LAUNCHER_TYPES)
+    for name, cls in parsl_build.launcher_classes().items():
         assert set(launcher_schemas[name]) - {"type"} == set(inspect.signature(cls).parameters)
 
 
@@ -275,7 +275,7 @@ def _sample(schema: dict[str, Any]) -> Any:
 
 def test_every_value_the_schema_accepts_for_a_provider_or_launcher_starts() -> None:
     # Value by value: what passes render is accepted by the constructors at start.
-    from mepcore.tasks.parsl_engine import build_provider
+    from mepcore.tasks.parsl_build import build_provider
 
     provider_schemas = _typed(_engine_schemas()["GlobusComputeEngine"]["properties"]["provider"])
     for name, keys in provider_schemas.items():

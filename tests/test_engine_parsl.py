@@ -33,14 +33,9 @@ from mepcore.tasks import (  # noqa: E402
     pack_function,
     unpack_result,
 )
-from mepcore.tasks.parsl_engine import (  # noqa: E402
-    OwnerTag,
-    ParslEngine,
-    ScalingPolicy,
-    _remove_dead_run_dirs,
-    build_provider,
-    machine_keys,
-)
+from mepcore.tasks.parsl_build import ScalingPolicy, build_provider  # noqa: E402
+from mepcore.tasks.parsl_engine import ParslEngine  # noqa: E402
+from mepcore.tasks.parsl_owner import OwnerTag, _remove_dead_run_dirs, machine_keys  # noqa: E402
 from tests.daemon_harness import remote_function  # noqa: E402
 
 SLURM_ENGINE: dict[str, Any] = {

@@ -32,7 +32,7 @@ import httpx
 import pytest
 
 from mepcore.tasks import pack_args, pack_function, unpack_value
-from mepcore.tasks.parsl_engine import OwnerTag
+from mepcore.tasks.parsl_owner import OwnerTag
 from tests.daemon_harness import RunningDaemon, remote_function, start_daemon, write_deployment
 
 pytestmark = [pytest.mark.root, pytest.mark.slurm, pytest.mark.parsl]

@@ -12,7 +12,7 @@ from typing import Any
 
 import attrs
 
-from mepcore.tasks.parsl_engine import OwnerTag, machine_keys
+from mepcore.tasks.parsl_owner import OwnerTag, machine_keys
 from mepd.orphans import (
     BatchJob,
     cancel_as_owner,

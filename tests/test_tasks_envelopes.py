@@ -308,7 +308,8 @@ def test_importing_the_package_imports_neither_parsl_nor_an_engine() -> None:
         "bad = [m for m in sys.modules if m.split('.')[0] in "
         "('parsl', 'mepd', 'jinja2', 'casbin') or m in ('mepcore.config', 'mepcore.identity',"
         " 'mepcore.authz', 'mepcore.spawn', 'mepcore.client', 'mepcore.tasks.process',"
-        " 'mepcore.tasks.parsl_engine')]\n"
+        " 'mepcore.tasks.parsl_engine', 'mepcore.tasks.parsl_build',"
+        " 'mepcore.tasks.parsl_guard', 'mepcore.tasks.parsl_owner')]\n"
         "print(bad)\n"
         "import threading; print(threading.active_count())\n"
     )

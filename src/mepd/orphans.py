@@ -1,7 +1,7 @@
 """Batch jobs left by user endpoints that no longer exist: found and cancelled at start.
 
 A user endpoint's Parsl engine names every batch job after the endpoint's own process
-(``OwnerTag`` of ``mepcore.tasks.parsl_engine``: ``parsl.mep-<host>-<boot>-<pid>-<start>
+(``OwnerTag`` of ``mepcore.tasks.parsl_owner``: ``parsl.mep-<host>-<boot>-<pid>-<start>
 .block-<n>.<time>``). When a user endpoint is killed (``kill -9`` of it, or of the daemon:
 the endpoint dies with its daemon) nothing cancels its jobs; their worker pools stop on
 their own once the interchange has been silent for ``heartbeat_threshold``, but a
@@ -36,7 +36,7 @@ from typing import Any
 import attrs
 import structlog
 
-from mepcore.tasks.parsl_engine import OwnerTag, machine_keys
+from mepcore.tasks.parsl_owner import OwnerTag, machine_keys
 from mepd.audit import AuditUnavailable
 from mepd.trust import Checker, Need
 

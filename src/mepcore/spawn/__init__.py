@@ -14,17 +14,16 @@ Deliberately not here: the channel protocol and the registry (both in mepd).
 from mepcore.spawn.access import check_runtime_readable, permits, unreachable_reason
 from mepcore.spawn.cgroup import (
     CgroupLayout,
-    CgroupPort,
     CgroupProbe,
     Cgroups,
     CgroupSettings,
     EndpointCgroup,
     Hierarchy,
-    SystemCgroupPort,
     discover,
     prepare_cgroups,
     probe_cgroups,
 )
+from mepcore.spawn.cgroup_port import CgroupPort, SystemCgroupPort
 from mepcore.spawn.launcher import (
     LaunchedProcess,
     StopOutcome,

@@ -20,10 +20,10 @@ user endpoint runs nothing of the user's before that message, so nothing of the 
 ever runs outside (a pre-exec hook is banned, and CLONE_INTO_CGROUP is not reachable
 through Python's subprocess).
 
-Every effect goes through ``CgroupPort`` (``SystemCgroupPort`` is the real one): which
-hierarchies are used, the order of the writes and the stop sequence are tested with an
-in-memory fake, without root. Leftover directories of a daemon that died are ended and
-removed when the next one prepares.
+Every effect goes through ``CgroupPort`` (``mepcore.spawn.cgroup_port``, where
+``SystemCgroupPort`` is the real one): which hierarchies are used, the order of the writes
+and the stop sequence are tested with an in-memory fake, without root. Leftover
+directories of a daemon that died are ended and removed when the next one prepares.
 
 Deliberately not here: systemd transient scopes (D-Bus), cpu and io controllers, and any
 decision about *when* to stop an endpoint (the registry's).
@@ -37,15 +37,14 @@ import os
 import posixpath
 import re
 import secrets
-import select
 import signal
-import time
-from collections.abc import Collection, Mapping
-from typing import Any, Protocol
+from collections.abc import Mapping
+from typing import Any
 
 import attrs
 
 from mepcore.errors import SpawnError
+from mepcore.spawn.cgroup_port import CgroupPort
 
 ENABLE_CHOICES = ("auto", "true", "false")
 PARENT_NAME = "mep"
@@ -135,50 +134,6 @@ class CgroupSettings:
         """Controller name → limit, for the limits that are set."""
         wanted = {"pids": self.pids_max, "memory": self.memory_max}
         return {name: value for name, value in wanted.items() if value is not None}
-
-
-class CgroupPort(Protocol):
-    """The effects the cgroup logic needs: files of the cgroup filesystems and signals."""
-
-    def read(self, path: str) -> str:
-        """The text of a file; raises OSError."""
-        ...
-
-    def write(self, path: str, text: str) -> None:
-        """Write ``text`` to an existing file (cgroup files take one write); raises OSError."""
-        ...
-
-    def make_dir(self, path: str) -> bool:
-        """Create one directory; False when it existed already. Raises OSError."""
-        ...
-
-    def remove_dir(self, path: str) -> None:
-        """Remove one (cgroup) directory; raises OSError (EBUSY while it is populated)."""
-        ...
-
-    def child_dirs(self, path: str) -> list[str]:
-        """Names of the directories in ``path`` (empty when it does not exist)."""
-        ...
-
-    def exists(self, path: str) -> bool: ...
-
-    def writable(self, path: str) -> bool:
-        """Could this process create entries in the directory ``path``?"""
-        ...
-
-    def kill(self, pid: int, sig: int) -> None:
-        """Send ``sig``; a process that is gone already is not an error."""
-        ...
-
-    def alive(self, pid: int) -> bool: ...
-
-    def wait_gone(self, pids: Collection[int], timeout: float) -> None:
-        """Until every one of ``pids`` has exited, or ``timeout`` seconds."""
-        ...
-
-    def pause(self, seconds: float) -> None: ...
-
-    def monotonic(self) -> float: ...
 
 
 def _unescape(field: str) -> str:
@@ -372,43 +327,75 @@ def _plan_layout(
 ) -> CgroupLayout | None:
     wanted = settings.wanted_limits()
     dirs: list[CgroupDir] = []
-    stop, stop_index = "", 0
     enforced: set[str] = set()
-    v2 = next((h for h in hierarchies if h.version == 2), None)
-    if v2 is not None:
-        made = _make_parent(v2, settings, port, notes)
-        if made is not None:
-            controllers = tuple(c for c in wanted if _enable_v2(port, made, c, notes))
-            enforced.update(controllers)
-            dirs.append(_cgroup_dir(v2, made, controllers, wanted))
-            for name in ("cgroup.kill", "cgroup.freeze"):
-                if port.exists(posixpath.join(made, name)):
-                    stop = name
-                    break
+    stop, stop_index = _plan_v2(settings, hierarchies, port, notes, dirs, enforced), 0
+    # v1 hierarchies fill what cgroup2 cannot do: the limits it does not enforce, and the
+    # freezer when it has neither cgroup.kill nor cgroup.freeze.
     needed = [c for c in wanted if c not in enforced]
     if not stop:
         needed.insert(0, "freezer")
     for controller in needed:
-        hierarchy = next((h for h in hierarchies if controller in h.controllers), None)
-        if hierarchy is None:
+        index = _plan_v1(controller, settings, hierarchies, port, notes, dirs)
+        if index is None:
             continue
-        existing = next((i for i, d in enumerate(dirs) if d.hierarchy is hierarchy), None)
-        if existing is None:
-            made = _make_parent(hierarchy, settings, port, notes)
-            if made is None:
-                continue
-            dirs.append(_cgroup_dir(hierarchy, made, (), wanted))
-            existing = len(dirs) - 1
-        current = dirs[existing]
-        controllers = (*current.controllers, controller)
-        dirs[existing] = _cgroup_dir(hierarchy, current.parent, controllers, wanted)
         if controller == "freezer":
-            stop, stop_index = "freezer.state", existing
+            stop, stop_index = "freezer.state", index
         else:
             enforced.add(controller)
     if not dirs:
         return None
     return CgroupLayout(tuple(dirs), stop or "signal", stop_index, frozenset(enforced))
+
+
+def _plan_v2(
+    settings: CgroupSettings,
+    hierarchies: tuple[Hierarchy, ...],
+    port: CgroupPort,
+    notes: list[str],
+    dirs: list[CgroupDir],
+    enforced: set[str],
+) -> str:
+    """Add the cgroup2 share to ``dirs`` (and the limits it enforces to ``enforced``);
+    its stop file (``cgroup.kill``, else ``cgroup.freeze``), "" when it has none."""
+    v2 = next((h for h in hierarchies if h.version == 2), None)
+    if v2 is None:
+        return ""
+    made = _make_parent(v2, settings, port, notes)
+    if made is None:
+        return ""
+    wanted = settings.wanted_limits()
+    controllers = tuple(c for c in wanted if _enable_v2(port, made, c, notes))
+    enforced.update(controllers)
+    dirs.append(_cgroup_dir(v2, made, controllers, wanted))
+    stops = ("cgroup.kill", "cgroup.freeze")
+    return next((name for name in stops if port.exists(posixpath.join(made, name))), "")
+
+
+def _plan_v1(
+    controller: str,
+    settings: CgroupSettings,
+    hierarchies: tuple[Hierarchy, ...],
+    port: CgroupPort,
+    notes: list[str],
+    dirs: list[CgroupDir],
+) -> int | None:
+    """Add ``controller`` to the share in ``dirs`` of the v1 hierarchy that has it (made
+    when it is not there yet); its index in ``dirs``, None when no hierarchy can."""
+    hierarchy = next((h for h in hierarchies if controller in h.controllers), None)
+    if hierarchy is None:
+        return None
+    wanted = settings.wanted_limits()
+    existing = next((i for i, d in enumerate(dirs) if d.hierarchy is hierarchy), None)
+    if existing is None:
+        made = _make_parent(hierarchy, settings, port, notes)
+        if made is None:
+            return None
+        dirs.append(_cgroup_dir(hierarchy, made, (), wanted))
+        existing = len(dirs) - 1
+    current = dirs[existing]
+    controllers = (*current.controllers, controller)
+    dirs[existing] = _cgroup_dir(hierarchy, current.parent, controllers, wanted)
+    return existing
 
 
 def _cgroup_dir(
@@ -665,82 +652,3 @@ class EndpointCgroup:
             left.pop()
         self.removed = True
         return True
-
-
-class SystemCgroupPort:
-    """``CgroupPort`` on this machine's cgroup filesystems and processes."""
-
-    def read(self, path: str) -> str:
-        with open(path, encoding="ascii", errors="replace") as fh:
-            return fh.read()
-
-    def write(self, path: str, text: str) -> None:
-        # O_WRONLY without O_CREAT or O_TRUNC: a cgroup file exists, and one write is one
-        # command to the kernel.
-        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            os.write(fd, text.encode())
-        finally:
-            os.close(fd)
-
-    def make_dir(self, path: str) -> bool:
-        try:
-            os.mkdir(path, 0o755)
-        except FileExistsError:
-            return False
-        return True
-
-    def remove_dir(self, path: str) -> None:
-        os.rmdir(path)
-
-    def child_dirs(self, path: str) -> list[str]:
-        try:
-            with os.scandir(path) as entries:
-                return [e.name for e in entries if e.is_dir(follow_symlinks=False)]
-        except OSError:
-            return []
-
-    def exists(self, path: str) -> bool:
-        return os.path.lexists(path)
-
-    def writable(self, path: str) -> bool:
-        return os.access(path, os.W_OK | os.X_OK)
-
-    def kill(self, pid: int, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-
-    def alive(self, pid: int) -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-
-    def wait_gone(self, pids: Collection[int], timeout: float) -> None:
-        fds: list[int] = []
-        for pid in pids:
-            with contextlib.suppress(OSError):
-                fds.append(os.pidfd_open(pid))
-        try:
-            poller = select.poll()
-            for fd in fds:
-                poller.register(fd, select.POLLIN)
-            pending = set(fds)
-            end = time.monotonic() + timeout
-            while pending and time.monotonic() < end:
-                for fd, _ in poller.poll(max(1, int((end - time.monotonic()) * 1000))):
-                    pending.discard(fd)
-                    poller.unregister(fd)
-        finally:
-            for fd in fds:
-                os.close(fd)
-
-    def pause(self, seconds: float) -> None:
-        # The freezer says "FREEZING" for a moment; there is no event to wait for in v1.
-        time.sleep(seconds)
-
-    def monotonic(self) -> float:
-        return time.monotonic()

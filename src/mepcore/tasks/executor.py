@@ -59,7 +59,7 @@ def engine_keys(engine_type: str) -> frozenset[str]:
     """The keys an ``engine`` mapping of this type may hold (all honoured at start);
     the endpoint-config schema is tested equal to them."""
     if engine_type == "GlobusComputeEngine":
-        from mepcore.tasks.parsl_engine import _ENGINE_KEYS
+        from mepcore.tasks.parsl_build import _ENGINE_KEYS
 
         return frozenset(_ENGINE_KEYS)
     if engine_type not in _BUILDERS:

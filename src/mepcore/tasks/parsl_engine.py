@@ -1,9 +1,9 @@
 """The Parsl engine (``GlobusComputeEngine``): Parsl's HighThroughputExecutor, driven directly.
 
 The executor is built and started here without Parsl's ``load()`` and its DataFlowKernel;
-providers and launchers come from closed tables (``PROVIDERS``, ``LAUNCHERS``), their
-options checked against the chosen class's constructor, never used to import anything by
-name.
+providers and launchers come from closed tables (``PROVIDER_TYPES``, ``LAUNCHER_TYPES``
+of ``parsl_build``), their options checked against the chosen class's constructor, never
+used to import anything by name.
 
 Blocks (batch jobs, or local process groups) are managed by Parsl's own scaling
 ``Strategy`` (``strategy``: ``simple`` by default, ``htex_auto_scale`` or ``none``), run by
@@ -30,31 +30,28 @@ Nothing outlives the engine's process: the interchange runs under a guard (paren
 signal, and a pidfd on the engine's process) that kills it when the engine's process
 dies; a local block's worker pool runs under a guard that kills the block's process group
 in that case; every block's worker pool gets a private TMPDIR, removed when it ends. Batch
-jobs are named after the engine's process (``OwnerTag``: host, boot, pid, start time), so
-that mepd can find and cancel the jobs of user endpoints that no longer exist. The run
+jobs are named after the engine's process (``OwnerTag`` of ``parsl_owner``: host, boot,
+pid, start time), so that mepd can find and cancel the jobs of user endpoints that no
+longer exist. The run
 directory is ``<run_dir>/<tag>`` (``run_dir`` defaults to the system's temporary
 directory; user endpoints pass one under the user's home), removed at shutdown; run
 directories of this machine's dead engines found there are removed at start.
 
 This module imports Parsl only inside functions: importing ``mepcore.tasks`` never
-imports Parsl. ``python -I <this file>`` is the guard (``_guard_main``): run by path, it
-imports only the standard library (and Parsl's interchange), so a block starts no slower.
+imports Parsl. It deliberately holds neither the guard (``parsl_guard``, run by path as
+``python -I parsl_guard.py``, the standard library only) nor the checks and construction
+of providers, launchers and settings (``parsl_build``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
-import inspect
 import itertools
 import os
-import re
-import select
 import shlex
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -64,208 +61,26 @@ from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from typing import Any
 
+import attrs
+import structlog
 
-def process_start_time(pid: int) -> int | None:
-    """When ``pid`` started (clock ticks after boot, /proc/<pid>/stat), None if it is gone
-    — a zombie is gone too (killed, not yet reaped by whoever inherited it)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            raw = fh.read()
-    except OSError:
-        return None
-    fields = raw[raw.rfind(b")") + 2 :].split()
-    try:
-        if fields[0] in (b"Z", b"X"):
-            return None
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-# -- the guard: python -I <this file> {interchange|block} (the standard library only) ---------
-
-_PR_SET_PDEATHSIG = 1
-_GUARD = os.path.abspath(__file__)
-_GUARD_USAGE = (
-    "usage: python -I parsl_engine.py interchange --watch PID:START\n"
-    "       python -I parsl_engine.py block [--watch PID:START] -- COMMAND..."
+from mepcore.errors import TaskError
+from mepcore.tasks._run import Outcome, load_function, run_task
+from mepcore.tasks.engine import ExecutorLimits, Job, Watchdog
+from mepcore.tasks.parsl_build import (
+    _ENGINE_KEYS,
+    _HTEX_OPTIONS,
+    ScalingPolicy,
+    _heartbeat_options,
+    _invalid,
+    build_provider,
 )
+from mepcore.tasks.parsl_guard import GUARD
+from mepcore.tasks.parsl_owner import OwnerTag, _remove_dead_run_dirs
 
+__all__ = ["ParslEngine", "parsl_task"]
 
-def _parse_watch(value: str) -> tuple[int, int]:
-    pid, _, start = value.partition(":")
-    if not pid.isdigit() or not start.isdigit():
-        raise SystemExit(_GUARD_USAGE)
-    return int(pid), int(start)
-
-
-def _watch_owner(owner: tuple[int, int], on_gone: Callable[[], None]) -> None:
-    """Call ``on_gone`` (in a daemon thread) as soon as the owner process is gone."""
-    pid, start = owner
-    try:
-        pidfd = os.pidfd_open(pid)
-    except OSError:
-        on_gone()
-        return
-    if process_start_time(pid) != start:  # the pid was reused: the owner is gone
-        on_gone()
-        return
-
-    def watch() -> None:
-        select.select([pidfd], [], [])
-        on_gone()
-
-    threading.Thread(target=watch, name="mep-owner-watch", daemon=True).start()
-
-
-def _set_parent_death_signal() -> None:
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-
-
-def _guard_interchange(owner: tuple[int, int]) -> int:
-    """Run Parsl's interchange in this process, killed when its engine's process dies."""
-    import runpy
-
-    _set_parent_death_signal()
-    if os.getppid() != owner[0]:
-        return 1  # the engine died before the signal was armed
-    _watch_owner(owner, lambda: os.kill(os.getpid(), signal.SIGKILL))
-    runpy.run_module("parsl.executors.high_throughput.interchange", run_name="__main__")
-    return 0
-
-
-def _guard_block(command: list[str], owner: tuple[int, int] | None) -> int:
-    """Run a block's worker pool with a private TMPDIR (multiprocessing leaves its
-    ``pymp-*`` directories there), removed when the pool ends; for a local block, kill
-    the block's process group when the engine's process dies."""
-    import subprocess
-
-    private = tempfile.mkdtemp(prefix="mepb-")
-    # This is a process's entry point: its environment is its input, passed on.
-    child = subprocess.Popen(command, env={**os.environ, "TMPDIR": private})
-
-    def forward(signum: int, _frame: Any) -> None:
-        with contextlib.suppress(OSError):
-            child.send_signal(signum)
-        # The pool is being stopped (scancel, walltime, the block's cancel): its
-        # directory goes now, before a SIGKILL that may follow gives no other chance.
-        shutil.rmtree(private, ignore_errors=True)
-
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, forward)
-    if owner is not None:
-
-        def owner_gone() -> None:
-            shutil.rmtree(private, ignore_errors=True)
-            os.killpg(os.getpgrp(), signal.SIGKILL)
-
-        _watch_owner(owner, owner_gone)
-    try:
-        return child.wait()
-    finally:
-        shutil.rmtree(private, ignore_errors=True)
-
-
-def _guard_main(argv: Sequence[str]) -> int:
-    args = list(argv)
-    if not args or args[0] not in ("interchange", "block"):
-        raise SystemExit(_GUARD_USAGE)
-    mode, rest = args[0], args[1:]
-    command: list[str] = []
-    if "--" in rest:
-        at = rest.index("--")
-        rest, command = rest[:at], rest[at + 1 :]
-    owner = None
-    if rest[:1] == ["--watch"] and len(rest) == 2:
-        owner = _parse_watch(rest[1])
-    elif rest:
-        raise SystemExit(_GUARD_USAGE)
-    if mode == "interchange":
-        if owner is None:
-            raise SystemExit(_GUARD_USAGE)
-        return _guard_interchange(owner)
-    if not command:
-        raise SystemExit(_GUARD_USAGE)
-    return _guard_block(command, owner)
-
-
-if __name__ == "__main__":
-    # Run by path (``python -I <this file>``): nothing below is imported for the guard.
-    sys.exit(_guard_main(sys.argv[1:]))
-
-import attrs  # noqa: E402 - after the guard's entry point, which needs none of it
-import structlog  # noqa: E402
-
-from mepcore.errors import ConfigError, TaskError, Violation  # noqa: E402
-from mepcore.tasks._run import Outcome, load_function, run_task  # noqa: E402
-from mepcore.tasks.engine import ExecutorLimits, Job, Watchdog  # noqa: E402
-
-PROVIDER_TYPES = (
-    "LocalProvider",
-    "SlurmProvider",
-    "PBSProProvider",
-    "TorqueProvider",
-    "LSFProvider",
-    "CondorProvider",
-    "GridEngineProvider",
-)
-LAUNCHER_TYPES = (
-    "SingleNodeLauncher",
-    "SimpleLauncher",
-    "SrunLauncher",
-    "SrunMPILauncher",
-    "MpiExecLauncher",
-    "MpiRunLauncher",
-    "AprunLauncher",
-    "JsrunLauncher",
-)
-STRATEGIES = ("simple", "htex_auto_scale", "none")
-# HighThroughputExecutor options an endpoint config may set (besides type and provider).
-_HTEX_OPTIONS = frozenset(
-    {
-        "max_workers_per_node",
-        "cores_per_worker",
-        "mem_per_worker",
-        "address",
-        "worker_port_range",
-        "interchange_port_range",
-        "heartbeat_period",
-        "heartbeat_threshold",
-        "poll_period",
-        "prefetch_capacity",
-        "cpu_affinity",
-        "available_accelerators",
-        "encrypted",
-        "worker_debug",
-        "drain_period",
-    }
-)
-_ENGINE_KEYS = _HTEX_OPTIONS | {
-    "type",
-    "provider",
-    "run_dir",
-    "strategy",
-    "max_idletime",
-    "job_status_kwargs",
-    "max_retries_on_system_failure",
-}
-_JOB_STATUS_KEYS = frozenset({"strategy", "max_idletime", "strategy_period"})
 _BLOCK_EXIT_TIMEOUT = 10.0
-# Parsl's manager checks its workers once per heartbeat period: its default (30 s) makes
-# a lost worker a 30 s wait.
-_DEFAULT_HEARTBEAT_PERIOD = 5
-# A block whose manager sends nothing for this long is lost (Parsl: 120 s). Six missed
-# heartbeats: long enough for a busy login node, short enough that a cancelled job's
-# tasks are reported while the caller still cares. Also how long a worker pool keeps
-# going without its interchange (when the endpoint is gone).
-_DEFAULT_HEARTBEAT_THRESHOLD = 30
-_DEFAULT_STRATEGY = "simple"
-_DEFAULT_MAX_IDLETIME = 120.0
-_DEFAULT_STRATEGY_PERIOD = 5.0
 _MAX_RETRIES = 100
 # Blocks that end before any worker connects, in a row, before waiting tasks are failed.
 _FAILED_STARTS_LIMIT = 2
@@ -277,210 +92,6 @@ _CALLER_GRACE = 1.0
 _MAX_MESSAGE = 2000
 
 log = structlog.get_logger("mepcore.tasks.parsl")
-
-
-def _invalid(path: str, message: str) -> ConfigError:
-    return ConfigError(
-        "config.endpoint_config_invalid",
-        f"{path}: {message}",
-        violations=[Violation(path, message)],
-    )
-
-
-def provider_classes() -> Mapping[str, type]:
-    """The closed table of Parsl providers (imports Parsl)."""
-    from parsl import providers
-
-    return {name: getattr(providers, name) for name in PROVIDER_TYPES}
-
-
-def launcher_classes() -> Mapping[str, type]:
-    """The closed table of Parsl launchers (imports Parsl)."""
-    from parsl import launchers
-
-    return {name: getattr(launchers, name) for name in LAUNCHER_TYPES}
-
-
-def _construct(cls: type, options: Mapping[str, Any], path: str) -> Any:
-    parameters = inspect.signature(cls).parameters
-    for key in options:
-        if key not in parameters or key == "self":
-            raise _invalid(f"{path}.{key}", f"is not an option of {cls.__name__}")
-        if not _same_kind(parameters[key], options[key]):
-            raise _invalid(path, f"{key} must be like its default {parameters[key].default!r}")
-    try:
-        return cls(**options)
-    except Exception as exc:  # typeguard's TypeCheckError and Parsl's own checks
-        raise _invalid(path, f"{type(exc).__name__}: {exc}") from exc
-
-
-def _same_kind(parameter: inspect.Parameter, value: Any) -> bool:
-    """Whether ``value`` has the plain type of a constructor default (not every Parsl
-    class checks its arguments' types)."""
-    kind = type(parameter.default)
-    if kind not in (bool, int, float, str):
-        return True
-    # Parsl's parallelism is a fraction even where its default is written as 1.
-    fraction = parameter.name == "parallelism"
-    if kind is float or (kind is int and ("float" in str(parameter.annotation) or fraction)):
-        return type(value) in (int, float)
-    return type(value) is kind
-
-
-def build_launcher(config: Any, path: str = "$.engine.provider.launcher") -> Any:
-    if not isinstance(config, Mapping) or not isinstance(config.get("type"), str):
-        raise _invalid(path, "must be a mapping with a type")
-    cls = launcher_classes().get(config["type"])
-    if cls is None:
-        raise _invalid(f"{path}.type", f"must be one of {', '.join(LAUNCHER_TYPES)}")
-    return _construct(cls, {k: v for k, v in config.items() if k != "type"}, path)
-
-
-def build_provider(config: Any, path: str = "$.engine.provider") -> Any:
-    """A Parsl provider from its endpoint-config mapping, through the closed tables."""
-    if not isinstance(config, Mapping) or not isinstance(config.get("type"), str):
-        raise _invalid(path, "must be a mapping with a type")
-    cls = provider_classes().get(config["type"])
-    if cls is None:
-        raise _invalid(f"{path}.type", f"must be one of {', '.join(PROVIDER_TYPES)}")
-    options = {k: v for k, v in config.items() if k not in ("type", "launcher")}
-    if "launcher" in config:
-        options["launcher"] = build_launcher(config["launcher"], f"{path}.launcher")
-    return _construct(cls, options, path)
-
-
-# -- scaling settings -----------------------------------------------------------------------
-
-
-@attrs.frozen
-class ScalingPolicy:
-    """Parsl's strategy settings: ``strategy``, ``max_idletime`` (seconds a block may stay
-    idle before it is scaled in) and ``strategy_period`` (seconds between two runs)."""
-
-    strategy: str = _DEFAULT_STRATEGY
-    max_idletime: float = _DEFAULT_MAX_IDLETIME
-    strategy_period: float = _DEFAULT_STRATEGY_PERIOD
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> ScalingPolicy:
-        """From the engine keys ``strategy``, ``max_idletime`` and ``job_status_kwargs``
-        (Parsl's ``JobStatusPoller`` arguments); one setting given twice must agree."""
-        kwargs = config.get("job_status_kwargs", {})
-        if not isinstance(kwargs, Mapping):
-            raise _invalid("$.engine.job_status_kwargs", "must be a mapping")
-        for key in kwargs:
-            if key not in _JOB_STATUS_KEYS:
-                raise _invalid(f"$.engine.job_status_kwargs.{key}", "is not a known option")
-        merged: dict[str, Any] = dict(kwargs)
-        for key in ("strategy", "max_idletime"):
-            if key in config:
-                if key in kwargs and kwargs[key] != config[key]:
-                    raise _invalid(
-                        f"$.engine.{key}", "disagrees with the same setting in job_status_kwargs"
-                    )
-                merged[key] = config[key]
-        strategy = merged.get("strategy", _DEFAULT_STRATEGY)
-        if strategy not in STRATEGIES:
-            raise _invalid("$.engine.strategy", f"must be one of {', '.join(STRATEGIES)}")
-        numbers = {}
-        for key, default, low in (
-            ("max_idletime", _DEFAULT_MAX_IDLETIME, 0.0),
-            ("strategy_period", _DEFAULT_STRATEGY_PERIOD, 0.1),
-        ):
-            value = merged.get(key, default)
-            if type(value) not in (int, float) or not low <= value <= 86_400:
-                raise _invalid(f"$.engine.{key}", f"must be a number from {low:g} to 86400")
-            numbers[key] = float(value)
-        return cls(strategy, numbers["max_idletime"], numbers["strategy_period"])
-
-
-def _heartbeat_options(options: dict[str, Any]) -> None:
-    options.setdefault("heartbeat_period", _DEFAULT_HEARTBEAT_PERIOD)
-    period = options["heartbeat_period"]
-    options.setdefault("heartbeat_threshold", max(_DEFAULT_HEARTBEAT_THRESHOLD, 3 * period))
-    threshold = options["heartbeat_threshold"]
-    if type(period) is int and type(threshold) is int and threshold <= period:
-        raise _invalid("$.engine.heartbeat_threshold", "must be longer than heartbeat_period")
-
-
-# -- who owns a block: the tag in job names and run directories -----------------------------
-
-_TAG = re.compile(r"mep-([0-9a-f]{6})-([0-9a-f]{6})-([0-9]{1,10})-([0-9]{1,20})")
-
-
-def _short_digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:6]
-
-
-def machine_keys() -> tuple[str, str]:
-    """(this host, this boot) as the tag writes them."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as fh:
-            boot = fh.read().strip()
-    except OSError:
-        boot = ""
-    return _short_digest(socket.gethostname()), _short_digest(boot)
-
-
-@attrs.frozen
-class OwnerTag:
-    """The process that owns a block or a run directory: ``mep-<host>-<boot>-<pid>-<start>``.
-
-    Job names carry it (``parsl.<tag>.block-<n>.<time>``), so that a daemon can tell the
-    jobs of a user endpoint that no longer exists (``is_gone``) without any state."""
-
-    host: str
-    boot: str
-    pid: int
-    start: int
-
-    def __str__(self) -> str:
-        return f"mep-{self.host}-{self.boot}-{self.pid}-{self.start}"
-
-    @classmethod
-    def of_process(cls, pid: int) -> OwnerTag:
-        host, boot = machine_keys()
-        return cls(host, boot, pid, process_start_time(pid) or 0)
-
-    @classmethod
-    def find(cls, text: str) -> OwnerTag | None:
-        """The tag inside a job or directory name, if it has one."""
-        match = _TAG.search(text)
-        if match is None:
-            return None
-        host, boot, pid, start = match.groups()
-        return cls(host, boot, int(pid), int(start))
-
-    def is_gone(self, machine: tuple[str, str] | None = None) -> bool | None:
-        """Whether the owner no longer exists: True (gone), False (alive), None (it ran on
-        another host: this machine cannot tell)."""
-        host, boot = machine or machine_keys()
-        if self.host != host:
-            return None
-        if self.boot != boot:
-            return True  # this machine rebooted since
-        return process_start_time(self.pid) != self.start
-
-
-def _remove_dead_run_dirs(base: str, machine: tuple[str, str]) -> None:
-    """Run directories under ``base`` of this machine's engines that are gone (killed
-    before they could clean up), if they are ours."""
-    try:
-        entries = list(os.scandir(base))
-    except OSError:
-        return
-    uid = os.geteuid()
-    for entry in entries:
-        tag = OwnerTag.find(entry.name)
-        if tag is None or entry.name != str(tag):
-            continue
-        with contextlib.suppress(OSError):
-            if entry.stat(follow_symlinks=False).st_uid != uid or not entry.is_dir(
-                follow_symlinks=False
-            ):
-                continue
-            if tag.is_gone(machine):
-                shutil.rmtree(entry.path, ignore_errors=True)
 
 
 # -- what runs where ------------------------------------------------------------------------
@@ -497,7 +108,7 @@ def _worker_launch_command(template: str, watch: str | None) -> str:
     # interpreter, under the block guard (private TMPDIR; for local blocks, the group
     # dies with the engine).
     python = _format_literal(shlex.quote(sys.executable))
-    guard = f"{python} -I {_format_literal(shlex.quote(_GUARD))} block"
+    guard = f"{python} -I {_format_literal(shlex.quote(GUARD))} block"
     if watch is not None:
         guard += f" --watch {watch}"
     return template.replace(
@@ -599,7 +210,7 @@ class ParslEngine:
     provider: Any
     max_result_bytes: int
     run_dir: str | None = None
-    scaling: ScalingPolicy = ScalingPolicy()
+    scaling: ScalingPolicy = ScalingPolicy()  # noqa: RUF009 - frozen, shared safely
     max_retries: int = 0
     # Told about provider failures and lost blocks: ("provider_failed" | "block_ended" |
     # "worker_lost", fields). Called from the engine's threads; must not block.
@@ -758,7 +369,7 @@ class ParslEngine:
                 interchange_launch_cmd=[
                     sys.executable,
                     "-I",
-                    _GUARD,
+                    GUARD,
                     "interchange",
                     "--watch",
                     pid,
