@@ -265,7 +265,7 @@ def test_default_walltime_applies_to_tasks_without_one() -> None:
         ({"type": "ProcessPoolEngine", "max_workers": "2"}, "$.engine.max_workers"),
         ({"type": "ProcessPoolEngine", "workers": 2}, "$.engine.workers"),
         ({"type": "ThreadPoolEngine", "prefetch": 2}, "$.engine.prefetch"),
-        ({"type": "GlobusComputeEngine", "strategy": "simple"}, "$.engine.strategy"),
+        ({"type": "GlobusComputeEngine", "strategy": "bogus"}, "$.engine.strategy"),
         (
             {"type": "GlobusComputeEngine", "provider": {"type": "os.system"}},
             "$.engine.provider.type",
