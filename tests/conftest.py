@@ -36,6 +36,28 @@ if _TMP is not None:
     tempfile.tempdir = str(_TMP)
 
 
+def _untrusted_ancestor(path: Path) -> Path | None:
+    """The first directory from ``path`` up that someone other than us or root could
+    write (mepd's rule 8 refuses every file below it), or None."""
+    for folder in (path, *path.parents):
+        info = folder.stat()
+        if info.st_uid not in (0, os.geteuid()) or info.st_mode & 0o022:
+            return folder
+    return None
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    checkout = Path(__file__).resolve().parents[1]
+    culprit = _untrusted_ancestor(checkout)
+    if culprit is not None:
+        pytest.exit(
+            f"the checkout {checkout} is below {culprit}, which others can write: mepd "
+            "refuses the policies and examples the tests start daemons on (DESIGN.md §3.8). "
+            "Clone it somewhere only you (or root) can write, e.g. under your home.",
+            returncode=2,
+        )
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if os.geteuid() == 0:
         return
