@@ -13,8 +13,11 @@ boot or no process with that pid and start time), and cancels each one **as the 
 owner**: ``scancel`` runs with the owner's uid and gid (``subprocess`` drops them, no
 shell, no PAM session), so Slurm itself checks that the job is theirs. Root's authority
 is never used against the scheduler: a job name forged or misread can at most make a
-user cancel one of their own jobs. Every cancellation (or failure) is an audit event
-``orphan.job_cancelled`` / ``orphan.cancel_failed``.
+user cancel one of their own jobs. A job counts as cancelled when the queue, read again,
+no longer has it pending or running. Every cancellation (or failure) is an audit event
+``orphan.job_cancelled`` / ``orphan.cancel_failed``. The commands run as asyncio
+subprocesses, killed after 30 s or when the daemon stops first: a Slurm that does not
+answer (``squeue`` waits 10 s for a controller that is down) never delays a stop.
 
 Deliberately not here: jobs of endpoints on other hosts (this machine cannot tell whether
 they live; their own daemon sweeps them), schedulers other than Slurm (their jobs end
@@ -30,7 +33,7 @@ import os
 import pwd
 import shutil
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import attrs
@@ -51,7 +54,10 @@ _LIVE_STATES = "PENDING,RUNNING,SUSPENDED,CONFIGURING"
 _FORMAT = "%i|%U|%u|%j"
 _JOB_PREFIX = "parsl.mep-"
 
-Runner = Callable[..., "subprocess.CompletedProcess[str]"]
+_ENVIRONMENT = {"PATH": SYSTEM_PATH, "LANG": "C"}
+
+# run(argv, **identity) -> (status, stdout, stderr); identity: user, group, extra_groups
+Runner = Callable[..., Awaitable[tuple[int, str, str]]]
 
 
 @attrs.frozen
@@ -122,7 +128,38 @@ def _account_for(job: BatchJob) -> pwd.struct_passwd | str:
     return entry
 
 
-def cancel_as_owner(scancel: str, job: BatchJob, run: Runner = subprocess.run) -> Cancellation:
+async def run_command(
+    argv: Sequence[str], *, timeout: float = COMMAND_TIMEOUT, **drop: Any
+) -> tuple[int, str, str]:
+    """(status, stdout, stderr) of a command run without a shell from ``/`` with a minimal
+    environment; killed at ``timeout``, or when the caller is cancelled (a daemon that
+    stops does not wait for a scheduler that does not answer)."""
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd="/",
+        env=_ENVIRONMENT,
+        **drop,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), timeout)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        with contextlib.suppress(asyncio.CancelledError):
+            await process.wait()
+        raise
+    code = process.returncode
+    return (
+        (-1 if code is None else code),
+        out.decode(errors="replace"),
+        err.decode(errors="replace"),
+    )
+
+
+async def cancel_as_owner(scancel: str, job: BatchJob, run: Runner = run_command) -> Cancellation:
     """``scancel <job>`` with the owner's uid and gid (no shell, a minimal environment)."""
     account = _account_for(job)
     if isinstance(account, str):
@@ -131,59 +168,68 @@ def cancel_as_owner(scancel: str, job: BatchJob, run: Runner = subprocess.run) -
     if os.geteuid() == 0:
         drop = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
     try:
-        done = run(
-            [scancel, job.job_id],
-            capture_output=True,
-            text=True,
-            timeout=COMMAND_TIMEOUT,
-            stdin=subprocess.DEVNULL,
-            cwd="/",
-            env={"PATH": SYSTEM_PATH, "LANG": "C"},
-            check=False,
-            **drop,
-        )
-    except (OSError, subprocess.SubprocessError) as exc:
+        code, out, err = await run([scancel, job.job_id], **drop)
+    except (OSError, TimeoutError) as exc:
         return Cancellation(job, False, f"{type(exc).__name__}: {exc}")
-    if done.returncode != 0:
-        return Cancellation(job, False, (done.stderr or done.stdout).strip()[:1000])
+    if code != 0:
+        return Cancellation(job, False, (err or out).strip()[:1000] or f"scancel exited {code}")
     return Cancellation(job, True)
 
 
-def find_and_cancel(
-    run: Runner = subprocess.run, which: Callable[[str], str | None] = _command
+def _queue_command(squeue: str, job_ids: Sequence[str] = ()) -> list[str]:
+    argv = [squeue, "--noheader", f"--states={_LIVE_STATES}", f"--format={_FORMAT}"]
+    if job_ids:
+        argv.append(f"--jobs={','.join(job_ids)}")
+    return argv
+
+
+async def find_and_cancel(
+    run: Runner = run_command, which: Callable[[str], str | None] = _command
 ) -> list[Cancellation]:
-    """List the queue, cancel the orphans (blocking: call it off the event loop)."""
+    """List the queue, cancel the orphans, and check they are no longer queued."""
     squeue, scancel = which("squeue"), which("scancel")
     if squeue is None or scancel is None:
         return []  # no Slurm here (or not one root may run)
     try:
-        listed = run(
-            [squeue, "--noheader", f"--states={_LIVE_STATES}", f"--format={_FORMAT}"],
-            capture_output=True,
-            text=True,
-            timeout=COMMAND_TIMEOUT,
-            stdin=subprocess.DEVNULL,
-            env={"PATH": SYSTEM_PATH, "LANG": "C"},
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError) as exc:
+        code, out, err = await run(_queue_command(squeue))
+    except (OSError, TimeoutError) as exc:
         log.warning("orphans.queue_unreadable", detail=f"{type(exc).__name__}: {exc}")
         return []
-    if listed.returncode != 0:
-        log.warning("orphans.queue_unreadable", detail=listed.stderr.strip()[:1000])
+    if code != 0:
+        log.warning("orphans.queue_unreadable", detail=err.strip()[:1000])
         return []
-    jobs = parse_squeue(listed.stdout)
+    jobs = parse_squeue(out)
     orphans = orphaned(jobs, machine_keys())
     log.info("orphans.queue_read", jobs=len(jobs), orphans=len(orphans))
-    return [cancel_as_owner(scancel, job, run) for job in orphans]
+    done = [await cancel_as_owner(scancel, job, run) for job in orphans]
+    if not done:
+        return done
+    # What counts is the queue afterwards: a job no longer pending or running is gone,
+    # whatever scancel's exit status said (the daemon, a subreaper, may collect the
+    # status of a child of another uid before its waiter does).
+    try:
+        code, out, _ = await run(_queue_command(squeue, [c.job.job_id for c in done]))
+    except (OSError, TimeoutError):
+        return done
+    if code != 0:
+        return done
+    still = {job.job_id for job in parse_squeue(out)}
+    return [
+        Cancellation(
+            c.job,
+            c.job.job_id not in still,
+            "" if c.job.job_id not in still else (c.detail or "still queued after scancel"),
+        )
+        for c in done
+    ]
 
 
 async def sweep_orphan_jobs(
-    audit: Any, run: Runner = subprocess.run, which: Callable[[str], str | None] = _command
+    audit: Any, run: Runner = run_command, which: Callable[[str], str | None] = _command
 ) -> list[Cancellation]:
-    """Find and cancel orphaned batch jobs (in a thread), then audit each one."""
+    """Find and cancel orphaned batch jobs, then audit each one."""
     try:
-        done = await asyncio.to_thread(find_and_cancel, run, which)
+        done = await find_and_cancel(run, which)
     except Exception:
         log.exception("orphans.sweep_failed")
         return []
