@@ -298,6 +298,8 @@ def prepare_cgroups(settings: CgroupSettings, port: CgroupPort) -> Cgroups:
     # the end (a hybrid machine has no v2 controllers, but v1 ones that do the job).
     attempts: list[str] = []
     layout = _plan_layout(settings, hierarchies, port, attempts)
+    if layout is not None and not _can_create_children(layout, port, attempts):
+        layout = None
     missing = sorted(set(settings.wanted_limits()) - (layout.enforced if layout else set()))
     unkillable = layout is not None and layout.stop == "signal"
     if layout is None or missing or unkillable:
@@ -317,6 +319,21 @@ def prepare_cgroups(settings: CgroupSettings, port: CgroupPort) -> Cgroups:
     cgroups = Cgroups(settings, port, layout, tuple(notes), hierarchies)
     cgroups.reclaim()
     return cgroups
+
+
+def _can_create_children(layout: CgroupLayout, port: CgroupPort, notes: list[str]) -> bool:
+    """Whether this daemon can make a user endpoint's directory in every part of the
+    layout (a parent made earlier by root is there for an unprivileged daemon, but not
+    its to write): tried once with a probe directory, removed at once."""
+    for cgroup_dir in layout.dirs:
+        probe = posixpath.join(cgroup_dir.parent, f"probe-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            port.make_dir(probe)
+            port.remove_dir(probe)
+        except OSError as exc:
+            notes.append(f"cannot create cgroups in {cgroup_dir.parent}: {exc.strerror or exc}")
+            return False
+    return True
 
 
 def _plan_layout(
