@@ -333,14 +333,12 @@ def test_a_cancelled_block_fails_its_task_with_the_job_state_and_is_replaced(
         "the block's job", lambda: [j for j in jobs_of(user.account.pw_name, "R")], 30
     )
     subprocess.run(["scancel", job["id"]], check=True, timeout=30)
-    cancelled = time.monotonic()
-    # Within the threshold, plus a strategy round and the status query.
+    # Within the threshold, plus a strategy round and the status query: view() fails the
+    # test if the task is not final by then (a deadline, not a measured duration).
     view = user.view(long, THRESHOLD + 10)
-    took = time.monotonic() - cancelled
     error = view["error"]
     assert error["reason"] == "task.worker_lost", view
     assert f"job {job['id']}" in error["message"] and "CANCELLED" in error["message"], error
-    assert took <= THRESHOLD + 10
     # The next task gets a new block (a new job) and succeeds.
     _, replacement = user.value(user.submit(variables, 0))
     assert replacement != job["id"]
