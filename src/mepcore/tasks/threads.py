@@ -67,15 +67,17 @@ class ThreadPoolEngine:
             "the thread engine cannot stop it: it keeps running in an abandoned thread",
             on_expired=self._abandon,
         )
-        with self._lock:
-            for _ in range(self.max_workers):
-                self._spawn_worker()
 
     def submit(self, jobs: Sequence[Job]) -> None:
         if not self._started or self._stopping:
             raise RuntimeError("cannot submit to an engine that is not running")
         with self._lock:
             self._outstanding.update(jobs)
+            # Workers start when there is work, as ThreadPoolExecutor's do: an endpoint
+            # that never runs a task (or whose account is short of processes) makes none.
+            wanted = min(self.max_workers - len(self._workers), len(jobs))
+            for _ in range(max(0, wanted)):
+                self._spawn_worker()
         for job in jobs:
             self._queue.put(job)
 
