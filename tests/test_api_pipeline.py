@@ -131,12 +131,9 @@ def test_wait_is_woken_by_a_result_not_by_its_timeout(tmp_path: Path) -> None:
         for _ in range(100):  # let the wait register its event
             await asyncio.sleep(0)
         handle = next(iter(kit.endpoints.handles.values()))
-        loop = asyncio.get_running_loop()
-        started = loop.time()
         for task in handle.held:
             handle.complete(task)
         w = await asyncio.wait_for(waiter, 10)
-        assert loop.time() - started < 10
         assert [t["task_id"] for t in w.json()["tasks"]] == [task_id]
 
     run(tmp_path, scenario)
