@@ -57,6 +57,10 @@ _PY_CLASS = re.compile(r"(?<!\\)\[(\^?)((?:\\.|[^\]\\])*)\]")
 _DOMAIN_DOT = re.compile(r"[A-Za-z0-9-]\.[A-Za-z]")
 _FIELDS_WITH_AT = frozenset({"username", "email"})
 
+# Scans of a pattern's own text (not matches of identities, which are whole-string).
+_BACKREFERENCE = re.compile(r"\\[0-9]")
+_DOMAIN_CHARACTERS = re.compile(r"[A-Za-z0-9.-]*")
+
 
 class MatchSyntaxError(ValueError):
     """A ``match`` text is refused; the message says why (for a configuration error)."""
@@ -205,7 +209,7 @@ def _unescaped(text: str, wanted: str) -> list[int]:
 
 
 def _group_can_match_at(inner: str, syntax: str) -> bool:
-    if re.search(r"\\[0-9]", inner):
+    if _BACKREFERENCE.search(inner):
         return True  # a back-reference repeats what may hold one
     if syntax == GCS_SYNTAX:
         # The dialect has no classes: only "." or "@" itself gives an "@".
@@ -232,7 +236,7 @@ def pattern_warnings(
         ats = _unescaped(match, "@")
         for dot in _unescaped(match, "."):
             if ats and ats[0] < dot and _DOMAIN_DOT.match(match, dot - 1):
-                domain_end = re.match(r"[A-Za-z0-9.-]*", match[dot:])
+                domain_end = _DOMAIN_CHARACTERS.match(match[dot:])
                 shown = match[ats[0] + 1 : dot + (domain_end.end() if domain_end else 1)]
                 warnings.append(
                     (
