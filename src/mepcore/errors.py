@@ -129,6 +129,9 @@ REASONS: Mapping[str, str] = MappingProxyType(
         "task.not_found": "no such task",
         "task.engine_failed": "the execution engine failed",
         "task.record_damaged": "the stored record of this task is damaged",
+        "task.resources_invalid": "the task's resource_specification is not valid",
+        "task.resources_not_allowed": "the task asks for more nodes or ranks than allowed",
+        "task.resources_exceed_block": "the task asks for more nodes than a block has",
         # daemon: authentication, API, limits, settings
         "auth.missing_token": "authentication required",
         "auth.invalid_token": "the token is not valid",

@@ -71,6 +71,7 @@ _EXACT_STATUS = {
     "task.not_found": 404,
     "task.function_unknown": 422,
     "task.function_not_allowed": 403,
+    "task.resources_not_allowed": 403,
     "task.payload_too_large": 413,
     "api.bad_request": 400,
     "api.not_found": 404,

@@ -22,6 +22,7 @@ from mepcore.client.errors import (
     TaskInfrastructureError,
 )
 from mepcore.client.executor import Executor, TaskFuture
+from mepcore.client.functions import MPIFunction, ShellFunction, ShellResult
 from mepcore.client.records import TaskRecord, WaitReport
 from mepcore.client.serialize import pack_args, pack_function, pack_value, unpack_value
 from mepcore.client.service import (
@@ -36,11 +37,14 @@ __all__ = [
     "Client",
     "ClientError",
     "Executor",
+    "MPIFunction",
     "RemoteException",
     "RequestRefused",
     "RetryPolicy",
     "SerializationError",
     "ServiceUnavailable",
+    "ShellFunction",
+    "ShellResult",
     "TaskFailed",
     "TaskFuture",
     "TaskInfrastructureError",

@@ -142,6 +142,7 @@ class _Call:
     walltime: float | None
     config_key: str
     config: Mapping[str, Any]
+    resources: Mapping[str, Any] | None = None
 
 
 def _canonical(config: Mapping[str, Any] | None) -> tuple[str, Mapping[str, Any]]:
@@ -158,7 +159,9 @@ class Executor(_StdExecutor):
     ``endpoint`` names the endpoint on the daemon; ``user_endpoint_config`` holds the
     template variables of the user endpoint to use (it may be changed between submits;
     each distinct configuration gets its own user endpoint). ``walltime`` (seconds)
-    applies to the tasks submitted while it is set. ``batch_size`` bounds the tasks of
+    applies to the tasks submitted while it is set, and so does ``resource_specification``
+    (what an MPI task asks for; ``submit_with`` sets one for a single task; see
+    ``mepcore.client.functions``). ``batch_size`` bounds the tasks of
     one submit request; ``poll_timeout`` is how long one long-poll may wait;
     ``poll_size`` bounds the ids of one poll; ``give_up_after`` is how long the
     collector keeps trying an unreachable daemon before it fails the outstanding futures
@@ -182,6 +185,7 @@ class Executor(_StdExecutor):
         token: str | None = None,
         verify: bool | str = True,
         walltime: float | None = None,
+        resource_specification: Mapping[str, Any] | None = None,
         batch_size: int = 1024,
         poll_timeout: float = 2.0,
         poll_size: int = 4096,
@@ -208,6 +212,7 @@ class Executor(_StdExecutor):
         self.client = client
         self.endpoint = endpoint
         self.walltime = walltime
+        self.resource_specification = resource_specification
         self.batch_size = batch_size
         self.poll_timeout = poll_timeout
         self.poll_size = poll_size
@@ -240,13 +245,34 @@ class Executor(_StdExecutor):
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
         """Queue ``fn(*args, **kwargs)`` to run on the endpoint; returns its future."""
+        return self.submit_with(fn, args, kwargs)
+
+    def submit_with(
+        self,
+        fn: Callable[..., Any],
+        args: Iterable[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        resource_specification: Mapping[str, Any] | None = None,
+    ) -> TaskFuture:
+        """``submit`` with options for this task alone: ``resource_specification``
+        (what an MPI task asks for) replaces the executor's for this call."""
         function = self._function(fn)
-        packed = pack_args(args, kwargs)
+        packed = pack_args(tuple(args), dict(kwargs or {}))
+        resources = resource_specification or self.resource_specification
         future = TaskFuture(self.client.cancel)
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            call = _Call(future, function, packed, self.walltime, self._config_key, self._config)
+            call = _Call(
+                future,
+                function,
+                packed,
+                self.walltime,
+                self._config_key,
+                self._config,
+                None if resources is None else MappingProxyType(dict(resources)),
+            )
             if not self._threads:
                 self._start_threads()
             self._queue.put(call)
@@ -369,7 +395,10 @@ class Executor(_StdExecutor):
     def _send(self, calls: list[_Call], *, retried: bool = False) -> None:
         try:
             ids = self._register({c.function.local_id: c.function for c in calls}.values())
-            tasks = [TaskRequest(ids[c.function.local_id], c.args, c.walltime) for c in calls]
+            tasks = [
+                TaskRequest(ids[c.function.local_id], c.args, c.walltime, c.resources)
+                for c in calls
+            ]
             task_ids = self.client.submit_batch(
                 self.endpoint, tasks, user_endpoint_config=calls[0].config
             )

@@ -140,6 +140,8 @@ class TaskRequest:
     function_id: str
     args: bytes = attrs.field(repr=lambda b: f"<{len(b)} bytes>")
     walltime: float | None = None
+    # What an MPI task asks for: num_nodes, ranks_per_node, num_ranks, launcher_options.
+    resource_specification: Mapping[str, Any] | None = attrs.field(default=None, hash=False)
 
     @classmethod
     def pack(
@@ -159,6 +161,8 @@ class TaskRequest:
         }
         if self.walltime is not None:
             out["walltime"] = self.walltime
+        if self.resource_specification:
+            out["resource_specification"] = dict(self.resource_specification)
         return out
 
 

@@ -38,7 +38,7 @@ from mepcore.config.yamlsafe import YamlLoadError, load_yaml
 from mepcore.errors import ConfigError, Violation
 from mepcore.types import thaw
 
-ENGINE_TYPES = ("ThreadPoolEngine", "ProcessPoolEngine", "GlobusComputeEngine")
+ENGINE_TYPES = ("ThreadPoolEngine", "ProcessPoolEngine", "GlobusComputeEngine", "GlobusMPIEngine")
 PROVIDER_TYPES = tuple(PROVIDER_KEYS)
 LAUNCHER_TYPES = tuple(LAUNCHER_KEYS)
 
@@ -68,6 +68,30 @@ def _engine_schema(engine_type: str, options: Mapping[str, Any]) -> dict[str, An
         },
         "additionalProperties": False,
     }
+
+
+# GlobusComputeEngine options the MPI engine does not take: its workers claim no share of
+# a node's cores, memory or accelerators (one worker runs one MPI application).
+_NOT_MPI_OPTIONS = (
+    "max_workers_per_node",
+    "cores_per_worker",
+    "mem_per_worker",
+    "available_accelerators",
+    "cpu_affinity",
+)
+
+
+def _mpi_engine_schema(htex: Mapping[str, Any]) -> dict[str, Any]:
+    """``GlobusMPIEngine``: Parsl's MPI mode (``mepcore.tasks.parsl_mpi``)."""
+    options = {
+        k: v
+        for k, v in htex["properties"].items()
+        if k not in ("type", *_NOT_MPI_OPTIONS)
+        and k not in IGNORED_ENGINE_KEYS["GlobusComputeEngine"]
+    }
+    options["max_workers_per_block"] = {"type": "integer", "minimum": 1, "maximum": 4096}
+    options["mpi_launcher"] = {"enum": ["mpiexec", "srun", "aprun"]}
+    return _engine_schema("GlobusMPIEngine", options)
 
 
 def endpoint_config_schema() -> dict[str, Any]:
@@ -127,6 +151,7 @@ def endpoint_config_schema() -> dict[str, Any]:
             },
         ),
     }
+    engines["GlobusMPIEngine"] = _mpi_engine_schema(engines["GlobusComputeEngine"])
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "mep endpoint configuration",

@@ -166,6 +166,27 @@ IGNORED_KEYS: Mapping[str, str] = MappingProxyType(
     }
 )
 
+# HighThroughputExecutor keys mep accepts and ignores (both Parsl engines).
+_HTEX_IGNORED: Mapping[str, str] = {
+    "label": _LABEL,
+    "container_type": "mep runs no containers: functions run in the user endpoint's"
+    " environment (set worker_init or endpoint_setup instead)",
+    "container_uri": "mep runs no containers (see container_type)",
+    "container_cmd_options": "mep runs no containers (see container_type)",
+    "run_in_sandbox": _WORKDIR,
+    "allowed_serializers": _SERIALIZERS,
+    "working_dir": _WORKDIR,
+    "launch_cmd": "mep sets the worker command itself (Globus Compute overrides it too)",
+    "interchange_launch_cmd": (
+        "mep sets the interchange command itself (Globus Compute overrides it too)"
+    ),
+    "block_error_handler": ("mep's engine reports failed blocks itself (task.provider_failed)"),
+    "loopback_address": "the interchange's local connections are mep's business",
+    "worker_port": "use worker_port_range",
+    "address_probe_timeout": "mep gives workers the interchange's address itself",
+    "worker_logdir_root": "workers log into the engine's run directory",
+}
+
 # Engine keys mep accepts and ignores, per engine type.
 IGNORED_ENGINE_KEYS: Mapping[str, Mapping[str, str]] = _freeze(
     {
@@ -186,27 +207,9 @@ IGNORED_ENGINE_KEYS: Mapping[str, Mapping[str, str]] = _freeze(
             "working_dir": _WORKDIR,
             "allowed_serializers": _SERIALIZERS,
         },
-        "GlobusComputeEngine": {
-            "label": _LABEL,
-            "container_type": "mep runs no containers: functions run in the user endpoint's"
-            " environment (set worker_init or endpoint_setup instead)",
-            "container_uri": "mep runs no containers (see container_type)",
-            "container_cmd_options": "mep runs no containers (see container_type)",
-            "run_in_sandbox": _WORKDIR,
-            "allowed_serializers": _SERIALIZERS,
-            "working_dir": _WORKDIR,
-            "launch_cmd": "mep sets the worker command itself (Globus Compute overrides it too)",
-            "interchange_launch_cmd": (
-                "mep sets the interchange command itself (Globus Compute overrides it too)"
-            ),
-            "block_error_handler": (
-                "mep's engine reports failed blocks itself (task.provider_failed)"
-            ),
-            "loopback_address": "the interchange's local connections are mep's business",
-            "worker_port": "use worker_port_range",
-            "address_probe_timeout": "mep gives workers the interchange's address itself",
-            "worker_logdir_root": "workers log into the engine's run directory",
-        },
+        "GlobusComputeEngine": _HTEX_IGNORED,
+        # the same executor in Parsl's MPI mode
+        "GlobusMPIEngine": _HTEX_IGNORED,
     }
 )
 

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import attrs
 
 from mepcore.errors import REASONS, TaskError
+from mepcore.tasks.resources import resource_specification
 from mepcore.tasks.serialization import unpack_value
 
 ENVELOPE_VERSION = 1
@@ -30,6 +31,7 @@ MAX_WALLTIME_SECONDS = 366 * 24 * 3600.0
 _TASK_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _FUNCTION_ID = re.compile(r"[0-9a-f]{64}")
 _TASK_KEYS = frozenset({"version", "task_id", "function_id", "walltime"})
+_OPTIONAL_TASK_KEYS = frozenset({"resource_specification"})
 _RESULT_KEYS = frozenset({"version", "task_id", "status", "error", "timings"})
 _ERROR_KEYS = frozenset({"type_name", "message", "traceback", "reason"})
 _TIMING_KEYS = frozenset({"received", "started", "finished"})
@@ -41,10 +43,15 @@ def _invalid(detail: str) -> TaskError:
     return TaskError("task.envelope_invalid", detail)
 
 
-def _check_keys(header: Mapping[str, Any], allowed: frozenset[str], what: str) -> None:
+def _check_keys(
+    header: Mapping[str, Any],
+    allowed: frozenset[str],
+    what: str,
+    optional: frozenset[str] = frozenset(),
+) -> None:
     if not isinstance(header, Mapping):
         raise _invalid(f"{what} is not an object")
-    extra = set(header) - allowed
+    extra = set(header) - allowed - optional
     missing = allowed - set(header)
     if extra or missing:
         raise _invalid(f"{what} keys: missing {sorted(missing)}, unexpected {sorted(extra)[:5]}")
@@ -137,21 +144,31 @@ class TaskEnvelope:
     payload: bytes = attrs.field(repr=lambda p: f"<{len(p)} bytes>")
     walltime: float | None = None
     version: int = ENVELOPE_VERSION
+    # What an MPI task asks for (``mepcore.tasks.resources``); None: nothing asked.
+    resource_specification: Mapping[str, Any] | None = attrs.field(default=None, hash=False)
 
     def to_header(self) -> dict[str, Any]:
-        return {
+        header = {
             "version": self.version,
             "task_id": self.task_id,
             "function_id": self.function_id,
             "walltime": self.walltime,
         }
+        if self.resource_specification is not None:
+            header["resource_specification"] = dict(self.resource_specification)
+        return header
 
     @classmethod
     def from_header(
         cls, header: Mapping[str, Any], payload: bytes, *, max_payload_bytes: int | None = None
     ) -> TaskEnvelope:
-        _check_keys(header, _TASK_KEYS, "task header")
+        _check_keys(header, _TASK_KEYS, "task header", _OPTIONAL_TASK_KEYS)
         version = _check_version(header)
+        resources = header.get("resource_specification")
+        try:
+            spec = resource_specification(resources)
+        except TaskError as exc:
+            raise _invalid(exc.detail) from exc
         function_id = header["function_id"]
         if not isinstance(function_id, str) or not _FUNCTION_ID.fullmatch(function_id):
             raise _invalid("function_id must be 64 lowercase hex digits (sha256)")
@@ -165,6 +182,7 @@ class TaskEnvelope:
             payload=payload,
             walltime=_check_walltime(header["walltime"]),
             version=version,
+            resource_specification=None if spec is None else spec.to_dict(),
         )
 
 

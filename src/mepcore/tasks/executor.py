@@ -27,7 +27,7 @@ from mepcore.tasks.engine import Engine, ExecutorLimits, Job
 from mepcore.tasks.envelopes import RemoteError, ResultEnvelope, TaskEnvelope
 from mepcore.tasks.serialization import function_id_of
 
-ENGINE_TYPES = ("ThreadPoolEngine", "ProcessPoolEngine", "GlobusComputeEngine")
+ENGINE_TYPES = ("ThreadPoolEngine", "ProcessPoolEngine", "GlobusComputeEngine", "GlobusMPIEngine")
 
 
 def _config_error(path: str, message: str) -> ConfigError:
@@ -62,6 +62,10 @@ def engine_keys(engine_type: str) -> frozenset[str]:
         from mepcore.tasks.parsl_build import _ENGINE_KEYS
 
         return frozenset(_ENGINE_KEYS)
+    if engine_type == "GlobusMPIEngine":
+        from mepcore.tasks.parsl_mpi import MPI_ENGINE_KEYS
+
+        return frozenset(MPI_ENGINE_KEYS)
     if engine_type not in _BUILDERS:
         raise ValueError(f"unknown engine type {engine_type!r}")
     return _THREAD_KEYS if engine_type == "ThreadPoolEngine" else _PROCESS_KEYS
@@ -92,10 +96,17 @@ def _build_parsl(options: Mapping[str, Any], limits: ExecutorLimits) -> Engine:
     return ParslEngine.from_config(options, limits)
 
 
+def _build_parsl_mpi(options: Mapping[str, Any], limits: ExecutorLimits) -> Engine:
+    from mepcore.tasks.parsl_mpi import ParslMPIEngine
+
+    return ParslMPIEngine.from_config(options, limits)
+
+
 _BUILDERS: Mapping[str, Callable[[Mapping[str, Any], ExecutorLimits], Engine]] = {
     "ThreadPoolEngine": _build_threads,
     "ProcessPoolEngine": _build_processes,
     "GlobusComputeEngine": _build_parsl,
+    "GlobusMPIEngine": _build_parsl_mpi,
 }
 
 
@@ -108,6 +119,11 @@ def build_engine(config: Mapping[str, Any], limits: ExecutorLimits) -> Engine:
     if builder is None:
         raise _config_error("$.engine.type", f"must be one of {', '.join(ENGINE_TYPES)}")
     return builder(config, limits)
+
+
+_NOT_MPI = (
+    "a resource_specification is for MPI tasks: this endpoint's engine is not GlobusMPIEngine"
+)
 
 
 def _refused(task: TaskEnvelope, reason: str, message: str) -> Future[ResultEnvelope]:
@@ -220,6 +236,9 @@ class Executor:
                         f"the task payload is larger than {limits.max_payload_bytes} bytes",
                     )
                 )
+                continue
+            if task.resource_specification is not None and not getattr(self.engine, "MPI", False):
+                futures.append(_refused(task, "task.resources_invalid", _NOT_MPI))
                 continue
             walltime = task.walltime if task.walltime is not None else limits.default_walltime
             future: Future[ResultEnvelope] = Future()

@@ -59,7 +59,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import structlog
@@ -149,16 +149,26 @@ def parsl_task(
 
 
 @functools.cache
-def _executor_class() -> type:
-    """HighThroughputExecutor whose outstanding count, which Parsl's strategy scales by,
-    includes the tasks the engine holds back while no block is on its way."""
-    from parsl.executors import HighThroughputExecutor
+def _executor_class(mpi: bool = False) -> type:
+    """HighThroughputExecutor (``mpi``: its MPI form, MPIExecutor) whose outstanding count,
+    which Parsl's strategy scales by, includes the tasks the engine holds back while no
+    block is on its way."""
+    from parsl.executors import HighThroughputExecutor, MPIExecutor
 
-    class MepHighThroughputExecutor(HighThroughputExecutor):
+    base = MPIExecutor if mpi else HighThroughputExecutor
+
+    class MepHighThroughputExecutor(base):  # type: ignore[valid-type,misc]
         held_back: Callable[[], int] = staticmethod(lambda: 0)
 
         def outstanding(self) -> int:
             return int(len(self.tasks) + self.held_back())
+
+        if mpi:
+            # MPIExecutor's type check wants a string where HTEX takes the list it runs.
+            def __init__(self, *, interchange_launch_cmd: Any = None, **options: Any) -> None:
+                super().__init__(**options)
+                if interchange_launch_cmd:
+                    self.interchange_launch_cmd = interchange_launch_cmd
 
     return MepHighThroughputExecutor
 
@@ -206,6 +216,11 @@ class ParslEngine:
     """HighThroughputExecutor with a provider built from the endpoint config, scaled by
     Parsl's strategy; see the module docstring."""
 
+    # The engine keys a config may hold, and those passed to Parsl's executor as they are.
+    KEYS: ClassVar[frozenset[str]] = _ENGINE_KEYS
+    OPTION_KEYS: ClassVar[frozenset[str]] = _HTEX_OPTIONS
+    MPI: ClassVar[bool] = False
+
     options: Mapping[str, Any]
     provider: Any
     max_result_bytes: int
@@ -252,7 +267,7 @@ class ParslEngine:
     @classmethod
     def from_config(cls, config: Mapping[str, Any], limits: ExecutorLimits) -> ParslEngine:
         for key in config:
-            if key not in _ENGINE_KEYS:
+            if key not in cls.KEYS:
                 raise _invalid(f"$.engine.{key}", "is not a known option")
         provider = config.get("provider", {"type": "LocalProvider"})
         if not isinstance(provider, Mapping):
@@ -266,7 +281,7 @@ class ParslEngine:
                 "$.engine.max_retries_on_system_failure",
                 f"must be an integer from 0 to {_MAX_RETRIES}",
             )
-        options = {k: v for k, v in config.items() if k in _HTEX_OPTIONS}
+        options = {k: v for k, v in config.items() if k in cls.OPTION_KEYS}
         # YAML writes the port ranges as lists; Parsl types them as tuples.
         for key in ("worker_port_range", "interchange_port_range"):
             if isinstance(options.get(key), list):
@@ -362,10 +377,10 @@ class ParslEngine:
         pid = f"{self._tag.pid}:{self._tag.start}"
         label = str(self._tag) if self._generation == 0 else f"{self._tag}.g{self._generation}"
         try:
-            htex = _executor_class()(
+            htex = _executor_class(self.MPI)(
                 label=label,
                 provider=self.provider,
-                launch_cmd=_worker_launch_command(DEFAULT_LAUNCH_CMD, pid if local else None),
+                launch_cmd=self._launch_command(DEFAULT_LAUNCH_CMD, pid if local else None),
                 interchange_launch_cmd=[
                     sys.executable,
                     "-I",
@@ -390,6 +405,13 @@ class ParslEngine:
 
     def _held_back(self) -> int:
         return len(self._waiting)
+
+    def _launch_command(self, template: str, watch: str | None) -> str:
+        return _worker_launch_command(template, watch)
+
+    def _resources(self, job: Job) -> dict[str, Any]:
+        """The task's ``resource_specification`` for Parsl (none for plain HTEX)."""
+        return {}
 
     # -- tasks -----------------------------------------------------------------------------
 
@@ -428,7 +450,7 @@ class ParslEngine:
                 try:
                     future = htex.submit(
                         parsl_task,
-                        {},
+                        self._resources(job),
                         job.function_payload,
                         job.task.payload,
                         self.max_result_bytes,

@@ -314,7 +314,7 @@ class UserEndpoint:
 
         limits = ExecutorLimits(**dict(start.executor_limits))
         engine = self._engine_dict()
-        if engine.get("type") == "GlobusComputeEngine":
+        if engine.get("type") in ("GlobusComputeEngine", "GlobusMPIEngine"):
             home = str(start.account.get("home") or os.getcwd())
             engine["run_dir"] = run_dir_base(engine.get("run_dir"), start.endpoint, home)
         executor = Executor.from_engine_config(
