@@ -209,6 +209,7 @@ class FakeEndpoints:
     handles: dict[str, FakeHandle] = attrs.field(factory=dict)
     starts: list[Admitted] = attrs.field(factory=list)
     hold: bool = False
+    cancelled: list[str] = attrs.field(factory=list)
 
     async def get_or_start(self, admitted: Admitted) -> FakeHandle:
         key = f"{admitted.account.name}/{admitted.config_key}"
@@ -231,6 +232,10 @@ class FakeEndpoints:
         for k in keys:
             del self.handles[k]
         return len(keys)
+
+    def cancel(self, endpoint_id: str, task_ids: Sequence[str]) -> bool:
+        self.cancelled.extend(task_ids)
+        return endpoint_id in self.handles
 
     async def introspect(self, account_name: str, endpoint: str) -> list[dict[str, Any]]:
         # In-process fake: there is no user endpoint process to ask.

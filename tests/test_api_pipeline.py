@@ -443,7 +443,9 @@ def test_other_callers_tasks_are_404_not_403(tmp_path: Path) -> None:
     run(tmp_path, scenario)
 
 
-def test_cancel_of_a_dispatched_task_is_409(tmp_path: Path) -> None:
+def test_cancel_of_a_dispatched_task_tells_its_endpoint_and_ends_it_cancelled(
+    tmp_path: Path,
+) -> None:
     async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
         kit.endpoints.hold = True
         fid = await register(client, kit)
@@ -451,11 +453,18 @@ def test_cancel_of_a_dispatched_task_is_409(tmp_path: Path) -> None:
             "/v1/endpoints/hpc/submit", headers=kit.headers(ALICE), json=submit_body(fid, [b"x"])
         )
         (task_id,) = r.json()["task_ids"]
-        assert_error(
-            await client.delete(f"/v1/tasks/{task_id}", headers=kit.headers(ALICE)),
-            409,
-            "api.task_started",
-        )
+        r = await client.delete(f"/v1/tasks/{task_id}", headers=kit.headers(ALICE))
+        assert r.status_code == 200, r.text
+        assert r.json()["state"] == "cancelled"
+        assert r.json()["error"]["reason"] == "task.cancelled"
+        assert kit.endpoints.cancelled == [task_id]
+        assert kit.pipeline.in_flight.get(task_id) is None
+        # The endpoint's late answer changes nothing; a second cancel neither.
+        (handle,) = kit.endpoints.handles.values()
+        handle.complete(handle.held[0])
+        r = await client.delete(f"/v1/tasks/{task_id}", headers=kit.headers(ALICE))
+        assert r.json()["state"] == "cancelled"
+        assert kit.endpoints.cancelled == [task_id]
 
     run(tmp_path, scenario)
 

@@ -118,6 +118,10 @@ class RunningEndpoints:
             del self.handles[k]
         return len(keys)
 
+    def cancel(self, endpoint_id: str, task_ids: Sequence[str]) -> bool:
+        # A thread cannot be stopped: the task runs on; its late result is dropped.
+        return endpoint_id in self.handles
+
 
 def _serve(app: Any, port: int) -> tuple[uvicorn.Server, threading.Thread]:
     config = uvicorn.Config(

@@ -46,6 +46,7 @@ KINDS = frozenset(
         "result",  # uep -> daemon: a batch of result headers + payloads
         "heartbeat",  # uep -> daemon: alive, with idle counters
         "introspect",  # daemon -> uep: request; uep -> daemon: answer (same kind)
+        "cancel",  # daemon -> uep: stop these tasks wherever they are (task_ids)
         "drain",  # daemon -> uep: finish in-flight work, accept none, then exit
         "stop",  # daemon -> uep: exit now (after teardown)
         "exiting",  # uep -> daemon: the final frame, saying why the uep exits

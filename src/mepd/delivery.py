@@ -64,7 +64,9 @@ def outcome_of(task_id: str, header: Mapping[str, Any], payload: bytes, limit: i
     error = header.get("error")
     error = dict(error) if isinstance(error, Mapping) else {}
     error.setdefault("reason", "task.failed")
-    return Outcome(task_id, "failed", error, payload or None)
+    # A task the user endpoint stopped (cancelled there, or refused while draining).
+    state = "cancelled" if error["reason"] == "task.cancelled" else "failed"
+    return Outcome(task_id, state, error, payload or None)
 
 
 @attrs.define

@@ -158,6 +158,18 @@ class RegistryEndpoints:
             out.append({"config_key": status.config_key, "pid": status.pid, "process": answer})
         return out
 
+    def cancel(self, endpoint_id: str, task_ids: Sequence[str]) -> bool:
+        """Tell the user endpoint running these tasks to stop them; False when it is
+        gone (its tasks end with it)."""
+        handle = self.registry.by_id(endpoint_id)
+        if handle is None:
+            return False
+        try:
+            handle.cancel(task_ids)
+        except MepError:
+            return False
+        return True
+
     def gauge(self) -> Mapping[Labels, float]:
         counts: dict[Labels, float] = {}
         for s in self.registry.status():

@@ -88,6 +88,10 @@ class UserEndpoints(Protocol):
 
     async def introspect(self, account_name: str, endpoint: str) -> list[dict[str, Any]]: ...
 
+    def cancel(self, endpoint_id: str, task_ids: Sequence[str]) -> bool:
+        """Ask a user endpoint to stop tasks it runs; False if it is gone."""
+        ...
+
 
 class Authenticate(Protocol):
     async def authenticate(self, authorization: str | None) -> Caller: ...
@@ -360,12 +364,17 @@ class Pipeline:
         return (await self.delivery.wait(caller, ids, timeout)).to_dict()
 
     def cancel(self, caller: Caller, task_id: str) -> dict[str, Any]:
+        """Cancel a task wherever it is: queued here, or at its user endpoint (queued
+        there or running: the endpoint stops it). The store records it cancelled now;
+        the endpoint's late answer is dropped. A final task is returned unchanged."""
         self._refuse_if_unavailable()
         record = self.delivery.owned(caller, self.store.get(task_id))
         if record.is_final:
             return task_view(record)
-        if record.state != "queued":
-            raise ApiError("api.task_started", "task already dispatched")
+        flight = self.in_flight.get(task_id)
+        if flight is not None and flight.endpoint_id is not None:
+            told = self.ueps.cancel(flight.endpoint_id, [task_id])
+            log.info("task.cancel_requested", task_id=task_id, endpoint_told=told)
         self.delivery.fail([task_id], "task.cancelled")
         return self.get_task(caller, task_id)
 

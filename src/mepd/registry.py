@@ -210,6 +210,7 @@ class UserEndpointHandle:
     session_open: bool = False
     _registry: Registry | None = None
     _sent_functions: set[str] = attrs.field(factory=set)
+    _cancelled: set[str] = attrs.field(factory=set)
     _ready: asyncio.Future[Mapping[str, Any]] | None = None
     _requests: dict[int, asyncio.Future[dict[str, Any]]] = attrs.field(factory=dict)
     _request_ids: itertools.count[int] = attrs.field(factory=itertools.count)
@@ -257,6 +258,12 @@ class UserEndpointHandle:
             for t in tasks
         )
         self.idle_since = None
+
+    def cancel(self, task_ids: Sequence[str]) -> None:
+        """Ask the user endpoint to stop these tasks; their late results are dropped
+        quietly (the daemon has recorded them cancelled already)."""
+        self._cancelled.update(task_ids)
+        self._live_channel().send("cancel", {"task_ids": list(task_ids)})
 
     async def introspect(self, timeout: float = 10.0) -> dict[str, Any]:
         """The user endpoint's process identity (uid, groups, fds, limits…)."""
@@ -343,6 +350,9 @@ class UserEndpointHandle:
             # Only a task given to *this* user endpoint: a user's process cannot complete
             # another user's tasks.
             record = registry.in_flight.take(header["task_id"], endpoint_id=self.id)
+            if record is None and header["task_id"] in self._cancelled:
+                self._cancelled.discard(header["task_id"])
+                continue
             if record is None:
                 log.warning("channel.result_refused", uep=self.id, task_id=header["task_id"][:128])
                 continue
@@ -689,6 +699,13 @@ class Registry:
 
     def get(self, account_name: str, config_key: str) -> UserEndpointHandle | None:
         return self._handles.get((account_name, config_key))
+
+    def by_id(self, endpoint_id: str) -> UserEndpointHandle | None:
+        """The running or leaving user endpoint with this id (tasks name it)."""
+        for handle in [*self._handles.values(), *self._leaving]:
+            if handle.id == endpoint_id:
+                return handle
+        return None
 
     # ----------------------------------------------------------------- stop
 

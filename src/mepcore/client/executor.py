@@ -279,7 +279,8 @@ class Executor(_StdExecutor):
         return future
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """No new submits; with ``cancel_futures`` cancel calls not yet sent; with
+        """No new submits; with ``cancel_futures`` cancel every call not finished (those
+        not yet sent, and tasks the daemon has: it stops them where they are); with
         ``wait`` return once every sent task's future is settled and the background
         threads have ended (without it they end on their own when done)."""
         with self._lock:
@@ -294,6 +295,11 @@ class Executor(_StdExecutor):
                     break
                 if isinstance(item, _Call):
                     item.future.cancel()
+            # Tasks already sent: the daemon stops them wherever they are.
+            with self._cond:
+                sent = list(self._outstanding.values())
+            for future in sent:
+                future.cancel()
         if not already:
             self._queue.put(_STOP)
             if not threads:

@@ -525,8 +525,8 @@ class Client:
         return record.outcome()
 
     def cancel(self, task_id: str) -> bool:
-        """Cancel a task that has not started; True if it is now cancelled, False if it
-        had already started or finished (the daemon answered 409)."""
+        """Cancel a task wherever it is (queued, or running: its worker is stopped);
+        True if it is now cancelled, False if it had finished first."""
         try:
             answer = self.request("DELETE", f"/v1/tasks/{_segment(task_id)}", idempotent=True)
         except RequestRefused as exc:

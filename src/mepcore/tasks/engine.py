@@ -102,6 +102,9 @@ class Job:
                 return
 
 
+CANCELLED_MESSAGE = "the task was cancelled"
+
+
 def _remote_error(error: ErrorTuple) -> RemoteError:
     type_name, message, traceback, reason = error
     return RemoteError.of(reason, message, type_name, traceback)
@@ -118,6 +121,10 @@ class Engine(Protocol):
 
     def shutdown(self, wait: bool = True) -> None:
         """Stop everything; with ``wait`` finish accepted jobs first, else fail them."""
+
+    def cancel(self, task_ids: frozenset[str]) -> None:
+        """Fail these jobs with ``task.cancelled`` and stop their work wherever it is
+        (unknown or finished ids are ignored; from any thread)."""
 
 
 class Watchdog:

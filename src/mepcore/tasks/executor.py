@@ -248,6 +248,14 @@ class Executor:
             self.engine.submit(jobs)
         return futures
 
+    def cancel(self, task_ids: Collection[str]) -> None:
+        """Stop these tasks wherever they are in the engine (waiting, or running: the
+        engine stops what runs them, see each engine); each one's future is completed
+        with ``task.cancelled`` unless it finished first. Unknown ids are ignored."""
+        wanted = frozenset(task_ids)
+        if wanted and self._state == "running":
+            self.engine.cancel(wanted)
+
     def shutdown(self, wait: bool = True) -> None:
         """Stop the engine: with ``wait``, accepted tasks finish first; else they are
         failed with ``task.cancelled``. Worker processes are reaped, blocks cancelled."""

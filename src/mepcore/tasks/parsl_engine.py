@@ -52,6 +52,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -65,8 +66,8 @@ import attrs
 import structlog
 
 from mepcore.errors import TaskError
-from mepcore.tasks._run import Outcome, load_function, run_task
-from mepcore.tasks.engine import ExecutorLimits, Job, Watchdog
+from mepcore.tasks._run import Outcome, failure, load_function, run_task
+from mepcore.tasks.engine import CANCELLED_MESSAGE, ExecutorLimits, Job, Watchdog
 from mepcore.tasks.parsl_build import (
     _ENGINE_KEYS,
     _HTEX_OPTIONS,
@@ -89,6 +90,7 @@ _REPORT_EVERY = 60.0
 # The caller-side timer fires a little after the in-worker alarm so the worker's own
 # (more precise) timeout normally wins.
 _CALLER_GRACE = 1.0
+_CANCELLED_SUFFIX = ".cancelled"
 _MAX_MESSAGE = 2000
 
 log = structlog.get_logger("mepcore.tasks.parsl")
@@ -127,14 +129,22 @@ def parsl_task(
 ) -> Outcome:
     """What a Parsl worker runs: load, call, serialize with the size bound (never raises).
 
-    ``started_marker`` (tasks with a walltime) is a file in the run directory written
-    with the start time while the task runs, so the engine's watchdog counts the
-    walltime from the start, not from the submission."""
+    ``started_marker`` is a file in the run directory holding the start time, pid and
+    host while the task runs: the engine's watchdog counts the walltime from the start,
+    not from the submission, and a cancel knows which worker process to stop. A task
+    whose ``<marker>.cancelled`` exists when it starts is not run."""
     if started_marker is not None:
         with contextlib.suppress(OSError):
             fd = os.open(started_marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as fh:
-                fh.write(repr(time.time()))
+                fh.write(f"{time.time()!r} {os.getpid()} {socket.gethostname()}")
+        # Written before this look, as the engine writes the flag before it reads the
+        # marker: either this task sees the flag, or the engine sees the marker.
+        if os.path.exists(started_marker + _CANCELLED_SUFFIX):
+            with contextlib.suppress(OSError):
+                os.unlink(started_marker)
+            now = time.time()
+            return ("failed", b"", failure("task.cancelled", message=CANCELLED_MESSAGE), now, now)
     try:
         return run_task(
             load_function(function_payload),
@@ -421,7 +431,7 @@ class ParslEngine:
                 raise RuntimeError("cannot submit to an engine that is not running")
             for job in jobs:
                 marker = None
-                if job.walltime is not None and self._dir is not None:
+                if self._dir is not None:
                     marker = os.path.join(self._dir, "started", str(next(self._serial)))
                 self._jobs[job] = _Attempt(marker)
             forward = self._active_blocks > 0
@@ -514,11 +524,28 @@ class ParslEngine:
         except OSError:
             return None
         try:
-            started = float(text)
-        except ValueError:
+            started = float(text.split()[0])
+        except (ValueError, IndexError):
             started = time.time()  # being written: it starts now
         remaining = started + walltime + _CALLER_GRACE - time.time()
         return remaining if remaining > 0 else None
+
+    def cancel(self, task_ids: frozenset[str]) -> None:
+        """Answer ``task.cancelled``; a task not started yet will not run (its flag file
+        is seen by ``parsl_task``), a running one on this host has its Parsl worker
+        process killed (Parsl's manager replaces it). On another node the work goes on
+        until it returns or its walltime alarm fires: the node's process is out of
+        this engine's reach (docs/client.md)."""
+        with self._lock:
+            chosen = [(j, a) for j, a in self._jobs.items() if j.task.task_id in task_ids]
+            for job, _ in chosen:
+                del self._jobs[job]
+            if chosen:
+                self._waiting = [j for j in self._waiting if j.task.task_id not in task_ids]
+        for job, attempt in chosen:
+            if attempt.future is not None and attempt.marker is not None:
+                _stop_started(attempt.marker)
+            job.fail("task.cancelled", CANCELLED_MESSAGE)
 
     # -- the poller ------------------------------------------------------------------------
 
@@ -771,6 +798,22 @@ class ParslEngine:
             if self._dir is not None:
                 shutil.rmtree(self._dir, ignore_errors=True)
                 self._dir = None
+
+
+def _stop_started(marker: str) -> None:
+    """Flag the task as cancelled, then kill its worker process if it runs here."""
+    flag = marker + _CANCELLED_SUFFIX
+    with contextlib.suppress(OSError):
+        os.close(os.open(flag, os.O_WRONLY | os.O_CREAT, 0o600))
+    try:
+        with open(marker) as fh:
+            fields = fh.read(256).split()
+    except OSError:
+        fields = []
+    if len(fields) == 3 and fields[1].isdigit() and fields[2] == socket.gethostname():
+        with contextlib.suppress(OSError):
+            os.kill(int(fields[1]), signal.SIGKILL)
+        log.info("parsl.task_worker_killed", pid=int(fields[1]))
 
 
 def _local_process_groups(provider: Any, job_ids: Sequence[Any]) -> list[int]:

@@ -9,6 +9,9 @@ worker is running: the oldest one without a result.
 - Walltime: when the running task of a worker passes its walltime, the worker is killed
   with SIGKILL, that task fails with ``task.timeout``, the tasks queued behind it go back
   to the pool, and a new worker is forked.
+- Cancel: a waiting task is answered ``task.cancelled`` and never sent (or skipped
+  when it was sent ahead to a worker); the worker *running* a cancelled task is killed
+  with SIGKILL, the tasks queued behind it go back to the pool, and it is replaced.
 - Crashes: a worker that dies (segfault, ``os._exit``, OOM kill) is noticed through its
   pidfd; results already written are delivered, the running task fails with
   ``task.worker_lost``, and the worker is replaced.
@@ -43,7 +46,7 @@ import structlog
 
 from mepcore.errors import TaskError
 from mepcore.tasks._run import FunctionLoadFailed, failure, load_function, run_task
-from mepcore.tasks.engine import Job
+from mepcore.tasks.engine import CANCELLED_MESSAGE, Job
 
 _LENGTH_BYTES = 4
 _READ_CHUNK = 1 << 20
@@ -100,6 +103,7 @@ class ProcessPoolEngine:
     prefetch: int = 16
     _lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
     _pending: deque[Job] = attrs.field(init=False, factory=deque)
+    _cancels: set[str] = attrs.field(init=False, factory=set)
     _woken: bool = attrs.field(init=False, default=False)
     _state: str = attrs.field(init=False, default="new")
     _thread: threading.Thread | None = attrs.field(init=False, default=None)
@@ -167,6 +171,14 @@ class ProcessPoolEngine:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
 
+    def cancel(self, task_ids: frozenset[str]) -> None:
+        """Handed to the I/O thread, which answers and stops them (module docstring)."""
+        with self._lock:
+            if self._state not in ("running", "draining"):
+                return
+            self._cancels.update(task_ids)
+            self._wake_locked()
+
     def worker_pids(self) -> list[int]:
         """Pids of the live workers (a snapshot, for tests and introspection)."""
         return [w.pid for w in list(self._workers) if w.alive]
@@ -227,8 +239,11 @@ class ProcessPoolEngine:
                     self._pending.clear()
                 self._woken = False
                 state = self._state
+                cancels, self._cancels = self._cancels, set()
             if state == "stopping":
                 return
+            if cancels:
+                self._cancel(cancels)
             self._watchdog()
             if len(self._workers) < self.max_workers:
                 self._replenish()
@@ -295,6 +310,8 @@ class ProcessPoolEngine:
             known = worker.known
             for _ in range(room):
                 job = backlog.popleft()
+                if job.future.done():  # cancelled while it waited
+                    continue
                 self._seq += 1
                 function_id = job.task.function_id
                 if function_id in known:
@@ -304,6 +321,8 @@ class ProcessPoolEngine:
                     known.add(function_id)
                 batch.append((self._seq, function_id, body, job.task.payload))
                 worker.queue.append((self._seq, job))
+            if not batch:
+                continue
             data = pickle.dumps(batch, protocol=5)
             worker.outbuf += len(data).to_bytes(_LENGTH_BYTES, "big")
             worker.outbuf += data
@@ -379,13 +398,31 @@ class ProcessPoolEngine:
         if worker.queue:
             worker.head_started = time.monotonic()
 
+    def _cancel(self, task_ids: set[str]) -> None:
+        """Answer the cancelled jobs; the watchdog then kills a worker running one."""
+        kept: deque[Job] = deque()
+        for job in self._backlog:
+            if job.task.task_id in task_ids:
+                job.fail("task.cancelled", CANCELLED_MESSAGE)
+            else:
+                kept.append(job)
+        self._backlog = kept
+        for worker in self._workers:
+            for _, job in worker.queue:
+                if job.task.task_id in task_ids:
+                    job.fail("task.cancelled", CANCELLED_MESSAGE)
+
     def _watchdog(self) -> None:
         now = time.monotonic()
         for worker in self._workers:
             if not worker.alive or not worker.queue or worker.killed_seq is not None:
                 continue
             seq, job = worker.queue[0]
-            if job.walltime is not None and now - worker.head_started >= job.walltime:
+            if job.future.done():
+                # Answered while it runs (cancelled): the worker is stopped, replaced.
+                worker.killed_seq = seq
+                self._kill(worker)
+            elif job.walltime is not None and now - worker.head_started >= job.walltime:
                 worker.killed_seq = seq
                 self._kill(worker)
 

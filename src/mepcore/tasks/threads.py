@@ -9,6 +9,10 @@ memory. What it cannot do, by nature of threads:
   run, and the abandoned thread ends as soon as its function returns (it never takes
   another task). A function that never returns keeps its thread, and its memory, for
   the life of the endpoint: use the process-pool engine for code that may hang;
+- it cannot kill a task on cancel either: the caller gets ``task.cancelled`` at once,
+  the thread is abandoned as on a timeout, and an exception (``TaskCancelled``) is
+  raised asynchronously in it, which stops Python code at its next bytecode but not a
+  call blocked in C (``time.sleep``, I/O) until that returns;
 - it cannot survive a task that ends the process (``os._exit``, a segfault): the whole
   endpoint goes, and the daemon reports ``task.endpoint_lost``.
 
@@ -17,6 +21,7 @@ This module deliberately adds no isolation: use the process-pool engine for that
 
 from __future__ import annotations
 
+import ctypes
 import queue
 import threading
 from collections.abc import Callable, Sequence
@@ -26,7 +31,18 @@ from typing import Any
 import attrs
 
 from mepcore.tasks._run import FunctionLoadFailed, load_function, run_task
-from mepcore.tasks.engine import Job, Watchdog
+from mepcore.tasks.engine import CANCELLED_MESSAGE, Job, Watchdog
+
+
+class TaskCancelled(BaseException):
+    """Raised asynchronously in the thread of a task that was cancelled."""
+
+
+def _interrupt(thread: threading.Thread) -> None:
+    if thread.ident is not None:
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(
+            ctypes.c_ulong(thread.ident), ctypes.py_object(TaskCancelled)
+        )
 
 
 @attrs.define
@@ -104,6 +120,23 @@ class ThreadPoolEngine:
             self._watchdog.stop()
         for job in leftovers:
             job.fail("task.cancelled", "the executor shut down before the task finished")
+
+    def cancel(self, task_ids: frozenset[str]) -> None:
+        """Answer ``task.cancelled`` now; a waiting job is then skipped, a running one's
+        thread abandoned (a new worker takes its slot) and interrupted."""
+        with self._lock:
+            chosen = [
+                job
+                for job in self._outstanding
+                if job.task.task_id in task_ids and not job.future.done()
+            ]
+            threads = {job: self._running.get(job) for job in chosen}
+        for job in chosen:
+            job.fail("task.cancelled", CANCELLED_MESSAGE)
+            thread = threads.get(job)
+            if thread is not None:
+                self._abandon(job)
+                _interrupt(thread)
 
     # -- workers ------------------------------------------------------------------------
 

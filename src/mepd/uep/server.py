@@ -414,6 +414,8 @@ class UserEndpoint:
                     ),
                 },
             )
+        elif kind == "cancel":
+            self._cancel(frame.header.get("task_ids"))
         elif kind == "drain":
             self.draining = True
             with self._lock:
@@ -452,6 +454,16 @@ class UserEndpoint:
             return
         for future in futures:
             future.add_done_callback(self._completed)
+
+    def _cancel(self, task_ids: Any) -> None:
+        """Stop tasks wherever they are in the engine; each answers ``task.cancelled``
+        through the usual result path (a task already finished is not changed)."""
+        if not isinstance(task_ids, list) or not all(
+            isinstance(t, str) and 0 < len(t) <= 256 for t in task_ids
+        ):
+            raise ChannelError("channel.frame_invalid", "cancel frame without task_ids")
+        if self.executor is not None and task_ids:
+            self.executor.cancel(task_ids)
 
     def _fail(self, task_id: str, reason: str, message: str) -> None:
         from mepcore.tasks import RemoteError, ResultEnvelope
