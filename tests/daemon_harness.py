@@ -31,6 +31,7 @@ import jsonschema
 
 from mepcore.errors import ConfigError, Violation
 from mepcore.identity import AccountPolicy, check_account
+from mepcore.tasks import ResourceLimits
 from mepcore.testing import FakeAccountDatabase
 from mepcore.types import Account, ShadowEntry
 from mepd.admission import Admitted, DecisionView
@@ -84,6 +85,7 @@ class FakeSite:
     decisions: list[tuple[str, str, tuple[str, ...]]] = attrs.field(factory=list)
     mapping_blocks: bool = False
     map_threads: list[str] = attrs.field(factory=list)
+    resource_limits: ResourceLimits = attrs.field(factory=ResourceLimits)
 
     def map_identity(self, caller: Caller) -> str | None:
         self.map_threads.append(threading.current_thread().name)

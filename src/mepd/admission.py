@@ -25,7 +25,8 @@ from typing import Any, Protocol
 import attrs
 
 from mepcore.authz import principals_of
-from mepcore.errors import REASONS, AuthzError, IdentityError, TaskError
+from mepcore.errors import REASONS, AuthzError, IdentityError, TaskError, Violation
+from mepcore.tasks import ResourceLimits, ResourceSpecification
 from mepcore.types import Account
 from mepd.audit import AuditSink
 from mepd.auth import Caller
@@ -75,8 +76,32 @@ class Site(Protocol):
 
     def config_key(self, account: Account, variables: Mapping[str, Any]) -> str: ...
 
+    @property
+    def resource_limits(self) -> ResourceLimits:
+        """Caps on what one MPI task of an account may ask for (the endpoint's
+        ``resource_limits`` setting)."""
+        ...
+
 
 Check = tuple[str, str]
+
+
+def check_resources(
+    site: Site, account: Account, specs: Sequence[ResourceSpecification | None]
+) -> None:
+    """Refuse the submit (``task.resources_not_allowed``) if any task asks for more nodes
+    or ranks than the endpoint's ``resource_limits`` allow this account."""
+    limits = site.resource_limits
+    for index, spec in enumerate(specs):
+        if spec is None:
+            continue
+        try:
+            limits.check(spec, account.name)
+        except TaskError as exc:
+            where = f"$.tasks[{index}].resource_specification"
+            raise TaskError(
+                exc.reason, exc.detail, violations=[Violation(where, exc.detail)]
+            ) from None
 
 
 @attrs.frozen

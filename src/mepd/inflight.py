@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import attrs
 
@@ -29,6 +30,8 @@ class DispatchTask:
     function_id: str
     payload: bytes
     walltime: float | None
+    # What an MPI task asks for (ResourceSpecification.to_dict()); None: nothing.
+    resources: Mapping[str, Any] | None = attrs.field(default=None, hash=False)
 
 
 @attrs.frozen

@@ -37,6 +37,7 @@ from mepd.admission import (
     Admitted,
     RequestKind,
     Site,
+    check_resources,
 )
 from mepd.audit import AuditSink, AuditUnavailable
 from mepd.auth import Caller
@@ -220,6 +221,7 @@ class Pipeline:
         admitted = await self.admission.admit_submit(
             site, caller, request.function_ids, request.variables, request.user_runtime
         )
+        check_resources(site, admitted.account, [t.resources for t in request.tasks])
         self._check_registered(request.function_ids)
         self._check_queue_room(admitted.account.name, len(request.tasks))
         handle = await self.ueps.get_or_start(admitted)
@@ -236,6 +238,7 @@ class Pipeline:
                 function_id=task.function_id,
                 payload=task.payload,
                 walltime=min(task.walltime or walltime_cap, walltime_cap),
+                resources=None if task.resources is None else task.resources.to_dict(),
             )
             for task in request.tasks
         ]
@@ -292,7 +295,9 @@ class Pipeline:
         try:
             handle.dispatch(
                 [
-                    DispatchTask(t.task_id, t.owner, t.function_id, t.payload, t.walltime)
+                    DispatchTask(
+                        t.task_id, t.owner, t.function_id, t.payload, t.walltime, t.resources
+                    )
                     for t in tasks
                 ]
             )

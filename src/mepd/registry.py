@@ -245,7 +245,13 @@ class UserEndpointHandle:
         registry = self._live_registry()
         frames = [
             (
-                TaskEnvelope(t.task_id, t.function_id, t.payload, t.walltime).to_header(),
+                TaskEnvelope(
+                    t.task_id,
+                    t.function_id,
+                    t.payload,
+                    t.walltime,
+                    resource_specification=t.resources,
+                ).to_header(),
                 t.payload,
             )
             for t in tasks

@@ -20,6 +20,7 @@ import jsonschema
 import yaml
 
 from mepcore.errors import SiteConfigError, Violation
+from mepcore.tasks import ResourceLimits, resource_limits_schema
 
 # Only asymmetric algorithms: a verifier that holds a public key must never accept an
 # HMAC token "signed" with that public key, and "none" is never a signature.
@@ -237,6 +238,8 @@ SETTINGS_SCHEMA: dict[str, Any] = {
                     },
                     # Shown to templates as _GC.parent_config.display_name.
                     "display_name": {"type": "string", "minLength": 1, "maxLength": 256},
+                    # Caps on an MPI task's resource_specification (docs/engines.md).
+                    "resource_limits": resource_limits_schema(),
                 },
             },
         },
@@ -453,6 +456,7 @@ class EndpointSettings:
     allowed_functions: tuple[str, ...] | None = None
     template_name: str = DEFAULT_TEMPLATE_NAME
     display_name: str | None = None
+    resource_limits: ResourceLimits = ResourceLimits()  # noqa: RUF009 - frozen, shared safely
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], *, base_dir: Path) -> EndpointSettings:
@@ -471,6 +475,7 @@ class EndpointSettings:
             ),
             template_name=data.get("template_name", DEFAULT_TEMPLATE_NAME),
             display_name=data.get("display_name"),
+            resource_limits=ResourceLimits.from_mapping(data.get("resource_limits")),
         )
 
 

@@ -23,6 +23,7 @@ import attrs
 import jsonschema
 
 from mepcore.errors import ApiError, ConfigError, TaskError, Violation
+from mepcore.tasks import ResourceSpecification, resource_specification
 
 MAX_WAIT_IDS = 10_000
 
@@ -53,6 +54,17 @@ SUBMIT_SCHEMA: dict[str, Any] = {
                     "function_id": _FID,
                     "args": {"type": "string"},
                     "walltime": {"type": "number", "exclusiveMinimum": 0},
+                    # What an MPI task asks for (mepcore.tasks.ResourceSpecification).
+                    "resource_specification": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "num_nodes": {"type": "integer", "minimum": 1},
+                            "ranks_per_node": {"type": "integer", "minimum": 1},
+                            "num_ranks": {"type": "integer", "minimum": 1},
+                            "launcher_options": {"type": "string"},
+                        },
+                    },
                 },
             },
         },
@@ -108,7 +120,7 @@ def check_shape(data: Any, schema: Mapping[str, Any]) -> None:
 
 _FID_RE = re.compile(r"[0-9a-f]{64}")
 _SUBMIT_KEYS = frozenset({"user_endpoint_config", "user_runtime", "tasks"})
-_TASK_KEYS = frozenset({"function_id", "args", "walltime"})
+_TASK_KEYS = frozenset({"function_id", "args", "walltime", "resource_specification"})
 
 
 def submit_shape_ok(body: Any) -> bool:
@@ -136,6 +148,8 @@ def submit_shape_ok(body: Any) -> bool:
             wall = item["walltime"]
             if type(wall) not in (int, float) or not wall > 0:
                 return False
+        if "resource_specification" in item and type(item["resource_specification"]) is not dict:
+            return False
     return True
 
 
@@ -171,6 +185,15 @@ class TaskItem:
     function_id: str
     payload: bytes
     walltime: float | None
+    resources: ResourceSpecification | None = None
+
+
+def _resources(item: Mapping[str, Any], index: int) -> ResourceSpecification | None:
+    try:
+        return resource_specification(item.get("resource_specification"))
+    except TaskError as exc:
+        where = f"$.tasks[{index}].resource_specification"
+        raise TaskError(exc.reason, exc.detail, violations=[Violation(where, exc.detail)]) from None
 
 
 @attrs.frozen
@@ -205,7 +228,14 @@ class SubmitRequest:
             if len(payload) > limits.max_payload_bytes:
                 raise TaskError("task.payload_too_large", f"task {i} payload too large")
             walltime = item.get("walltime")
-            tasks.append(TaskItem(item["function_id"], payload, float(walltime or 0) or None))
+            tasks.append(
+                TaskItem(
+                    item["function_id"],
+                    payload,
+                    float(walltime or 0) or None,
+                    _resources(item, i),
+                )
+            )
         return cls(tuple(tasks), variables, user_runtime)
 
 

@@ -30,6 +30,7 @@ from mepcore.ports import (
     SystemAccountDatabase,
     SystemShadowDatabase,
 )
+from mepcore.tasks import ResourceLimits
 from mepcore.types import Account
 from mepd.admission import DecisionView
 from mepd.auth import Caller
@@ -86,6 +87,10 @@ class LoadedSite:
     @property
     def mapping_blocks(self) -> bool:
         return self.mapper.runs_programs
+
+    @property
+    def resource_limits(self) -> ResourceLimits:
+        return self.settings.resource_limits
 
     def map_identity(self, caller: Caller) -> str | None:
         return self.mapper.map(caller.identities).username

@@ -102,6 +102,8 @@ class NewTask:
     function_id: str
     payload: bytes
     walltime: float | None
+    # Not stored: a task is stored as dispatched and never sent again (``recover``).
+    resources: dict[str, Any] | None = attrs.field(default=None, hash=False)
 
 
 @attrs.frozen

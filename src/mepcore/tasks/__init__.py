@@ -7,6 +7,8 @@
 - ``Executor``: enforces ``allowed_functions``, the function cache and the limits
   (``ExecutorLimits``), and runs tasks on one engine: threads, a process pool, or
   Parsl's HighThroughputExecutor (imported only when configured);
+- ``ResourceSpecification`` / ``ResourceLimits``: what an MPI task asks for, and an
+  administrator's caps on it;
 - ``unpack_result``: the client-side helper that returns a value or raises
   ``RemoteTaskError``.
 
@@ -23,6 +25,12 @@ from mepcore.tasks.envelopes import (
     unpack_result,
 )
 from mepcore.tasks.executor import ENGINE_TYPES, Executor, build_engine, engine_keys
+from mepcore.tasks.resources import (
+    ResourceLimits,
+    ResourceSpecification,
+    resource_limits_schema,
+    resource_specification,
+)
 from mepcore.tasks.serialization import (
     DEFAULT_STRATEGY,
     STRATEGIES,
@@ -45,6 +53,8 @@ __all__ = [
     "Job",
     "RemoteError",
     "RemoteTaskError",
+    "ResourceLimits",
+    "ResourceSpecification",
     "ResultEnvelope",
     "Strategy",
     "TaskEnvelope",
@@ -54,6 +64,8 @@ __all__ = [
     "pack_args",
     "pack_function",
     "pack_value",
+    "resource_limits_schema",
+    "resource_specification",
     "unpack_result",
     "unpack_value",
 ]

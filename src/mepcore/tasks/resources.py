@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import attrs
@@ -119,3 +120,72 @@ def resource_specification(data: Any) -> ResourceSpecification | None:
     if data is None or (isinstance(data, Mapping) and not data):
         return None
     return ResourceSpecification.from_mapping(data)
+
+
+_LIMIT_KEYS = ("num_nodes", "num_ranks")
+
+
+@attrs.frozen
+class ResourceCap:
+    """The most nodes and ranks one task may ask for (None: no cap)."""
+
+    num_nodes: int | None = None
+    num_ranks: int | None = None
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> ResourceCap:
+        return cls(data.get("num_nodes"), data.get("num_ranks"))
+
+
+def _frozen_caps(value: Mapping[str, ResourceCap]) -> Mapping[str, ResourceCap]:
+    return MappingProxyType(dict(value))
+
+
+@attrs.frozen
+class ResourceLimits:
+    """An administrator's caps on what one task of an account may ask for: ``default``
+    for every account, ``accounts`` per local account name (replacing the default)."""
+
+    default: ResourceCap = ResourceCap()
+    accounts: Mapping[str, ResourceCap] = attrs.field(
+        factory=dict, converter=_frozen_caps, hash=False
+    )
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any] | None) -> ResourceLimits:
+        """From ``{num_nodes, num_ranks, accounts: {name: {num_nodes, num_ranks}}}``
+        (already checked against its schema by whoever loaded it)."""
+        data = data or {}
+        accounts = {
+            str(name): ResourceCap.from_mapping(cap)
+            for name, cap in (data.get("accounts") or {}).items()
+        }
+        return cls(ResourceCap.from_mapping(data), accounts)
+
+    def check(self, spec: ResourceSpecification, account: str) -> None:
+        """Refuse (``task.resources_not_allowed``) a request over the account's caps."""
+        cap = self.accounts.get(account, self.default)
+        for what, asked, most in (
+            ("nodes", spec.nodes, cap.num_nodes),
+            ("ranks", spec.ranks, cap.num_ranks),
+        ):
+            if most is not None and asked > most:
+                raise TaskError(
+                    "task.resources_not_allowed",
+                    f"the task asks for {asked} {what}; this endpoint allows {most} per task "
+                    f"for account {account}",
+                )
+
+
+def resource_limits_schema() -> dict[str, Any]:
+    """The JSON Schema of ``ResourceLimits.from_mapping``'s input."""
+    counts = {key: {"type": "integer", "minimum": 1, "maximum": MAX_COUNT} for key in _LIMIT_KEYS}
+    cap = {"type": "object", "additionalProperties": False, "properties": counts}
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            **counts,
+            "accounts": {"type": "object", "additionalProperties": cap},
+        },
+    }
