@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import fcntl
 import json
 import os
 import subprocess
@@ -31,13 +30,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from common import REPO, WORKERS, fmt_rate, fmt_seconds, is_root, print_table, write_json
+from common import WORKERS, fmt_rate, fmt_seconds, is_root, print_table, write_json
+from tests import slurm_session
 
-CI = REPO / ".ci"
 # mepd refuses files under a shared sticky directory such as /tmp (security rule 8): the
 # deployment goes to a directory only root can write.
 PRIVATE_TMP = Path("/var/lib/mep-bench")
-STATE = Path(os.environ.get("MEP_SLURM_STATE", "/run/mep-slurm"))
 TEMPLATE = """\
 engine:
   type: GlobusComputeEngine
@@ -62,30 +60,13 @@ NOOP_SOURCE = "def noop(x):\n    return x\n"
 
 @contextlib.contextmanager
 def slurm() -> Iterator[str | None]:
-    """A running Slurm (None), or why there is none. Stopped after if this run was the
-    last user of a Slurm ``.ci/slurm-up`` started."""
+    """A running Slurm (None), or why there is none. Shared with test sessions and
+    stopped after if this run was its last user (``tests/slurm_session.py``)."""
     if not is_root():
         yield "not root: starting Slurm and making an account need root"
         return
-    done = subprocess.run(
-        [str(CI / "slurm-up")], capture_output=True, text=True, timeout=900, check=False
-    )
-    last = (done.stdout.strip().splitlines() or ["slurm-up: no output"])[-1]
-    if done.returncode != 0:
-        yield last
-        return
-    with open(STATE / "in-use.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_SH)
-        try:
-            yield None
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                pass
-            else:
-                subprocess.run([str(CI / "slurm-down")], capture_output=True, check=False)
+    with slurm_session.session() as (status, last):
+        yield None if status == 0 else last
 
 
 def b64(data: bytes) -> str:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests import slurm_session
 
 
 def _private_tmp() -> Path | None:
@@ -110,40 +110,20 @@ def make_account():  # type: ignore[no-untyped-def]
 
 # -- a real Slurm for the tests marked ``slurm`` -----------------------------------------
 
-CI = Path(__file__).resolve().parent.parent / ".ci"
-SLURM_STATE = Path(os.environ.get("MEP_SLURM_STATE", "/run/mep-slurm"))
-
 
 @pytest.fixture(scope="session")
 def slurm_cluster() -> Iterator[str]:
-    """A single-node Slurm, started once per session by ``.ci/slurm-up`` (which installs
-    it if needed), stopped by ``.ci/slurm-down`` at the end by the last session using it
-    (only if slurm-up started it). Where Slurm cannot run the test is skipped with
-    slurm-up's reason, never silently."""
+    """A single-node Slurm, started once per session (``tests/slurm_session.py``: installed
+    if needed, shared with concurrent sessions, stopped by the last). Where Slurm cannot
+    run the test is skipped with slurm-up's reason, never silently."""
     if os.geteuid() != 0:
         pytest.skip("needs root: installs and starts slurmctld, slurmd and munged (.ci/slurm-up)")
-    done = subprocess.run(
-        [str(CI / "slurm-up")], capture_output=True, text=True, timeout=900, check=False
-    )
-    last = (done.stdout.strip().splitlines() or ["slurm-up: no output"])[-1]
-    if done.returncode == 2:
-        pytest.skip(last)
-    if done.returncode != 0:
-        pytest.fail(f"{last}\n{done.stdout[-4000:]}\n{done.stderr[-2000:]}")
-    with open(SLURM_STATE / "in-use.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_SH)  # sessions sharing this Slurm hold it
-        try:
-            yield last
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                pass  # another session still uses it: the last one stops it
-            else:
-                subprocess.run(
-                    [str(CI / "slurm-down")], capture_output=True, timeout=120, check=False
-                )
+    with slurm_session.session() as (status, last):
+        if status == 2:
+            pytest.skip(last)
+        if status != 0:
+            pytest.fail(last)
+        yield last
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
