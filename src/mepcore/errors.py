@@ -144,6 +144,12 @@ REASONS: Mapping[str, str] = MappingProxyType(
         "api.too_many_requests": "too many requests; try again later",
         "api.unavailable": "the service is unavailable",
         "api.endpoint_unknown": "no such endpoint",
+        # the HTTP edge (mepd.edge, mepd.api): strict input, timeouts, limits
+        "api.method_not_allowed": "this method is not allowed on this path",
+        "api.unsupported_media_type": "the request body must be JSON (application/json)",
+        "api.request_timeout": "the request was not received in time",
+        "api.rate_limited": "too many requests from this identity; try again later",
+        "api.too_many_connections": "too many connections; try again later",
         "settings.invalid": "the daemon settings are invalid",
         # rule 8: a file root would read, load or execute that it cannot trust
         "settings.untrusted_file": "the daemon refuses a file it cannot trust",

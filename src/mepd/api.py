@@ -2,10 +2,19 @@
 
 Thin: each handler reads a bounded JSON body, authenticates, calls the pipeline and
 renders its answer. Errors are ``{"error": {"reason", "message"}}`` (plus
-``violations`` for a caller's own invalid input) with an honest status code; only the
-public message of an error ever leaves the daemon. A body over the limit is refused
-with 413 from its ``Content-Length`` or, without one, as soon as the streamed bytes
-exceed the limit — it is never read whole. JSON nesting depth is bounded.
+``violations`` for a caller's own invalid input) with an honest status code. The
+message is always the fixed one of the reason code (``REASONS``), never the text of an
+exception (a template's ``'x' is undefined`` stays in the admin log), and violations
+are shown only for the caller's own input (``_CALLER_INPUT``). A body over the limit
+is refused with 413 from its ``Content-Length`` or, without one, as soon as the
+streamed bytes exceed the limit — it is never read whole. Bodies are strict JSON: the
+type must be ``application/json`` (else 415), UTF-8 without a byte-order mark, no
+duplicate keys, no ``NaN``, bounded nesting, and the route's schema (else 400); a body
+that does not arrive by its deadline is 408 (the deadline starts when the headers are
+in: ``mepd.edge``). Every answer — errors of the routing layer (404, 405 with
+``Allow``, 500) included — carries ``X-Request-ID``: the client's own when it is
+plain (``[A-Za-z0-9._:-]{1,128}``), else a fresh one. An authenticated caller over
+its rate (``mepd.ratelimit``) gets 429 with ``Retry-After``.
 
 The OpenAPI 3.1 document is built here from the same request schemas the pipeline
 validates with (``openapi_document()``); ``docs/openapi.json`` is a copy a test keeps
@@ -17,6 +26,7 @@ pipeline does those), and the request schemas themselves (``mepd.shapes``).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import sys
@@ -28,23 +38,29 @@ from typing import Any
 import attrs
 import structlog
 from starlette.applications import Starlette
+from starlette.datastructures import MutableHeaders
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mepcore.errors import ADMIN_ONLY_REASONS, REASONS, MepError
 from mepd import __version__
 from mepd.auth import Caller
+from mepd.logs import request_scope
 from mepd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from mepd.metrics import Metrics
 from mepd.pipeline import Pipeline
-from mepd.settings import Limits
+from mepd.ratelimit import RateLimiter
+from mepd.settings import EdgeSettings, Limits
 from mepd.shapes import (
     FUNCTION_SCHEMA,
     STOP_SCHEMA,
     SUBMIT_SCHEMA,
     WAIT_SCHEMA,
     RequestError,
+    check_shape,
 )
 
 log = structlog.get_logger("mepd.api")
@@ -81,6 +97,11 @@ _EXACT_STATUS = {
     "api.unavailable": 503,
     "api.shutting_down": 503,
     "api.task_started": 409,
+    "api.method_not_allowed": 405,
+    "api.unsupported_media_type": 415,
+    "api.request_timeout": 408,
+    "api.rate_limited": 429,
+    "api.too_many_connections": 503,
     "audit.unavailable": 503,
     "store.unavailable": 503,
     "store.invalid": 500,
@@ -104,7 +125,19 @@ RETRY_AFTER_SECONDS = {
     "audit.unavailable": 30,
     "store.unavailable": 5,
     "auth.issuer_unavailable": 5,
+    "api.too_many_connections": 1,
 }
+# Reasons about the caller's own input: their violations are shown to them. Any other
+# error's violations (a template's line and message, a site file's) stay in the admin log.
+_CALLER_INPUT = frozenset(
+    {
+        "api.bad_request",
+        "mep.invalid_input",
+        "config.invalid_variables",
+        "config.reserved_variable",
+        "config.variables_too_large",
+    }
+)
 
 
 def status_for(reason: str) -> int:
@@ -113,14 +146,26 @@ def status_for(reason: str) -> int:
     return _AREA_STATUS.get(reason.partition(".")[0], 500)
 
 
+def public_error(error: MepError) -> dict[str, Any]:
+    """What a caller sees of ``error``: its public code, that code's fixed message, and
+    the violations only of their own input."""
+    body: dict[str, Any] = {"reason": error.reason, "message": REASONS[error.reason]}
+    if error.reason in _CALLER_INPUT and error.expose_violations and error.violations:
+        body["violations"] = [v.to_dict() for v in error.violations]
+    return body
+
+
 def error_response(error: MepError) -> JSONResponse:
     status = status_for(error.reason)
     headers = {}
-    if error.reason in RETRY_AFTER_SECONDS:
-        headers["Retry-After"] = str(RETRY_AFTER_SECONDS[error.reason])
+    retry_after = error.context.get("retry_after", RETRY_AFTER_SECONDS.get(error.reason))
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
     if status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="mepd"'
-    return JSONResponse({"error": error.to_public()}, status_code=status, headers=headers)
+    if status == 408:
+        headers["Connection"] = "close"  # the rest of the body is not worth waiting for
+    return JSONResponse({"error": public_error(error)}, status_code=status, headers=headers)
 
 
 def json_depth_ok(value: Any, limit: int) -> bool:
@@ -139,7 +184,71 @@ def json_depth_ok(value: Any, limit: int) -> bool:
     return True
 
 
-async def read_json(request: Request, limits: Limits, *, optional: bool = False) -> Any:
+# Set by mepd.edge's protocol when a request's headers are in (event-loop time): the body
+# must be complete by then. Without it (in-process tests) the deadline starts at reading.
+BODY_DEADLINE = "mep.body_deadline"
+REQUEST_ID = "mep.request_id"
+
+
+def _json_type(request: Request) -> bool:
+    # No Content-Type at all is read as JSON (some clients send none); any other type —
+    # text/plain, a form, JSON in another charset — is refused with 415.
+    given = request.headers.get("content-type")
+    if given is None:
+        return True
+    media, _, params = given.partition(";")
+    if media.strip().lower() != "application/json":
+        return False
+    charset = params.strip().lower()
+    return charset in ("", "charset=utf-8", 'charset="utf-8"')
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise RequestError("api.bad_request", "duplicate key in the JSON body")
+        out[key] = value
+    return out
+
+
+def _no_constants(name: str) -> Any:
+    raise RequestError("api.bad_request", f"{name} is not JSON")
+
+
+def parse_json(raw: bytes, limits: Limits) -> Any:
+    """Strict JSON: UTF-8 without a byte-order mark, no duplicate keys, no NaN/Infinity,
+    nesting bounded."""
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise RequestError("api.bad_request", "body starts with a byte-order mark")
+    try:
+        text = raw.decode("utf-8")
+        data = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+    except (ValueError, RecursionError) as exc:
+        raise RequestError("api.bad_request", "body is not JSON") from exc
+    if not json_depth_ok(data, limits.max_json_depth):
+        raise RequestError("api.bad_request", "JSON nested too deeply")
+    return data
+
+
+async def _read_body(request: Request, limits: Limits, deadline: float) -> bytes:
+    chunks: list[bytes] = []
+    total = 0
+    try:
+        async with asyncio.timeout_at(deadline):
+            async for chunk in request.stream():
+                total += len(chunk)
+                if total > limits.max_body_bytes:
+                    raise RequestError("api.body_too_large", "streamed body over the limit")
+                chunks.append(chunk)
+    except TimeoutError as exc:
+        raise RequestError("api.request_timeout", f"body incomplete after {total} bytes") from exc
+    return b"".join(chunks)
+
+
+async def read_json(
+    request: Request, limits: Limits, *, optional: bool = False, body_timeout: float = 60.0
+) -> Any:
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -148,35 +257,42 @@ async def read_json(request: Request, limits: Limits, *, optional: bool = False)
             raise RequestError("api.bad_request", "bad Content-Length") from exc
         if size > limits.max_body_bytes:
             raise RequestError("api.body_too_large", f"declared {size} bytes")
-    chunks: list[bytes] = []
-    total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limits.max_body_bytes:
-            raise RequestError("api.body_too_large", "streamed body over the limit")
-        chunks.append(chunk)
-    raw = b"".join(chunks)
+        if size > 0 and not _json_type(request):
+            raise RequestError("api.unsupported_media_type", "body is not application/json")
+    deadline = request.scope.get(BODY_DEADLINE)
+    if deadline is None:
+        deadline = asyncio.get_running_loop().time() + body_timeout
+    raw = await _read_body(request, limits, deadline)
     if not raw:
         if optional:
             return {}
         raise RequestError("api.bad_request", "empty body")
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise RequestError("api.bad_request", "body is not JSON") from exc
-    if not json_depth_ok(data, limits.max_json_depth):
-        raise RequestError("api.bad_request", "JSON nested too deeply")
-    return data
+    if not _json_type(request):
+        raise RequestError("api.unsupported_media_type", "body is not application/json")
+    return parse_json(raw, limits)
 
 
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def create_app(pipeline: Pipeline, limits: Limits, **starlette_options: Any) -> Starlette:
-    """The ASGI application serving ``pipeline``."""
+def create_app(
+    pipeline: Pipeline,
+    limits: Limits,
+    edge: EdgeSettings | None = None,
+    **starlette_options: Any,
+) -> Starlette:
+    """The ASGI application serving ``pipeline``; ``edge`` sets the per-identity rate
+    limit and the body deadline (the defaults of ``EdgeSettings`` without it)."""
+    edge = edge or EdgeSettings()
+    handlers = _Handlers(pipeline, limits, edge.body_timeout, RateLimiter(edge.rate, edge.burst))
     return Starlette(
-        routes=_Handlers(pipeline, limits).routes(),
-        exception_handlers={404: _not_found, 405: _method_not_allowed},
+        routes=handlers.routes(),
+        middleware=[Middleware(RequestIdMiddleware)],
+        exception_handlers={
+            404: _not_found,
+            405: _method_not_allowed,
+            Exception: _crashed,
+        },
         **starlette_options,
     )
 
@@ -185,9 +301,43 @@ def create_app(pipeline: Pipeline, limits: Limits, **starlette_options: Any) -> 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
+def request_id_of(headers: list[tuple[bytes, bytes]]) -> str:
+    """The client's ``X-Request-ID`` if it is one plain value, else a fresh one (an
+    over-long, repeated or odd value is replaced, never echoed into logs or answers)."""
+    given = [v for k, v in headers if k.lower() == b"x-request-id"]
+    if len(given) == 1:
+        text = given[0].decode("latin-1")
+        if _REQUEST_ID.fullmatch(text):
+            return text
+    return uuid.uuid4().hex
+
+
+class RequestIdMiddleware:
+    """Gives every HTTP request an id (``scope["mep.request_id"]``), sets
+    ``X-Request-ID`` on every answer, whoever makes it, and opens the request's scope
+    for the admin and audit logs (``mepd.logs.request_scope``)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = request_id_of(scope.get("headers", []))
+        scope[REQUEST_ID] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)["X-Request-ID"] = request_id
+            await send(message)
+
+        with request_scope(request_id):
+            await self.app(scope, receive, send_with_id)
+
+
 def _request_id(request: Request) -> str:
-    given = request.headers.get("x-request-id", "")
-    return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+    return str(request.scope.get(REQUEST_ID) or request_id_of(request.scope["headers"]))
 
 
 def _caller_fields(request: Request) -> dict[str, Any]:
@@ -214,7 +364,7 @@ def _instrumented(name: str, fn: Callable[[Request], Awaitable[Any]], metrics: M
     async def handler(request: Request) -> Response:
         started = time.perf_counter()
         request_id = _request_id(request)
-        with structlog.contextvars.bound_contextvars(request_id=request_id):
+        with request_scope(request_id):
             try:
                 result = await fn(request)
                 response = result if isinstance(result, Response) else JSONResponse(result)
@@ -259,8 +409,23 @@ async def _not_found(request: Request, exc: Exception) -> Response:
 
 
 async def _method_not_allowed(request: Request, exc: Exception) -> Response:
-    response = error_response(MepError("api.bad_request", public_message="method not allowed"))
-    response.status_code = 405
+    # Every method any route of this path takes (one route per method here, so the
+    # route Starlette happened to try first does not know them all).
+    allowed: set[str] = set()
+    for route in request.app.routes:
+        match, _ = route.matches({**request.scope, "method": "\x00"})
+        if match is Match.PARTIAL and isinstance(route, Route) and route.methods:
+            allowed |= route.methods
+    response = error_response(MepError("api.method_not_allowed", f"{request.method}"))
+    response.headers["Allow"] = ", ".join(sorted(allowed))
+    return response
+
+
+async def _crashed(request: Request, exc: Exception) -> Response:
+    # Outside the handlers (they catch their own): still a JSON answer with its id.
+    log.error("api.request_crashed", path=request.url.path, exc_info=exc)
+    response = error_response(MepError("mep.internal"))
+    response.headers["X-Request-ID"] = _request_id(request)
     return response
 
 
@@ -270,6 +435,8 @@ class _Handlers:
 
     pipeline: Pipeline
     limits: Limits
+    body_timeout: float
+    limiter: RateLimiter
 
     def routes(self) -> list[Route]:
         # Order matters: ``/v1/tasks/wait`` must be tried before ``/v1/tasks/{task_id}``.
@@ -295,15 +462,27 @@ class _Handlers:
     async def _caller(self, request: Request, route: str) -> Caller:
         caller = await self.pipeline.authenticate(request.headers.get("authorization"), route=route)
         request.state.caller = caller  # for the access and refusal log lines
+        wait = self.limiter.take(caller.owner)
+        if wait > 0.0:
+            raise MepError(
+                "api.rate_limited",
+                f"over {self.limiter.rate}/s (burst {self.limiter.burst})",
+                context={"retry_after": RateLimiter.retry_after(wait)},
+            )
         return caller
+
+    async def _body(self, request: Request, *, optional: bool = False) -> Any:
+        return await read_json(
+            request, self.limits, optional=optional, body_timeout=self.body_timeout
+        )
 
     async def functions(self, request: Request) -> Any:
         caller = await self._caller(request, "functions")
-        return await self.pipeline.register_function(caller, await read_json(request, self.limits))
+        return await self.pipeline.register_function(caller, await self._body(request))
 
     async def submit(self, request: Request) -> Any:
         caller = await self._caller(request, "submit")
-        body = await read_json(request, self.limits)
+        body = await self._body(request)
         return await self.pipeline.submit(caller, request.path_params["endpoint"], body)
 
     async def get_task(self, request: Request) -> Any:
@@ -316,7 +495,7 @@ class _Handlers:
 
     async def wait(self, request: Request) -> Any:
         caller = await self._caller(request, "wait")
-        return await self.pipeline.wait(caller, await read_json(request, self.limits))
+        return await self.pipeline.wait(caller, await self._body(request))
 
     async def status(self, request: Request) -> Any:
         caller = await self._caller(request, "status")
@@ -328,7 +507,8 @@ class _Handlers:
 
     async def stop(self, request: Request) -> Any:
         caller = await self._caller(request, "stop")
-        body = await read_json(request, self.limits, optional=True)
+        body = await self._body(request, optional=True)
+        check_shape(body, STOP_SCHEMA)  # ``false`` is not an empty body
         return await self.pipeline.stop(caller, request.path_params["endpoint"], body)
 
     async def healthz(self, request: Request) -> Any:

@@ -13,8 +13,17 @@ and stop, task received / started / finished. Many events can be written with on
 ``write`` system call (``record_many``) so that task events keep up with the task rate,
 still one line per task.
 
-If a write fails the log turns *unavailable* and raises ``AuditUnavailable``; the
-daemon then refuses new work (503 ``audit.unavailable``) rather than continue blind.
+A record made while a request is served carries that request's ``request_id`` (the
+``X-Request-ID`` of its answer; ``mepd.logs.current_request_id``). Values are capped:
+a string longer than ``MAX_FIELD_CHARS`` is cut with a marker saying how much was left
+out, a list longer than ``MAX_LIST_ITEMS`` keeps its first items and a marker, so a
+5,000-character identity or a crafted claim cannot make one record huge.
+
+Each record is written whole or not at all: if a write fails part-way (``ENOSPC``,
+``EFBIG`` past ``RLIMIT_FSIZE``, an I/O error), the file is cut back to the end of the
+last complete line, so it always ends in a newline and the next record starts a line
+of its own. The log then turns *unavailable* and raises ``AuditUnavailable``; the
+daemon refuses new work (503 ``audit.unavailable``) rather than continue blind.
 Every later record tries again, so an operator who frees the disk restores service.
 This module deliberately holds no policy about *which* events to record.
 """
@@ -26,6 +35,7 @@ import json
 import os
 import re
 import stat
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -34,7 +44,10 @@ from typing import Any, Protocol
 import attrs
 
 from mepcore.errors import MepError
-from mepd.logs import rfc3339
+from mepd.logs import cap_text, current_request_id, rfc3339
+
+MAX_FIELD_CHARS = 1024
+MAX_LIST_ITEMS = 100
 
 
 class AuditUnavailable(MepError):
@@ -53,6 +66,23 @@ class AuditSink(Protocol):
 
 
 _PLAIN = re.compile(r"[A-Za-z0-9_.:@+=-]{0,200}")
+
+
+def capped(value: Any, depth: int = 0) -> Any:
+    """``value`` with long strings cut and long lists shortened, each with a marker."""
+    if isinstance(value, str):
+        return cap_text(value, MAX_FIELD_CHARS)
+    if depth > 8:
+        return cap_text(str(value), MAX_FIELD_CHARS)
+    if isinstance(value, Mapping):
+        return {cap_text(str(k), 128): capped(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        items = list(value)
+        out = [capped(v, depth + 1) for v in items[:MAX_LIST_ITEMS]]
+        if len(items) > MAX_LIST_ITEMS:
+            out.append(f"...[{len(items) - MAX_LIST_ITEMS} more items cut]")
+        return out
+    return value
 
 
 def _encoder() -> json.JSONEncoder:
@@ -91,6 +121,8 @@ class AuditLog:
     _fd: int | None = None
     _failed: bool = False
     _failed_at: float = 0.0
+    # Records come from the event loop and from worker threads (mapping, starts).
+    _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
 
     def open(self) -> None:
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
@@ -129,6 +161,9 @@ class AuditLog:
         # Task events are most of the volume and their values are ids, hex digests,
         # POSIX names and reason codes: those are written without the JSON encoder
         # (a third of the cost). Anything else goes through the encoder.
+        request_id = current_request_id()
+        if request_id is not None and "request_id" not in fields:
+            fields = {"request_id": request_id, **fields}
         parts = [f'{{"ts":"{now}","event":"{event}"']
         for key, value in fields.items():
             if type(value) is str and _PLAIN.fullmatch(value):
@@ -138,7 +173,8 @@ class AuditLog:
             elif type(value) is int:
                 parts.append(f',"{key}":{value}')
             else:
-                return self._encode.encode({"ts": now, "event": event, **fields}) + "\n"
+                whole = {"ts": now, "event": event, **capped(dict(fields))}
+                return self._encode.encode(whole) + "\n"
         parts.append("}\n")
         return "".join(parts)
 
@@ -152,18 +188,35 @@ class AuditLog:
             self._write(data)
 
     def _write(self, data: bytes) -> None:
-        if self._fd is None:
-            raise AuditUnavailable(detail="audit log is not open")
-        view = memoryview(data)
+        with self._lock:
+            if self._fd is None:
+                raise AuditUnavailable(detail="audit log is not open")
+            start = os.lseek(self._fd, 0, os.SEEK_END)
+            view = memoryview(data)
+            try:
+                while view:
+                    written = os.write(self._fd, view)
+                    view = view[written:]
+            except OSError as exc:
+                self._failed = True
+                self._failed_at = time.monotonic()
+                kept = self._cut_partial(start, data, len(data) - len(view))
+                raise AuditUnavailable(
+                    detail=f"cannot write audit log {self.path}: {exc} ({kept})"
+                ) from exc
+            self._failed = False
+
+    def _cut_partial(self, start: int, data: bytes, written: int) -> str:
+        """After a failed write: keep the whole lines written, cut the partial one (the
+        file ends in a newline again). Cutting frees space, so it works on a full disk."""
+        assert self._fd is not None
+        whole = data.rfind(b"\n", 0, written) + 1
         try:
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
+            os.ftruncate(self._fd, start + whole)
         except OSError as exc:
-            self._failed = True
-            self._failed_at = time.monotonic()
-            raise AuditUnavailable(detail=f"cannot write audit log {self.path}: {exc}") from exc
-        self._failed = False
+            return f"the partial record could not be cut: {exc}"
+        kept = data.count(b"\n", 0, whole)
+        return f"{kept} whole records kept, the partial one cut"
 
     def reopen(self) -> None:
         """Reopen the file (after log rotation moved it away)."""

@@ -45,6 +45,7 @@ from mepd.api import create_app
 from mepd.audit import AuditLog, AuditUnavailable
 from mepd.auth import Authenticator, IssuerKeys
 from mepd.delivery import Delivery
+from mepd.edge import EdgeServer
 from mepd.endpoints import RegistryEndpoints, UepAudit
 from mepd.inflight import InFlight
 from mepd.metrics import Metrics
@@ -100,14 +101,6 @@ def tls_problem(settings: Settings) -> str | None:
     return None
 
 
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: the daemon drains first, then stops it."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Any:
-        yield
-
-
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto must say TCP: asyncio sets TCP_NODELAY on accepted connections only then
@@ -130,8 +123,11 @@ def _write_private(path: Path, text: str) -> None:
 
 
 def _server_config(settings: Settings, pipeline: Pipeline) -> uvicorn.Config:
+    # Served by uvicorn's httptools protocol behind mepd.edge (header and body deadlines,
+    # connection caps, EMFILE back-off: see that module for why not another server).
     return uvicorn.Config(
-        create_app(pipeline, settings.limits),
+        create_app(pipeline, settings.limits, settings.edge),
+        ws="none",
         log_config=None,
         access_log=False,
         lifespan="off",
@@ -202,7 +198,7 @@ class Daemon:
     registry: Registry
     endpoints: RegistryEndpoints
     pipeline: Pipeline
-    server: _Server
+    server: EdgeServer
     started: float
     _stopping: asyncio.Task[None] | None = None
     _background: list[asyncio.Task[Any]] = attrs.field(factory=list)
@@ -282,7 +278,7 @@ class Daemon:
         )
         pipeline.hold_queued(recovery.queued)
         metrics.gauge("mepd_user_endpoints", "user endpoints by state", endpoints.gauge)
-        server = _Server(_server_config(settings, pipeline))
+        server = EdgeServer(_server_config(settings, pipeline), settings.edge)
         return cls(
             settings,
             audit,

@@ -5,9 +5,13 @@ library code (mepcore) only obtains loggers. Every line the daemon writes is one
 object with ``timestamp`` (RFC 3339, UTC, microseconds: ``rfc3339``, the same format as
 the audit log's ``ts``), ``level`` and ``event``:
 
-- structlog events (``area.subject_past``) with their fields, and the context bound for
-  the current request (``request_id``: ``mepd.api`` binds it, so every line a request
-  causes can be found by it);
+- structlog events (``area.subject_past``) with their fields, and the id of the request
+  being served (``request_id``: ``mepd.api`` opens a ``request_scope`` per request, so
+  every line a request causes can be found by it, and the audit log records it too).
+  The scope ends with the request: a task the request started that outlives it (a user
+  endpoint's reader) does not tag later lines with that request's id;
+- string values longer than ``MAX_FIELD_CHARS`` cut, with a marker saying how much was
+  left out (an identity of megabytes must not become megabytes of log);
 - records of the standard library's loggers — uvicorn's (``uvicorn.error``), asyncio's,
   httpx's — rendered by the same processors through ``structlog.stdlib.ProcessorFormatter``,
   with ``logger`` naming where they came from. Nothing bypasses the JSON: uvicorn gets
@@ -23,12 +27,15 @@ journal under systemd), sampling.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import sys
 import time
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
 from typing import Any
 
+import attrs
 import structlog
 
 _LEVELS = {
@@ -52,6 +59,63 @@ def rfc3339(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{micros:06d}Z"
 
 
+MAX_FIELD_CHARS = 1024
+
+
+def cap_text(value: str, limit: int = MAX_FIELD_CHARS) -> str:
+    """``value`` cut to ``limit`` characters with a marker of what was left out."""
+    if len(value) <= limit:
+        return value
+    return f"{value[:limit]}...[{len(value) - limit} more characters cut]"
+
+
+@attrs.define
+class _RequestScope:
+    request_id: str
+    active: bool = True
+
+
+_REQUEST: contextvars.ContextVar[_RequestScope | None] = contextvars.ContextVar(
+    "mepd_request", default=None
+)
+
+
+@contextlib.contextmanager
+def request_scope(request_id: str) -> Iterator[None]:
+    """While a request is served, ``current_request_id()`` is ``request_id`` — in the
+    request's task and in tasks it starts, but only until the request ends."""
+    scope = _RequestScope(request_id)
+    token = _REQUEST.set(scope)
+    try:
+        yield
+    finally:
+        scope.active = False
+        _REQUEST.reset(token)
+
+
+def current_request_id() -> str | None:
+    scope = _REQUEST.get()
+    return scope.request_id if scope is not None and scope.active else None
+
+
+def _add_request_id(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    request_id = current_request_id()
+    if request_id is not None:
+        event.setdefault("request_id", request_id)
+    return event
+
+
+def _cap_fields(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    for key, value in event.items():
+        if type(value) is str and len(value) > MAX_FIELD_CHARS and key != "exception":
+            event[key] = cap_text(value)
+    return event
+
+
 def _add_timestamp(
     _logger: Any, _method: str, event: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
@@ -63,8 +127,10 @@ def _processors() -> list[Any]:
     """What every line goes through before rendering, structlog's and stdlib's alike."""
     return [
         structlog.contextvars.merge_contextvars,
+        _add_request_id,
         structlog.processors.add_log_level,
         _add_timestamp,
+        _cap_fields,
     ]
 
 

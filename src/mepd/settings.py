@@ -117,6 +117,44 @@ _ISSUER_SCHEMAS: dict[str, dict[str, Any]] = {
     },
 }
 
+# -- the HTTP edge (mepd.edge, mepd.ratelimit) ------------------------------------------
+# ``edge:`` bounds what one connection, one peer and one identity can hold or send:
+#   header_timeout            s a connection may take to send a request's headers (then closed)
+#   body_timeout              s from the headers to the end of the body (then 408)
+#   max_connections           open connections in total (default: half the fd limit)
+#   max_connections_per_peer  open connections from one IP address
+#   rate, burst               requests per second per identity (token bucket; 429 beyond)
+EDGE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "header_timeout": _POS_NUM,
+        "body_timeout": _POS_NUM,
+        "max_connections": _POS_INT,
+        "max_connections_per_peer": _POS_INT,
+        "rate": _POS_NUM,
+        "burst": _POS_INT,
+    },
+}
+
+
+@attrs.frozen
+class EdgeSettings:
+    """The ``edge:`` section (see ``EDGE_SCHEMA``); ``max_connections`` None: derived from
+    the process's file-descriptor limit when the daemon starts."""
+
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    max_connections: int | None = None
+    max_connections_per_peer: int = 256
+    rate: float = 200.0
+    burst: int = 400
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> EdgeSettings:
+        return cls(**dict(data))
+
+
 SETTINGS_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "mepd settings",
@@ -154,6 +192,7 @@ SETTINGS_SCHEMA: dict[str, Any] = {
         },
         "python": _PATH,
         "durability": {"enum": ["normal", "full"]},
+        "edge": EDGE_SCHEMA,
         "spawn": {
             "type": "object",
             "additionalProperties": False,
@@ -512,6 +551,7 @@ class Settings:
     durability: str = "normal"
     spawn: Mapping[str, Any] = attrs.field(factory=dict)
     limits: Limits = Limits()
+    edge: EdgeSettings = EdgeSettings()
     issuers: tuple[IssuerSettings, ...] = (IssuerSettings(type="local"),)
 
     @property
@@ -563,6 +603,7 @@ class Settings:
             durability=data.get("durability", "normal"),
             spawn=dict(data.get("spawn") or {}),
             limits=Limits.from_mapping(data.get("limits") or {}),
+            edge=EdgeSettings.from_mapping(data.get("edge") or {}),
             issuers=tuple(
                 IssuerSettings.from_mapping(raw, base_dir=base_dir)
                 for raw in data.get("issuers") or [{"type": "local"}]

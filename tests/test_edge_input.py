@@ -1,0 +1,233 @@
+"""Strict input, request ids, fixed public messages and per-identity rate limits, through
+the real Starlette app in process (real tokens, store and audit log; fake site and user
+endpoints from tests/daemon_harness.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from mepcore.errors import REASONS, ConfigError, Violation
+from mepd.api import create_app, error_response
+from mepd.audit import AuditLog
+from mepd.ratelimit import RateLimiter
+from mepd.registry import error_from_frame
+from mepd.settings import EdgeSettings
+from mepd.uep.server import error_fields
+from tests.daemon_harness import PipelineKit, b64, make_pipeline
+
+ALICE = "alice@example.org"
+BOB = "bob@example.org"
+Scenario = Callable[[httpx.AsyncClient, PipelineKit], Awaitable[None]]
+
+
+def run(tmp_path: Path, scenario: Scenario, edge: EdgeSettings | None = None) -> PipelineKit:
+    kit = make_pipeline(tmp_path)
+    app = create_app(kit.pipeline, kit.pipeline.limits, edge)
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://mepd") as client:
+            await scenario(client, kit)
+
+    asyncio.run(main())
+    return kit
+
+
+def refused(r: httpx.Response, status: int, reason: str) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json"
+    error = r.json()["error"]
+    assert error["reason"] == reason
+    assert error["message"] == REASONS[reason]
+    assert r.headers["x-request-id"]
+    return dict(error)
+
+
+JSON = {"Content-Type": "application/json"}
+
+
+def test_duplicate_keys_bom_and_non_json_are_refused(tmp_path: Path) -> None:
+    async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
+        h = kit.headers(ALICE)
+        fn = b64(b"fn")
+        dup = f'{{"function": "{fn}", "function": "{fn}"}}'.encode()
+        r = await client.post("/v1/functions", content=dup, headers={**h, **JSON})
+        refused(r, 400, "api.bad_request")
+        nested = f'{{"function": "{fn}", "name": "f", "source": "x", "name": "g"}}'.encode()
+        r = await client.post("/v1/functions", content=nested, headers={**h, **JSON})
+        refused(r, 400, "api.bad_request")
+        good = json.dumps({"function": fn}).encode()
+        r = await client.post("/v1/functions", content=b"\xef\xbb\xbf" + good, headers=h | JSON)
+        refused(r, 400, "api.bad_request")
+        r = await client.post(
+            "/v1/functions", content=good.decode().encode("utf-16"), headers=h | JSON
+        )
+        refused(r, 400, "api.bad_request")
+        r = await client.post(
+            "/v1/tasks/wait", content=b'{"task_ids": [], "timeout": NaN}', headers=h | JSON
+        )
+        refused(r, 400, "api.bad_request")
+        for kind in (
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "application/json; charset=latin-1",
+        ):
+            r = await client.post(
+                "/v1/functions", content=good, headers={**h, "Content-Type": kind}
+            )
+            refused(r, 415, "api.unsupported_media_type")
+        r = await client.post("/v1/functions", data={"function": fn}, headers=h)
+        refused(r, 415, "api.unsupported_media_type")
+        # The same body, properly typed, is accepted.
+        r = await client.post("/v1/functions", content=good, headers=h | JSON)
+        assert r.status_code == 200, r.text
+
+    run(tmp_path, scenario)
+
+
+@pytest.mark.parametrize("body", [b"false", b"[]", b"0", b'"x"', b"null", b'{"account": 3}'])
+def test_a_stop_body_that_is_not_the_schema_is_400(tmp_path: Path, body: bytes) -> None:
+    async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
+        r = await client.post(
+            "/v1/endpoints/hpc/stop", content=body, headers=kit.headers(ALICE) | JSON
+        )
+        error = refused(r, 400, "api.bad_request")
+        assert error["violations"]
+        # No body at all is still "stop mine".
+        r = await client.post("/v1/endpoints/hpc/stop", headers=kit.headers(ALICE))
+        assert r.status_code == 200, r.text
+
+    run(tmp_path, scenario)
+
+
+def test_405_says_which_methods_are_allowed(tmp_path: Path) -> None:
+    async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
+        r = await client.put("/v1/tasks/abc", headers=kit.headers(ALICE))
+        refused(r, 405, "api.method_not_allowed")
+        assert set(r.headers["allow"].split(", ")) == {"GET", "HEAD", "DELETE"}
+        r = await client.get("/v1/functions")
+        refused(r, 405, "api.method_not_allowed")
+        assert r.headers["allow"] == "POST"
+        r = await client.get("/nowhere")
+        refused(r, 404, "api.not_found")
+
+    run(tmp_path, scenario)
+
+
+def test_every_answer_has_a_request_id_echoed_only_when_plain(tmp_path: Path) -> None:
+    seen: dict[str, str] = {}
+
+    async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
+        for given, kept in [
+            ("client-id.1:a_b", True),
+            ("x" * 128, True),
+            ("x" * 129, False),
+            ("two words", False),
+            ("new\nline", False),
+            ("é", False),
+        ]:
+            try:
+                r = await client.post(
+                    "/v1/functions",
+                    json={"function": b64(b"fn")},
+                    headers={**kit.headers(ALICE), "X-Request-ID": given},
+                )
+            except (httpx.LocalProtocolError, UnicodeEncodeError):
+                continue  # the client itself would not send it
+            answered = r.headers["x-request-id"]
+            assert (answered == given) is kept, (given, answered)
+            if not kept:
+                assert len(answered) == 32 and int(answered, 16) >= 0
+            seen[given] = answered
+        for r in (
+            await client.get("/nowhere"),
+            await client.delete("/v1/functions"),
+            await client.get("/healthz"),
+            await client.get("/v1/tasks/abc"),  # 401
+        ):
+            assert len(r.headers["x-request-id"]) == 32, r
+
+    kit = run(tmp_path, scenario)
+    # The id is in the audit record of the request.
+    records = [json.loads(x) for x in (kit.state_dir / "audit.jsonl").read_text().splitlines()]
+    registered = [r for r in records if r["event"] == "function.registered"]
+    assert registered and registered[0]["request_id"] == "client-id.1:a_b"
+
+
+def test_a_flooding_identity_gets_429_while_another_is_served(tmp_path: Path) -> None:
+    async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
+        alice, bob = kit.headers(ALICE), kit.headers(BOB)
+        codes = [(await client.get("/v1/tasks/none", headers=alice)).status_code for _ in range(30)]
+        assert codes[:5] == [404] * 5  # the burst
+        assert 429 in codes[5:]
+        r = await client.get("/v1/tasks/none", headers=alice)
+        refused(r, 429, "api.rate_limited")
+        assert int(r.headers["retry-after"]) >= 1
+        # Bob has a bucket of his own.
+        r = await client.get("/v1/tasks/none", headers=bob)
+        refused(r, 404, "task.not_found")
+        # Unauthenticated and service routes are not counted against anyone.
+        assert (await client.get("/healthz")).status_code == 200
+
+    run(tmp_path, scenario, EdgeSettings(rate=0.5, burst=5))
+
+
+def test_token_bucket_refills_at_its_rate() -> None:
+    now = [100.0]
+    limiter = RateLimiter(rate=2.0, burst=3, max_keys=2, clock=lambda: now[0])
+    assert [limiter.take("a") for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert limiter.take("a") == pytest.approx(0.5)
+    now[0] += 0.5
+    assert limiter.take("a") == 0.0
+    assert limiter.take("a") > 0.0
+    assert RateLimiter.retry_after(0.01) == 1 and RateLimiter.retry_after(2.2) == 3
+    limiter.take("b")
+    limiter.take("c")  # over max_keys: "a", the least recent, is forgotten
+    assert "a" not in limiter._buckets and len(limiter._buckets) == 2
+
+
+def test_public_messages_come_from_the_table_not_from_the_exception() -> None:
+    # What a user endpoint reports when the admin's template uses an undefined name.
+    raised = ConfigError(
+        "config.undefined_variable",
+        "template.j2:7: 'lipsum' is undefined",
+        public_message="'lipsum' is undefined (template.j2:7)",
+        violations=[Violation("template.j2:7", "'lipsum' is undefined", "undefined")],
+    )
+    error = error_from_frame(error_fields(raised))
+    response = error_response(error)
+    text = bytes(response.body).decode()
+    assert "lipsum" not in text and "template.j2" not in text, text
+    assert json.loads(text) == {
+        "error": {
+            "reason": "config.undefined_variable",
+            "message": REASONS["config.undefined_variable"],
+        }
+    }
+    # A caller's own variables still get their violations.
+    mine = ConfigError("config.invalid_variables", violations=[Violation("$.workers", "too big")])
+    assert json.loads(bytes(error_response(mine).body))["error"]["violations"] == [
+        {"path": "$.workers", "message": "too big", "code": "invalid"}
+    ]
+
+
+def test_audit_fields_are_capped_with_a_marker(tmp_path: Path) -> None:
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    audit.open()
+    audit.record(
+        "auth.failed", identity="a\nb\x1b" + "x" * 6000, lines=[str(i) for i in range(500)]
+    )
+    audit.close()
+    (line,) = (tmp_path / "audit.jsonl").read_text().splitlines()
+    record = json.loads(line)
+    assert len(record["identity"]) < 1100
+    assert record["identity"].startswith("a\nb\x1b")
+    assert record["identity"].endswith("...[4980 more characters cut]")
+    assert len(record["lines"]) == 101 and record["lines"][-1] == "...[400 more items cut]"
