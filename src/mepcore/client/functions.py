@@ -1,15 +1,16 @@
 """Shell commands and MPI applications as functions: ``ShellFunction``, ``MPIFunction``.
 
 A ``ShellFunction`` is a command template; submitting it (``Executor.submit(fn,
-name=value, …)`` or ``map``) runs the command on the endpoint, as the mapped account,
-in a new session under ``/bin/bash -c``. ``{name}`` fields are filled from the keyword
-arguments, each value shell-quoted (``shlex.quote``), so a value is always one word and
-never more shell. The result is a ``ShellResult``: the return code and the *tails* of
-stdout and stderr (at most ``max_output_bytes`` each, the rest dropped and flagged), so
-that the result fits the endpoint's result limit (10 MiB unless the administrator set
-another; a larger result fails with ``task.result_too_large``). A command that runs
-longer than ``walltime`` seconds has its whole process group killed and reports return
-code 124, as ``timeout(1)`` does.
+name=value, …)`` or ``map``) runs the command on the endpoint, as the mapped account, in
+a new session under ``/bin/bash -c``. ``{name}`` fields are filled from the keyword
+arguments (or, in order, from positional ones), each value shell-quoted
+(``shlex.quote``), so a value is always one word and never more shell. The result is a
+``ShellResult``: the return code and the *tails* of stdout and stderr (at most
+``max_output_bytes`` each, the rest dropped and flagged), so that the result fits the
+endpoint's result limit (10 MiB unless the administrator set another; a larger result
+fails with ``task.result_too_large``). A command that runs longer than ``walltime``
+seconds has its whole process group killed and reports return code 124, as
+``timeout(1)`` does.
 
 A failing command is a result, not an exception: its return code is in the
 ``ShellResult``. With ``check=True`` a non-zero code raises
@@ -132,8 +133,15 @@ class ShellFunction:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.cmd!r})"
 
-    def command(self, **kwargs: Any) -> str:
-        """The command line for these arguments (each value shell-quoted)."""
+    def command(self, *args: Any, **kwargs: Any) -> str:
+        """The command line for these arguments (each value shell-quoted); positional
+        arguments fill the fields in the order they first appear (so ``map`` works)."""
+        if len(args) > len(self.fields):
+            raise TypeError(f"{self.__name__}: {len(args)} arguments for {self.cmd!r}")
+        for field, value in zip(self.fields, args, strict=False):
+            if field in kwargs:
+                raise TypeError(f"{self.__name__}: {field} given twice")
+            kwargs[field] = value
         missing = [f for f in self.fields if f not in kwargs]
         if missing:
             raise TypeError(f"{self.__name__}: missing arguments {missing} for {self.cmd!r}")
@@ -142,8 +150,8 @@ class ShellFunction:
             raise TypeError(f"{self.__name__}: unexpected arguments {extra} for {self.cmd!r}")
         return self.cmd.format(**{k: shlex.quote(str(v)) for k, v in kwargs.items()})
 
-    def __call__(self, **kwargs: Any) -> ShellResult:
-        return self.run(self.command(**kwargs))
+    def __call__(self, *args: Any, **kwargs: Any) -> ShellResult:
+        return self.run(self.command(*args, **kwargs))
 
     def run(self, command: str, env: Mapping[str, str] | None = None) -> ShellResult:
         """Run a finished command line (here, in this process's environment)."""
@@ -179,13 +187,13 @@ class MPIFunction(ShellFunction):
     ``GlobusMPIEngine``, with a ``resource_specification`` (``num_nodes``,
     ``ranks_per_node``, ``num_ranks``, ``launcher_options``) on the ``Executor``."""
 
-    def command(self, **kwargs: Any) -> str:
-        return "$PARSL_MPI_PREFIX " + super().command(**kwargs)
+    def command(self, *args: Any, **kwargs: Any) -> str:
+        return "$PARSL_MPI_PREFIX " + super().command(*args, **kwargs)
 
-    def __call__(self, **kwargs: Any) -> ShellResult:
+    def __call__(self, *args: Any, **kwargs: Any) -> ShellResult:
         if not os.environ.get("PARSL_MPI_PREFIX"):
             raise RuntimeError(
                 "MPIFunction needs an endpoint whose engine is GlobusMPIEngine "
                 "(no MPI launcher was set up for this task)"
             )
-        return super().__call__(**kwargs)
+        return super().__call__(*args, **kwargs)
