@@ -205,3 +205,75 @@ def test_mepd_serve_refuses_an_empty_store_and_fresh_store_starts(tmp_path: Path
     (aside,) = [p for p in state.iterdir() if p.name.endswith(".bad")]
     assert aside.stat().st_size == 0
     assert (state / "tasks.sqlite3").stat().st_size > 0
+
+
+def check_store(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mepd", "check", "--config", str(config), "--store"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_mepd_check_store_reports_damaged_records_and_writes_nothing(tmp_path: Path) -> None:
+    from tests.daemon_harness import write_deployment
+
+    config = write_deployment(tmp_path / "site", python=sys.executable)
+    state = tmp_path / "site" / "state"
+    state.mkdir(mode=0o700)
+    missing = check_store(config)
+    assert missing.returncode == 0, missing.stderr
+    assert "no store yet" in missing.stdout and not (state / "tasks.sqlite3").exists()
+
+    store = TaskStore.open(state / "tasks.sqlite3")
+    store.add_tasks([task(i) for i in range(4)], state="dispatched", now=1.0)
+    store.finish([Outcome("t0", "success", None, b"r")], now=2.0)
+    store.close()
+    healthy = check_store(config)
+    assert healthy.returncode == 0, healthy.stderr
+    assert "tasks: 3 dispatched, 1 success" in healthy.stdout
+
+    with sqlite3.connect(state / "tasks.sqlite3") as db:
+        db.execute("UPDATE tasks SET state='exploded' WHERE id='t2'")
+    db.close()
+    before = (state / "tasks.sqlite3").read_bytes()
+    damaged = check_store(config)
+    assert damaged.returncode == 2
+    assert "store: " in damaged.stderr and "task t2: record damaged" in damaged.stderr
+    assert "t1" not in damaged.stderr
+    assert (state / "tasks.sqlite3").read_bytes() == before  # read-only
+
+
+@pytest.mark.parametrize("kind", ["empty", "foreign", "newer"])
+def test_mepd_check_store_names_a_file_the_daemon_would_refuse(tmp_path: Path, kind: str) -> None:
+    from tests.daemon_harness import write_deployment
+
+    config = write_deployment(tmp_path / "site", python=sys.executable)
+    state = tmp_path / "site" / "state"
+    state.mkdir(mode=0o700)
+    path = state / "tasks.sqlite3"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "foreign":
+        with sqlite3.connect(path) as db:
+            db.execute("CREATE TABLE photos (id INTEGER)")
+        db.close()
+    else:
+        TaskStore.open(path).close()
+        with sqlite3.connect(path) as db:
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+        db.close()
+    before = path.read_bytes()
+    refused = check_store(config)
+    assert refused.returncode == 2
+    expected = {"empty": "empty", "foreign": "foreign database", "newer": "is newer than"}
+    assert expected[kind] in refused.stderr and str(path) in refused.stderr
+    assert path.read_bytes() == before
+    without = subprocess.run(
+        [sys.executable, "-m", "mepd", "check", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert without.returncode == 0, without.stderr  # the store is checked only when asked

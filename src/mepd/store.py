@@ -573,3 +573,56 @@ def set_aside(path: Path, clock: Callable[[], float] = time.time) -> Path:
         if source.exists():
             os.replace(source, aside.with_name(aside.name + suffix))
     return aside
+
+
+@attrs.frozen
+class StoreReport:
+    """What ``mepd check --store`` found in a store file, read without writing to it."""
+
+    path: Path
+    problems: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    damaged: tuple[str, ...] = ()
+    counts: dict[str, int] = attrs.field(factory=dict)
+
+
+def inspect_store(path: Path) -> StoreReport:
+    """Open ``path`` read-only and report: a file the daemon would refuse (empty, foreign,
+    newer, unreadable), ``PRAGMA integrity_check`` findings, the damaged task records and
+    the tasks per state. Nothing is created, migrated or written."""
+    if not path.exists():
+        return StoreReport(path, notes=(f"{path}: no store yet (the first start creates it)",))
+    if path.stat().st_size == 0:
+        return StoreReport(path, problems=(f"{path}: the file is empty (0 bytes)",))
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        return StoreReport(path, problems=(f"{path}: cannot be opened: {exc}",))
+    try:
+        return _inspect(path, db)
+    except sqlite3.DatabaseError as exc:
+        return StoreReport(path, problems=(f"{path}: not a usable task store: {exc}",))
+    finally:
+        db.close()
+
+
+def _inspect(path: Path, db: sqlite3.Connection) -> StoreReport:
+    version = int(db.execute("PRAGMA user_version").fetchone()[0])
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if version > SCHEMA_VERSION:
+        return StoreReport(
+            path, problems=(f"{path}: schema version {version} is newer than {SCHEMA_VERSION}",)
+        )
+    if not tables >= _TABLES:
+        return StoreReport(path, problems=(f"{path}: foreign database: tables {sorted(tables)}",))
+    notes: tuple[str, ...] = ()
+    if version < SCHEMA_VERSION:
+        notes = (f"{path}: schema version {version}; the next start migrates it",)
+    integrity = tuple(f"{path}: integrity: {line}" for line in _integrity(db))
+    store = TaskStore(path, db)
+    damaged = tuple(store.damaged_records())
+    problems = (*integrity, *(f"{path}: task {t}: record damaged" for t in damaged))
+    counts: dict[str, int] = {}
+    with contextlib.suppress(sqlite3.DatabaseError):  # already among the problems
+        counts = store.counts_by_state()
+    return StoreReport(path, problems, notes, damaged, counts)

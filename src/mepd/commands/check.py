@@ -16,6 +16,11 @@ start and reload apply): every file root would read, load or execute, along its 
 path. A file that fails is not even read: its endpoint (or issuers, TLS) is reported
 and not loaded further.
 
+With ``--store``, the task store in the state directory as well, read-only
+(``mepd.store.inspect_store``): a file the daemon would refuse, ``PRAGMA
+integrity_check`` findings and each damaged task record are problems; the tasks per
+state are printed.
+
 Exit status: 0 everything loads, 2 at least one problem (each on its own stderr line).
 """
 
@@ -39,6 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--json",
         action="store_true",
         help='print {"config", "valid", "problems"} as JSON (the problems also on stderr)',
+    )
+    parser.add_argument(
+        "--store",
+        action="store_true",
+        help="also check the task store (read-only): integrity and damaged records",
     )
 
 
@@ -180,8 +190,31 @@ def _state_dir_problems(settings: Settings) -> list[str]:
     return []
 
 
+def _store_problems(config: str) -> list[str]:
+    """The task store of ``config``'s state directory, read-only; its notes and the
+    tasks per state go to stdout."""
+    from mepcore.errors import MepError
+    from mepd.daemon import STORE_FILE
+    from mepd.settings import Settings
+    from mepd.store import inspect_store
+
+    try:
+        settings = Settings.from_file(config)
+    except MepError:
+        return []  # reported with the settings
+    report = inspect_store(settings.state_dir / STORE_FILE)
+    for note in report.notes:
+        sys.stdout.write(f"mepd check: store: {note}\n")
+    if report.counts:
+        counts = ", ".join(f"{n} {state}" for state, n in sorted(report.counts.items()))
+        sys.stdout.write(f"mepd check: store: {report.path}: tasks: {counts}\n")
+    return [f"store: {problem}" for problem in report.problems]
+
+
 def run(args: argparse.Namespace) -> int:
     problems = collect_problems(args.config)
+    if args.store:
+        problems += _store_problems(args.config)
     for problem in problems:
         sys.stderr.write(f"mepd check: {problem}\n")
     if args.json:
