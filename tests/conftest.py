@@ -148,3 +148,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         line = ", ".join(f"{n} {k}" for k, n in counts.items())
         why = f" ({'; '.join(sorted(reasons))})" if reasons else ""
         terminalreporter.write_line(f"slurm suite: {line} in {seconds:.1f} s{why}")
+
+
+# -- a real OpenID provider (tests/oidc/), started once per session when needed ---------
+
+from tests.oidc.fixture import oidc_provider  # noqa: E402, F401

@@ -102,6 +102,8 @@ def test_claims_become_identity_fields_under_the_issuers_names() -> None:
         "username": "carol",
         "email": "c@x.org",
         "name": "Carol",
+        "identity_provider": "https://idp",
+        "iss": "https://idp",
     }
     assert caller.auth_time == 7.0  # the issuer's auth_time claim, not iat
     assert caller.owner == "https://idp|u1"
@@ -109,7 +111,11 @@ def test_claims_become_identity_fields_under_the_issuers_names() -> None:
 
 def test_fields_of_the_wrong_type_are_left_out() -> None:
     caller = caller_from_claims({"sub": "u1", "preferred_username": 5, "email": None}, NAMES, "i")
-    assert dict(caller.identities.primary.fields) == {"id": "u1"}
+    assert dict(caller.identities.primary.fields) == {
+        "id": "u1",
+        "identity_provider": "i",
+        "iss": "i",
+    }
 
 
 @pytest.mark.parametrize(
@@ -155,7 +161,7 @@ def test_linked_identities_strings_and_documents_once_each() -> None:
         "i",
     )
     assert [dict(i.fields) for i in caller.identities] == [
-        {"id": "u1"},
+        {"id": "u1", "identity_provider": "i", "iss": "i"},
         {"id": "u2"},
         {"id": "u3", "username": "c@other.org", "status": "used"},
     ]
@@ -308,7 +314,8 @@ def test_a_local_token_is_checked_against_the_local_issuer_itself(tmp_path: Path
 
     async def go() -> None:
         async with httpx.AsyncClient() as http:
-            await verifier.verify(token, jwt.get_unverified_header(token), http)
+            header = jwt.get_unverified_header(token)
+            await verifier.verify(token, header, http, time.monotonic())
 
     with pytest.raises(AuthError) as info:
         asyncio.run(go())
@@ -405,7 +412,8 @@ def oidc(key: Any, kid: str | None = None, *, alg: str = "RS256", **changes: Any
     claims = {"iss": "https://idp", "aud": "api", "sub": "u-1", "iat": now, "exp": now + 600}
     claims.update(changes)
     claims = {k: v for k, v in claims.items() if v is not None}
-    return jwt.encode(claims, key, algorithm=alg, headers={"kid": kid} if kid else None)
+    headers = {"typ": "at+jwt", **({"kid": kid} if kid else {})}
+    return jwt.encode(claims, key, algorithm=alg, headers=headers)
 
 
 def file_issuer(tmp_path: Path, keys: list[dict[str, Any]], **settings: Any) -> Authenticator:
@@ -600,7 +608,7 @@ def test_known_keys_are_not_fetched_again_and_survive_a_reload(
     accepted(auth, oidc(a, "k1"))
     assert server.hits["/jwks"] == 1
     for verifier in auth._jwt.values():
-        verifier._fetched_at -= 3600  # a refresh would be allowed now...
+        verifier.cache.fetch_started -= 3600  # a fetch would be allowed now...
     accepted(auth, oidc(a, "k1", sub="u-2"))
     assert server.hits["/jwks"] == 1  # ...but a known key needs none
     auth.load()  # a reload keeps the keys fetched from a URL

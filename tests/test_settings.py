@@ -74,6 +74,9 @@ def test_every_violation_is_reported_with_its_key() -> None:
                 "issuer": "https://idp",
                 "audience": "a",
                 "algorithms": ["HS256", "none"],
+                # At most one of them (neither: discovery from the issuer).
+                "jwks_file": "jwks.json",
+                "jwks_url": "https://idp/jwks",
             }
         ],
         "min_uid": 0,

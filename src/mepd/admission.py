@@ -178,6 +178,7 @@ class Admission:
                 "identity.mapping_failed",
                 endpoint=site.name,
                 identities=audit_ids,
+                issuer=caller.issuer,
                 reason=exc.admin_reason,  # the specific code; the caller sees exc.reason
                 public_reason=exc.reason,
                 detail=exc.detail,
@@ -187,6 +188,7 @@ class Admission:
             "identity.mapping_resolved",
             endpoint=site.name,
             identities=audit_ids,
+            issuer=caller.issuer,
             account=account.name,
             uid=account.uid,
         )
@@ -204,6 +206,7 @@ class Admission:
                 "authz.decided",
                 endpoint=site.name,
                 identity=caller.identities.primary.id,
+                issuer=caller.issuer,
                 account=account.name,
                 object=obj,
                 action=action,

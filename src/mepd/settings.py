@@ -99,11 +99,21 @@ _ISSUER_SCHEMAS: dict[str, dict[str, Any]] = {
             },
             "leeway": {"type": "number", "minimum": 0, "maximum": 300},
             "claims": _CLAIMS_SCHEMA,
+            # The JOSE "typ" header values taken as access tokens ("at+jwt" per RFC 9068;
+            # "application/" may be left out; "" accepts a token without "typ").
+            "token_types": {
+                "type": "array",
+                "minItems": 1,
+                "items": {"type": "string", "maxLength": 64},
+            },
+            # Bounds on how long a fetched JWKS is used (its Cache-Control max-age).
+            "jwks_min_age": {"type": "number", "minimum": 1, "maximum": 86400},
+            "jwks_max_age": {"type": "number", "minimum": 1, "maximum": 7 * 86400},
         },
     },
     "introspection": {
         "additionalProperties": False,
-        "required": ["url", "client_id", "client_secret_file"],
+        "required": ["client_id", "client_secret_file"],
         "properties": {
             "type": {"const": "introspection"},
             "url": {"type": "string", "pattern": "^https?://"},
@@ -113,6 +123,8 @@ _ISSUER_SCHEMAS: dict[str, dict[str, Any]] = {
             "client_secret_file": _PATH,
             "cache_seconds": {"type": "number", "minimum": 0},
             "claims": _CLAIMS_SCHEMA,
+            # Answers without a subject (client credentials): the client id is the id.
+            "accept_client_tokens": {"type": "boolean"},
         },
     },
 }
@@ -378,10 +390,14 @@ def _duplicate_endpoint_violations(endpoints: Any) -> list[Violation]:
 def _issuer_violations(issuers: Any) -> list[Violation]:
     violations = []
     for i, raw in enumerate(issuers):
-        jwt_issuer = isinstance(raw, Mapping) and raw.get("type") == "jwt"
-        if jwt_issuer and ("jwks_file" in raw) == ("jwks_url" in raw):
+        kind = raw.get("type") if isinstance(raw, Mapping) else None
+        if kind == "jwt" and "jwks_file" in raw and "jwks_url" in raw:
+            violations.append(Violation(f"$.issuers[{i}]", "at most one of jwks_file, jwks_url"))
+        if kind == "introspection" and "url" not in raw and "issuer" not in raw:
+            violations.append(Violation(f"$.issuers[{i}]", "needs url, or issuer (for discovery)"))
+        if kind == "jwt" and raw.get("jwks_min_age", 0) > raw.get("jwks_max_age", 1e9):
             violations.append(
-                Violation(f"$.issuers[{i}]", "needs exactly one of jwks_file, jwks_url")
+                Violation(f"$.issuers[{i}].jwks_min_age", "greater than jwks_max_age")
             )
     kinds = [i.get("type") for i in issuers if isinstance(i, Mapping)]
     if kinds.count("local") > 1:
@@ -440,7 +456,13 @@ _ISSUER_VALUE_KEYS = (
     "client_id",
     "cache_seconds",
     "max_ttl",
+    "jwks_min_age",
+    "jwks_max_age",
+    "accept_client_tokens",
 )
+
+# RFC 9068 access tokens; an OpenID provider's ID token never carries this type.
+DEFAULT_TOKEN_TYPES = ("at+jwt",)
 
 
 @attrs.frozen
@@ -460,6 +482,16 @@ class IssuerSettings:
     client_secret_file: Path | None = None
     cache_seconds: float = 300.0
     max_ttl: int = 30 * 24 * 3600
+    token_types: tuple[str, ...] = DEFAULT_TOKEN_TYPES
+    jwks_min_age: float = 60.0
+    jwks_max_age: float = 24 * 3600.0
+    accept_client_tokens: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        # An introspection issuer without an ``issuer`` is named by its URL (part of
+        # the identity and of task ownership, never the local issuer's name).
+        if self.type == "introspection" and self.issuer == "mepd-local" and self.url:
+            object.__setattr__(self, "issuer", self.url)
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], *, base_dir: Path) -> IssuerSettings:
@@ -468,6 +500,7 @@ class IssuerSettings:
             type=data["type"],
             **{k: v for k, v in data.items() if k in _ISSUER_VALUE_KEYS},
             algorithms=tuple(data.get("algorithms") or DEFAULT_ALGORITHMS),
+            token_types=tuple(data.get("token_types") or DEFAULT_TOKEN_TYPES),
             claims=ClaimNames.from_mapping(data.get("claims") or {}),
             jwks_file=_resolve_optional(base_dir, data.get("jwks_file")),
             client_secret_file=_resolve_optional(base_dir, data.get("client_secret_file")),

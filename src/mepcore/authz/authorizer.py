@@ -60,11 +60,15 @@ def _check_text(name: str, value: object) -> None:
 
 
 def principals_of(identities: IdentitySet, account: Account | None) -> tuple[str, ...]:
-    """The principals of a caller, in order and without repeats: for each identity
-    ``id:<id>``, ``username:<username>`` and ``domain:<domain>`` (the last two when
-    set), then, when the caller was mapped to a local account, ``user:<name>`` and
+    """The principals of a caller, in order and without repeats: ``issuer:<iss>`` (the
+    token issuer, the ``iss`` field of the primary identity, when set), for each
+    identity ``id:<id>``, ``username:<username>`` and ``domain:<domain>`` (the last two
+    when set), then, when the caller was mapped to a local account, ``user:<name>`` and
     ``group:<group>`` for each of the account's groups."""
     found: list[str] = []
+    issuer = identities.primary.get("iss")
+    if isinstance(issuer, str) and issuer:
+        found.append(f"issuer:{issuer}")
     for identity in identities:
         found.append(f"id:{identity.id}")
         if identity.username:
@@ -87,8 +91,9 @@ def _principals(value: Iterable[str]) -> tuple[str, ...]:
 class AuthzRequest:
     """What is asked, by whom: built by the daemon after identity mapping.
 
-    ``principals`` are ``id:<identity id>``, ``username:<name>``, ``domain:<domain>``,
-    ``user:<local account>``, ``group:<local group>``; ``auth_age`` is the age of the
+    ``principals`` are ``issuer:<token issuer>``, ``id:<identity id>``,
+    ``username:<name>``, ``domain:<domain>``, ``user:<local account>``,
+    ``group:<local group>``; ``auth_age`` is the age of the
     authentication in seconds; ``uid`` the mapped local uid.
     """
 
