@@ -50,7 +50,7 @@ from jinja2.visitor import NodeTransformer
 
 from mepcore.config.limits import RenderLimits, VariableLimits
 from mepcore.config.variables import RESERVED_NAMES, structural_violations
-from mepcore.errors import ConfigError, TemplateConfigError, Violation
+from mepcore.errors import ConfigError, MepError, TemplateConfigError, Violation
 from mepcore.types import Account, Identity
 
 DEFAULT_TEMPLATE_NAME = "user_config_template.yaml.j2"
@@ -701,69 +701,88 @@ def render_template(
     most = limits.max_violations
     context_vars = _wrap_checked(variables, "variables", variable_limits, RESERVED_NAMES, most)
     runtime = _wrap_checked(user_runtime, "user_runtime", variable_limits, frozenset(), most)
+    context = _context(context_vars, runtime, mapped, parent_config, environment)
+    texts = dict(includes or {})
+    texts[template_name] = template_text
+    sandbox = _BoundedSandbox(limits, texts)
+    try:
+        return _generate(sandbox, template_name, context, limits.max_output_bytes)
+    except ConfigError:
+        raise
+    except Exception as exc:  # every template failure becomes a reason code
+        raise _render_error(exc, list(texts), template_name) from exc
+
+
+def _context(
+    variables: Mapping[str, Any],
+    runtime: Mapping[str, Any],
+    mapped: MappedIdentity,
+    parent_config: Mapping[str, Any] | None,
+    environment: Mapping[str, str] | None,
+) -> dict[str, Any]:
+    """The names a template sees: the caller's variables, and what the daemon provides
+    both at the top level and under ``_GC`` (Globus Compute's spelling)."""
     identity = _template_identity(mapped)
     parent = plain_value(dict(parent_config or {}))
     env = plain_value(dict(environment or {}))
     gc = {"mapped_identity": identity, "user_runtime": runtime, "parent_config": parent, "env": env}
-    context: dict[str, Any] = dict(context_vars)
+    context: dict[str, Any] = dict(variables)
     context.update(
         {"_GC": gc, "mapped_identity": identity, "user_runtime": runtime, "parent_config": parent}
     )
+    return context
 
-    texts = dict(includes or {})
-    texts[template_name] = template_text
-    env = _BoundedSandbox(limits, texts)
-    names = list(texts)
-    try:
-        template = env.get_template(template_name)
-        out: list[str] = []
-        size = 0
-        for chunk in template.generate(context):
-            size += len(chunk.encode("utf-8", "surrogatepass"))
-            if size > limits.max_output_bytes:
-                raise env._refuse(f"output larger than {limits.max_output_bytes} bytes")
-            out.append(chunk)
-        return "".join(out)
-    except jinja2.TemplateSyntaxError as exc:
+
+def _generate(
+    sandbox: _BoundedSandbox, template_name: str, context: dict[str, Any], max_bytes: int
+) -> str:
+    """Render chunk by chunk, refusing output past ``max_bytes`` as it grows."""
+    template = sandbox.get_template(template_name)
+    out: list[str] = []
+    size = 0
+    for chunk in template.generate(context):
+        size += len(chunk.encode("utf-8", "surrogatepass"))
+        if size > max_bytes:
+            raise sandbox._refuse(f"output larger than {max_bytes} bytes")
+        out.append(chunk)
+    return "".join(out)
+
+
+# A failure while rendering, by kind: (reason, violation kind); the first match wins.
+_RENDER_FAILURES: tuple[tuple[type[BaseException], str, str], ...] = (
+    (RenderLimitExceeded, "config.render_limit", "render_limit"),
+    (jinja2.exceptions.SecurityError, "config.sandbox_violation", "sandbox"),
+    (jinja2.UndefinedError, "config.undefined_variable", "undefined"),
+)
+
+
+def _render_error(exc: BaseException, names: list[str], template_name: str) -> MepError:
+    """One reason code for any failure of a template, located where the template allows."""
+    if isinstance(exc, jinja2.TemplateSyntaxError):
         where = f"{exc.name or template_name}:{exc.lineno}"
-        raise TemplateConfigError(
+        return TemplateConfigError(
             "config.template_invalid",
             f"{where}: {exc.message}",
             violations=[Violation(where, str(exc.message), "syntax")],
-        ) from exc
-    except RenderLimitExceeded as exc:
-        where = _template_line(exc, names)
-        raise ConfigError(
-            "config.render_limit",
-            f"{where}: {exc}",
-            violations=[Violation(where or template_name, str(exc), "render_limit")],
-        ) from exc
-    except jinja2.exceptions.SecurityError as exc:
-        where = _template_line(exc, names)
-        raise ConfigError(
-            "config.sandbox_violation",
-            f"{where}: {exc}",
-            violations=[Violation(where or template_name, str(exc), "sandbox")],
-        ) from exc
-    except jinja2.UndefinedError as exc:
-        where = _template_line(exc, names)
-        raise ConfigError(
-            "config.undefined_variable",
-            f"{where}: {exc.message}",
-            violations=[Violation(where or template_name, str(exc.message), "undefined")],
-        ) from exc
-    except jinja2.TemplateNotFound as exc:
-        raise TemplateConfigError(
+        )
+    if isinstance(exc, jinja2.TemplateNotFound):
+        return TemplateConfigError(
             "config.template_invalid", f"included template not found: {exc.name!r}"
-        ) from exc
-    except (RecursionError, MemoryError) as exc:
-        raise ConfigError("config.render_limit", f"{type(exc).__name__} while rendering") from exc
-    except ConfigError:
-        raise
-    except Exception as exc:  # a template error of any other kind (TypeError, ZeroDivision…)
-        where = _template_line(exc, names)
-        raise ConfigError(
-            "config.render_failed",
-            f"{where}: {type(exc).__name__}: {exc}",
-            violations=[Violation(where or template_name, f"{type(exc).__name__}: {exc}", "error")],
-        ) from exc
+        )
+    if isinstance(exc, RecursionError | MemoryError):
+        return ConfigError("config.render_limit", f"{type(exc).__name__} while rendering")
+    where = _template_line(exc, names)
+    for kind, reason, violation in _RENDER_FAILURES:
+        if isinstance(exc, kind):
+            message = str(getattr(exc, "message", None) or exc)
+            return ConfigError(
+                reason,
+                f"{where}: {message}",
+                violations=[Violation(where or template_name, message, violation)],
+            )
+    message = f"{type(exc).__name__}: {exc}"
+    return ConfigError(
+        "config.render_failed",
+        f"{where}: {message}",
+        violations=[Violation(where or template_name, message, "error")],
+    )
