@@ -37,6 +37,7 @@ HELLO_C = r"""
 #include <mpi.h>
 #include <pwd.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <unistd.h>
 
 int main(int argc, char **argv) {
@@ -45,7 +46,9 @@ int main(int argc, char **argv) {
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     MPI_Comm_size(MPI_COMM_WORLD, &size);
     struct passwd *pw = getpwuid(geteuid());
-    printf("rank %d of %d as %s\n", rank, size, pw ? pw->pw_name : "?");
+    const char *job = getenv("SLURM_JOB_ID");
+    printf("rank %d of %d as %s in job %s\n", rank, size, pw ? pw->pw_name : "?",
+           job ? job : "none");
     MPI_Finalize();
     return 0;
 }
@@ -174,7 +177,7 @@ def test_a_four_rank_task_returns_four_ranks_as_the_mapped_account(
     assert isinstance(result, ShellResult)
     assert result.returncode == 0, (result.stderr, daemon.stderr()[-3000:])
     lines = sorted(result.stdout.splitlines())
-    assert lines == [f"rank {r} of 4 as {name}" for r in range(4)], result
+    assert lines == [f"rank {r} of 4 as {name} in job none" for r in range(4)], result
     assert result.cmd.startswith("$PARSL_MPI_PREFIX ")
 
 
@@ -190,8 +193,8 @@ def test_a_resource_specification_for_one_submit_replaces_the_executors(
         result = one.result(180)
     assert sorted(result.stdout.splitlines()) == [
         "done one",
-        f"rank 0 of 2 as {name}",
-        f"rank 1 of 2 as {name}",
+        f"rank 0 of 2 as {name} in job none",
+        f"rank 1 of 2 as {name} in job none",
     ]
 
 
