@@ -96,60 +96,13 @@ def _mpi_engine_schema(htex: Mapping[str, Any]) -> dict[str, Any]:
 
 def endpoint_config_schema() -> dict[str, Any]:
     """The JSON Schema (2020-12) of a rendered endpoint config (a fresh copy each call)."""
-    # Per provider and launcher type: the keys of its Parsl constructor (``keys``).
-    provider = provider_schema()
     max_workers = {"max_workers": {"type": "integer", "minimum": 1, "maximum": 4096}}
     engines = {
         "ThreadPoolEngine": _engine_schema("ThreadPoolEngine", max_workers),
         "ProcessPoolEngine": _engine_schema(
             "ProcessPoolEngine", {**max_workers, "prefetch": {"type": "integer", "minimum": 1}}
         ),
-        "GlobusComputeEngine": _engine_schema(
-            "GlobusComputeEngine",
-            {
-                "max_workers_per_node": {"type": "integer", "minimum": 1, "maximum": 4096},
-                "cores_per_worker": {"type": "number", "exclusiveMinimum": 0},
-                "mem_per_worker": {"type": "number", "exclusiveMinimum": 0},
-                "available_accelerators": {
-                    "oneOf": [
-                        {"type": "integer", "minimum": 0, "maximum": 1024},
-                        {"type": "array", "items": _NAME, "maxItems": 1024},
-                    ]
-                },
-                "prefetch_capacity": _COUNT,
-                "heartbeat_period": {"type": "integer", "minimum": 1, "maximum": 3600},
-                "heartbeat_threshold": {"type": "integer", "minimum": 1, "maximum": 86_400},
-                "max_idletime": {"type": "number", "minimum": 0, "maximum": 86_400},
-                # Parsl's scaling strategy (run inside the engine) and its poller's options
-                "strategy": {"enum": ["simple", "htex_auto_scale", "none"]},
-                "job_status_kwargs": {
-                    "type": "object",
-                    "properties": {
-                        "strategy": {"enum": ["simple", "htex_auto_scale", "none"]},
-                        "max_idletime": {"type": "number", "minimum": 0, "maximum": 86_400},
-                        "strategy_period": {
-                            "type": "number",
-                            "minimum": 0.1,
-                            "maximum": 86_400,
-                        },
-                    },
-                    "additionalProperties": False,
-                },
-                "max_retries_on_system_failure": {"type": "integer", "minimum": 0, "maximum": 100},
-                # where the interchange listens for workers; where run directories go
-                "address": _NAME,
-                "run_dir": {"type": "string", "minLength": 1, "maxLength": 4096},
-                "worker_debug": {"type": "boolean"},
-                # HighThroughputExecutor's own options, passed on as they are
-                "worker_port_range": _PORT_RANGE,
-                "interchange_port_range": _PORT_RANGE,
-                "poll_period": {"type": "integer", "minimum": 1, "maximum": 60_000},
-                "cpu_affinity": _NAME,
-                "drain_period": {"type": "integer", "minimum": 1},
-                "encrypted": {"type": "boolean"},
-                "provider": provider,
-            },
-        ),
+        "GlobusComputeEngine": _engine_schema("GlobusComputeEngine", _gc_engine_properties()),
     }
     engines["GlobusMPIEngine"] = _mpi_engine_schema(engines["GlobusComputeEngine"])
     return {
@@ -159,18 +112,7 @@ def endpoint_config_schema() -> dict[str, Any]:
         "type": "object",
         "properties": {
             "display_name": _NAME,
-            "engine": {
-                "type": "object",
-                "required": ["type"],
-                "properties": {"type": {"enum": list(ENGINE_TYPES)}},
-                "allOf": [
-                    {
-                        "if": {"properties": {"type": {"const": name}}, "required": ["type"]},
-                        "then": schema,
-                    }
-                    for name, schema in engines.items()
-                ],
-            },
+            "engine": _engine_choice(engines),
             "heartbeat_period": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
             "idle_heartbeats_soft": {"type": "integer", "minimum": 0, "maximum": 10_000_000},
             "idle_heartbeats_hard": {"type": "integer", "minimum": 0, "maximum": 10_000_000},
@@ -185,6 +127,67 @@ def endpoint_config_schema() -> dict[str, Any]:
             **ignored_properties(IGNORED_KEYS),
         },
         "additionalProperties": False,
+    }
+
+
+def _gc_engine_properties() -> dict[str, Any]:
+    """GlobusComputeEngine's keys; its provider's and launcher's are those of their Parsl
+    constructors (``keys``)."""
+    return {
+        "max_workers_per_node": {"type": "integer", "minimum": 1, "maximum": 4096},
+        "cores_per_worker": {"type": "number", "exclusiveMinimum": 0},
+        "mem_per_worker": {"type": "number", "exclusiveMinimum": 0},
+        "available_accelerators": {
+            "oneOf": [
+                {"type": "integer", "minimum": 0, "maximum": 1024},
+                {"type": "array", "items": _NAME, "maxItems": 1024},
+            ]
+        },
+        "prefetch_capacity": _COUNT,
+        "heartbeat_period": {"type": "integer", "minimum": 1, "maximum": 3600},
+        "heartbeat_threshold": {"type": "integer", "minimum": 1, "maximum": 86_400},
+        "max_idletime": {"type": "number", "minimum": 0, "maximum": 86_400},
+        # Parsl's scaling strategy (run inside the engine) and its poller's options
+        "strategy": {"enum": ["simple", "htex_auto_scale", "none"]},
+        "job_status_kwargs": {
+            "type": "object",
+            "properties": {
+                "strategy": {"enum": ["simple", "htex_auto_scale", "none"]},
+                "max_idletime": {"type": "number", "minimum": 0, "maximum": 86_400},
+                "strategy_period": {
+                    "type": "number",
+                    "minimum": 0.1,
+                    "maximum": 86_400,
+                },
+            },
+            "additionalProperties": False,
+        },
+        "max_retries_on_system_failure": {"type": "integer", "minimum": 0, "maximum": 100},
+        # where the interchange listens for workers; where run directories go
+        "address": _NAME,
+        "run_dir": {"type": "string", "minLength": 1, "maxLength": 4096},
+        "worker_debug": {"type": "boolean"},
+        # HighThroughputExecutor's own options, passed on as they are
+        "worker_port_range": _PORT_RANGE,
+        "interchange_port_range": _PORT_RANGE,
+        "poll_period": {"type": "integer", "minimum": 1, "maximum": 60_000},
+        "cpu_affinity": _NAME,
+        "drain_period": {"type": "integer", "minimum": 1},
+        "encrypted": {"type": "boolean"},
+        "provider": provider_schema(),
+    }
+
+
+def _engine_choice(engines: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+    """``engine``: one of ``ENGINE_TYPES``, checked against that type's own schema."""
+    return {
+        "type": "object",
+        "required": ["type"],
+        "properties": {"type": {"enum": list(ENGINE_TYPES)}},
+        "allOf": [
+            {"if": {"properties": {"type": {"const": name}}, "required": ["type"]}, "then": schema}
+            for name, schema in engines.items()
+        ],
     }
 
 
