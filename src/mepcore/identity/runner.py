@@ -23,7 +23,7 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
-from typing import Protocol, runtime_checkable
+from typing import IO, Protocol, runtime_checkable
 
 import attrs
 
@@ -110,80 +110,105 @@ def _communicate(
     timeout: float,
     max_output: int,
 ) -> CommandOutput:
-    assert proc.stdin is not None
-    assert proc.stdout is not None
-    assert proc.stderr is not None
+    if proc.stdin is None or proc.stdout is None or proc.stderr is None:
+        raise TypeError("the mapping program must be started with three pipes")
+    exchange = _Exchange(proc, proc.stdin, proc.stdout, command, stdin, max_output)
     deadline = time.monotonic() + timeout
-    stdout = bytearray()
-    stderr = bytearray()
-    pending = memoryview(stdin)
     pidfd = os.pidfd_open(proc.pid)
-    exited = False
     with selectors.DefaultSelector() as sel, contextlib.closing(_Fd(pidfd)):
-        for stream in (proc.stdin, proc.stdout, proc.stderr):
-            os.set_blocking(stream.fileno(), False)
-        if pending:
-            sel.register(proc.stdin, selectors.EVENT_WRITE)
-        else:
-            proc.stdin.close()
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        sel.register(proc.stderr, selectors.EVENT_READ)
-        sel.register(pidfd, selectors.EVENT_READ)
+        exchange.register(sel, proc.stderr, pidfd)
         # Done when the program has exited and both pipes reached end of file; a
         # descendant that left the group and holds the pipes is covered by the deadline.
-        while not (exited and not sel.get_map()):
+        while not (exchange.exited and not sel.get_map()):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise IdentityError(
                     "identity.mapper_timeout",
                     f"mapping program {command[0]!r} did not finish within {timeout:g}s;"
                     " its process group was killed",
-                    context={"command": command, "stderr": bytes(stderr).decode(errors="replace")},
+                    context={"command": command, "stderr": exchange.stderr_text()},
                 )
             for key, _ in sel.select(remaining):
-                if key.fileobj is proc.stdin:
-                    try:
-                        written = os.write(proc.stdin.fileno(), pending[:_CHUNK])
-                    except BrokenPipeError:
-                        written = len(pending)  # the program does not want the rest
-                    except BlockingIOError:
-                        written = 0
-                    pending = pending[written:]
-                    if not pending:
-                        sel.unregister(proc.stdin)
-                        proc.stdin.close()
-                elif key.fileobj == pidfd:
-                    sel.unregister(pidfd)
-                    exited = True
-                    # Helpers it left behind would hold the pipes open; the leader is
-                    # an unreaped zombie now, so the group id is still ours to kill.
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                else:
-                    fd = key.fd
-                    try:
-                        chunk = os.read(fd, _CHUNK)
-                    except BlockingIOError:
-                        continue
-                    if not chunk:
-                        sel.unregister(key.fileobj)
-                        continue
-                    if key.fileobj is proc.stdout:
-                        stdout += chunk
-                        if len(stdout) > max_output:
-                            raise IdentityError(
-                                "identity.mapper_output_too_large",
-                                f"mapping program {command[0]!r} wrote more than"
-                                f" {max_output} bytes; its process group was killed",
-                                context={"command": command},
-                            )
-                    elif len(stderr) < STDERR_KEEP:
-                        stderr += chunk[: STDERR_KEEP - len(stderr)]
+                exchange.on_ready(sel, key, pidfd)
     # The program has exited (pidfd readable) but is not reaped yet: waitid with
     # WNOWAIT reads its status and leaves the zombie so the group id stays ours.
     status = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
-    returncode = _returncode(status)
-    return CommandOutput(returncode=returncode, stdout=bytes(stdout), stderr=bytes(stderr))
+    return CommandOutput(
+        returncode=_returncode(status), stdout=bytes(exchange.stdout), stderr=bytes(exchange.stderr)
+    )
+
+
+@attrs.define
+class _Exchange:
+    """The pipes of one run of a mapping program: what is left to write, what was read."""
+
+    proc: subprocess.Popen[bytes]
+    stdin: IO[bytes]
+    stdout_pipe: IO[bytes]
+    command: list[str]
+    pending: memoryview = attrs.field(converter=memoryview)
+    max_output: int
+    stdout: bytearray = attrs.field(factory=bytearray)
+    stderr: bytearray = attrs.field(factory=bytearray)
+    exited: bool = False
+
+    def register(self, sel: selectors.BaseSelector, stderr: IO[bytes], pidfd: int) -> None:
+        for stream in (self.stdin, self.stdout_pipe, stderr):
+            os.set_blocking(stream.fileno(), False)
+        if self.pending:
+            sel.register(self.stdin, selectors.EVENT_WRITE)
+        else:
+            self.stdin.close()
+        sel.register(self.stdout_pipe, selectors.EVENT_READ)
+        sel.register(stderr, selectors.EVENT_READ)
+        sel.register(pidfd, selectors.EVENT_READ)
+
+    def stderr_text(self) -> str:
+        return bytes(self.stderr).decode(errors="replace")
+
+    def on_ready(self, sel: selectors.BaseSelector, key: selectors.SelectorKey, pidfd: int) -> None:
+        if key.fileobj is self.stdin:
+            self._write(sel)
+        elif key.fileobj == pidfd:
+            sel.unregister(pidfd)
+            self.exited = True
+            # Helpers it left behind would hold the pipes open; the leader is an
+            # unreaped zombie now, so the group id is still ours to kill.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        else:
+            self._read(sel, key)
+
+    def _write(self, sel: selectors.BaseSelector) -> None:
+        try:
+            written = os.write(self.stdin.fileno(), self.pending[:_CHUNK])
+        except BrokenPipeError:
+            written = len(self.pending)  # the program does not want the rest
+        except BlockingIOError:
+            written = 0
+        self.pending = self.pending[written:]
+        if not self.pending:
+            sel.unregister(self.stdin)
+            self.stdin.close()
+
+    def _read(self, sel: selectors.BaseSelector, key: selectors.SelectorKey) -> None:
+        try:
+            chunk = os.read(key.fd, _CHUNK)
+        except BlockingIOError:
+            return
+        if not chunk:
+            sel.unregister(key.fileobj)
+        elif key.fileobj is self.stdout_pipe:
+            self.stdout += chunk
+            if len(self.stdout) > self.max_output:
+                raise IdentityError(
+                    "identity.mapper_output_too_large",
+                    f"mapping program {self.command[0]!r} wrote more than"
+                    f" {self.max_output} bytes; its process group was killed",
+                    context={"command": self.command},
+                )
+        elif len(self.stderr) < STDERR_KEEP:
+            self.stderr += chunk[: STDERR_KEEP - len(self.stderr)]
 
 
 def _returncode(status: os.waitid_result | None) -> int:
