@@ -21,7 +21,7 @@ import os
 import sys
 import time
 
-from mepcore.client import Executor, RemoteException, RequestRefused
+from mepcore.client import Executor, RemoteException, RequestRefused, ShellFunction
 
 
 def whoami(label: str = "") -> dict[str, object]:
@@ -132,6 +132,21 @@ def main() -> int:
     elapsed = time.perf_counter() - started
     assert total == sum(i * i for i in range(2_000))
     print(f"   sum of squares {total} correct; {2_000 / elapsed:,.0f} futures/s")
+
+    section("6. A shell command as a function")
+    # {name} fields are filled from the arguments, each shell-quoted; a failing command
+    # is a result with its return code, not an exception.
+    count = ShellFunction("id -un; echo {text} | wc -w")
+    listing = ShellFunction("ls {path}")
+    with Executor("demo", url=url, token=tokens[alice]) as ex:
+        counted = ex.submit(count, text="five words; one $(quoted) arg").result(timeout=60)
+        missing = ex.submit(listing, path="/no/such/dir").result(timeout=60)
+    for result in (counted, missing):
+        print(f"   $ {result.cmd}")
+        print(f"     return code {result.returncode}")
+        for name, text in (("stdout", result.stdout), ("stderr", result.stderr)):
+            if text:
+                print(indent(text, f"     {name} | "))
     return 0
 
 
