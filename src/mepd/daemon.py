@@ -166,6 +166,20 @@ def _open_store(path: Path, settings: Settings, audit: AuditLog, fresh: bool) ->
     return store
 
 
+def _adopt_issuer_names(store: TaskStore, settings: Settings, audit: AuditLog) -> None:
+    """Tasks of an introspection issuer were owned under its URL until its configured
+    ``issuer`` named it (ownership is ``<issuer>|<subject>``): they move to that name."""
+    for issuer in settings.issuers:
+        if issuer.type == "introspection" and issuer.url and issuer.issuer != issuer.url:
+            try:
+                moved = store.rename_owners(f"{issuer.url}|", f"{issuer.issuer}|")
+            except StoreError as exc:  # the store says so on every use; start anyway
+                log.error("store.owners_not_renamed", issuer=issuer.issuer, detail=exc.detail)
+                continue
+            if moved:
+                audit.record("store.owners_renamed", old=issuer.url, new=issuer.issuer, tasks=moved)
+
+
 def _recover(store: TaskStore, audit: AuditLog) -> Recovery:
     """What a crash left: dispatched tasks are lost (audited), queued ones come back."""
     recovery = store.recover(time.time())
@@ -226,6 +240,7 @@ class Daemon:
         audit = AuditLog(settings.audit_path)
         audit.open()
         store = _open_store(state / STORE_FILE, settings, audit, fresh_store)
+        _adopt_issuer_names(store, settings, audit)
         recovery = _recover(store, audit)
         authenticator = Authenticator(
             settings.issuers, state, settings.limits.introspection_cache_entries

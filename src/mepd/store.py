@@ -462,6 +462,17 @@ class TaskStore:
             )
         return cur.rowcount
 
+    def rename_owners(self, old_prefix: str, new_prefix: str) -> int:
+        """Give every task whose owner starts with ``old_prefix`` that prefix replaced
+        by ``new_prefix`` (an issuer renamed: ownership is ``<issuer>|<subject>``);
+        returns how many."""
+        with self._transaction():
+            cur = self._db.execute(
+                "UPDATE tasks SET owner = ? || substr(owner, ?) WHERE substr(owner, 1, ?) = ?",
+                (new_prefix, len(old_prefix) + 1, len(old_prefix), old_prefix),
+            )
+        return cur.rowcount
+
     def _transaction(self) -> _Transaction:
         return _Transaction(self)
 
