@@ -100,32 +100,14 @@ def run_task(
     if isinstance(fn, FunctionLoadFailed):
         return ("failed", b"", fn.error, started, time.time())
     try:
-        tag = split_payload(args_payload)[0].tag
-        args, kwargs = unpack_value(args_payload)
-        if not isinstance(args, tuple) or not isinstance(kwargs, dict):
-            raise TypeError("arguments payload is not (tuple, dict)")
+        tag, args, kwargs = _arguments(args_payload)
     except TaskError as exc:
-        return (
-            "failed",
-            b"",
-            failure(exc.reason, exc.__cause__ or exc, exc.detail),
-            started,
-            time.time(),
-        )
+        error = failure(exc.reason, exc.__cause__ or exc, exc.detail)
+        return ("failed", b"", error, started, time.time())
     except BaseException as exc:
         return ("failed", b"", failure("task.deserialization_failed", exc), started, time.time())
-    armed = alarm_walltime is not None and threading.current_thread() is threading.main_thread()
-    previous: Any = None
     try:
-        if armed:
-            previous = signal.signal(signal.SIGALRM, _on_alarm)
-            signal.setitimer(signal.ITIMER_REAL, alarm_walltime)  # type: ignore[arg-type]
-        try:
-            value = fn(*args, **kwargs)
-        finally:
-            if armed:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-                signal.signal(signal.SIGALRM, previous)
+        value = _call(fn, args, kwargs, alarm_walltime)
     except _WalltimeExceeded as exc:
         _, _, tb, _ = failure("task.timeout", exc)
         message = f"the task ran longer than its walltime of {alarm_walltime:g} s"
@@ -136,19 +118,40 @@ def run_task(
     try:
         payload = pack_value_bounded(value, max_result_bytes, _result_strategy(tag))
     except ResultTooLarge:
-        return (
-            "failed",
-            b"",
-            failure(
-                "task.result_too_large",
-                message=f"the result is larger than the limit of {max_result_bytes} bytes",
-            ),
-            started,
-            finished,
-        )
+        message = f"the result is larger than the limit of {max_result_bytes} bytes"
+        error = failure("task.result_too_large", message=message)
+        return ("failed", b"", error, started, finished)
     except BaseException as exc:
         return ("failed", b"", failure("task.serialization_failed", exc), started, finished)
     return ("success", payload, None, started, finished)
+
+
+def _arguments(args_payload: bytes) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
+    """The serialization tag and the (args, kwargs) of a task's argument payload."""
+    tag = split_payload(args_payload)[0].tag
+    args, kwargs = unpack_value(args_payload)
+    if not isinstance(args, tuple) or not isinstance(kwargs, dict):
+        raise TypeError("arguments payload is not (tuple, dict)")
+    return tag, args, kwargs
+
+
+def _call(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    alarm_walltime: float | None,
+) -> Any:
+    """``fn(*args, **kwargs)``, interrupted by SIGALRM past ``alarm_walltime`` when this
+    is the main thread (``_WalltimeExceeded``)."""
+    if alarm_walltime is None or threading.current_thread() is not threading.main_thread():
+        return fn(*args, **kwargs)
+    previous = signal.signal(signal.SIGALRM, _on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, alarm_walltime)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _result_strategy(args_tag: str) -> str:
