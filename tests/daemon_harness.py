@@ -239,6 +239,11 @@ class FakeEndpoints:
         self.cancelled.extend(task_ids)
         return endpoint_id in self.handles
 
+    async def read_log(self, account: Account, endpoint: str, lines: int) -> dict[str, Any]:
+        # In-process fake: no user endpoint ever wrote a log.
+        path = f"{account.home}/.mep/endpoints/{endpoint}/endpoint.log"
+        return {"path": path, "exists": False, "lines": []}
+
     async def introspect(self, account_name: str, endpoint: str) -> list[dict[str, Any]]:
         # In-process fake: there is no user endpoint process to ask.
         return [

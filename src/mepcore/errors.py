@@ -102,6 +102,7 @@ REASONS: Mapping[str, str] = MappingProxyType(
         "spawn.privilege_drop": "the user endpoint could not drop privileges",
         "spawn.cgroup_failed": "the user endpoint could not be contained",
         "spawn.start_failed": "the user endpoint could not be started",
+        "spawn.log_unavailable": "the endpoint log could not be read",
         "spawn.start_timeout": "the user endpoint did not start in time",
         "spawn.too_many_endpoints": "too many user endpoints",
         "spawn.too_many_starts": "too many user endpoints are starting; try again",

@@ -32,7 +32,7 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import attrs
@@ -152,6 +152,10 @@ def public_error(error: MepError) -> dict[str, Any]:
     body: dict[str, Any] = {"reason": error.reason, "message": REASONS[error.reason]}
     if error.reason in _CALLER_INPUT and error.expose_violations and error.violations:
         body["violations"] = [v.to_dict() for v in error.violations]
+    if isinstance(error.context.get("log"), Mapping):
+        # A failed start of the caller's own user endpoint: where its log is, and the
+        # last lines it wrote there (as the caller's account, about itself).
+        body["log"] = dict(error.context["log"])
     return body
 
 
@@ -446,6 +450,7 @@ class _Handlers:
             ("/v1/endpoints/{endpoint}/status", "GET", "status", self.status),
             ("/v1/endpoints/{endpoint}/introspect", "GET", "introspect", self.introspect),
             ("/v1/endpoints/{endpoint}/stop", "POST", "stop", self.stop),
+            ("/v1/endpoints/{endpoint}/log", "GET", "log", self.read_log),
             ("/v1/tasks/wait", "POST", "wait", self.wait),
             ("/v1/tasks/{task_id}", "GET", "task", self.get_task),
             ("/v1/tasks/{task_id}", "DELETE", "cancel", self.cancel_task),
@@ -504,6 +509,11 @@ class _Handlers:
     async def introspect(self, request: Request) -> Any:
         caller = await self._caller(request, "introspect")
         return await self.pipeline.introspect(caller, request.path_params["endpoint"])
+
+    async def read_log(self, request: Request) -> Any:
+        caller = await self._caller(request, "log")
+        lines = request.query_params.get("lines")
+        return await self.pipeline.read_log(caller, request.path_params["endpoint"], lines)
 
     async def stop(self, request: Request) -> Any:
         caller = await self._caller(request, "stop")
@@ -624,6 +634,11 @@ def _error_schema() -> dict[str, Any]:
                     "reason": {"enum": sorted(set(REASONS) - set(ADMIN_ONLY_REASONS))},
                     "message": {"type": "string"},
                     "violations": {"type": "array", "items": violation},
+                    # A failed start: the caller's endpoint log and its last lines.
+                    "log": {
+                        "type": "object",
+                        "properties": {"path": {"type": "string"}, "tail": _STRINGS},
+                    },
                 },
             }
         },
@@ -672,6 +687,32 @@ _INTROSPECTED = (
 )
 
 
+def _log_operation() -> dict[str, Any]:
+    operation = _operation(
+        "the tail of the caller's own endpoint log, read as the caller's account",
+        parameter="endpoint",
+        answer=(
+            "the log's path in the account's home, whether it exists, its last lines",
+            _object(
+                endpoint={"type": "string"},
+                path={"type": "string"},
+                exists={"type": "boolean"},
+                lines=_STRINGS,
+            ),
+        ),
+        errors=(400, 401, 403, 404, 503),
+    )
+    operation["parameters"].append(
+        {
+            "name": "lines",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "integer", "minimum": 1, "maximum": 5000, "default": 200},
+        }
+    )
+    return operation
+
+
 def _endpoint_paths() -> dict[str, Any]:
     return {
         "/v1/functions": {
@@ -707,6 +748,7 @@ def _endpoint_paths() -> dict[str, Any]:
                 errors=(401, 403, 404),
             )
         },
+        "/v1/endpoints/{endpoint}/log": {"get": _log_operation()},
         "/v1/endpoints/{endpoint}/stop": {
             "post": _operation(
                 "stop the caller's user endpoints (anyone's with policy admin)",

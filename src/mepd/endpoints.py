@@ -18,11 +18,13 @@ from typing import Any
 import attrs
 
 from mepcore.errors import ApiError, MepError
+from mepcore.types import Account
 from mepd.admission import Admitted
 from mepd.audit import AuditLog, AuditUnavailable
 from mepd.metrics import Labels, labels
 from mepd.registry import EndpointStatus, Registry, StartRequest, UserEndpointHandle
 from mepd.sites import LoadedSite
+from mepd.userlog import read_log
 
 _STATUS_FIELDS = ("config_key", "endpoint", "state", "pid", "started_at", "idle_since", "in_flight")
 
@@ -169,6 +171,10 @@ class RegistryEndpoints:
         except MepError:
             return False
         return True
+
+    async def read_log(self, account: Account, endpoint: str, lines: int) -> dict[str, Any]:
+        tail = await read_log(account, endpoint, lines)
+        return {"path": tail.path, "exists": tail.exists, "lines": tail.lines}
 
     def gauge(self) -> Mapping[Labels, float]:
         counts: dict[Labels, float] = {}

@@ -93,9 +93,14 @@ class UserEndpoints(Protocol):
         """Ask a user endpoint to stop tasks it runs; False if it is gone."""
         ...
 
+    async def read_log(self, account: Account, endpoint: str, lines: int) -> dict[str, Any]:
+        """The last lines of the account's endpoint log, read as the account."""
+        ...
+
 
 class Authenticate(Protocol):
     async def authenticate(self, authorization: str | None) -> Caller: ...
+
 
 
 SiteLookup = Callable[[str], Site | None]
@@ -406,6 +411,25 @@ class Pipeline:
         site, account = await self._own_account(caller, endpoint, READ_STATUS)
         entries = await self.ueps.introspect(account.name, site.name)
         return {"endpoint": site.name, "user_endpoints": entries}
+
+    async def read_log(self, caller: Caller, endpoint: str, lines: Any) -> dict[str, Any]:
+        """The tail of the caller's own endpoint log (``lines``: 1 to 5000, 200 when
+        absent), read as the caller's account."""
+        try:
+            count = 200 if lines is None else int(lines)
+        except ValueError:
+            count = 0
+        if not 1 <= count <= 5000:
+            raise RequestError("api.bad_request", "lines must be an integer from 1 to 5000")
+        site, account = await self._own_account(caller, endpoint, READ_STATUS)
+        self.audit.record(
+            "uep.log_read",
+            endpoint=site.name,
+            identity=caller.identities.primary.id,
+            account=account.name,
+            lines=count,
+        )
+        return {"endpoint": site.name, **await self.ueps.read_log(account, site.name, count)}
 
     async def stop(self, caller: Caller, endpoint: str, body: Any) -> dict[str, Any]:
         site = self._site(endpoint)

@@ -188,7 +188,22 @@ def error_from_frame(header: Mapping[str, Any]) -> MepError:
         )
     else:
         cls = SpawnError
-    return cls(reason, f"user endpoint: {detail}", public_message=public, violations=violations)
+    return cls(
+        reason,
+        f"user endpoint: {detail}",
+        public_message=public,
+        violations=violations,
+        context=_log_context(header),
+    )
+
+
+def _log_context(header: Mapping[str, Any]) -> dict[str, Any]:
+    """The user's endpoint log a failed start names (path, last lines), bounded."""
+    path, tail = header.get("log_path"), header.get("log_tail")
+    if not isinstance(path, str) or not isinstance(tail, list):
+        return {}
+    lines = [line[:500] for line in tail[-50:] if isinstance(line, str)]
+    return {"log": {"path": path[:4096], "tail": lines}}
 
 
 @attrs.define(eq=False)

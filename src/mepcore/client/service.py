@@ -198,6 +198,14 @@ def _retry_after(response: httpx.Response) -> float | None:
     return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
+def _log_lines(log: object) -> str:
+    """A failed start's endpoint log (its path and last lines), for the message."""
+    if not isinstance(log, Mapping) or not isinstance(log.get("path"), str):
+        return ""
+    tail = [str(line) for line in log.get("tail") or () if isinstance(line, str)]
+    return f"; endpoint log {log['path']}, last lines:\n" + "\n".join(tail)
+
+
 def _refusal(response: httpx.Response) -> RequestRefused:
     """The server's ``{"error": {...}}`` as an exception (or a generic one if absent)."""
     reason, message, violations = "client.unknown_reason", "", []
@@ -210,7 +218,7 @@ def _refusal(response: httpx.Response) -> RequestRefused:
         if isinstance(error.get("reason"), str):
             reason = error["reason"]
         if isinstance(error.get("message"), str):
-            message = error["message"]
+            message = error["message"] + _log_lines(error.get("log"))
         for item in error.get("violations") or ():
             if isinstance(item, Mapping):
                 violations.append(
@@ -540,6 +548,13 @@ class Client:
         """The caller's user endpoints on ``endpoint`` (config key, state, pid, started,
         idle since), as the daemon's JSON."""
         return self.request("GET", f"/v1/endpoints/{_segment(endpoint)}/status", idempotent=True)
+
+    def log(self, endpoint: str, lines: int = 200) -> Any:
+        """The last ``lines`` lines of the caller's own endpoint log on ``endpoint``
+        (``path``, ``exists``, ``lines``), as the daemon read it for the caller's account."""
+        return self.request(
+            "GET", f"/v1/endpoints/{_segment(endpoint)}/log?lines={int(lines)}", idempotent=True
+        )
 
     def stop(self, endpoint: str) -> Any:
         """Stop the caller's user endpoints on ``endpoint``; the daemon's JSON answer."""

@@ -19,7 +19,7 @@ import os
 import queue
 import re
 import signal
-import subprocess
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -30,6 +30,7 @@ import attrs
 from mepcore.errors import ChannelError, MepError
 from mepd.channel import BlockingChannel, Frame, batch_frames, check_items
 from mepd.uep.identity import introspect
+from mepd.uep.log import EndpointLog, run_logged_script
 
 START_WAIT = 120.0
 MAX_RESULT_BATCH = 4096
@@ -169,28 +170,6 @@ class StartMessage:
         )
 
 
-def run_script(script: str, *, timeout: float, cwd: str) -> int | None:
-    """Run an endpoint_setup/teardown script with ``/bin/sh -c`` as this account.
-
-    Returns its exit status, or None when it ran out of time (its process group is then
-    killed). It stays in our session so the daemon's reaper finds anything it leaves.
-    """
-    proc = subprocess.Popen(
-        ["/bin/sh", "-c", script],
-        stdin=subprocess.DEVNULL,
-        cwd=cwd,
-        process_group=0,
-        close_fds=True,
-    )
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        return None
-
-
 @attrs.define
 class UserEndpoint:
     """One user endpoint's lifecycle over ``channel``."""
@@ -204,6 +183,7 @@ class UserEndpoint:
     in_flight: int = 0
     draining: bool = False
     exit_reason: str = ""
+    log: EndpointLog | None = None
     _lock: threading.Lock = attrs.field(factory=threading.Lock)
     _results: queue.SimpleQueue[Any] = attrs.field(factory=queue.SimpleQueue)
     _writer: threading.Thread | None = None
@@ -222,12 +202,12 @@ class UserEndpoint:
         try:
             self._start()
         except StartRefused as refused:
-            self._send_quietly("error", refused.fields)
+            self._send_quietly("error", self._with_log(refused.fields))
             return 2
         except EOFError:
             return 0
         except Exception as exc:  # the daemon gets a reason code, not a traceback
-            self._send_quietly("error", error_fields(exc))
+            self._send_quietly("error", self._with_log(error_fields(exc)))
             return 2
         try:
             self._serving = True
@@ -245,13 +225,18 @@ class UserEndpoint:
         self.start = start
         if start.account.get("uid") != os.getuid():
             raise _refuse("spawn.privilege_drop", "start message names another account")
+        self._open_log(start)
         self.config = self._render(start)
         setup = getattr(self.config, "endpoint_setup", None)
         if setup:
-            status = run_script(setup, timeout=start.setup_timeout, cwd=os.getcwd())
+            status, last = run_logged_script(
+                "endpoint_setup", setup, timeout=start.setup_timeout, cwd=os.getcwd(), log=self.log
+            )
             if status != 0:
                 what = "timed out" if status is None else f"exited with status {status}"
-                raise _refuse("spawn.start_failed", f"endpoint_setup {what}")
+                refused = _refuse("spawn.start_failed", f"endpoint_setup {what}")
+                refused.fields["tail"] = [*last, f"endpoint_setup {what}"]
+                raise refused
         self.executor = self._make_executor(start)
         self._writer = threading.Thread(target=self._write_results, name="uep-results", daemon=True)
         self._writer.start()
@@ -266,6 +251,35 @@ class UserEndpoint:
                 "engine": self._engine_dict().get("type"),
             },
         )
+        if self.log is not None:
+            self.log.write("ready", f"engine {self._engine_dict().get('type')}")
+
+    def _open_log(self, start: StartMessage) -> None:
+        """The user's own endpoint log (``mepd.uep.log``), from here on."""
+        home = str(start.account.get("home") or os.getcwd())
+        tag = f"[pid {os.getpid()} config {start.config_key[:12]}]"
+        self.log = EndpointLog.open(home, start.endpoint, tag)
+        self.log.capture_stdio()
+        self.log.write(
+            "started",
+            f"user endpoint of {start.endpoint!r} as {start.account.get('name')} "
+            f"(uid {os.getuid()}), Python {sys.version.split()[0]}",
+        )
+
+    def _with_log(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """A start failure, written to the user's log; the error names the log and
+        carries its last lines (the user's own data, for the user)."""
+        if self.log is None:
+            return fields
+        fields = dict(fields)
+        reason, detail = fields.get("reason", ""), fields.get("detail") or ""
+        self.log.write("start_failed", f"{reason}: {detail}")
+        last = fields.pop("tail", None)
+        if not isinstance(last, list):
+            last = self.log.tail()
+        fields["log_tail"] = [line[:500] for line in last]
+        fields["log_path"] = self.log.path
+        return fields
 
     def _render(self, start: StartMessage) -> Any:
         # Rendering happens here, as the user, never in the daemon (DESIGN.md §3.5).
@@ -334,6 +348,8 @@ class UserEndpoint:
         """Blocks refused or lost: into the user's endpoint log, and to the daemon (its
         log names the account) when tasks fail because of it."""
         append_endpoint_log(log_dir, kind, fields)
+        if self.log is not None:
+            self.log.write(f"engine {kind}", str(fields.get("message", fields))[:4000])
         reason = _REPORTED_EVENTS.get(kind)
         # Before ``ready`` an error frame would fail the start: a refusal of the initial
         # blocks is reported with the first task it fails instead.
@@ -533,9 +549,20 @@ class UserEndpoint:
             self._writer.join(timeout=5.0)
         teardown = getattr(self.config, "endpoint_teardown", None)
         if teardown and self.start is not None:
-            run_script(teardown, timeout=self.start.teardown_timeout, cwd=os.getcwd())
+            status, _ = run_logged_script(
+                "endpoint_teardown",
+                teardown,
+                timeout=self.start.teardown_timeout,
+                cwd=os.getcwd(),
+                log=self.log,
+            )
+            if status != 0 and self.log is not None:
+                self.log.write("endpoint_teardown", f"failed (status {status})")
         with self._lock:
             lost = self.in_flight
+        if self.log is not None:
+            self.log.write("exiting", f"{self.exit_reason} ({lost} tasks unfinished)")
+            self.log.release_stdio()
         self._send_quietly("exiting", {"reason": self.exit_reason, "in_flight": lost})
 
     def _send_quietly(self, kind: str, fields: Mapping[str, Any]) -> None:
