@@ -105,3 +105,16 @@ def remove_leftovers() -> None:
     for entry in pwd.getpwall():
         if entry.pw_name.startswith(PREFIX) and len(entry.pw_name) == len(PREFIX) + 8:
             delete_account(entry.pw_name)
+
+
+def processes_of(uid: int) -> list[int]:
+    """The pids of the processes running as ``uid`` now."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.stat(f"/proc/{entry}").st_uid == uid:
+                    pids.append(int(entry))
+            except FileNotFoundError:
+                continue
+    return pids

@@ -43,7 +43,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mepcore.spawn import SpawnSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = Path("/var/lib/mep-test/runtime")
@@ -323,3 +326,24 @@ def package_paths(python: str) -> tuple[str, ...]:
         text=True,
     )
     return tuple(line for line in out.stdout.splitlines() if line)
+
+
+def runtime_spawn_settings(**overrides: Any) -> SpawnSettings:
+    """Spawn settings for root tests that launch user endpoints as test accounts: the
+    runtime's interpreter and site-packages, small resource limits, stderr inherited (a
+    failing endpoint explains itself in the test's output); ``overrides`` replace any of
+    these. Skips the test when not root."""
+    import pytest
+
+    from mepcore.spawn import ResourceLimits, SpawnSettings
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    python = runtime_python()
+    fields: dict[str, Any] = {
+        "python": python,
+        "package_paths": tuple(p for p in package_paths(python) if os.path.isdir(p)),
+        "limits": ResourceLimits(nproc=64, nofile=128),
+        "inherit_stderr": True,
+    }
+    return SpawnSettings(**{**fields, **overrides})

@@ -14,6 +14,7 @@ import pytest
 
 from mepcore.tasks import pack_args, pack_function, unpack_value
 from mepd.store import NewTask, TaskStore
+from tests.accounts import processes_of
 from tests.daemon_harness import remote_function, start_daemon, wait_all, write_deployment
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -24,18 +25,6 @@ ECHO = remote_function("def echo(x):\n    return x\n", "echo")
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
-
-
-def processes_of(uid: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.stat(f"/proc/{entry}").st_uid == uid:
-                    pids.append(int(entry))
-            except FileNotFoundError:
-                continue
-    return pids
 
 
 def test_kill_9_then_restart_loses_nothing(tmp_path: Path, make_account: Any) -> None:

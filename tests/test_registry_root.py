@@ -25,7 +25,8 @@ from mepcore.types import Account
 from mepd.inflight import DispatchTask, InFlightTask
 from mepd.registry import Registry, RegistryLimits, StartRequest, UserEndpointHandle
 from mepd.spec import EndpointSpec
-from tests.runtime_venv import package_paths, runtime_python
+from tests.accounts import processes_of
+from tests.runtime_venv import runtime_spawn_settings
 
 pytestmark = pytest.mark.root
 
@@ -43,15 +44,7 @@ LIMITS = ResourceLimits(nproc=64, nofile=256, address_space=None, core=0)
 
 @pytest.fixture(scope="session")
 def settings() -> SpawnSettings:
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    python = runtime_python()
-    return SpawnSettings(
-        python=python,
-        package_paths=tuple(p for p in package_paths(python) if os.path.isdir(p)),
-        limits=LIMITS,
-        inherit_stderr=True,
-    )
+    return runtime_spawn_settings(limits=LIMITS)
 
 
 def account_of(entry: Any) -> Account:
@@ -101,18 +94,6 @@ def pretend(task_id: str, handle: UserEndpointHandle) -> InFlightTask:
 
 def dispatch_task(task: Any) -> DispatchTask:
     return DispatchTask(task.task_id, "owner", task.function_id, task.payload, task.walltime)
-
-
-def processes_of(uid: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.stat(f"/proc/{entry}").st_uid == uid:
-                    pids.append(int(entry))
-            except FileNotFoundError:
-                continue
-    return pids
 
 
 def run(coro_fn: Callable[[], Awaitable[Any]]) -> Any:

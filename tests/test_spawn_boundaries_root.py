@@ -19,10 +19,10 @@ import attrs
 import pytest
 
 from mepcore.ports import SystemAccountDatabase
-from mepcore.spawn import ResourceLimits, SpawnSettings, launch, plan_spawn, stop_ladder_blocking
+from mepcore.spawn import SpawnSettings, launch, plan_spawn, stop_ladder_blocking
 from mepcore.types import Account
 from mepd.channel import BlockingChannel, Frame
-from tests.runtime_venv import package_paths, runtime_python
+from tests.runtime_venv import runtime_spawn_settings
 
 pytestmark = pytest.mark.root
 
@@ -38,15 +38,7 @@ idle_heartbeats_hard: 10000
 
 @pytest.fixture(scope="module")
 def settings() -> SpawnSettings:
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    python = runtime_python()
-    return SpawnSettings(
-        python=python,
-        package_paths=tuple(p for p in package_paths(python) if os.path.isdir(p)),
-        limits=ResourceLimits(nproc=64, nofile=128),
-        inherit_stderr=True,
-    )
+    return runtime_spawn_settings()
 
 
 def account_of(entry: Any) -> Account:

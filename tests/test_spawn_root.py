@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 from typing import Any
 
@@ -21,22 +20,11 @@ from mepcore.spawn import (
     stop_ladder,
     stop_ladder_blocking,
 )
+from tests.accounts import processes_of
 
 pytestmark = pytest.mark.root
 
 SETTINGS = SpawnSettings(python="/bin/sh", limits=ResourceLimits(nproc=32, nofile=64))
-
-
-def processes_of(uid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.stat(f"/proc/{entry}").st_uid == uid:
-                    out.append(int(entry))
-            except FileNotFoundError:
-                continue
-    return out
 
 
 def launch_script(entry: Any, script: str) -> Any:

@@ -43,7 +43,7 @@ from mepd.inflight import DispatchTask, InFlightTask
 from mepd.registry import Registry, RegistryLimits, StartRequest, UserEndpointHandle
 from mepd.spec import EndpointSpec
 from tests.daemon_harness import remote_function
-from tests.runtime_venv import package_paths, runtime_python
+from tests.runtime_venv import runtime_spawn_settings
 
 pytestmark = pytest.mark.root
 
@@ -267,15 +267,7 @@ class Endpoint:
 
 @pytest.fixture(scope="module")
 def settings() -> SpawnSettings:
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    python = runtime_python()
-    return SpawnSettings(
-        python=python,
-        package_paths=tuple(p for p in package_paths(python) if os.path.isdir(p)),
-        limits=LIMITS,
-        inherit_stderr=True,
-    )
+    return runtime_spawn_settings(limits=LIMITS)
 
 
 @pytest.fixture(

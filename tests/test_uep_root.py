@@ -14,7 +14,6 @@ import pytest
 from mepcore.ports import SystemAccountDatabase
 from mepcore.spawn import (
     LaunchedProcess,
-    ResourceLimits,
     SpawnSettings,
     launch,
     plan_spawn,
@@ -22,7 +21,7 @@ from mepcore.spawn import (
 )
 from mepcore.types import Account
 from mepd.channel import BlockingChannel, Frame, encode_frame
-from tests.runtime_venv import package_paths, runtime_python
+from tests.runtime_venv import runtime_spawn_settings
 
 pytestmark = pytest.mark.root
 
@@ -39,15 +38,7 @@ idle_heartbeats_hard: {{ hard }}
 
 @pytest.fixture(scope="module")
 def settings() -> SpawnSettings:
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    python = runtime_python()
-    return SpawnSettings(
-        python=python,
-        package_paths=tuple(p for p in package_paths(python) if os.path.isdir(p)),
-        limits=ResourceLimits(nproc=64, nofile=128),
-        inherit_stderr=True,
-    )
+    return runtime_spawn_settings()
 
 
 def start_fields(account: Account, **variables: Any) -> dict[str, Any]:
