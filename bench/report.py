@@ -53,6 +53,7 @@ ORDER = [
     "executor.py",
     "uep_start.py",
     "api.py",
+    "ratelimit.py",
     "client.py",
     "payload.py",
     "slurm.py",
@@ -66,6 +67,8 @@ TIMEOUTS = {
     "executor.py": 150,
     "uep_start.py": 90,
     "api.py": 120,
+    # two daemons, a victim identity alone and under another identity's flood
+    "ratelimit.py": 120,
     "client.py": 120,
     "payload.py": 90,
     # mep and Parsl HTEX on a real (single-node) Slurm; starts one with .ci/slurm-up
@@ -558,6 +561,21 @@ def _api(runs: dict[str, ScriptRun]) -> list[Target]:
     return [warm]
 
 
+def _fairness(runs: dict[str, ScriptRun]) -> list[Target]:
+    """bench/ratelimit.py: another identity's p99 under a flood, with the rate limit on."""
+    target = Target("fairness", "another identity's p99 while one identity floods", "<= 2x")
+    text, target.why = _output(runs, "ratelimit.py")
+    header = r"p99 flood / alone"
+    cell = column(text, header, r"^\|\s*on\b", "^" + header + "$") if text else None
+    ratio = parse_number(cell.rstrip("x")) if cell else None
+    if ratio is not None:
+        target.measured, target.met = f"{ratio:.2f}x", ratio <= 2.0
+        target.source = "bench/ratelimit.py (p99 under the flood / p99 alone, limit on)"
+    elif text:
+        target.why = "no 'on' row in bench/ratelimit.py output"
+    return [target]
+
+
 def _rate_before_unit(line: str, unit: str) -> float | None:
     match = re.search(r"([0-9][0-9,]*\.?[0-9]*)\s*" + re.escape(unit), line)
     return float(match.group(1).replace(",", "")) if match else None
@@ -659,6 +677,7 @@ TARGETS: list[Callable[[dict[str, ScriptRun]], list[Target]]] = [
     _authz,
     _uep,
     _api,
+    _fairness,
     _throughput,
     _scale,
 ]

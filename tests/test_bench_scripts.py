@@ -129,6 +129,15 @@ def test_identity_bench_smoke(tmp_path: Path) -> None:
     assert figures["expression_10"]["hit"]["count"] == 50
 
 
+def test_ratelimit_bench_smoke(tmp_path: Path) -> None:
+    out, figures = run_smoke("ratelimit", tmp_path)
+    assert "| on (200/s, burst 400)" in out and "| off" in out
+    for name in ("limited", "unlimited"):
+        assert figures[name]["alone"]["count"] == figures[name]["flood"]["count"] == 100
+        assert figures[name]["flood_per_s"] > 0
+    assert figures["unlimited"]["flood_limited_per_s"] == 0
+
+
 @pytest.mark.root
 @pytest.mark.slow
 def test_payload_bench_smoke(tmp_path: Path) -> None:

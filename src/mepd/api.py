@@ -48,7 +48,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mepcore.errors import ADMIN_ONLY_REASONS, REASONS, MepError
 from mepd import __version__
 from mepd.auth import Caller
-from mepd.logs import request_scope
+from mepd.logs import Throttled, request_scope
 from mepd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from mepd.metrics import Metrics
 from mepd.pipeline import Pipeline
@@ -363,25 +363,30 @@ def _instrumented(name: str, fn: Callable[[Request], Awaitable[Any]], metrics: M
 
     A value that is not already a ``Response`` becomes a 200 JSON answer. Every line
     logged while it runs carries its ``request_id`` (also the ``X-Request-ID`` answer
-    header); it ends with one access log line (``api.request_completed``)."""
+    header, opened by ``RequestIdMiddleware``); it ends with one access log line
+    (``api.request_completed``) — except a request refused by the rate limit: a flood
+    must not become a flood of log lines (``_Handlers._caller`` logs those, throttled;
+    the metrics count every one)."""
 
     async def handler(request: Request) -> Response:
         started = time.perf_counter()
-        request_id = _request_id(request)
-        with request_scope(request_id):
-            try:
-                result = await fn(request)
-                response = result if isinstance(result, Response) else JSONResponse(result)
-            except MepError as exc:
+        quiet = False
+        try:
+            result = await fn(request)
+            response = result if isinstance(result, Response) else JSONResponse(result)
+        except MepError as exc:
+            quiet = exc.reason == "api.rate_limited"
+            if not quiet:
                 _log_refusal(name, exc, request)
-                response = error_response(exc)
-            except Exception:
-                log.exception("api.request_crashed", route=name, **_caller_fields(request))
-                response = error_response(MepError("mep.internal"))
-            elapsed = time.perf_counter() - started
-            response.headers["X-Request-ID"] = request_id
-            metrics.requests.inc(route=name, status=str(response.status_code))
-            metrics.latency.observe(elapsed, route=name)
+            response = error_response(exc)
+        except Exception:
+            log.exception("api.request_crashed", route=name, **_caller_fields(request))
+            response = error_response(MepError("mep.internal"))
+        elapsed = time.perf_counter() - started
+        response.headers["X-Request-ID"] = _request_id(request)
+        metrics.requests.inc(route=name, status=str(response.status_code))
+        metrics.latency.observe(elapsed, route=name)
+        if not quiet:
             log.info(
                 "api.request_completed",
                 method=request.method,
@@ -441,6 +446,7 @@ class _Handlers:
     limits: Limits
     body_timeout: float
     limiter: RateLimiter
+    limited: Throttled = attrs.field(factory=lambda: Throttled("api.rate_limited", log))
 
     def routes(self) -> list[Route]:
         # Order matters: ``/v1/tasks/wait`` must be tried before ``/v1/tasks/{task_id}``.
@@ -469,6 +475,7 @@ class _Handlers:
         request.state.caller = caller  # for the access and refusal log lines
         wait = self.limiter.take(caller.owner)
         if wait > 0.0:
+            self.limited.note(owner=caller.owner, route=route)
             raise MepError(
                 "api.rate_limited",
                 f"over {self.limiter.rate}/s (burst {self.limiter.burst})",

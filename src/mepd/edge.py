@@ -43,11 +43,9 @@ import asyncio
 import contextlib
 import errno
 import json
-import math
 import resource
 import socket
 import ssl
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -59,6 +57,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from mepcore.errors import MepError
 from mepd.api import BODY_DEADLINE, public_error, status_for
+from mepd.logs import Throttled
 from mepd.settings import EdgeSettings
 
 log = structlog.get_logger("mepd.edge")
@@ -111,23 +110,6 @@ class _Slot:
         if not self.released:
             self.released = True
             self.edge.release(self.peer)
-
-
-@attrs.define(eq=False)
-class _Throttled:
-    """One log line per ``interval`` for a recurring event, with the count in between."""
-
-    event: str
-    interval: float = LOG_INTERVAL
-    _last: float = -math.inf
-    _unlogged: int = 0
-
-    def note(self, **fields: Any) -> None:
-        self._unlogged += 1
-        now = time.monotonic()
-        if now - self._last >= self.interval:
-            log.warning(self.event, occurrences=self._unlogged, **fields)
-            self._last, self._unlogged = now, 0
 
 
 class EdgeProtocol(HttpToolsProtocol):
@@ -220,8 +202,12 @@ class Edge:
     _factory: ProtocolFactory | None = None
     _retry: asyncio.TimerHandle | None = None
     _backoff: float = 0.0
-    _accept_failed: _Throttled = attrs.field(factory=lambda: _Throttled("edge.accept_failed"))
-    _over_cap: _Throttled = attrs.field(factory=lambda: _Throttled("edge.connections_refused"))
+    _accept_failed: Throttled = attrs.field(
+        factory=lambda: Throttled("edge.accept_failed", log, LOG_INTERVAL)
+    )
+    _over_cap: Throttled = attrs.field(
+        factory=lambda: Throttled("edge.connections_refused", log, LOG_INTERVAL)
+    )
 
     @classmethod
     def from_settings(cls, settings: EdgeSettings, ssl_context: ssl.SSLContext | None) -> Edge:

@@ -116,6 +116,25 @@ def _cap_fields(
     return event
 
 
+@attrs.define(eq=False)
+class Throttled:
+    """At most one log line per ``interval`` seconds for a recurring event (a flood of
+    refusals, a failing ``accept()``), carrying how often it happened since the last."""
+
+    event: str
+    logger: Any
+    interval: float = 30.0
+    _last: float = float("-inf")
+    _unlogged: int = 0
+
+    def note(self, **fields: Any) -> None:
+        self._unlogged += 1
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            self.logger.warning(self.event, occurrences=self._unlogged, **fields)
+            self._last, self._unlogged = now, 0
+
+
 def _add_timestamp(
     _logger: Any, _method: str, event: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:

@@ -42,6 +42,9 @@ from mepcore.types import Account, IdentitySet
 
 MAX_PRINCIPALS = 256
 MAX_VALUE_LENGTH = 1024
+# A principal is a kind and a value (``username:`` + an identity field of up to 1,024
+# characters, the most a token may carry): room for the longest kind.
+MAX_PRINCIPAL_LENGTH = MAX_VALUE_LENGTH + 32
 MAX_FILE_BYTES = 64 * 1024 * 1024
 DEFAULT_CACHE_SIZE = 4096
 
@@ -52,9 +55,9 @@ def _invalid(message: str) -> AuthzError:
     return AuthzError("authz.request_invalid", message)
 
 
-def _check_text(name: str, value: object) -> None:
-    if not isinstance(value, str) or not value or len(value) > MAX_VALUE_LENGTH:
-        raise _invalid(f"{name} must be a non-empty string of at most {MAX_VALUE_LENGTH}")
+def _check_text(name: str, value: object, limit: int = MAX_VALUE_LENGTH) -> None:
+    if not isinstance(value, str) or not value or len(value) > limit:
+        raise _invalid(f"{name} must be a non-empty string of at most {limit}")
     if not value.isprintable():
         raise _invalid(f"{name} must not contain control characters")
 
@@ -113,7 +116,7 @@ class AuthzRequest:
         if len(self.principals) > MAX_PRINCIPALS:
             raise _invalid(f"at most {MAX_PRINCIPALS} principals")
         for principal in self.principals:
-            _check_text("a principal", principal)
+            _check_text("a principal", principal, MAX_PRINCIPAL_LENGTH)
         if not isinstance(self.mfa, bool):
             raise _invalid("mfa must be a boolean")
         age = self.auth_age
@@ -171,7 +174,7 @@ REQUEST_SCHEMA: Mapping[str, Any] = {
         "principals": {
             "type": "array",
             "maxItems": MAX_PRINCIPALS,
-            "items": {"type": "string", "minLength": 1, "maxLength": MAX_VALUE_LENGTH},
+            "items": {"type": "string", "minLength": 1, "maxLength": MAX_PRINCIPAL_LENGTH},
         },
         "mfa": {"type": "boolean"},
         "auth_age": {"type": ["number", "null"], "minimum": 0},
