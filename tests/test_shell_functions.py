@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -77,8 +79,46 @@ def test_walltime_kills_the_whole_group_and_reports_124(tmp_path: Path) -> None:
     fn = ShellFunction(f"(sleep 60; touch {marker}) & echo started; wait", walltime=0.5)
     result = fn()
     assert (result.returncode, result.timed_out, result.stdout) == (124, True, "started\n")
-    pids = subprocess.run(["pgrep", "-f", f"touch {marker}"], capture_output=True, text=True)
-    assert pids.stdout == "", "the command's background child outlived the walltime"
+    assert not _running(f"touch {marker}"), "the command's background child outlived it"
+
+
+def test_background_jobs_do_not_outlive_a_finished_command(tmp_path: Path) -> None:
+    marker = tmp_path / "late"
+    result = ShellFunction(f"(sleep 60; touch {marker}) & echo left")()
+    assert (result.returncode, result.stdout) == (0, "left\n")
+    _gone(f"touch {marker}")
+
+
+def test_killing_the_tasks_process_stops_the_command(tmp_path: Path) -> None:
+    """A worker killed by a cancel or by the end of its endpoint (SIGKILL: no cleanup
+    of its own) takes the command's whole group with it."""
+    marker = tmp_path / "orphan"
+    script = (
+        "from mepcore.client import ShellFunction\n"
+        f"ShellFunction('(sleep 60; touch {marker}) & sleep 60 & echo up; wait')()\n"
+    )
+    task = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert task.stdout is not None
+    _poll(lambda: _running(f"touch {marker}"), "the command did not start")
+    task.kill()
+    task.wait()
+    _gone(f"touch {marker}")
+
+
+def _running(pattern: str) -> bool:
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
+    return found.stdout.strip() != ""
+
+
+def _poll(check: Any, failure: str, deadline: float = 30.0) -> None:
+    end = time.monotonic() + deadline
+    while not check():
+        assert time.monotonic() < end, failure
+        time.sleep(0.05)  # the interval of a deadline poll
+
+
+def _gone(pattern: str) -> None:
+    _poll(lambda: not _running(pattern), f"{pattern!r} is still running")
 
 
 def test_mpi_function_puts_the_launcher_prefix_first() -> None:

@@ -10,7 +10,9 @@ arguments (or, in order, from positional ones), each value shell-quoted
 endpoint's result limit (10 MiB unless the administrator set another; a larger result
 fails with ``task.result_too_large``). A command that runs longer than ``walltime``
 seconds has its whole process group killed and reports return code 124, as
-``timeout(1)`` does.
+``timeout(1)`` does. Nothing of a command outlives its task: what its group left
+running when bash returns is killed, and so is the group when the process running the
+task dies (a cancel, the end of the endpoint), through a small supervisor process.
 
 A failing command is a result, not an exception: its return code is in the
 ``ShellResult``. With ``check=True`` a non-zero code raises
@@ -31,9 +33,9 @@ from __future__ import annotations
 
 import os
 import shlex
-import signal
 import string
 import subprocess
+import sys
 import tempfile
 from collections.abc import Mapping
 from typing import IO, Any
@@ -86,17 +88,67 @@ def _tail(fh: IO[bytes], limit: int) -> tuple[str, bool]:
     return data.decode("utf-8", errors="replace"), size > limit
 
 
-def _kill_group(process: subprocess.Popen[bytes]) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+# The command runs under this small supervisor (``python -I -c``), a child of the
+# process that runs the task: bash starts in a process group of its own, so that the
+# whole command — background jobs, an MPI launcher's ranks — can be stopped together; and
+# the supervisor dies with its parent (PR_SET_PDEATHSIG: a worker killed by a cancel, or
+# by the end of its endpoint), taking that group with it. Once bash is done, what is left
+# of its group goes too: a task leaves nothing running (DESIGN.md §3.10).
+_SUPERVISOR = r"""
+import ctypes, os, signal, subprocess, sys, time
+
+command, parent, grace = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+child = []
+
+
+def group_alive(group):
+    try:
+        os.waitpid(group, os.WNOHANG)  # bash itself, if it is done
+    except ChildProcessError:
+        pass
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def stop_group(signum=signal.SIGTERM, frame=None):
+    # Not Popen.wait: the main code is inside it, holding its lock.
+    if child:
+        group, end = child[0].pid, time.monotonic() + grace
         try:
-            os.killpg(process.pid, sig)
+            os.killpg(group, signal.SIGTERM)
+            while group_alive(group) and time.monotonic() < end:
+                time.sleep(0.02)
+            os.killpg(group, signal.SIGKILL)
         except ProcessLookupError:
-            break
-        try:
-            process.wait(_KILL_GRACE)
-            break
-        except subprocess.TimeoutExpired:
-            continue
+            pass
+    os._exit(128 + signum)
+
+
+signal.signal(signal.SIGTERM, stop_group)
+ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+if os.getppid() != parent:
+    os._exit(137)  # the task's process is gone already
+child.append(subprocess.Popen(["/bin/bash", "-c", command], start_new_session=True))
+code = child[0].wait()
+try:
+    os.killpg(child[0].pid, signal.SIGKILL)
+except ProcessLookupError:
+    pass
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop the supervisor, which stops the command's group (SIGTERM, then SIGKILL)."""
+    process.terminate()
+    try:
+        process.wait(_KILL_GRACE + 5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 class ShellFunction:
@@ -157,22 +209,22 @@ class ShellFunction:
         """Run a finished command line (here, in this process's environment)."""
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             # The caller's own command, run as the caller (the endpoint's account).
+            supervisor = [sys.executable, "-I", "-c", _SUPERVISOR]
             process = subprocess.Popen(
-                ["/bin/bash", "-c", command],
+                [*supervisor, command, str(os.getpid()), str(_KILL_GRACE)],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=err,
-                start_new_session=True,
                 env=None if env is None else dict(env),
             )
             timed_out = False
             try:
                 returncode = process.wait(self.walltime)
             except subprocess.TimeoutExpired:
-                _kill_group(process)
+                _stop(process)
                 timed_out, returncode = True, TIMEOUT_RETURNCODE
             except BaseException:  # an alarm or interrupt of the task: leave nothing behind
-                _kill_group(process)
+                _stop(process)
                 raise
             stdout, stdout_cut = _tail(out, self.max_output_bytes)
             stderr, stderr_cut = _tail(err, self.max_output_bytes)
