@@ -377,7 +377,8 @@ def bench_deployment(
                 python=python,
                 package_paths=paths,
                 limits=all_limits,
-                settings_extra={"log_level": "warning"},
+                # Capacity, not the per-identity rate limit (bench/ratelimit.py measures that).
+                settings_extra={"log_level": "warning", "edge": {"rate": 1e9, "burst": 10**9}},
             )
             if not is_root():
                 # Every bench identity maps to the one account there is: this user.

@@ -231,3 +231,51 @@ def test_audit_fields_are_capped_with_a_marker(tmp_path: Path) -> None:
     assert record["identity"].startswith("a\nb\x1b")
     assert record["identity"].endswith("...[4980 more characters cut]")
     assert len(record["lines"]) == 101 and record["lines"][-1] == "...[400 more items cut]"
+
+
+_FILLER = """
+import json, resource, sys
+from pathlib import Path
+from mepd.audit import AuditLog, AuditUnavailable
+
+path = Path(sys.argv[1])
+audit = AuditLog(path)
+audit.open()
+# A real file-size limit (RLIMIT_FSIZE; Python ignores SIGXFSZ, so write() fails with
+# EFBIG): the records below cannot all fit, and one is cut off part-way by the kernel.
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), resource.RLIM_INFINITY))
+failures = 0
+for i in range(200):
+    try:
+        audit.record_many(
+            [("task.received", {"task_id": f"t{i}-{j}", "detail": "x" * 300}) for j in range(3)]
+        )
+    except AuditUnavailable:
+        failures += 1
+# The limit goes (the operator freed the disk): the next record starts a line of its own.
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+audit.record("daemon.reloaded", problems=[])
+print(json.dumps({"failures": failures}))
+"""
+
+
+def test_a_failed_audit_write_leaves_whole_records_only(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "audit.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-c", _FILLER, str(path), "10000"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert json.loads(done.stdout)["failures"] > 0
+    data = path.read_bytes()
+    assert data.endswith(b"\n")
+    records = [json.loads(line) for line in data.splitlines()]  # every line is whole JSON
+    assert records[-1]["event"] == "daemon.reloaded"
+    received = [r for r in records if r["event"] == "task.received"]
+    assert 0 < len(received) < 600
+    assert all(r["detail"] == "x" * 300 for r in received)

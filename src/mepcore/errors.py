@@ -163,6 +163,8 @@ REASONS: Mapping[str, str] = MappingProxyType(
         "client.unavailable": "the service could not be reached",
         "client.protocol_error": "the service sent an answer the client does not understand",
         "client.unknown_reason": "the service refused the request",
+        "client.login_required": "log in first (mep login), or pass a token",
+        "client.login_failed": "the login did not complete",
     }
 )
 

@@ -461,6 +461,7 @@ class _Handlers:
             ("/v1/tasks/{task_id}", "GET", "task", self.get_task),
             ("/v1/tasks/{task_id}", "DELETE", "cancel", self.cancel_task),
             ("/v1/openapi.json", "GET", "openapi", self.openapi),
+            ("/v1/auth", "GET", "auth", self.auth_metadata),
             ("/healthz", "GET", "healthz", self.healthz),
             ("/metrics", "GET", "metrics", self.metrics_text),
         ]
@@ -542,6 +543,9 @@ class _Handlers:
 
     async def openapi(self, request: Request) -> Any:
         return openapi_document()
+
+    async def auth_metadata(self, request: Request) -> Any:
+        return self.pipeline.authenticator.login_metadata()
 
 
 # -- OpenAPI ----------------------------------------------------------------------------
@@ -826,6 +830,17 @@ def _service_paths() -> dict[str, Any]:
             "get": {
                 "summary": "this document",
                 "responses": {"200": {"description": "OpenAPI 3.1"}},
+            }
+        },
+        "/v1/auth": {
+            "get": {
+                "summary": "how to log in (mep login): the OpenID providers' issuer and"
+                " audience, and the public client for device login",
+                "responses": {
+                    "200": {
+                        "description": "{issuers: [{issuer, audience, device_client_id?, scopes?}]}"
+                    }
+                },
             }
         },
     }

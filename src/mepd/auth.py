@@ -649,6 +649,24 @@ class Authenticator:
                 introspectors.append(intro)
         return IssuerKeys(verifiers, introspectors)
 
+    def login_metadata(self) -> dict[str, Any]:
+        """What a client needs to log in (public: ``GET /v1/auth``): each OpenID
+        provider's issuer and audience, the resource indicator to ask tokens for when
+        the provider needs one, and the public client for device login when the
+        administrator named one."""
+        issuers = []
+        for issuer in self.issuers:
+            if issuer.type != "jwt":
+                continue
+            entry: dict[str, Any] = {"issuer": issuer.issuer, "audience": issuer.audience}
+            if issuer.login_resource:
+                entry["resource"] = issuer.login_resource
+            if issuer.device_client_id:
+                entry["device_client_id"] = issuer.device_client_id
+                entry["scopes"] = list(issuer.device_scopes)
+            issuers.append(entry)
+        return {"issuers": issuers}
+
     async def aclose(self) -> None:
         if self._http is not None:
             await self._http.aclose()

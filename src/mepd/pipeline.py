@@ -101,6 +101,7 @@ class UserEndpoints(Protocol):
 class Authenticate(Protocol):
     async def authenticate(self, authorization: str | None) -> Caller: ...
 
+    def login_metadata(self) -> dict[str, Any]: ...
 
 
 SiteLookup = Callable[[str], Site | None]

@@ -109,6 +109,15 @@ _ISSUER_SCHEMAS: dict[str, dict[str, Any]] = {
             # Bounds on how long a fetched JWKS is used (its Cache-Control max-age).
             "jwks_min_age": {"type": "number", "minimum": 1, "maximum": 86400},
             "jwks_max_age": {"type": "number", "minimum": 1, "maximum": 7 * 86400},
+            # Advertised to ``mep login`` (GET /v1/auth): the public client for device
+            # login (RFC 8628) and the scopes it asks for.
+            "device_client_id": {"type": "string", "minLength": 1, "maxLength": 256},
+            # The resource indicator (RFC 8707) mep login asks tokens for, if needed.
+            "login_resource": {"type": "string", "minLength": 1, "maxLength": 1024},
+            "device_scopes": {
+                "type": "array",
+                "items": {"type": "string", "pattern": "^[!#-\\[\\]-~]{1,128}$"},
+            },
         },
     },
     "introspection": {
@@ -459,6 +468,8 @@ _ISSUER_VALUE_KEYS = (
     "jwks_min_age",
     "jwks_max_age",
     "accept_client_tokens",
+    "device_client_id",
+    "login_resource",
 )
 
 # RFC 9068 access tokens; an OpenID provider's ID token never carries this type.
@@ -486,6 +497,9 @@ class IssuerSettings:
     jwks_min_age: float = 60.0
     jwks_max_age: float = 24 * 3600.0
     accept_client_tokens: bool = False
+    device_client_id: str | None = None
+    login_resource: str | None = None
+    device_scopes: tuple[str, ...] = ("openid", "offline_access")
 
     def __attrs_post_init__(self) -> None:
         # An introspection issuer without an ``issuer`` is named by its URL (part of
@@ -501,6 +515,7 @@ class IssuerSettings:
             **{k: v for k, v in data.items() if k in _ISSUER_VALUE_KEYS},
             algorithms=tuple(data.get("algorithms") or DEFAULT_ALGORITHMS),
             token_types=tuple(data.get("token_types") or DEFAULT_TOKEN_TYPES),
+            device_scopes=tuple(data.get("device_scopes", ("openid", "offline_access"))),
             claims=ClaimNames.from_mapping(data.get("claims") or {}),
             jwks_file=_resolve_optional(base_dir, data.get("jwks_file")),
             client_secret_file=_resolve_optional(base_dir, data.get("client_secret_file")),

@@ -17,6 +17,7 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
+from mepcore.client import login_cli
 from mepcore.client.errors import ClientError
 from mepcore.client.service import Client
 from mepcore.errors import MepError
@@ -53,6 +54,13 @@ SUBCOMMANDS: dict[str, tuple[str, AddArguments, Run]] = {
         _logs_arguments,
         _logs,
     ),
+    "login": (
+        "log in to the daemon (device login, or --client-id for a robot)",
+        login_cli.login_arguments,
+        login_cli.run_login,
+    ),
+    "logout": ("forget the login to the daemon", lambda _: None, login_cli.run_logout),
+    "whoami": ("show who you are logged in as", lambda _: None, login_cli.run_whoami),
 }
 
 

@@ -249,6 +249,18 @@ def _function_source(fn: Callable[..., Any]) -> str | None:
         return None
 
 
+def _stored_login(url: str, environ: Mapping[str, str], options: Mapping[str, Any]) -> Any:
+    """The ``mep login`` of ``url`` as an httpx auth flow, or None (never logged in)."""
+    from mepcore.client import login  # authlib is loaded only for a stored login
+
+    store = login.TokenStore(login.tokens_path(environ))
+    if not store.path.exists():
+        return None
+    verify = options.get("ca_bundle") or options.get("verify", True)
+    found = login.Login.stored(url, store, verify)
+    return None if found is None else login.LoginAuth(found)
+
+
 @attrs.define
 class Client:
     """A connection to one mepd service.
@@ -270,6 +282,8 @@ class Client:
     timeout: float = attrs.field(default=30.0, kw_only=True)
     retry: RetryPolicy = attrs.field(factory=RetryPolicy, kw_only=True)
     transport: httpx.BaseTransport | None = attrs.field(default=None, kw_only=True, repr=False)
+    # Instead of ``token``: an httpx auth flow, e.g. a stored login (mepcore.client.login).
+    auth: httpx.Auth | None = attrs.field(default=None, kw_only=True, repr=False)
     _http: httpx.Client | None = attrs.field(default=None, init=False, repr=False)
     _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False, repr=False)
 
@@ -292,9 +306,10 @@ class Client:
         found = url or url_from_environment(environ)
         if not found:
             raise ClientError("mep.invalid_input", f"no service URL given and {URL_VARIABLE} unset")
-        return cls(
-            found, token if token is not None else token_from_environment(environ), **options
-        )
+        token = token if token is not None else token_from_environment(environ)
+        if token is None and "auth" not in options:
+            options["auth"] = _stored_login(found, environ, options)
+        return cls(found, token, **options)
 
     # -- connection ----------------------------------------------------------------
 
@@ -311,6 +326,7 @@ class Client:
                 self._http = httpx.Client(
                     base_url=self.url,
                     headers=headers,
+                    auth=self.auth,
                     verify=verify,
                     timeout=self.timeout,
                     transport=self.transport,
