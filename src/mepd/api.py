@@ -568,10 +568,12 @@ _STATUS_TEXT = {
     401: "not authenticated",
     403: "refused (mapping, policy, allow-list)",
     404: "not found (or not yours)",
+    408: "the body did not arrive within edge.body_timeout",
     409: "conflict with the task's state",
     413: "body, payload or variables too large",
+    415: "the body is not application/json",
     422: "invalid user endpoint variables (every violation listed) or unknown function",
-    429: "a limit was reached; see Retry-After",
+    429: "a limit was reached (the identity's request rate, queued tasks); see Retry-After",
     503: "draining, audit log unavailable, or a user endpoint failed to start",
 }
 
@@ -677,9 +679,12 @@ def _operation(
     if body is not None:
         operation["requestBody"] = {"required": body_required, **_json(_ref(body))}
     description, schema = answer
+    # Every authenticated route is rate limited per identity; a route with a body can
+    # also be refused for its type or its lateness.
+    edge = (408, 415, 429) if body is not None else (429,)
     operation["responses"] = {
         "200": {"description": description, **_json(schema)},
-        **_errors(*errors),
+        **_errors(*sorted({*errors, *edge})),
     }
     return operation
 
