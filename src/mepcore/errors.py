@@ -127,6 +127,9 @@ REASONS: Mapping[str, str] = MappingProxyType(
         "task.unknown_strategy": "the serialization strategy is not known",
         "task.envelope_invalid": "the task envelope is not valid",
         "task.cancelled": "the task was cancelled",
+        "task.version_mismatch": (
+            "the function was serialized by another Python version than the endpoint's"
+        ),
         "task.not_found": "no such task",
         "task.engine_failed": "the execution engine failed",
         "task.record_damaged": "the stored record of this task is damaged",

@@ -44,7 +44,7 @@ from mepcore.client.errors import (
     TaskInfrastructureError,
 )
 from mepcore.client.records import TaskRecord
-from mepcore.client.serialize import pack_args, pack_function
+from mepcore.client.serialize import SERIALIZERS, pack_args, pack_function
 from mepcore.client.service import Client, RetryPolicy, TaskRequest, _function_source
 
 # Phases of a TaskFuture, guarded by its own lock; exactly one party moves a future out
@@ -167,6 +167,11 @@ class Executor(_StdExecutor):
     collector keeps trying an unreachable daemon before it fails the outstanding futures
     with ``ServiceUnavailable``.
 
+    ``serializer`` is how functions travel: ``"dill"`` (bytecode, the default: the
+    endpoint must run the client's Python minor version, else each task fails with
+    ``task.version_mismatch`` before it runs) or ``"source"`` (the function's source
+    text, for an endpoint on another Python; the function imports what it uses).
+
     Where the service and the token come from: either pass a ``client``, or ``url`` and
     ``token``. A missing ``url`` is taken from ``MEP_URL`` and a missing ``token`` from
     ``MEP_TOKEN`` in ``environ``, which defaults (None) to this process's environment,
@@ -192,6 +197,7 @@ class Executor(_StdExecutor):
         give_up_after: float = 300.0,
         retry: RetryPolicy | None = None,
         environ: Mapping[str, str] | None = None,
+        serializer: str = "dill",
     ) -> None:
         if client is not None and (url is not None or token is not None or environ is not None):
             raise ClientError(
@@ -207,12 +213,18 @@ class Executor(_StdExecutor):
             self._owns_client = True
         else:
             self._owns_client = False
+        if serializer not in SERIALIZERS:
+            raise ClientError(
+                "mep.invalid_input",
+                f"serializer must be one of {', '.join(SERIALIZERS)}, not {serializer!r}",
+            )
         if batch_size < 1 or poll_size < 1 or poll_timeout < 0:
             raise ClientError("mep.invalid_input", "batch_size, poll_size must be >= 1")
         self.client = client
         self.endpoint = endpoint
         self.walltime = walltime
         self.resource_specification = resource_specification
+        self.serializer = serializer
         self.batch_size = batch_size
         self.poll_timeout = poll_timeout
         self.poll_size = poll_size
@@ -342,7 +354,7 @@ class Executor(_StdExecutor):
             known = self._functions.get(id(fn))
         if known is not None and known[0] is fn:
             return known[1]
-        local_id, payload = pack_function(fn)
+        local_id, payload = pack_function(fn, self.serializer)
         name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
         function = _Function(local_id, payload, name, _function_source(fn))
         with self._lock:

@@ -14,6 +14,7 @@ worker loads them.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -25,7 +26,7 @@ import attrs
 from mepcore.errors import ConfigError, TaskError, Violation
 from mepcore.tasks.engine import Engine, ExecutorLimits, Job
 from mepcore.tasks.envelopes import RemoteError, ResultEnvelope, TaskEnvelope
-from mepcore.tasks.serialization import function_id_of
+from mepcore.tasks.serialization import BYTECODE_STRATEGIES, function_id_of, payload_tag
 
 ENGINE_TYPES = ("ThreadPoolEngine", "ProcessPoolEngine", "GlobusComputeEngine", "GlobusMPIEngine")
 
@@ -149,6 +150,9 @@ class Executor:
     engine: Engine
     limits: ExecutorLimits = attrs.field(factory=ExecutorLimits)
     allowed_functions: frozenset[str] | None = None
+    # The (major, minor) Python of the client whose functions this executor runs (its
+    # user_runtime), when known: bytecode from another minor version is refused.
+    client_python: tuple[int, int] | None = None
     _functions: dict[str, bytes] = attrs.field(init=False, factory=dict)
     _lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
     _state: str = attrs.field(init=False, default="new")
@@ -160,9 +164,10 @@ class Executor:
         *,
         limits: ExecutorLimits = ExecutorLimits(),  # noqa: B008 - frozen value
         allowed_functions: Collection[str] | None = None,
+        client_python: tuple[int, int] | None = None,
     ) -> Executor:
         allowed = None if allowed_functions is None else frozenset(allowed_functions)
-        return cls(build_engine(engine, limits), limits, allowed)
+        return cls(build_engine(engine, limits), limits, allowed, client_python)
 
     def start(self) -> None:
         with self._lock:
@@ -228,6 +233,10 @@ class Executor:
                     )
                 )
                 continue
+            mismatch = self._version_mismatch(body)
+            if mismatch:
+                futures.append(_refused(task, "task.version_mismatch", mismatch))
+                continue
             if len(task.payload) > limits.max_payload_bytes:
                 futures.append(
                     _refused(
@@ -255,6 +264,18 @@ class Executor:
         wanted = frozenset(task_ids)
         if wanted and self._state == "running":
             self.engine.cancel(wanted)
+
+    def _version_mismatch(self, body: bytes) -> str:
+        """Why a function cannot run here ('' if it can): bytecode of another Python."""
+        client, here = self.client_python, sys.version_info[:2]
+        if client is None or client == here or payload_tag(body) not in BYTECODE_STRATEGIES:
+            return ""
+        theirs, ours = ".".join(map(str, client)), ".".join(map(str, here))
+        return (
+            f"the function was serialized as bytecode by Python {theirs} (the client) and "
+            f"this endpoint runs Python {ours}, which cannot run it: send it by source "
+            f'(Executor(..., serializer="source")) or submit from Python {ours}'
+        )
 
     def shutdown(self, wait: bool = True) -> None:
         """Stop the engine: with ``wait``, accepted tasks finish first; else they are

@@ -4,6 +4,13 @@ Every payload starts with the tag of the strategy that wrote it (``dill.v1\\n<by
 the receiver knows how to load it. The registry ``STRATEGIES`` is closed: an unknown tag
 is refused with ``task.unknown_strategy`` and is never resolved by importing a name.
 
+``dill.v1`` and ``pickle.v1`` carry a function as bytecode, which only the same Python
+minor version can run (``BYTECODE_STRATEGIES``). ``source.v1`` carries a plain function
+as its source text (JSON: name and source, decorators left out), compiled where it runs:
+it survives a Python version change, at the price of carrying no globals, closures or
+decorators (the function imports what it uses) — Globus Compute's ``DillCodeSource``
+makes the same trade.
+
 This module deliberately does not decide *where* payloads may be loaded: loading runs
 arbitrary code, so only the user endpoint (as the mapped user) calls ``unpack_value``;
 the daemon treats payloads as opaque bytes (DESIGN.md §3.4).
@@ -11,9 +18,13 @@ the daemon treats payloads as opaque bytes (DESIGN.md §3.4).
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import inspect
 import io
+import json
 import pickle
+import textwrap
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import IO, Any
@@ -62,14 +73,63 @@ def _pickle_loads(data: bytes) -> Any:
     return pickle.loads(data)  # noqa: S301 - only ever called as the user, on their own data
 
 
+def function_source(fn: Any) -> dict[str, str]:
+    """A plain function's name and source text, without its decorators; ``TypeError``
+    for what cannot travel as source (a lambda, a closure, a builtin, no source file)."""
+    # A decorated function (functools.wraps) travels as the function it wraps.
+    fn = inspect.unwrap(fn) if callable(fn) else fn
+    if not inspect.isfunction(fn):
+        raise TypeError(f"only a function defined with def can be sent by source, not {fn!r}")
+    if fn.__name__ == "<lambda>":
+        raise TypeError("a lambda cannot be sent by source: define it with def")
+    if fn.__code__.co_freevars:
+        names = ", ".join(fn.__code__.co_freevars)
+        raise TypeError(f"{fn.__name__} uses variables of an enclosing function ({names})")
+    try:
+        text = textwrap.dedent(inspect.getsource(fn))
+    except OSError as exc:
+        raise TypeError(f"the source of {fn.__name__} cannot be found: {exc}") from exc
+    node = ast.parse(text).body[0]
+    if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+        raise TypeError(f"the source of {fn.__name__} is not a def")
+    source = "".join(text.splitlines(keepends=True)[node.lineno - 1 :])
+    return {"name": fn.__name__, "source": source}
+
+
+def _source_dump(value: Any, stream: IO[bytes]) -> None:
+    document = function_source(value)
+    stream.write(json.dumps(document, sort_keys=True, separators=(",", ":")).encode())
+
+
+def _source_loads(data: bytes) -> Any:
+    document = json.loads(data)
+    name, source = document["name"], document["source"]
+    namespace: dict[str, Any] = {"__name__": "__mep_source__"}
+    # Only ever as the user, on their own function (as dill.loads would run it anyway).
+    exec(compile(source, f"<source of {name}>", "exec"), namespace)  # noqa: S102
+    return namespace[name]
+
+
 # The closed registry. Adding a strategy means adding a line here, never a dynamic import.
 STRATEGIES: Mapping[str, Strategy] = MappingProxyType(
     {
         "dill.v1": Strategy("dill.v1", _dill_dump, _dill_loads),
         "pickle.v1": Strategy("pickle.v1", _pickle_dump, _pickle_loads),
+        "source.v1": Strategy("source.v1", _source_dump, _source_loads),
     }
 )
 DEFAULT_STRATEGY = "dill.v1"
+# Strategies whose functions are bytecode: they run only on the Python minor version
+# that wrote them.
+BYTECODE_STRATEGIES = frozenset({"dill.v1", "pickle.v1"})
+# Strategies for functions only (values, arguments and results never use them).
+FUNCTION_ONLY_STRATEGIES = frozenset({"source.v1"})
+
+
+def payload_tag(payload: bytes) -> str:
+    """The strategy tag a payload starts with ('' when it has none)."""
+    end = payload.find(_SEPARATOR, 0, _MAX_TAG_BYTES + 1)
+    return payload[:end].decode("ascii", "replace") if end > 0 else ""
 
 
 def strategy(tag: str) -> Strategy:

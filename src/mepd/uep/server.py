@@ -71,6 +71,20 @@ def append_endpoint_log(directory: str, kind: str, fields: Mapping[str, Any]) ->
             fh.write(line)
 
 
+def client_python(user_runtime: Mapping[str, Any] | None) -> tuple[int, int] | None:
+    """The client's (major, minor) Python from its ``user_runtime`` (the field Globus
+    Compute's SDK sends too: ``python.version_tuple``), when it sent a valid one."""
+    python = (user_runtime or {}).get("python")
+    version = python.get("version_tuple") if isinstance(python, Mapping) else None
+    if (
+        isinstance(version, list | tuple)
+        and len(version) >= 2
+        and all(type(part) is int and 0 <= part < 1000 for part in version[:2])
+    ):
+        return int(version[0]), int(version[1])
+    return None
+
+
 class StartRefused(Exception):
     """A failure before ``ready``, reported in an ``error`` frame."""
 
@@ -265,6 +279,14 @@ class UserEndpoint:
             f"user endpoint of {start.endpoint!r} as {start.account.get('name')} "
             f"(uid {os.getuid()}), Python {sys.version.split()[0]}",
         )
+        client = client_python(start.user_runtime)
+        if client is not None and client != sys.version_info[:2]:
+            self.log.write(
+                "python",
+                f"the client runs Python {client[0]}.{client[1]}, this endpoint "
+                f"{sys.version_info[0]}.{sys.version_info[1]}: functions sent as bytecode "
+                'are refused (task.version_mismatch); send them by source (serializer="source")',
+            )
 
     def _with_log(self, fields: dict[str, Any]) -> dict[str, Any]:
         """A start failure, written to the user's log; the error names the log and
@@ -335,6 +357,7 @@ class UserEndpoint:
             engine,
             limits=limits,
             allowed_functions=getattr(self.config, "allowed_functions", None),
+            client_python=client_python(start.user_runtime),
         )
         if hasattr(executor.engine, "on_event"):
             log_dir = str(engine.get("run_dir"))
