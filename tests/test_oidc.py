@@ -212,6 +212,32 @@ def test_forged_key_ids_cannot_starve_a_rotated_key(
     assert op.jwks_hits("a") - before <= 3
 
 
+def test_known_keys_outlive_an_outage_for_the_grace_then_503(
+    tmp_path: Path, oidc_provider: OpenIDProvider
+) -> None:
+    op = oidc_provider
+    auth = authenticator(tmp_path, jwt_issuer(op.issuers["b"]))
+    token = op.sign("b", claims_of(op, "b"))
+    authenticate(auth, token)
+    cache = auth._jwt[op.issuers["b"]].cache
+    op.down("b")
+    try:
+        # The keys' age is up (as after max-age): the refresh fails, the keys in hand
+        # are still used within the grace...
+        cache.fresh_until = cache.fetch_started = time.monotonic() - 10
+        assert authenticate(auth, token).issuer == op.issuers["b"]
+        assert "JWKS fetch failed" in cache.last_error
+        # ...and past it the answer depends on the provider: 503, on every retry.
+        cache.stale_until = cache.fetch_started = time.monotonic() - 10
+        for _ in range(2):
+            error = refusal(auth, token)
+            assert error.reason == "auth.issuer_unavailable"
+            cache.fetch_started -= 10  # the next fetch is due again
+    finally:
+        op.up("b")
+    assert authenticate(auth, token).issuer == op.issuers["b"]
+
+
 def test_introspection_needs_the_audience_and_follows_revocation(
     tmp_path: Path, oidc_provider: OpenIDProvider
 ) -> None:
