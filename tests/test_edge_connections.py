@@ -201,41 +201,34 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def test_emfile_costs_little_cpu_and_few_log_lines(tmp_path: Path) -> None:
-    """200 idle sockets against a daemon limited to 128 descriptors whose connection cap
-    is set above that (so accept() itself fails with EMFILE): it backs off instead of
-    spinning, logs a line, not a flood, and serves again once the sockets go."""
-    top = tmp_path / "site"
+def _start_with_few_descriptors(top: Path, log_path: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """``mepd serve`` under ``prlimit --nofile=128``, its connection cap above that (so
+    accept() itself fails with EMFILE); (process, port) once it listens."""
     edge = {"max_connections": 1000, "header_timeout": 60}
     config = write_deployment(top, python=sys.executable, settings_extra={"edge": edge})
-    log_path = tmp_path / "mepd.log"
+    command = [sys.executable, "-m", "mepd", "serve", "--config", str(config)]
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [
-                "prlimit",
-                "--nofile=128",
-                sys.executable,
-                "-m",
-                "mepd",
-                "serve",
-                "--config",
-                str(config),
-            ],
-            stdout=log,
-            stderr=log,
-            cwd=str(REPO),
+            ["prlimit", "--nofile=128", *command], stdout=log, stderr=log, cwd=str(REPO)
         )
+    port_file = top / "state" / "port"
+    end = time.monotonic() + 60
+    while not (port_file.exists() and port_file.read_text().strip()):
+        assert process.poll() is None, log_path.read_text()
+        assert time.monotonic() < end, "mepd did not start"
+        select.select([], [], [], 0.05)
+    return process, int(port_file.read_text())
+
+
+def test_emfile_costs_little_cpu_and_few_log_lines(tmp_path: Path) -> None:
+    """200 idle sockets against a daemon limited to 128 descriptors: it backs off instead
+    of spinning, logs a line, not a flood, and serves again once the sockets go."""
+    log_path = tmp_path / "mepd.log"
+    process, port = _start_with_few_descriptors(tmp_path / "site", log_path)
+    url = f"http://127.0.0.1:{port}"
     socks: list[socket.socket] = []
     try:
-        port_file = top / "state" / "port"
-        end = time.monotonic() + 60
-        while not (port_file.exists() and port_file.read_text().strip()):
-            assert process.poll() is None, log_path.read_text()
-            assert time.monotonic() < end, "mepd did not start"
-            select.select([], [], [], 0.05)
-        url = f"http://127.0.0.1:{int(port_file.read_text())}"
-        for _ in range(200):
-            socks.append(socket.create_connection(("127.0.0.1", int(port_file.read_text()))))
+        socks += [socket.create_connection(("127.0.0.1", port)) for _ in range(200)]
         end = time.monotonic() + 20
         while "edge.accept_failed" not in log_path.read_text():
             assert time.monotonic() < end, "the daemon never ran out of descriptors"
@@ -251,12 +244,14 @@ def test_emfile_costs_little_cpu_and_few_log_lines(tmp_path: Path) -> None:
             s.close()
         socks.clear()
         end = time.monotonic() + 30
-        while True:
+        while time.monotonic() < end:
             try:
                 if httpx.get(url + "/healthz", timeout=5).status_code == 200:
                     break
             except httpx.HTTPError:
-                assert time.monotonic() < end, "the daemon did not serve again"
+                pass
+        else:
+            pytest.fail("the daemon did not serve again after the sockets closed")
         lines = log_path.read_text().splitlines()
         assert len(lines) < 100, len(lines)
         assert all(json.loads(line) for line in lines)

@@ -146,8 +146,13 @@ class EdgeProtocol(HttpToolsProtocol):
             self._header_timer = None
         deadline = self.loop.time() + self.edge_settings.body_timeout
         self.scope[BODY_DEADLINE] = deadline  # type: ignore[literal-required]
-        self._body_timer = self.loop.call_at(deadline + BODY_GRACE, self._body_late)
         super().on_headers_complete()
+        if self.pipeline:
+            # Queued behind a request still being answered (HTTP pipelining): its body is
+            # not read until then, so its deadline starts when the API reads it.
+            self.scope.pop(BODY_DEADLINE, None)  # type: ignore[misc]
+        else:
+            self._body_timer = self.loop.call_at(deadline + BODY_GRACE, self._body_late)
 
     def on_message_complete(self) -> None:
         if self._body_timer is not None:
