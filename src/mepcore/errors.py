@@ -118,6 +118,10 @@ REASONS: Mapping[str, str] = MappingProxyType(
         "task.worker_lost": "the worker running the task was lost",
         "task.provider_failed": "the batch system did not start workers for the task",
         "task.endpoint_lost": "the user endpoint running the task was lost",
+        "task.result_buffer_full": (
+            "the result was produced while the daemon was away and did not fit the user "
+            "endpoint's result buffer"
+        ),
         "task.result_too_large": "the task result is too large",
         "task.payload_too_large": "the task payload is too large",
         "task.deserialization_failed": "the task payload could not be deserialized",

@@ -50,6 +50,9 @@ KINDS = frozenset(
         "drain",  # daemon -> uep: finish in-flight work, accept none, then exit
         "stop",  # daemon -> uep: exit now (after teardown)
         "exiting",  # uep -> daemon: the final frame, saying why the uep exits
+        # uep -> daemon (on the adoption socket, first frame): endpoint id, secret, held
+        # task ids; daemon -> uep: adopted, with the task ids whose results it wants
+        "adopt",
     }
 )
 

@@ -14,7 +14,11 @@ be root or the daemon's own uid).
   to ``mepd reload``).
 - SIGTERM / SIGINT: drain — new work is refused (503), in-flight tasks get
   ``limits.drain_timeout``, user endpoints are stopped by the ladder
-  (``Registry.shutdown``), the store is closed cleanly.
+  (``Registry.shutdown``), the store is closed cleanly. Started with
+  ``keep_endpoints`` (``mepd serve --keep-endpoints``, an in-place upgrade; needs
+  ``restart.adopt_endpoints``), SIGTERM closes the API and the store but leaves the
+  user endpoints running: they keep their tasks and wait for the next daemon, which
+  re-adopts them (``mepd.adoption``).
 
 This module is wiring. It makes no decision of its own: sites are ``mepd.sites``, the
 registry's adapter is ``mepd.endpoints``, requests are ``mepd.pipeline``.
@@ -41,6 +45,7 @@ import uvicorn
 
 from mepcore.errors import MepError, SiteConfigError, StoreError
 from mepcore.spawn import SpawnSettings
+from mepd.adoption import SOCKET_DIR, SOCKET_NAME, Adoption, EndpointRecords, Survey, survey
 from mepd.api import create_app
 from mepd.audit import AuditLog, AuditUnavailable
 from mepd.auth import Authenticator, IssuerKeys
@@ -180,9 +185,10 @@ def _adopt_issuer_names(store: TaskStore, settings: Settings, audit: AuditLog) -
                 audit.record("store.owners_renamed", old=issuer.url, new=issuer.issuer, tasks=moved)
 
 
-def _recover(store: TaskStore, audit: AuditLog) -> Recovery:
-    """What a crash left: dispatched tasks are lost (audited), queued ones come back."""
-    recovery = store.recover(time.time())
+def _recover(store: TaskStore, audit: AuditLog, keep: frozenset[str] = frozenset()) -> Recovery:
+    """What a crash left: dispatched tasks are lost (audited) unless their user endpoint
+    lives on to be re-adopted (``keep``); queued ones come back."""
+    recovery = store.recover(time.time(), keep)
     if recovery.lost:
         audit.record_many(
             (
@@ -219,6 +225,10 @@ class Daemon:
     _reloads: int = 0
     # systemd's notification socket (mepd.notify); set by serve() from its environment.
     _notifier: Notifier = attrs.field(factory=Notifier)
+    # User endpoints of the previous daemon awaiting re-adoption (mepd.adoption).
+    adoption: Adoption | None = None
+    # SIGTERM leaves the user endpoints running, for the next daemon (an upgrade).
+    keep_endpoints: bool = False
 
     @classmethod
     def open(cls, settings: Settings, *, fresh_store: bool = False) -> Daemon:
@@ -241,7 +251,10 @@ class Daemon:
         audit.open()
         store = _open_store(state / STORE_FILE, settings, audit, fresh_store)
         _adopt_issuer_names(store, settings, audit)
-        recovery = _recover(store, audit)
+        found = survey(store)
+        # Without adoption configured now, live leftovers are stopped, their tasks lost.
+        keep = found.keep if settings.restart.adopt_endpoints else frozenset()
+        recovery = _recover(store, audit, keep)
         authenticator = Authenticator(
             settings.issuers, state, settings.limits.introspection_cache_entries
         )
@@ -249,7 +262,19 @@ class Daemon:
         report = load_sites(settings)
         if report.problems:
             raise SiteConfigError("settings.invalid", "; ".join(report.problems))
-        return cls._wire(settings, audit, store, recovery, authenticator, report.sites)
+        daemon = cls._wire(settings, audit, store, recovery, authenticator, report.sites)
+        daemon._wire_adoption(found)
+        return daemon
+
+    def _wire_adoption(self, found: Survey) -> None:
+        restart = self.settings.restart
+        socket_path = self.settings.state_dir / SOCKET_DIR / SOCKET_NAME
+        if restart.adopt_endpoints:
+            # Users reach the socket through the state directory: traverse only.
+            self.settings.state_dir.chmod(0o711)
+            self.registry.adoption = EndpointRecords(self.store, restart, socket_path)
+        self.adoption = Adoption(self.store, self.registry, self.audit, restart, socket_path)
+        self.adoption.take_survey(found, self.recovery.held)
 
     @classmethod
     def _wire(
@@ -317,6 +342,8 @@ class Daemon:
         sock = _bind(self.settings.host, self.settings.port)
         self._install_signal_handlers(loop)
         admin = await self._start_admin_socket()
+        if self.adoption is not None:
+            self.adoption.start()
         port = sock.getsockname()[1]
         self._announce_start(port)
         self._prepare_cgroups()
@@ -389,6 +416,8 @@ class Daemon:
             port=port,
             lost_on_restart=lost,
             requeued=queued,
+            held_for_adoption=len(self.recovery.held),
+            endpoints_awaiting_adoption=0 if self.adoption is None else self.adoption.waiting,
         )
         log.info(
             "daemon.started",
@@ -406,6 +435,8 @@ class Daemon:
         await asyncio.gather(*self._background, return_exceptions=True)
         if self._stopping is not None and not self._stopping.done():
             await self._stopping
+        if self.adoption is not None:
+            await self.adoption.close()
         self.pipeline.delivery.flush()
         self.store.close()
         await self.authenticator.aclose()
@@ -426,6 +457,9 @@ class Daemon:
             self._stopping = asyncio.get_running_loop().create_task(self._drain_and_stop())
 
     async def _drain_and_stop(self) -> None:
+        if self.keep_endpoints:
+            await self._release_and_stop()
+            return
         try:
             left = await self.pipeline.drain(self.settings.limits.drain_timeout)
             log.info("daemon.drained", tasks_left=left)
@@ -433,6 +467,26 @@ class Daemon:
             await self.registry.shutdown()
             self.endpoints.audit.stopped(running, "daemon shutdown")
             self.pipeline.delivery.flush()
+        except Exception:
+            log.exception("daemon.drain_failed")
+        finally:
+            self.server.should_exit = True
+
+    async def _release_and_stop(self) -> None:
+        """The upgrade drain: refuse new work, leave the user endpoints running with their
+        tasks (still dispatched in the store), flush what has arrived, stop serving."""
+        try:
+            self.pipeline.draining = True
+            released = await self.registry.release()
+            self.pipeline.delivery.flush()
+            with contextlib.suppress(AuditUnavailable):
+                self.audit.record(
+                    "daemon.endpoints_kept",
+                    endpoints=[s.to_dict() for s in released],
+                    tasks_in_flight=self.pipeline.in_flight.dispatched(),
+                )
+            log.info("daemon.endpoints_kept", count=len(released))
+            await self.registry.shutdown()  # what was already stopping
         except Exception:
             log.exception("daemon.drain_failed")
         finally:

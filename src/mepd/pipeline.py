@@ -245,6 +245,7 @@ class Pipeline:
                 payload=task.payload,
                 walltime=min(task.walltime or walltime_cap, walltime_cap),
                 resources=None if task.resources is None else task.resources.to_dict(),
+                uep_id=handle.id,
             )
             for task in request.tasks
         ]
@@ -343,7 +344,7 @@ class Pipeline:
         self._send_functions(handle, list(dict.fromkeys(q.function_id for q in items)))
         # Still queued: not cancelled meanwhile.
         still = [q for q in items if self.in_flight.get(q.task_id) is not None]
-        self.store.mark_dispatched([q.task_id for q in still])
+        self.store.mark_dispatched([q.task_id for q in still], handle.id)
         self._dispatch(
             handle,
             [

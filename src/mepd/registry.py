@@ -27,7 +27,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Protocol
 
@@ -83,6 +83,20 @@ LostCallback = Callable[[list[InFlightTask], str], None]
 # (handle, why): a user endpoint's process is gone, for whatever reason (idle, crash,
 # stop). Called once per user endpoint, in the event loop, after on_lost.
 ExitCallback = Callable[["UserEndpointHandle", str], None]
+
+
+class AdoptionRecords(Protocol):
+    """Records of user endpoints that may outlive the daemon (``mepd.adoption``)."""
+
+    def launched(self, handle: UserEndpointHandle) -> dict[str, Any]:
+        """Record a launched endpoint; the ``adoption`` fields of its start message."""
+        ...
+
+    def ended(self, handle: UserEndpointHandle) -> None:
+        """Its process is gone: nothing to adopt any more."""
+        ...
+
+
 _MAX_REASON_CHARS = 512
 
 
@@ -280,6 +294,10 @@ class UserEndpointHandle:
         )
         self.idle_since = None
 
+    def welcome(self, want: Sequence[str]) -> None:
+        """Answer an adopted endpoint's hello: the held tasks whose results are wanted."""
+        self._live_channel().send("adopt", {"want": list(want)})
+
     def cancel(self, task_ids: Sequence[str]) -> None:
         """Ask the user endpoint to stop these tasks; their late results are dropped
         quietly (the daemon has recorded them cancelled already)."""
@@ -474,6 +492,8 @@ class UserEndpointHandle:
         finally:
             if self._registry is not None:
                 self._registry._unreaped.discard(self.process.pid)
+                if self._registry.adoption is not None:
+                    self._registry.adoption.ended(self)
         log.info(
             "uep.stopped",
             uep=self.id,
@@ -507,6 +527,8 @@ class Registry:
     clock: Callable[[], float] = attrs.field(kw_only=True, default=time.time)
     in_flight: InFlight = attrs.field(kw_only=True, factory=InFlight)
     sessions: SessionHooks | None = attrs.field(kw_only=True, default=None)
+    # Set when user endpoints are adoptable (restart.adopt_endpoints): they outlive us.
+    adoption: AdoptionRecords | None = attrs.field(kw_only=True, default=None)
     _handles: dict[tuple[str, str], UserEndpointHandle] = attrs.field(init=False, factory=dict)
     _starting: dict[tuple[str, str], asyncio.Future[UserEndpointHandle]] = attrs.field(
         init=False, factory=dict
@@ -646,7 +668,9 @@ class Registry:
             handle.session_open = True
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            handle.process = launch(plan, theirs.fileno(), cgroups=cgroups)
+            handle.process = launch(
+                plan, theirs.fileno(), cgroups=cgroups, adoptable=self.adoption is not None
+            )
             self._unreaped.add(handle.process.pid)
         except BaseException:
             ours.close()
@@ -658,7 +682,11 @@ class Registry:
         )
         handle._watch_fd = os.dup(handle.process.pidfd)
         loop.add_reader(handle._watch_fd, handle._on_exit)
-        handle.channel.send("start", req.start_fields())
+        fields = req.start_fields()
+        if self.adoption is not None:
+            # The secret travels on the channel only (never argv or the environment).
+            fields["adoption"] = self.adoption.launched(handle)
+        handle.channel.send("start", fields)
         await asyncio.wait_for(asyncio.shield(ready), self.limits.start_timeout)
 
     async def _fail_start(
@@ -756,6 +784,76 @@ class Registry:
             del self._handles[key]
         handle.state = state
         self._leaving.add(handle)
+
+    # ----------------------------------------------------------------- adoption
+
+    def reserve_ids(self, used: Iterable[str]) -> None:
+        """New handles get ids the previous daemon's live endpoints do not have."""
+        serials = [int(i.rpartition("/")[2]) for i in used if i.rpartition("/")[2].isdigit()]
+        if serials:
+            self._serial = itertools.count(max(serials) + 1)
+
+    async def adopt(
+        self,
+        endpoint_id: str,
+        account: Account,
+        config_key: str,
+        endpoint: str,
+        process: LaunchedProcess,
+        sock: socket.socket,
+    ) -> UserEndpointHandle:
+        """Take over a verified user endpoint of the previous daemon (``mepd.adoption``
+        checked the process and the peer) on its adoption connection. When a new one was
+        started for the same key meanwhile, the adopted one drains and ends."""
+        loop = asyncio.get_running_loop()
+        now = self.clock()
+        handle = UserEndpointHandle(
+            id=endpoint_id,
+            account=account,
+            config_key=config_key,
+            endpoint=endpoint,
+            state="ready",
+            process=process,
+            started_at=now,
+            idle_since=now,
+            registry=self,
+        )
+        handle.channel = await AsyncChannel.connect(
+            sock, handle._on_frame, handle._on_close, self.channel_limits
+        )
+        handle._watch_fd = os.dup(process.pidfd)
+        loop.add_reader(handle._watch_fd, handle._on_exit)
+        key = (account.name, config_key)
+        if key in self._handles or key in self._starting or self._shutting_down:
+            self._leave(handle, "draining")
+        else:
+            self._handles[key] = handle
+        return handle
+
+    async def release(self) -> list[EndpointStatus]:
+        """Stop serving without stopping the user endpoints (``--keep-endpoints``): the
+        channels close, the endpoints keep their work and wait for the next daemon.
+        Their tasks stay dispatched in the store. Returns what was released."""
+        self._shutting_down = True
+        if self._starting:
+            with contextlib.suppress(Exception):
+                await asyncio.wait(list(self._starting.values()), timeout=self.limits.start_timeout)
+        released = []
+        loop = asyncio.get_running_loop()
+        for handle in list(self._handles.values()):
+            if handle.state != "ready" or handle.process is None:
+                continue
+            released.append(handle.status())
+            handle._closed.set()  # so that the channel's end is not a loss
+            if handle._watch_fd >= 0:
+                loop.remove_reader(handle._watch_fd)
+                os.close(handle._watch_fd)
+                handle._watch_fd = -1
+            if handle.channel is not None:
+                handle.channel.close()
+            self._unreaped.discard(handle.process.pid)
+            del self._handles[(handle.account.name, handle.config_key)]
+        return released
 
     def _watch_adopted(self, loop: asyncio.AbstractEventLoop) -> None:
         # As a subreaper we inherit the orphans of user endpoints (Parsl blocks, workers

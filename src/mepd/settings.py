@@ -176,6 +176,36 @@ class EdgeSettings:
         return cls(**dict(data))
 
 
+RESTART_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "adopt_endpoints": {"type": "boolean"},
+        "grace_period": {"type": "number", "minimum": 1, "maximum": 86400},
+        "result_buffer_bytes": {"type": "integer", "minimum": 0},
+    },
+}
+
+
+@attrs.frozen
+class RestartSettings:
+    """The ``restart:`` section (docs/admin-guide.md, "Restart and upgrade").
+
+    ``adopt_endpoints`` false (the default): user endpoints die with the daemon (the
+    parent-death signal), and their running tasks end as ``task.endpoint_lost``. True:
+    they outlive it for ``grace_period`` seconds, keep their work, buffer up to
+    ``result_buffer_bytes`` of results, and the next daemon re-adopts them after
+    verifying them (``mepd.adoption``)."""
+
+    adopt_endpoints: bool = False
+    grace_period: float = 300.0
+    result_buffer_bytes: int = 64 * 1024 * 1024
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> RestartSettings:
+        return cls(**dict(data))
+
+
 SETTINGS_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "mepd settings",
@@ -214,6 +244,7 @@ SETTINGS_SCHEMA: dict[str, Any] = {
         "python": _PATH,
         "durability": {"enum": ["normal", "full"]},
         "edge": EDGE_SCHEMA,
+        "restart": RESTART_SCHEMA,
         "spawn": {
             "type": "object",
             "additionalProperties": False,
@@ -600,6 +631,7 @@ class Settings:
     spawn: Mapping[str, Any] = attrs.field(factory=dict)
     limits: Limits = Limits()
     edge: EdgeSettings = EdgeSettings()
+    restart: RestartSettings = RestartSettings()
     issuers: tuple[IssuerSettings, ...] = (IssuerSettings(type="local"),)
 
     @property
@@ -652,6 +684,7 @@ class Settings:
             spawn=dict(data.get("spawn") or {}),
             limits=Limits.from_mapping(data.get("limits") or {}),
             edge=EdgeSettings.from_mapping(data.get("edge") or {}),
+            restart=RestartSettings.from_mapping(data.get("restart") or {}),
             issuers=tuple(
                 IssuerSettings.from_mapping(raw, base_dir=base_dir)
                 for raw in data.get("issuers") or [{"type": "local"}]

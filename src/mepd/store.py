@@ -16,7 +16,10 @@ lost, because NORMAL does not fsync on every commit. ``durability="full"`` switc
 States: ``queued`` (accepted, not yet handed to a user endpoint — after a restart),
 ``dispatched`` (handed to a user endpoint), and the final ``success``, ``failed``,
 ``cancelled``. ``recover()`` turns what was dispatched when the daemon died into
-``failed``/``task.endpoint_lost`` and returns what is still queued.
+``failed``/``task.endpoint_lost`` and returns what is still queued — except the tasks of
+user endpoints that outlived the daemon and may be re-adopted (``mepd.adoption``): each
+dispatched task names its user endpoint (``uep_id``), and the ``endpoints`` table keeps
+what the next daemon verifies before it adopts one (process, account, secret's hash).
 
 The file tells the truth about itself: its schema version is ``PRAGMA user_version``
 (forward migrations in ``_MIGRATIONS``); an empty, foreign, newer or unreadable file is
@@ -48,10 +51,11 @@ from mepcore.types import Identity
 from mepd.spec import EndpointSpec
 
 FINAL_STATES = ("success", "failed", "cancelled")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _TABLES = frozenset({"functions", "specs", "tasks"})
 
-_SCHEMA = """
+_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS functions (
     id TEXT PRIMARY KEY,
     body BLOB NOT NULL,
@@ -81,15 +85,46 @@ CREATE TABLE IF NOT EXISTS tasks (
     created REAL NOT NULL,
     finished REAL,
     error TEXT,
-    result BLOB
+    result BLOB,
+    uep_id TEXT
 );
 CREATE INDEX IF NOT EXISTS tasks_state ON tasks(state);
 CREATE INDEX IF NOT EXISTS tasks_finished ON tasks(finished) WHERE finished IS NOT NULL;
 """
+    + """
+CREATE TABLE IF NOT EXISTS endpoints (
+    id TEXT PRIMARY KEY,
+    account TEXT NOT NULL,
+    uid INTEGER NOT NULL,
+    gid INTEGER NOT NULL,
+    pid INTEGER NOT NULL,
+    start_time INTEGER NOT NULL,
+    exe TEXT NOT NULL,
+    secret_sha256 TEXT NOT NULL,
+    config_key TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    account_json TEXT NOT NULL,
+    created REAL NOT NULL
+);
+"""
+)
+
+
+def _migrate_1_to_2(db: sqlite3.Connection) -> None:
+    """Version 2: each task names its user endpoint; live user endpoints are recorded
+    (restart with re-adoption). Written to run on a file that already has either."""
+    columns = {r[1] for r in db.execute("PRAGMA table_info(tasks)")}
+    if "uep_id" not in columns:
+        db.execute("ALTER TABLE tasks ADD COLUMN uep_id TEXT")
+    db.executescript(_SCHEMA)
+
 
 # Version n → n+1. Version 0 with mep's tables is a store written before versions were
 # recorded: its tables are version 1's, so the step only records the number.
-_MIGRATIONS: dict[int, str] = {0: ""}
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
+    0: lambda db: None,
+    1: _migrate_1_to_2,
+}
 
 
 @attrs.frozen
@@ -104,6 +139,8 @@ class NewTask:
     walltime: float | None
     # Not stored: a task is stored as dispatched and never sent again (``recover``).
     resources: dict[str, Any] | None = attrs.field(default=None, hash=False)
+    # The user endpoint it is dispatched to (``UserEndpointHandle.id``), for re-adoption.
+    uep_id: str | None = attrs.field(default=None, hash=False)
 
 
 @attrs.frozen
@@ -147,9 +184,52 @@ class QueuedTask:
 
 
 @attrs.frozen
+class HeldTask:
+    """A task dispatched to a user endpoint that outlived the daemon: it stays dispatched
+    while that endpoint may still be re-adopted."""
+
+    task_id: str
+    owner: str
+    account: str
+    function_id: str
+    uep_id: str
+
+
+@attrs.frozen
+class PendingPayload:
+    """What it takes to send a dispatched task again (to an adopted user endpoint that
+    never received it)."""
+
+    task_id: str
+    owner: str
+    function_id: str
+    payload: bytes
+    walltime: float | None
+
+
+@attrs.frozen
+class EndpointRecord:
+    """A user endpoint that may outlive this daemon, as the next daemon verifies it."""
+
+    endpoint_id: str
+    account: str
+    uid: int
+    gid: int
+    pid: int
+    start_time: int
+    exe: str
+    secret_sha256: str
+    config_key: str
+    endpoint: str
+    account_json: str = "{}"
+    created: float = 0.0
+
+
+@attrs.frozen
 class Recovery:
     lost: tuple[str, ...]
     queued: tuple[QueuedTask, ...]
+    held: tuple[HeldTask, ...] = ()
 
 
 _RECORD_COLUMNS = (
@@ -337,7 +417,7 @@ class TaskStore:
         with self._transaction():
             self._db.executemany(
                 "INSERT INTO tasks(id, owner, endpoint, account, spec_id, function_id, payload,"
-                " walltime, state, created) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                " walltime, state, created, uep_id) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 [
                     (
                         t.task_id,
@@ -350,16 +430,17 @@ class TaskStore:
                         t.walltime,
                         state,
                         now,
+                        t.uep_id,
                     )
                     for t in tasks
                 ],
             )
 
-    def mark_dispatched(self, task_ids: Sequence[str]) -> None:
+    def mark_dispatched(self, task_ids: Sequence[str], uep_id: str | None = None) -> None:
         with self._transaction():
             self._db.executemany(
-                "UPDATE tasks SET state='dispatched' WHERE id=? AND state='queued'",
-                [(t,) for t in task_ids],
+                "UPDATE tasks SET state='dispatched', uep_id=? WHERE id=? AND state='queued'",
+                [(uep_id, t) for t in task_ids],
             )
 
     def finish(
@@ -416,10 +497,12 @@ class TaskStore:
             out.extend(_record(r) for r in rows)
         return out
 
-    def recover(self, now: float) -> Recovery:
-        """After a restart: what was dispatched is lost; what was queued is returned."""
+    def recover(self, now: float, keep: Iterable[str] = ()) -> Recovery:
+        """After a restart: what was dispatched is lost — unless it went to one of the
+        user endpoints in ``keep`` (alive, awaiting re-adoption: returned as ``held``);
+        what was queued is returned."""
         try:
-            return self._recover(now)
+            return self._recover(now, frozenset(keep))
         except sqlite3.DatabaseError as exc:
             raise StoreError(
                 "store.invalid",
@@ -427,14 +510,24 @@ class TaskStore:
                 "--fresh-store to set the store aside and begin a new one",
             ) from exc
 
-    def _recover(self, now: float) -> Recovery:
+    def _recover(self, now: float, keep: frozenset[str]) -> Recovery:
         error = json.dumps({"reason": "task.endpoint_lost"})
+        held: list[HeldTask] = []
+        lost: list[str] = []
         with self._transaction():
-            lost = [r[0] for r in self._db.execute("SELECT id FROM tasks WHERE state='dispatched'")]
-            self._db.execute(
+            rows = self._db.execute(
+                "SELECT id, owner, account, function_id, uep_id FROM tasks"
+                " WHERE state='dispatched' ORDER BY created, rowid"
+            ).fetchall()
+            for task_id, owner, account, function_id, uep_id in rows:
+                if uep_id is not None and uep_id in keep:
+                    held.append(HeldTask(task_id, owner, account, function_id, uep_id))
+                else:
+                    lost.append(task_id)
+            self._db.executemany(
                 "UPDATE tasks SET state='failed', error=?, finished=?, payload=NULL"
-                " WHERE state='dispatched'",
-                (error, now),
+                " WHERE id=? AND state='dispatched'",
+                [(error, now, t) for t in lost],
             )
         queued = tuple(
             QueuedTask(r[0], r[1], r[2], r[3], r[4], bytes(r[5]), r[6])
@@ -443,7 +536,45 @@ class TaskStore:
                 " WHERE state='queued' ORDER BY created, rowid"
             )
         )
-        return Recovery(tuple(lost), queued)
+        return Recovery(tuple(lost), queued, tuple(held))
+
+    # -- user endpoints that may outlive the daemon (mepd.adoption) -------------------
+
+    def put_endpoint(self, record: EndpointRecord) -> None:
+        with self._transaction():
+            self._db.execute(
+                "INSERT OR REPLACE INTO endpoints(id, account, uid, gid, pid, start_time, exe,"
+                " secret_sha256, config_key, endpoint, account_json, created)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                attrs.astuple(record),
+            )
+
+    def delete_endpoint(self, endpoint_id: str) -> None:
+        with self._transaction():
+            self._db.execute("DELETE FROM endpoints WHERE id=?", (endpoint_id,))
+
+    def endpoint_records(self) -> list[EndpointRecord]:
+        rows = self._db.execute(
+            "SELECT id, account, uid, gid, pid, start_time, exe, secret_sha256, config_key,"
+            " endpoint, account_json, created FROM endpoints ORDER BY created, id"
+        )
+        return [EndpointRecord(*r) for r in rows]
+
+    def pending_payloads(self, task_ids: Sequence[str]) -> list[PendingPayload]:
+        """The payloads of dispatched tasks (to send them again), in the given order."""
+        found: dict[str, PendingPayload] = {}
+        ids = list(task_ids)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self._db.execute(
+                "SELECT id, owner, function_id, payload, walltime FROM tasks"  # noqa: S608
+                f" WHERE state='dispatched' AND payload IS NOT NULL AND id IN ({marks})",
+                chunk,
+            )
+            for r in rows:
+                found[r[0]] = PendingPayload(r[0], r[1], r[2], bytes(r[3]), r[4])
+        return [found[t] for t in ids if t in found]
 
     def counts_by_state(self) -> dict[str, int]:
         return {
@@ -566,13 +697,16 @@ def _check_and_migrate(path: Path, db: sqlite3.Connection) -> None:
     if not tables >= _TABLES:
         raise sqlite3.DatabaseError(f"foreign database: tables {sorted(tables)}")
     while version < SCHEMA_VERSION:
-        db.executescript(_MIGRATIONS[version])
+        _MIGRATIONS[version](db)
         version += 1
         db.execute(f"PRAGMA user_version={version}")
 
 
 def _integrity(db: sqlite3.Connection) -> tuple[str, ...]:
-    rows = [str(r[0]) for r in db.execute("PRAGMA integrity_check(20)")]
+    try:
+        rows = [str(r[0]) for r in db.execute("PRAGMA integrity_check(20)")]
+    except sqlite3.DatabaseError as exc:  # damage the check itself trips over
+        return (f"integrity_check failed: {exc}",)
     return () if rows == ["ok"] else tuple(rows)
 
 

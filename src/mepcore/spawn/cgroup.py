@@ -54,6 +54,7 @@ SELF_CGROUP = "/proc/self/cgroup"
 # The v1 controllers this module uses, in the order they are looked for.
 V1_CONTROLLERS = ("freezer", "pids", "memory")
 _ENDPOINT_NAME = re.compile(r"uep-([0-9]+)-[0-9a-f]+")
+_ADOPTABLE_NAME = re.compile(r"uepa-([0-9]+)-[0-9a-f]+")
 _PARENT = re.compile(r"(/[A-Za-z0-9_.@:-]+)+")
 _SIZE = re.compile(r"([0-9]+)([KMGT]?)")
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -493,13 +494,16 @@ class Cgroups:
     def describe(self) -> str:
         return "no cgroup" if self.layout is None else self.layout.describe()
 
-    def create(self) -> EndpointCgroup:
+    def create(self, *, adoptable: bool = False) -> EndpointCgroup:
         """Directories for one new user endpoint, with the limits written; raises
-        ``spawn.cgroup_failed`` (nothing is left behind then)."""
+        ``spawn.cgroup_failed`` (nothing is left behind then). An ``adoptable`` endpoint
+        outlives its daemon on purpose (re-adoption): its cgroup is named ``uepa-…``, which
+        ``reclaim`` never ends (it only removes it once empty)."""
         layout = self.layout
         if layout is None:
             raise SpawnError("spawn.cgroup_failed", "no cgroup is available")
-        name = f"uep-{os.getpid()}-{secrets.token_hex(4)}"
+        kind = "uepa" if adoptable else "uep"
+        name = f"{kind}-{os.getpid()}-{secrets.token_hex(4)}"
         made: list[str] = []
         try:
             for cgroup_dir in layout.dirs:
@@ -541,7 +545,8 @@ class Cgroups:
     def reclaim(self) -> list[str]:
         """End and remove the endpoint cgroups of daemons that are no longer running
         (in every hierarchy, also those the settings no longer use); returns their names.
-        A live daemon's (and this one's) are left alone."""
+        A live daemon's (and this one's) are left alone, and so are adoptable endpoints'
+        (``uepa-…``, alive after their daemon on purpose): removed only once empty."""
         if self.layout is None:
             return []
         by_name: dict[str, list[str]] = {}
@@ -551,6 +556,10 @@ class Cgroups:
                 continue
             for name in self.port.child_dirs(parent):
                 match = _ENDPOINT_NAME.fullmatch(name)
+                if _ADOPTABLE_NAME.fullmatch(name):
+                    with contextlib.suppress(OSError):  # refused while it has members
+                        self.port.remove_dir(posixpath.join(parent, name))
+                    continue
                 if match and not self.port.alive(int(match.group(1))):
                     by_name.setdefault(name, []).append(posixpath.join(parent, name))
         stop_parent = self.layout.dirs[self.layout.stop_index].parent

@@ -165,9 +165,11 @@ def launch(
     *,
     check_access: bool = True,
     cgroups: Cgroups | None = None,
+    adoptable: bool = False,
 ) -> LaunchedProcess:
     """Start the user endpoint of ``plan`` with ``channel_fd`` as its only extra descriptor,
-    in a cgroup of its own when ``cgroups`` has one to give."""
+    in a cgroup of its own when ``cgroups`` has one to give (``adoptable``: one that no
+    other daemon's reclaim ends, for an endpoint meant to outlive its daemon)."""
     if check_access:
         check_runtime_readable(
             plan.python,
@@ -185,7 +187,9 @@ def launch(
             "spawn.launch_failed",
             f"the daemon runs as uid {os.geteuid()} and cannot start processes as {plan.uid}",
         )
-    cgroup = cgroups.create() if cgroups is not None and cgroups.available else None
+    cgroup = (
+        cgroups.create(adoptable=adoptable) if cgroups is not None and cgroups.available else None
+    )
     try:
         process = _start(plan, argv, channel_fd, identity)
     except BaseException:

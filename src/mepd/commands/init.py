@@ -107,8 +107,8 @@ issuers:
   - type: local
   # - type: jwt          # an OpenID Connect provider (Keycloak, Entra ID, ...)
   #   issuer: https://keycloak.{domain}/realms/hpc
-  #   audience: mepd
-  #   jwks_url: https://keycloak.{domain}/realms/hpc/protocol/openid-connect/certs
+  #   audience: mepd     # keys and endpoints come from the issuer's discovery document
+  #   token_types: [JWT] # Keycloak's access-token typ (the default is RFC 9068's at+jwt)
   #   claims: {{id: sub, username: preferred_username, mfa: amr}}
 
 # Endpoints: each maps identities, decides by its policy list and starts user endpoints

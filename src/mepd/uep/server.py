@@ -31,6 +31,7 @@ from mepcore.errors import ChannelError, MepError
 from mepd.channel import BlockingChannel, Frame, batch_frames, check_items
 from mepd.uep.identity import introspect
 from mepd.uep.log import EndpointLog, run_logged_script
+from mepd.uep.orphan import AdoptionInfo, ResultBuffer, clear_parent_death_signal, reconnect
 
 START_WAIT = 120.0
 MAX_RESULT_BATCH = 4096
@@ -204,6 +205,12 @@ class UserEndpoint:
     _tasks_seen: int = 0
     _results_seen: int = 0
     _drained: threading.Event = attrs.field(factory=threading.Event)
+    # Re-adoption (mepd.uep.orphan), when the daemon asked for it in the start message:
+    # the ids of the tasks running here, and the results not (surely) delivered.
+    adoption: AdoptionInfo | None = None
+    _running: set[str] = attrs.field(factory=set)
+    _buffer: ResultBuffer | None = None
+    _out_lock: threading.Lock = attrs.field(factory=threading.Lock)
     _serving: bool = False
 
     # ----------------------------------------------------------------- start
@@ -237,6 +244,7 @@ class UserEndpoint:
             raise _refuse("spawn.start_failed", "no start message")
         start = StartMessage.from_header(frame.header)
         self.start = start
+        self._prepare_adoption(frame.header)
         if start.account.get("uid") != os.getuid():
             raise _refuse("spawn.privilege_drop", "start message names another account")
         self._open_log(start)
@@ -267,6 +275,93 @@ class UserEndpoint:
         )
         if self.log is not None:
             self.log.write("ready", f"engine {self._engine_dict().get('type')}")
+
+    def _prepare_adoption(self, header: Mapping[str, Any]) -> None:
+        try:
+            self.adoption = AdoptionInfo.from_start(header)
+        except ValueError as exc:
+            raise _refuse("spawn.start_failed", f"start message: {exc}") from exc
+        if self.adoption is not None:
+            if not clear_parent_death_signal():
+                raise _refuse("spawn.start_failed", "could not clear the parent-death signal")
+            self._buffer = ResultBuffer(self.adoption.result_buffer_bytes)
+
+    def _await_adoption(self) -> bool:
+        """The daemon is gone: keep the tasks running, buffer their results, and try the
+        adoption socket (growing pauses) until the grace period ends. True once a new
+        daemon adopted this endpoint (its wanted results are sent again first)."""
+        info, buffer = self.adoption, self._buffer
+        if info is None or buffer is None:
+            return False
+        with self._out_lock:
+            buffer.connected = False
+            with contextlib.suppress(OSError):
+                self.channel.sock.close()
+        if self.log is not None:
+            self.log.write("orphaned", f"the daemon is gone; waiting {info.grace_period:.0f} s")
+        deadline = time.monotonic() + info.grace_period
+        pause = 0.05
+        while time.monotonic() < deadline and not self.exit_reason:
+            with self._lock, self._out_lock:
+                held = sorted(self._running | buffer.ids())
+            got = reconnect(info, held)
+            if got is not None and self._adopted(*got):
+                return True
+            time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
+            pause = min(pause * 2, 1.0)
+        if not self.exit_reason:
+            self.exit_reason = "orphaned: no daemon adopted it within the grace period"
+        return False
+
+    def _adopted(self, channel: BlockingChannel, want: set[str]) -> bool:
+        assert self._buffer is not None
+        with self._out_lock:
+            replay = self._buffer.take(want)
+            try:
+                self._send_results(channel, replay)
+            except OSError:
+                self._buffer.hold(replay)
+                return False
+            self._buffer.sent(replay)
+            self._buffer.connected = True
+            self.channel = channel
+            self.channel_fd = channel.sock.fileno()
+        with self._lock:
+            unwanted = sorted(self._running - want)
+        if unwanted and self.executor is not None:
+            self.executor.cancel(unwanted)  # ended at the daemon meanwhile (cancelled)
+        if self.log is not None:
+            self.log.write("adopted", f"by a new daemon; {len(replay)} results sent again")
+        return True
+
+    def _send_results(self, channel: BlockingChannel, batch: list[Any]) -> None:
+        items = [(r.to_header(), r.payload) for r in batch]
+        if not items:
+            return
+        limits = channel.limits
+        for buffers in batch_frames("result", items, limits=limits, max_items=MAX_RESULT_BATCH):
+            channel.send_buffers(buffers)
+
+    def _deliver(self, batch: list[Any]) -> bool:
+        """Send a batch of results; False when the daemon is gone and nothing waits for
+        a next one. With adoption, results are buffered instead while it is away."""
+        buffer = self._buffer
+        if buffer is None:
+            try:
+                self._send_results(self.channel, batch)
+            except OSError:
+                return False
+            return True
+        with self._out_lock:
+            if buffer.connected:
+                try:
+                    self._send_results(self.channel, batch)
+                    buffer.sent(batch)
+                    return True
+                except OSError:
+                    buffer.connected = False
+            buffer.hold(batch)
+        return True
 
     def _open_log(self, start: StartMessage) -> None:
         """The user's own endpoint log (``mepd.uep.log``), from here on."""
@@ -403,8 +498,12 @@ class UserEndpoint:
         while not self.exit_reason:
             try:
                 frame = self.channel.recv(timeout=max(0.0, next_tick - time.monotonic()))
-            except EOFError:
-                self.exit_reason = "channel_closed"
+            except (EOFError, ConnectionError) as exc:
+                if self._await_adoption():
+                    continue
+                self.exit_reason = self.exit_reason or (
+                    "channel_closed" if isinstance(exc, EOFError) else f"channel_invalid: {exc}"
+                )
                 break
             except (ChannelError, OSError) as exc:
                 self.exit_reason = f"channel_invalid: {exc}"
@@ -473,6 +572,8 @@ class UserEndpoint:
         parts = frame.parts()
         with self._lock:
             self.in_flight += len(items)
+            if self._buffer is not None:
+                self._running.update(h["task_id"] for h in items)
             self._tasks_seen += len(items)
         tasks = []
         for header, payload in zip(items, parts, strict=True):
@@ -529,7 +630,6 @@ class UserEndpoint:
         self._results.put(result)
 
     def _write_results(self) -> None:
-        limits = self.channel.limits
         while True:
             first = self._results.get()
             if first is _STOP:
@@ -545,14 +645,10 @@ class UserEndpoint:
                     stop_after = True
                     break
                 batch.append(item)
-            items = [(r.to_header(), r.payload) for r in batch]
-            try:
-                frames = batch_frames("result", items, limits=limits, max_items=MAX_RESULT_BATCH)
-                for buffers in frames:
-                    self.channel.send_buffers(buffers)
-            except OSError:
+            if not self._deliver(batch):
                 return  # the daemon is gone; the main loop sees EOF
             with self._lock:
+                self._running.difference_update(r.task_id for r in batch)
                 self.in_flight -= len(batch)
                 self._results_seen += len(batch)
                 if self.in_flight <= 0 and self.draining:
