@@ -450,7 +450,9 @@ class ProcessPoolEngine:
         )
         if worker.queue:
             seq, job = worker.queue.popleft()
-            if worker.killed_seq == seq:
+            if job.future.done():
+                pass  # cancelled while it ran: answered already, its worker killed
+            elif worker.killed_seq == seq:
                 job.fail(
                     "task.timeout",
                     f"the task ran longer than its walltime of {job.walltime:g} s; "
