@@ -342,6 +342,20 @@ def answer(proc: Any) -> str:
     return str(proc.stdout.readline().strip())
 
 
+GRACE = 4
+
+
+def short_grace(config: Path) -> Path:
+    """The same deployment with a grace period of a few seconds."""
+    import yaml
+
+    settings = yaml.safe_load(config.read_text())
+    settings["restart"]["grace_period"] = GRACE
+    path = config.with_name("mepd-short-grace.yaml")
+    path.write_text(yaml.safe_dump(settings, sort_keys=False))
+    return path
+
+
 def test_forged_endpoints_are_not_adopted(site: dict[str, Any]) -> None:
     first, second = site["accounts"]
     python, state = site["python"], site["state"]
@@ -363,12 +377,15 @@ def test_forged_endpoints_are_not_adopted(site: dict[str, Any]) -> None:
         ]
         store.add_tasks(held, state="dispatched", now=time.time())
         store.close()
-        daemon = start_daemon(site["config"], state, log_name="forged.log")
+        daemon = start_daemon(short_grace(site["config"]), state, log_name="forged.log")
         try:
             assert answer(intruder) == "closed"  # another account's process
             assert answer(wrong_secret) == "closed"
             assert answer(reused) == "closed"  # its record was dropped at start
             assert answer(genuine) == "adopted"  # the same socket adopts the real one
+            # Verified alive but never adopted: stopped when the grace period ends.
+            assert wrong_secret.wait(GRACE + 30) == -signal.SIGTERM
+            assert genuine.poll() is None
         finally:
             assert daemon.stop() == 0
     finally:
@@ -381,7 +398,8 @@ def test_forged_endpoints_are_not_adopted(site: dict[str, Any]) -> None:
     assert "wrong secret" in refusals
     store = TaskStore.open(state / "tasks.sqlite3")
     try:
-        lost = store.get("forged-2")
-        assert lost is not None and lost.error == {"reason": "task.endpoint_lost"}
+        for task_id in ("forged-1", "forged-2"):  # its endpoint stopped / its pid reused
+            lost = store.get(task_id)
+            assert lost is not None and lost.error == {"reason": "task.endpoint_lost"}
     finally:
         store.close()

@@ -205,6 +205,9 @@ def test_more_ranks_than_allowed_are_refused_at_submit_with_a_reason(
         error = ex.submit(MPIFunction(str(hello))).exception(60)
     assert isinstance(error, RequestRefused)
     assert (error.status, error.reason) == (403, "task.resources_not_allowed")
+    (violation,) = error.violations
+    assert violation.path == "$.tasks[0].resource_specification"
+    assert "asks for 8 ranks; this endpoint allows 4" in violation.message
 
 
 def test_an_account_can_be_capped_below_the_endpoint(daemon: RunningDaemon, hello: Path) -> None:

@@ -31,6 +31,7 @@ from mepcore.types import Account
 from mepd.audit import AuditSink
 from mepd.auth import Caller
 from mepd.metrics import Metrics
+from mepd.shapes import RequestError
 from mepd.spec import EndpointSpec
 
 
@@ -99,7 +100,8 @@ def check_resources(
             limits.check(spec, account.name)
         except TaskError as exc:
             where = f"$.tasks[{index}].resource_specification"
-            raise TaskError(
+            # The caller's own request, measured against their own caps: safe to show.
+            raise RequestError(
                 exc.reason, exc.detail, violations=[Violation(where, exc.detail)]
             ) from None
 

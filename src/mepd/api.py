@@ -136,6 +136,8 @@ _CALLER_INPUT = frozenset(
         "config.invalid_variables",
         "config.reserved_variable",
         "config.variables_too_large",
+        "task.resources_invalid",
+        "task.resources_not_allowed",
     }
 )
 

@@ -193,7 +193,9 @@ def _resources(item: Mapping[str, Any], index: int) -> ResourceSpecification | N
         return resource_specification(item.get("resource_specification"))
     except TaskError as exc:
         where = f"$.tasks[{index}].resource_specification"
-        raise TaskError(exc.reason, exc.detail, violations=[Violation(where, exc.detail)]) from None
+        raise RequestError(
+            exc.reason, exc.detail, violations=[Violation(where, exc.detail)]
+        ) from None
 
 
 @attrs.frozen
