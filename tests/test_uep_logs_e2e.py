@@ -31,10 +31,12 @@ engine:
 idle_heartbeats_soft: 30
 idle_heartbeats_hard: 5760
 endpoint_setup: {{ endpoint_setup | default() }}
+endpoint_teardown: {{ endpoint_teardown | default() }}
 """
 SCHEMA = (
     '{"type": "object", "additionalProperties": false,'
-    ' "properties": {"endpoint_setup": {"type": "string"}}}'
+    ' "properties": {"endpoint_setup": {"type": "string"},'
+    ' "endpoint_teardown": {"type": "string"}}}'
 )
 FAILING_SETUP = "echo preparing the node; echo 'module: gcc/99.1 not found' >&2; exit 3"
 FAILING = {"endpoint_setup": FAILING_SETUP}
@@ -138,7 +140,7 @@ def test_a_failing_endpoint_setup_shows_its_stderr_to_the_caller_and_in_mep_logs
     assert "start_failed" in shown.stdout
 
     # A start that works logs its start, readiness and what the task printed.
-    r = _submit(client, {})
+    r = _submit(client, {"endpoint_teardown": "echo tearing down the scratch space"})
     assert r.status_code == 200, r.text
     answer = client.get("/v1/endpoints/hpc/log", params={"lines": 3}).json()
     assert answer["exists"] is True and answer["path"] == str(log)
@@ -159,6 +161,11 @@ def test_a_failing_endpoint_setup_shows_its_stderr_to_the_caller_and_in_mep_logs
         )
 
     _wait_for(printed, 30, "the task's output in the endpoint log")
+
+    # endpoint_teardown's output too, when the user endpoint stops.
+    assert client.post("/v1/endpoints/hpc/stop").json() == {"stopped": 1}
+    teardown = [line for line in log.read_text().splitlines() if "endpoint_teardown" in line]
+    assert teardown and teardown[-1].endswith("endpoint_teardown: tearing down the scratch space")
 
     # Bounded and checked: lines out of range is a 400.
     r = client.get("/v1/endpoints/hpc/log", params={"lines": 0})
