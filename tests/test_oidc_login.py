@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from mepcore.client import cli, login
+from mepcore.client.errors import ClientError
 from mepcore.client.service import Client
 from tests.daemon_harness import RunningDaemon, running_daemon, write_deployment
 from tests.oidc import API_AUDIENCE, CLI_CLIENT, SERVICE, OpenIDProvider, browser_login
@@ -123,6 +124,24 @@ def test_a_401_expired_token_renews_once(
     with Client.from_environment(environ) as client:
         assert _authenticated(client)
     assert store.get(daemon.url)["token"]["access_token"] != token["access_token"]  # type: ignore[index]
+
+
+def test_processes_sharing_a_login_renew_it_once(daemon: RunningDaemon, tmp_path: Path) -> None:
+    store = login.TokenStore(tmp_path / "config" / "mep" / "tokens.json")
+    login.device_login(
+        daemon.url, lambda _u, _c, complete: browser_login(complete, "carol"), store=store
+    )
+    # Two processes read the same login; the provider rotates refresh tokens.
+    first = login.Login.stored(daemon.url, store)
+    second = login.Login.stored(daemon.url, store)
+    assert first is not None and second is not None
+    renewed = first.access_token(renew=True)
+    assert second.access_token(renew=True) == renewed  # taken from the file, not spent
+    assert second.access_token(renew=True) != renewed  # and renewed with the newest one
+    store.remove(daemon.url)  # mep logout
+    with pytest.raises(ClientError) as info:
+        first.access_token(renew=True)
+    assert info.value.reason == "client.login_required"
 
 
 def test_a_login_without_a_refresh_token_asks_to_log_in_again(

@@ -19,13 +19,14 @@ outlives any one token.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,19 @@ class TokenStore:
         data = self.load()
         data[_key(url)] = dict(entry)
         self._write(data)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Held while a login is renewed, so that processes sharing the file (several
+        scripts, an Executor per process) renew it once and never spend a refresh
+        token another one has already exchanged."""
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def remove(self, url: str) -> bool:
         data = self.load()
@@ -293,14 +307,29 @@ class Login:
         return time.time() >= expires - margin
 
     def access_token(self, *, renew: bool = False) -> str:
+        """The access token; renewed first when due or ``renew`` (the service refused
+        this one) — unless another process sharing the file already did."""
         with self._lock:
             if renew or self._due():
-                self._renew()
+                with self.store.locked():
+                    if not self._adopt_stored():
+                        self._renew()
             token: str = self.entry["token"]["access_token"]
             return token
 
+    def _adopt_stored(self) -> bool:
+        """Take the stored login if another process renewed it since we read it."""
+        stored = self.store.get(self.url)
+        if stored is None:  # mep logout: the session ends here too
+            raise ClientError("client.login_required", f"logged out of {self.url}: mep login")
+        ours = (self.entry.get("token") or {}).get("access_token")
+        if (stored.get("token") or {}).get("access_token") == ours:
+            return False
+        self.entry = stored
+        return not self._due()
+
     def renew(self) -> None:
-        with self._lock:
+        with self._lock, self.store.locked():
             self._renew()
 
     def _renew(self) -> None:
