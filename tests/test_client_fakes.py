@@ -67,6 +67,7 @@ class RunningEndpoints:
     handles: dict[str, RunningHandle] = attrs.field(factory=dict)
     starts: list[Admitted] = attrs.field(factory=list)
     dispatched: list[str] = attrs.field(factory=list)
+    logs: dict[str, list[str]] = attrs.field(factory=dict)
     pool: ThreadPoolExecutor = attrs.field(factory=lambda: ThreadPoolExecutor(8))
 
     async def get_or_start(self, admitted: Admitted) -> RunningHandle:
@@ -121,6 +122,12 @@ class RunningEndpoints:
     def cancel(self, endpoint_id: str, task_ids: Sequence[str]) -> bool:
         # A thread cannot be stopped: the task runs on; its late result is dropped.
         return endpoint_id in self.handles
+
+    async def read_log(self, account: Any, endpoint: str, lines: int) -> dict[str, Any]:
+        # The fake's "log": what a test put in ``logs`` for the account.
+        text = self.logs.get(account.name)
+        path = f"{account.home}/.mep/endpoints/{endpoint}/endpoint.log"
+        return {"path": path, "exists": text is not None, "lines": (text or [])[-lines:]}
 
 
 def _serve(app: Any, port: int) -> tuple[uvicorn.Server, threading.Thread]:

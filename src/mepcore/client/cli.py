@@ -89,7 +89,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         ) as client:
             return run(args, client)
     except (ClientError, MepError) as exc:
-        print(f"mep: {exc.reason}: {exc.public_message}", file=sys.stderr)
+        # The detail: this process's own (no URL given…) or the daemon's public message.
+        print(f"mep: {exc.reason}: {exc.detail or exc.public_message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
