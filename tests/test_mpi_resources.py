@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -145,3 +146,42 @@ def test_cores_per_worker_is_not_an_mpi_engine_option() -> None:
     with pytest.raises(ConfigError) as caught:
         parse_endpoint_config(text + "  cores_per_worker: 2\n")
     assert caught.value.reason == "config.endpoint_config_invalid"
+
+
+def test_the_store_keeps_a_tasks_resources_for_sending_it_again(tmp_path: Path) -> None:
+    from mepd.store import NewTask, TaskStore
+
+    store = TaskStore.open(tmp_path / "db")
+    spec = {"num_nodes": 2, "num_ranks": 8}
+    store.add_tasks(
+        [
+            NewTask("mpi", "o", "hpc", "u", "s", "f" * 64, b"p", None, resources=spec),
+            NewTask("plain", "o", "hpc", "u", "s", "f" * 64, b"p", None),
+        ],
+        state="dispatched",
+        now=1.0,
+    )
+    sent = {p.task_id: p.resources for p in store.pending_payloads(["mpi", "plain"])}
+    assert sent == {"mpi": spec, "plain": None}
+    store.close()
+
+
+def test_a_version_2_store_gains_the_resources_column(tmp_path: Path) -> None:
+    import sqlite3
+
+    from mepd.store import SCHEMA_VERSION, NewTask, TaskStore
+
+    TaskStore.open(tmp_path / "db").close()
+    with sqlite3.connect(tmp_path / "db") as db:  # the shape version 2 had
+        db.execute("ALTER TABLE tasks DROP COLUMN resources")
+        db.execute("PRAGMA user_version=2")
+    store = TaskStore.open(tmp_path / "db")
+    store.add_tasks(
+        [NewTask("t", "o", "hpc", "u", "s", "f" * 64, b"p", None, resources={"num_ranks": 2})],
+        state="dispatched",
+        now=1.0,
+    )
+    assert store.pending_payloads(["t"])[0].resources == {"num_ranks": 2}
+    store.close()
+    with sqlite3.connect(tmp_path / "db") as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3

@@ -528,7 +528,7 @@ class Adoption:
                 handle.register_function(function_id, body)
         handle.dispatch(
             [
-                DispatchTask(p.task_id, p.owner, p.function_id, p.payload, p.walltime)
+                DispatchTask(p.task_id, p.owner, p.function_id, p.payload, p.walltime, p.resources)
                 for p in payloads
             ]
         )

@@ -357,6 +357,7 @@ class Pipeline:
                     q.function_id,
                     q.payload,
                     q.walltime,
+                    resources=q.resources,
                 )
                 for q in still
             ],

@@ -51,7 +51,7 @@ from mepcore.types import Identity
 from mepd.spec import EndpointSpec
 
 FINAL_STATES = ("success", "failed", "cancelled")
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _TABLES = frozenset({"functions", "specs", "tasks"})
 
 _SCHEMA = (
@@ -86,7 +86,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     finished REAL,
     error TEXT,
     result BLOB,
-    uep_id TEXT
+    uep_id TEXT,
+    resources TEXT
 );
 CREATE INDEX IF NOT EXISTS tasks_state ON tasks(state);
 CREATE INDEX IF NOT EXISTS tasks_finished ON tasks(finished) WHERE finished IS NOT NULL;
@@ -119,11 +120,29 @@ def _migrate_1_to_2(db: sqlite3.Connection) -> None:
     db.executescript(_SCHEMA)
 
 
+def _migrate_2_to_3(db: sqlite3.Connection) -> None:
+    """Version 3: a task keeps its ``resource_specification`` (JSON), so that a task
+    sent again (re-adoption, a queued task) still asks for its nodes and ranks."""
+    columns = {r[1] for r in db.execute("PRAGMA table_info(tasks)")}
+    if "resources" not in columns:
+        db.execute("ALTER TABLE tasks ADD COLUMN resources TEXT")
+
+
+def _resources(text: str | None) -> dict[str, Any] | None:
+    """A stored ``resource_specification`` (checked again where the task runs)."""
+    try:
+        value = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 # Version n → n+1. Version 0 with mep's tables is a store written before versions were
 # recorded: its tables are version 1's, so the step only records the number.
 _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     0: lambda db: None,
     1: _migrate_1_to_2,
+    2: _migrate_2_to_3,
 }
 
 
@@ -137,7 +156,7 @@ class NewTask:
     function_id: str
     payload: bytes
     walltime: float | None
-    # Not stored: a task is stored as dispatched and never sent again (``recover``).
+    # What an MPI task asks for (ResourceSpecification.to_dict()), kept as JSON.
     resources: dict[str, Any] | None = attrs.field(default=None, hash=False)
     # The user endpoint it is dispatched to (``UserEndpointHandle.id``), for re-adoption.
     uep_id: str | None = attrs.field(default=None, hash=False)
@@ -181,6 +200,7 @@ class QueuedTask:
     function_id: str
     payload: bytes
     walltime: float | None
+    resources: dict[str, Any] | None = attrs.field(default=None, hash=False)
 
 
 @attrs.frozen
@@ -205,6 +225,7 @@ class PendingPayload:
     function_id: str
     payload: bytes
     walltime: float | None
+    resources: dict[str, Any] | None = attrs.field(default=None, hash=False)
 
 
 @attrs.frozen
@@ -417,7 +438,7 @@ class TaskStore:
         with self._transaction():
             self._db.executemany(
                 "INSERT INTO tasks(id, owner, endpoint, account, spec_id, function_id, payload,"
-                " walltime, state, created, uep_id) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                " walltime, state, created, uep_id, resources) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 [
                     (
                         t.task_id,
@@ -431,6 +452,7 @@ class TaskStore:
                         state,
                         now,
                         t.uep_id,
+                        None if t.resources is None else json.dumps(t.resources),
                     )
                     for t in tasks
                 ],
@@ -530,10 +552,10 @@ class TaskStore:
                 [(error, now, t) for t in lost],
             )
         queued = tuple(
-            QueuedTask(r[0], r[1], r[2], r[3], r[4], bytes(r[5]), r[6])
+            QueuedTask(r[0], r[1], r[2], r[3], r[4], bytes(r[5]), r[6], _resources(r[7]))
             for r in self._db.execute(
-                "SELECT id, owner, account, spec_id, function_id, payload, walltime FROM tasks"
-                " WHERE state='queued' ORDER BY created, rowid"
+                "SELECT id, owner, account, spec_id, function_id, payload, walltime, resources"
+                " FROM tasks WHERE state='queued' ORDER BY created, rowid"
             )
         )
         return Recovery(tuple(lost), queued, tuple(held))
@@ -568,12 +590,12 @@ class TaskStore:
             chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
             rows = self._db.execute(
-                "SELECT id, owner, function_id, payload, walltime FROM tasks"  # noqa: S608
+                "SELECT id, owner, function_id, payload, walltime, resources FROM tasks"  # noqa: S608
                 f" WHERE state='dispatched' AND payload IS NOT NULL AND id IN ({marks})",
                 chunk,
             )
             for r in rows:
-                found[r[0]] = PendingPayload(r[0], r[1], r[2], bytes(r[3]), r[4])
+                found[r[0]] = PendingPayload(r[0], r[1], r[2], bytes(r[3]), r[4], _resources(r[5]))
         return [found[t] for t in ids if t in found]
 
     def counts_by_state(self) -> dict[str, int]:
