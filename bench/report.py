@@ -58,6 +58,7 @@ ORDER = [
     "payload.py",
     "slurm.py",
     "scale.py",
+    "restart.py",
 ]
 # Seconds each script may take in a full run (their sum stays under 15 minutes).
 TIMEOUTS = {
@@ -74,6 +75,8 @@ TIMEOUTS = {
     # mep and Parsl HTEX on a real (single-node) Slurm; starts one with .ci/slurm-up
     "slurm.py": 150,
     "scale.py": 180,
+    # two daemons killed with SIGKILL and restarted (adoption off, then on)
+    "restart.py": 180,
 }
 DEFAULT_TIMEOUT = 90
 SMOKE_TIMEOUT = 180
@@ -673,6 +676,28 @@ def _scale(runs: dict[str, ScriptRun]) -> list[Target]:
     return [ready, growth]
 
 
+def _restart(runs: dict[str, ScriptRun]) -> list[Target]:
+    lost = Target("restart", "tasks lost to kill -9 of mepd (adopt_endpoints: true)", "0")
+    run = runs.get("restart.py")
+    figures = run.figures if run and isinstance(run.figures, dict) else {}
+    modes = {m["adopt"]: m for m in figures.get("modes", [])}
+    adopted = modes.get(True)
+    if adopted is None:
+        lost.why = _output(runs, "restart.py")[1] or "no figures from bench/restart.py"
+        return [lost]
+    failed = adopted["endpoint_lost"] + adopted["other_failures"]
+    failed += adopted["acknowledged"] - adopted["answered"]
+    seconds = adopted["readopt_seconds"]
+    lost.measured = f"{failed} of {adopted['acknowledged']}, " + (
+        f"{adopted['endpoints']} endpoints re-adopted in {seconds:.1f} s"
+        if seconds is not None
+        else "endpoints not re-adopted"
+    )
+    lost.met = failed == 0 and seconds is not None
+    lost.source = "bench/restart.py"
+    return [lost]
+
+
 TARGETS: list[Callable[[dict[str, ScriptRun]], list[Target]]] = [
     _authz,
     _uep,
@@ -680,6 +705,7 @@ TARGETS: list[Callable[[dict[str, ScriptRun]], list[Target]]] = [
     _fairness,
     _throughput,
     _scale,
+    _restart,
 ]
 
 
