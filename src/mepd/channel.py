@@ -8,7 +8,7 @@ One frame carries a *batch* (many task headers and payloads, many results), whic
 makes 10k tasks/s possible without a syscall per task.
 
 Both ends use the same incremental ``FrameDecoder``: the daemon feeds it from an asyncio
-protocol (``AsyncChannel``), the user endpoint from a blocking socket
+protocol (``AsyncChannel``, in ``mepd.channel_async``), the user endpoint from a blocking socket
 (``BlockingChannel``). Neither end trusts the other: frame and header sizes are bounded,
 the header must be a JSON object of a known version and kind with bounded ``sizes``, and a
 malformed frame raises ``ChannelError`` — the caller then ends the connection and logs why.
@@ -21,19 +21,31 @@ this module; only the user endpoint's executor deserializes them (DESIGN.md §3.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import select
 import socket
 import struct
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from mepcore.errors import ChannelError
+
+if TYPE_CHECKING:
+    from mepd.channel_async import AsyncChannel as AsyncChannel
+
+
+def __getattr__(name: str) -> Any:
+    # The daemon's end lives in mepd.channel_async, so that the user endpoint (which
+    # uses only the blocking end) never imports asyncio: a faster, smaller start.
+    if name == "AsyncChannel":
+        from mepd.channel_async import AsyncChannel
+
+        return AsyncChannel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 VERSION = 1
 KINDS = frozenset(
@@ -267,138 +279,6 @@ def check_items(
         if not isinstance(ident, str) or not 0 < len(ident) <= max_id:
             raise ChannelError("channel.frame_invalid", f"an item has no valid {id_field}")
     return items
-
-
-# --------------------------------------------------------------------------- asyncio side
-
-
-class AsyncChannel(asyncio.Protocol):
-    """The daemon's end: an asyncio protocol calling ``on_frame`` for each frame.
-
-    ``on_frame`` and ``on_close`` run in the event loop. A malformed frame closes the
-    connection; ``on_close`` then receives the ``ChannelError`` (or None on a clean EOF,
-    or the OSError of a broken connection).
-    """
-
-    def __init__(
-        self,
-        on_frame: Callable[[Frame], None],
-        on_close: Callable[[BaseException | None], None],
-        limits: ChannelLimits = ChannelLimits(),
-    ) -> None:
-        self._on_frame = on_frame
-        self._on_close = on_close
-        self.limits = limits
-        self._decoder = FrameDecoder(limits)
-        self._transport: asyncio.Transport | None = None
-        self._error: BaseException | None = None
-        self._closed = False
-        self.closed_event = asyncio.Event()
-        self._writable = asyncio.Event()
-        self._writable.set()
-
-    @classmethod
-    async def connect(
-        cls,
-        sock: socket.socket,
-        on_frame: Callable[[Frame], None],
-        on_close: Callable[[BaseException | None], None],
-        limits: ChannelLimits = ChannelLimits(),
-    ) -> AsyncChannel:
-        loop = asyncio.get_running_loop()
-        _, protocol = await loop.create_unix_connection(
-            lambda: cls(on_frame, on_close, limits), sock=sock
-        )
-        return protocol
-
-    # asyncio.Protocol
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        if self._closed:
-            return
-        try:
-            frames = self._decoder.feed(data)
-        except ChannelError as exc:
-            self._error = exc
-            self.close()
-            return
-        for frame in frames:
-            if self._closed:
-                return
-            self._on_frame(frame)
-        try:
-            self._decoder.check()
-        except ChannelError as exc:
-            self._error = exc
-            self.close()
-
-    def eof_received(self) -> bool:
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._closed = True
-        self._transport = None
-        self._writable.set()
-        self.closed_event.set()
-        self._on_close(self._error or exc)
-
-    def pause_writing(self) -> None:
-        self._writable.clear()
-
-    def resume_writing(self) -> None:
-        self._writable.set()
-
-    # API
-    @property
-    def is_closed(self) -> bool:
-        return self._closed or self._transport is None
-
-    def send(
-        self, kind: str, fields: Mapping[str, Any] | None = None, parts: Sequence[bytes] = ()
-    ) -> None:
-        self.send_buffers(encode_frame(kind, fields, parts, limits=self.limits))
-
-    def send_buffers(self, buffers: Iterable[bytes]) -> None:
-        if self._transport is None or self._closed:
-            raise ChannelError("channel.closed", "the channel to the user endpoint is closed")
-        self._transport.writelines(list(buffers))
-
-    def read_pending(self, limit: int = 256 * 1024 * 1024) -> None:
-        """Deliver whatever the peer already wrote, now (no waiting; bounded by ``limit``).
-
-        Used when the peer process is known to have exited: its last results and its
-        ``exiting`` frame may still sit in the socket buffer, and they must be handled
-        before the connection is declared lost.
-        """
-        if self._transport is None or self._closed:
-            return
-        sock = self._transport.get_extra_info("socket")
-        if sock is None:
-            return
-        fd = sock.fileno()
-        taken = 0
-        while taken < limit and not self._closed:
-            try:
-                data = os.read(fd, 1 << 20)  # the socket is non-blocking under asyncio
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return
-            if not data:
-                return
-            taken += len(data)
-            self.data_received(data)
-
-    async def drain(self) -> None:
-        """Wait until the transport's write buffer is below its high-water mark."""
-        await self._writable.wait()
-
-    def close(self) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.close()
 
 
 # --------------------------------------------------------------------------- blocking side

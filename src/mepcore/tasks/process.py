@@ -42,7 +42,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
-import structlog
 
 from mepcore.errors import TaskError
 from mepcore.tasks._run import FunctionLoadFailed, failure, load_function, run_task
@@ -59,6 +58,15 @@ _RESPAWN_DELAY = 1.0
 _FRAME_OVERHEAD = 256 * 1024
 
 _Batch = list[tuple[int, str, bytes | None, bytes]]
+
+
+def _log() -> Any:
+    # Imported when there is something to log (rare): structlog imports asyncio, which a
+    # user endpoint's start does not otherwise need. Only the I/O thread, which forks
+    # the workers, logs here, so a worker never inherits a half-done import.
+    import structlog
+
+    return structlog.get_logger("mepcore.tasks")
 
 
 class _Worker:
@@ -210,7 +218,7 @@ class ProcessPoolEngine:
             # A bug here must not leave callers waiting forever: teardown fails every
             # accepted task, and the engine refuses new ones.
             self._crashed = True
-            structlog.get_logger("mepcore.tasks").exception("task.engine_crashed")
+            _log().exception("task.engine_crashed")
         finally:
             self._teardown()
 
@@ -441,7 +449,7 @@ class ProcessPoolEngine:
         status = _reap(worker.pid)
         self._close(worker)
         self._workers.remove(worker)
-        structlog.get_logger("mepcore.tasks").info(
+        _log().info(
             "task.worker_replaced",
             pid=worker.pid,
             how=how,
@@ -476,9 +484,7 @@ class ProcessPoolEngine:
                 self._spawn()
             except OSError as exc:
                 self._respawn_at = now + _RESPAWN_DELAY
-                structlog.get_logger("mepcore.tasks").warning(
-                    "task.worker_start_failed", error=str(exc)
-                )
+                _log().warning("task.worker_start_failed", error=str(exc))
                 if not self._workers:
                     while self._backlog:
                         self._backlog.popleft().fail(
