@@ -191,6 +191,9 @@ def test_a_resource_specification_for_one_submit_replaces_the_executors(
             echo, kwargs={"program": hello, "tag": "one"}, resource_specification={"num_ranks": 2}
         )
         result = one.result(180)
+        # {} for one task asks for nothing: a plain task on an MPI endpoint, one rank.
+        alone = ex.submit_with(MPIFunction(str(hello)), resource_specification={}).result(180)
+    assert alone.stdout == f"rank 0 of 1 as {name} in job none\n"
     assert sorted(result.stdout.splitlines()) == [
         "done one",
         f"rank 0 of 2 as {name} in job none",

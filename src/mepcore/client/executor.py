@@ -271,7 +271,11 @@ class Executor(_StdExecutor):
         (what an MPI task asks for) replaces the executor's for this call."""
         function = self._function(fn)
         packed = pack_args(tuple(args), dict(kwargs or {}))
-        resources = resource_specification or self.resource_specification
+        resources = (
+            self.resource_specification
+            if resource_specification is None
+            else resource_specification  # {} asks for nothing, whatever the executor's
+        )
         future = TaskFuture(self.client.cancel)
         with self._lock:
             if self._shutdown:
@@ -283,7 +287,7 @@ class Executor(_StdExecutor):
                 self.walltime,
                 self._config_key,
                 self._config,
-                None if resources is None else MappingProxyType(dict(resources)),
+                MappingProxyType(dict(resources)) if resources else None,
             )
             if not self._threads:
                 self._start_threads()
