@@ -70,6 +70,8 @@ log = structlog.get_logger("mepd.adoption")
 SOCKET_DIR = "adopt"
 SOCKET_NAME = "adopt.sock"
 HELLO_TIMEOUT = 10.0
+# Connections in their hello at once: a local user cannot hold the daemon's descriptors.
+MAX_HANDSHAKES = 64
 MAX_HELD = 1_000_000
 _HELLO_LIMITS = ChannelLimits(max_frame=64 * 1024 * 1024, max_header=64 * 1024 * 1024)
 _ID = re.compile(r"^[^\x00-\x1f]{1,256}$")
@@ -365,6 +367,8 @@ class Adoption:
     socket_path: Path
     _pending: dict[str, Pending] = attrs.field(factory=dict)
     _listener: socket.socket | None = None
+    _accepting: asyncio.Task[None] | None = None
+    _handshakes: int = 0
     _tasks: set[asyncio.Task[None]] = attrs.field(factory=set)
     _started: float = 0.0
     adopted: int = 0
@@ -392,27 +396,34 @@ class Adoption:
     # -- lifecycle --------------------------------------------------------------------
 
     def start(self) -> None:
-        """Listen on the socket; expire the pending endpoints after the grace period."""
+        """Listen on the socket while endpoints await adoption; expire those left after
+        the grace period. Without any, nothing listens (the next daemon will)."""
         loop = asyncio.get_running_loop()
         self._started = loop.time()
         grace = 0.0  # not adoptable now: what the last daemon left is stopped at once
-        if self.settings.adopt_endpoints:
+        if self.settings.adopt_endpoints and self._pending:
             self._listener = _listen(self.socket_path)
-            self._spawn(self._accept_loop())
+            self._accepting = loop.create_task(self._accept_loop())
             grace = self.settings.grace_period
         if self._pending:
             self._spawn(self._expire_later(grace))
 
-    async def close(self) -> None:
-        """Stop listening; pending endpoints keep waiting (for the next daemon)."""
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+    def _stop_listening(self) -> None:
+        if self._accepting is not None:
+            self._accepting.cancel()
+            self._accepting = None
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
+            with contextlib.suppress(FileNotFoundError):
+                self.socket_path.unlink()
+
+    async def close(self) -> None:
+        """Stop listening; pending endpoints keep waiting (for the next daemon)."""
+        self._stop_listening()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for pending in self._pending.values():
             with contextlib.suppress(OSError):
                 os.close(pending.pidfd)
@@ -433,29 +444,36 @@ class Adoption:
                 log.warning("adoption.accept_failed", error=str(exc))
                 await asyncio.sleep(0.5)
                 continue
+            if self._handshakes >= MAX_HANDSHAKES:
+                log.warning("adoption.too_many_handshakes", limit=MAX_HANDSHAKES)
+                conn.close()
+                continue
             self._spawn(self._connection(conn))
 
     async def _connection(self, conn: socket.socket) -> None:
+        self._handshakes += 1
+        try:
+            await self._handshake(conn)
+        finally:
+            self._handshakes -= 1
+            if not self._pending:
+                self._stop_listening()  # everyone is adopted (or given up)
+
+    async def _handshake(self, conn: socket.socket) -> None:
+        # Connections naming no awaited endpoint are logged, not audited: any local user
+        # can make them, and the audit log is not theirs to fill.
         conn.setblocking(False)
         try:
             peer = peer_of(conn)
             hello = await asyncio.wait_for(_read_hello(conn), HELLO_TIMEOUT)
         except (OSError, TimeoutError, ChannelError, EOFError) as exc:
-            self._refused(None, f"no valid hello: {type(exc).__name__}: {exc}")
+            log.warning("endpoint.adoption_refused", why=f"no valid hello: {exc!r}")
             conn.close()
             return
-        if isinstance(hello, str):
-            self._refused(None, hello, pid=peer.pid, uid=peer.uid)
-            conn.close()
-            return
-        pending = self._pending.get(hello.endpoint_id)
-        if pending is None:
-            self._refused(
-                hello.endpoint_id,
-                "no endpoint of that id awaits adoption",
-                pid=peer.pid,
-                uid=peer.uid,
-            )
+        pending = None if isinstance(hello, str) else self._pending.get(hello.endpoint_id)
+        if isinstance(hello, str) or pending is None:
+            why = hello if isinstance(hello, str) else "no endpoint of that id awaits adoption"
+            log.warning("endpoint.adoption_refused", why=why, pid=peer.pid, uid=peer.uid)
             conn.close()
             return
         problem = peer_problem(pending.record, peer, read_process(peer.pid), hello.secret)
@@ -541,6 +559,7 @@ class Adoption:
         await asyncio.gather(
             *(self._give_up(p, "not connected within the grace period") for p in left)
         )
+        self._stop_listening()
 
     async def _give_up(self, pending: Pending, why: str) -> None:
         """Stop a verified endpoint that will not be adopted; its tasks are lost."""
