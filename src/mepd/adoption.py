@@ -14,16 +14,18 @@ A restarting daemon (``Adoption``):
   (``task.endpoint_lost``, as without adoption); for a live one a pidfd is opened and the
   start time checked again (so the pidfd is that process), and its dispatched tasks stay
   in flight, bound to it;
-- listens on ``<state_dir>/adopt/adopt.sock`` (the directory root's, 0711; the socket
-  0666: who may connect is decided by peer credentials and the secret, not the mode).
+- while endpoints await adoption, listens on ``<state_dir>/adopt/adopt.sock`` (the
+  directory root's, 0711; the socket 0666: who may connect is decided by peer
+  credentials and the secret, not the mode; at most ``MAX_HANDSHAKES`` at once).
   The first frame of a connection must be ``adopt`` with the endpoint id, the secret and
   the ids of the tasks the endpoint still holds. The peer's ``SO_PEERCRED`` (pid, uid,
   gid) must be the record's, the process must still be the recorded one, and the
   secret's hash must match (``hmac.compare_digest``); only then the registry builds a
   handle on that connection (``Registry.adopt``), the daemon answers ``adopt`` with the
   held task ids it still wants results for, and sends again the tasks of the record the
-  endpoint does not hold (their payloads are in the store). Anything else is closed and
-  audited as ``endpoint.adoption_refused`` with the reason;
+  endpoint does not hold (their payloads are in the store). Anything else is closed;
+  refusals about an awaited endpoint are audited as ``endpoint.adoption_refused`` with
+  the reason (the others are logged: any local user can connect);
 - a verified-live endpoint that has not connected when the grace period ends is stopped
   through its pidfd (SIGTERM, then SIGKILL) and its tasks are lost.
 
