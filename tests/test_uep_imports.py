@@ -26,12 +26,16 @@ from tests.daemon_harness import remote_function
 
 # Not needed before the first task; each would cost every start time and memory.
 # asyncio (and ssl with it) is the daemon's; dill loads the first function; structlog
-# logs only rare engine events; the rest belong to the daemon, the client or Parsl.
+# logs only rare engine events; jsonschema reports what is wrong with a configuration
+# the quick check does not vouch for (mepcore.config.quickcheck), which a valid one is;
+# the rest belong to the daemon, the client or Parsl.
 HEAVY_BEFORE_FIRST_TASK = (
     "asyncio",
     "ssl",
     "dill",
     "structlog",
+    "jsonschema",
+    "referencing",
     "rich",
     "multiprocessing",
     "concurrent.futures.process",

@@ -18,7 +18,6 @@ from types import MappingProxyType
 from typing import Any
 
 import attrs
-import jsonschema
 
 from mepcore.config.keys import (
     IGNORED_ENGINE_KEYS,
@@ -32,6 +31,7 @@ from mepcore.config.keys import (
     without_nulls,
 )
 from mepcore.config.limits import RenderLimits, VariableLimits
+from mepcore.config.quickcheck import certainly_valid
 from mepcore.config.render import DEFAULT_TEMPLATE_NAME, MappedIdentity, render_template
 from mepcore.config.variables import MAX_VIOLATIONS, schema_violations
 from mepcore.config.yamlsafe import YamlLoadError, load_yaml
@@ -223,6 +223,19 @@ def _violations(value: Any) -> tuple[Violation, ...]:
     return tuple(value)
 
 
+def _schema_violations(data: Mapping[str, Any], limit: int) -> list[Violation]:
+    """What jsonschema finds wrong with ``data`` (the project's own schema, whose validity
+    is a test, so no re-check per parse). A document ``certainly_valid`` vouches for has
+    nothing to find, and jsonschema is not even imported: a user endpoint starts faster
+    and smaller (docs/performance.md); every other document gets jsonschema's report."""
+    schema = endpoint_config_schema()
+    if certainly_valid(schema, data):
+        return []
+    import jsonschema
+
+    return schema_violations(jsonschema.Draft202012Validator(schema), data, limit=limit)
+
+
 @attrs.frozen
 class EndpointConfig:
     """A validated user endpoint configuration, with defaults filled in."""
@@ -279,9 +292,7 @@ class EndpointConfig:
             found.append(Violation("$", f"key {key!r} is not a string", "type"))
         if not non_string:
             data = without_nulls(data)
-            # The project's own schema (its validity is a test): no re-check per parse.
-            validator = jsonschema.Draft202012Validator(endpoint_config_schema())
-            found.extend(schema_violations(validator, data, limit=max_violations))
+            found.extend(_schema_violations(data, max_violations))
         if found:
             raise ConfigError(
                 "config.endpoint_config_invalid",

@@ -15,14 +15,17 @@ import json
 import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
-
-import jsonschema
-import jsonschema.exceptions
-import jsonschema.validators
+from typing import TYPE_CHECKING, Any
 
 from mepcore.config.limits import VariableLimits
 from mepcore.errors import ConfigError, TemplateConfigError, Violation
+
+# jsonschema is imported where a schema is used, not with this module: rendering (in
+# every user endpoint) needs only the structural checks here.
+if TYPE_CHECKING:
+    import jsonschema
+    import jsonschema.exceptions
+    import jsonschema.protocols
 
 # Names the renderer itself defines; a user variable may not shadow them.
 RESERVED_NAMES: frozenset[str] = frozenset(
@@ -237,6 +240,10 @@ def schema_validator(
 
     Raises ``TemplateConfigError(config.schema_invalid)`` if the schema itself is wrong.
     """
+    import jsonschema
+    import jsonschema.exceptions
+    import jsonschema.validators
+
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     try:
         cls.check_schema(dict(schema))
