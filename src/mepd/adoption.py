@@ -390,6 +390,7 @@ class Adoption:
             InFlightTask(h.task_id, h.owner, h.account, h.function_id, h.uep_id, now) for h in held
         )
         self.registry.reserve_ids(self._pending)
+        self.registry.awaiting = {(p.record.account, p.record.config_key) for p in found.pending}
 
     @property
     def waiting(self) -> int:
@@ -426,6 +427,8 @@ class Adoption:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for key in list(self.registry.awaiting):
+            self.registry.adoption_settled(key)
         for pending in self._pending.values():
             with contextlib.suppress(OSError):
                 os.close(pending.pidfd)
@@ -509,6 +512,7 @@ class Adoption:
         missing = [t for t in ours if t not in held]
         handle.welcome(want)
         resent = self._send_again(handle, missing)
+        self.registry.settle_adopted(handle)
         self.adopted += 1
         seconds = round(asyncio.get_running_loop().time() - self._started, 3)
         log.info(
@@ -573,6 +577,7 @@ class Adoption:
             process.signal_group(signal.SIGKILL)
             await process.wait_exit_async(2.0)
         await asyncio.to_thread(process.reap, deadline=2.0)
+        self.registry.adoption_settled((record.account, record.config_key))
         lost = self.in_flight.take_endpoint(record.endpoint_id)
         if lost:
             self.registry.on_lost(lost, "task.endpoint_lost")

@@ -530,6 +530,9 @@ class Registry:
     # Set when user endpoints are adoptable (restart.adopt_endpoints): they outlive us.
     adoption: AdoptionRecords | None = attrs.field(kw_only=True, default=None)
     _handles: dict[tuple[str, str], UserEndpointHandle] = attrs.field(init=False, factory=dict)
+    # (account, config key) of the previous daemon's endpoints awaiting re-adoption.
+    awaiting: set[tuple[str, str]] = attrs.field(init=False, factory=set)
+    _awaited: dict[tuple[str, str], asyncio.Event] = attrs.field(init=False, factory=dict)
     _starting: dict[tuple[str, str], asyncio.Future[UserEndpointHandle]] = attrs.field(
         init=False, factory=dict
     )
@@ -548,6 +551,12 @@ class Registry:
         if self._shutting_down:
             raise SpawnError("spawn.shutting_down")
         key = (req.account.name, req.config_key)
+        if key in self.awaiting:
+            # Its endpoint of the previous daemon may come back: wait for it (bounded)
+            # rather than start a second one.
+            event = self._awaited.setdefault(key, asyncio.Event())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), self.limits.start_timeout)
         handle = self._handles.get(key)
         if handle is not None and handle.state == "ready":
             if handle.account == req.account:
@@ -803,8 +812,8 @@ class Registry:
         sock: socket.socket,
     ) -> UserEndpointHandle:
         """Take over a verified user endpoint of the previous daemon (``mepd.adoption``
-        checked the process and the peer) on its adoption connection. When a new one was
-        started for the same key meanwhile, the adopted one drains and ends."""
+        checked the process and the peer) on its adoption connection; ``settle_adopted``
+        then gives it its key."""
         loop = asyncio.get_running_loop()
         now = self.clock()
         handle = UserEndpointHandle(
@@ -823,12 +832,29 @@ class Registry:
         )
         handle._watch_fd = os.dup(process.pidfd)
         loop.add_reader(handle._watch_fd, handle._on_exit)
-        key = (account.name, config_key)
-        if key in self._handles or key in self._starting or self._shutting_down:
-            self._leave(handle, "draining")
-        else:
-            self._handles[key] = handle
         return handle
+
+    def settle_adopted(self, handle: UserEndpointHandle) -> None:
+        """After its tasks are re-bound: the adopted endpoint serves its key, or, when a
+        new one was started for that key meanwhile, it finishes its work and leaves."""
+        key = (handle.account.name, handle.config_key)
+        free = self._handles.get(key, handle) is handle and key not in self._starting
+        if free and not self._shutting_down:
+            self._handles[key] = handle
+            self.adoption_settled(key)
+            return
+        with contextlib.suppress(ChannelError):
+            handle._live_channel().send("drain")
+        self._leave(handle, "draining")
+        self.adoption_settled(key)
+
+    def adoption_settled(self, key: tuple[str, str]) -> None:
+        """The previous daemon's endpoint of ``key`` is adopted or given up: starts wait
+        no longer."""
+        self.awaiting.discard(key)
+        event = self._awaited.pop(key, None)
+        if event is not None:
+            event.set()
 
     async def release(self) -> list[EndpointStatus]:
         """Stop serving without stopping the user endpoints (``--keep-endpoints``): the
