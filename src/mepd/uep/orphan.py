@@ -9,7 +9,8 @@ costs nothing), send ``adopt`` with the endpoint id, the secret and the ids of t
 held here, and wait for the daemon's ``adopt`` answer naming the results it wants.
 
 ``ResultBuffer`` keeps (bounded by ``result_buffer_bytes``) the results produced while no
-daemon listens, and the results *sent* in the last ``REPLAY_SECONDS``: a daemon killed
+daemon listens, and the results *sent* in the last ``REPLAY_SECONDS`` (at most
+``REPLAY_BYTES`` of them): a daemon killed
 with ``kill -9`` may have received those without committing them, so they are offered
 again; the next daemon asks only for the ones it still has open. Past the bound, a
 result's payload is dropped and it becomes a failed result with reason
@@ -37,6 +38,9 @@ from mepcore.errors import ChannelError
 from mepd.channel import BlockingChannel
 
 REPLAY_SECONDS = 60.0
+# What is kept for a replay while a daemon listens (the buffer's own bound applies too):
+# memory a busy adoptable endpoint holds at all times, so kept small.
+REPLAY_BYTES = 16 * 1024 * 1024
 HANDSHAKE_TIMEOUT = 30.0
 _PR_SET_PDEATHSIG = 1
 
@@ -128,7 +132,8 @@ class ResultBuffer:
             self._recent.append((now, result))
             self._recent_bytes += len(result.payload)
         while self._recent and (
-            self._recent[0][0] < now - REPLAY_SECONDS or self._recent_bytes > self.limit
+            self._recent[0][0] < now - REPLAY_SECONDS
+            or self._recent_bytes > min(self.limit, REPLAY_BYTES)
         ):
             _, old = self._recent.popleft()
             self._recent_bytes -= len(old.payload)
