@@ -32,7 +32,7 @@ import httpx
 import pytest
 
 from mepcore.tasks import pack_args, pack_function, unpack_value
-from mepd.adoption import read_process, secret_hash
+from mepd.adoption import MAX_HANDSHAKES_PER_UID, read_process, secret_hash
 from mepd.store import EndpointRecord, NewTask, TaskStore
 from tests.daemon_harness import (
     RunningDaemon,
@@ -305,6 +305,26 @@ while True:
 """
 
 
+HOARDER = r"""
+import socket, sys, time
+path, count = sys.argv[1], int(sys.argv[2])
+held = []
+for _ in range(count):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    held.append(sock)
+extra = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+extra.connect(path)
+extra.settimeout(5)
+try:
+    print("closed" if extra.recv(1) == b"" else "data", flush=True)
+except socket.timeout:
+    print("open", flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+
 def claimant(python: str, account: pwd.struct_passwd, path: Path, eid: str, secret: str) -> Any:
     proc = subprocess.Popen(
         [python, "-c", CLAIMANT, str(path), eid, secret],
@@ -385,6 +405,21 @@ def test_forged_endpoints_are_not_adopted(site: dict[str, Any]) -> None:
         daemon = start_daemon(short_grace(site["config"]), state, log_name="forged.log")
         try:
             assert answer(intruder) == "closed"  # another account's process
+            # One account holding connections open cannot keep the others out: past
+            # MAX_HANDSHAKES_PER_UID its next connection is closed at once.
+            hoarder = subprocess.Popen(
+                [python, "-c", HOARDER, str(socket_path), str(MAX_HANDSHAKES_PER_UID)],
+                stdout=subprocess.PIPE,
+                text=True,
+                user=second.pw_uid,
+                group=second.pw_gid,
+                extra_groups=[],
+                cwd="/",
+                start_new_session=True,
+            )
+            procs.append(hoarder)
+            assert hoarder.stdout is not None
+            assert hoarder.stdout.readline().strip() == "closed"
             assert answer(wrong_secret) == "closed"
             assert answer(reused) == "closed"  # its record was dropped at start
             assert answer(genuine) == "adopted"  # the same socket adopts the real one

@@ -16,7 +16,8 @@ A restarting daemon (``Adoption``):
   in flight, bound to it;
 - while endpoints await adoption, listens on ``<state_dir>/adopt/adopt.sock`` (the
   directory root's, 0711; the socket 0666: who may connect is decided by peer
-  credentials and the secret, not the mode; at most ``MAX_HANDSHAKES`` at once).
+  credentials and the secret, not the mode; at most ``MAX_HANDSHAKES`` connections in
+  their hello at once, ``MAX_HANDSHAKES_PER_UID`` of one uid).
   The first frame of a connection must be ``adopt`` with the endpoint id, the secret and
   the ids of the tasks the endpoint still holds. The peer's ``SO_PEERCRED`` (pid, uid,
   gid) must be the record's, the process must still be the recorded one, and the
@@ -37,6 +38,7 @@ Deliberately not here: the user endpoint's side (``mepd.uep.server``), process l
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import hmac
@@ -74,6 +76,8 @@ SOCKET_NAME = "adopt.sock"
 HELLO_TIMEOUT = 10.0
 # Connections in their hello at once: a local user cannot hold the daemon's descriptors.
 MAX_HANDSHAKES = 64
+# ... and per uid, so that one account cannot keep the others' endpoints out.
+MAX_HANDSHAKES_PER_UID = 8
 MAX_HELD = 1_000_000
 _HELLO_LIMITS = ChannelLimits(max_frame=64 * 1024 * 1024, max_header=64 * 1024 * 1024)
 _ID = re.compile(r"^[^\x00-\x1f]{1,256}$")
@@ -370,7 +374,7 @@ class Adoption:
     _pending: dict[str, Pending] = attrs.field(factory=dict)
     _listener: socket.socket | None = None
     _accepting: asyncio.Task[None] | None = None
-    _handshakes: int = 0
+    _handshakes: collections.Counter[int] = attrs.field(factory=collections.Counter)
     _tasks: set[asyncio.Task[None]] = attrs.field(factory=set)
     _started: float = 0.0
     adopted: int = 0
@@ -449,27 +453,37 @@ class Adoption:
                 log.warning("adoption.accept_failed", error=str(exc))
                 await asyncio.sleep(0.5)
                 continue
-            if self._handshakes >= MAX_HANDSHAKES:
-                log.warning("adoption.too_many_handshakes", limit=MAX_HANDSHAKES)
+            try:
+                peer = peer_of(conn)
+            except OSError:
                 conn.close()
                 continue
-            self._spawn(self._connection(conn))
+            if (
+                sum(self._handshakes.values()) >= MAX_HANDSHAKES
+                or self._handshakes[peer.uid] >= MAX_HANDSHAKES_PER_UID
+            ):
+                log.warning("adoption.too_many_handshakes", uid=peer.uid, pid=peer.pid)
+                conn.close()
+                continue
+            # Counted here, not in the task: accepting from a full backlog does not yield.
+            self._handshakes[peer.uid] += 1
+            self._spawn(self._connection(conn, peer))
 
-    async def _connection(self, conn: socket.socket) -> None:
-        self._handshakes += 1
+    async def _connection(self, conn: socket.socket, peer: Peer) -> None:
         try:
-            await self._handshake(conn)
+            await self._handshake(conn, peer)
         finally:
-            self._handshakes -= 1
+            self._handshakes[peer.uid] -= 1
+            if self._handshakes[peer.uid] <= 0:
+                del self._handshakes[peer.uid]
             if not self._pending:
                 self._stop_listening()  # everyone is adopted (or given up)
 
-    async def _handshake(self, conn: socket.socket) -> None:
+    async def _handshake(self, conn: socket.socket, peer: Peer) -> None:
         # Connections naming no awaited endpoint are logged, not audited: any local user
         # can make them, and the audit log is not theirs to fill.
         conn.setblocking(False)
         try:
-            peer = peer_of(conn)
             hello = await asyncio.wait_for(_read_hello(conn), HELLO_TIMEOUT)
         except (OSError, TimeoutError, ChannelError, EOFError) as exc:
             log.warning("endpoint.adoption_refused", why=f"no valid hello: {exc!r}")
