@@ -246,12 +246,12 @@ def test_kill_9_mid_stream_then_restart_loses_nothing(site: dict[str, Any]) -> N
 
 def test_upgrade_drain_keeps_the_endpoints_and_their_tasks(site: dict[str, Any]) -> None:
     account = site["accounts"][0]
-    daemon = start_daemon(
-        site["config"], site["state"], log_name="upgrade-1.log", extra_args=["--keep-endpoints"]
-    )
+    keep = ["--keep-endpoints"]
+    daemon = start_daemon(site["config"], site["state"], log_name="upgrade-1.log", extra_args=keep)
     expected: dict[str, int] = {}
     try:
-        client = daemon.client(daemon.token(f"{account.pw_name}@example.org"))
+        token = daemon.token(f"{account.pw_name}@example.org")
+        client = daemon.client(token)
         fids = register(client)
         for start in range(0, STREAM, 4 * BATCH):
             for i, task_id in enumerate(submit(client, fids, start, 4 * BATCH)):
@@ -264,9 +264,20 @@ def test_upgrade_drain_keeps_the_endpoints_and_their_tasks(site: dict[str, Any])
     kept = audit_events(site["state"], "daemon.endpoints_kept")
     assert kept and [e["pid"] for e in kept[-1]["endpoints"]] == before
 
-    daemon = start_daemon(site["config"], site["state"], log_name="upgrade-2.log")
+    # A second upgrade right after the first: an adopted endpoint is kept and adopted again.
+    daemon = start_daemon(site["config"], site["state"], log_name="upgrade-2.log", extra_args=keep)
     try:
-        client = daemon.client(daemon.token(f"{account.pw_name}@example.org"))
+        client = daemon.client(token)
+        wait_adopted(daemon, client, before)
+        for i, task_id in enumerate(submit(client, fids, STREAM, BATCH)):
+            expected[task_id] = STREAM + i
+    finally:
+        assert daemon.stop() == 0
+    assert all(os.path.exists(f"/proc/{pid}") for pid in before)
+
+    daemon = start_daemon(site["config"], site["state"], log_name="upgrade-3.log")
+    try:
+        client = daemon.client(token)
         wait_adopted(daemon, client, before)
         views = wait_all(client, list(expected), deadline=120)
         check_results(views, expected)
@@ -278,6 +289,7 @@ def test_upgrade_drain_keeps_the_endpoints_and_their_tasks(site: dict[str, Any])
         for e in audit_events(site["state"], "task.finished")
         if e.get("reason") == "task.endpoint_lost"
     ]
+    assert [e["pid"] for e in audit_events(site["state"], "endpoint.adopted")][-2:] == before * 2
     wait_no_processes(account.pw_uid)
 
 
