@@ -455,3 +455,41 @@ def test_forged_endpoints_are_not_adopted(site: dict[str, Any]) -> None:
             assert lost is not None and lost.error == {"reason": "task.endpoint_lost"}
     finally:
         store.close()
+
+
+def test_without_adoption_the_previous_daemons_endpoints_are_stopped(
+    site: dict[str, Any],
+) -> None:
+    """Adoption turned off between two runs: a live endpoint the previous daemon left is
+    stopped at start (through its pidfd), and its tasks end task.endpoint_lost."""
+    import yaml
+
+    first = site["accounts"][0]
+    state = site["state"]
+    settings = yaml.safe_load(site["config"].read_text())
+    settings["restart"]["adopt_endpoints"] = False
+    config = site["config"].with_name("mepd-no-adoption.yaml")
+    config.write_text(yaml.safe_dump(settings, sort_keys=False))
+    eid = f"{first.pw_name}/k/911"
+    left = claimant(site["python"], first, state / "adopt" / "adopt.sock", eid, "s" * 64)
+    try:
+        store = TaskStore.open(state / "tasks.sqlite3")
+        store.put_endpoint(record_for(left, first, eid, "s" * 64))
+        task = NewTask("left-1", "o", "hpc", first.pw_name, "s", "f" * 64, b"x", None, uep_id=eid)
+        store.add_tasks([task], state="dispatched", now=time.time())
+        store.close()
+        daemon = start_daemon(config, state, log_name="no-adoption.log")
+        try:
+            assert left.wait(30) == -signal.SIGTERM
+        finally:
+            assert daemon.stop() == 0
+    finally:
+        with_suppressed_kill(left.pid)
+        left.wait(10)
+    store = TaskStore.open(state / "tasks.sqlite3")
+    try:
+        lost = store.get("left-1")
+        assert lost is not None and lost.error == {"reason": "task.endpoint_lost"}
+        assert eid not in {r.endpoint_id for r in store.endpoint_records()}
+    finally:
+        store.close()
