@@ -131,7 +131,7 @@ def test_identity_bench_smoke(tmp_path: Path) -> None:
 
 def test_ratelimit_bench_smoke(tmp_path: Path) -> None:
     out, figures = run_smoke("ratelimit", tmp_path)
-    assert "| on (200/s, burst 400)" in out and "| off" in out
+    assert "| on (100/s, burst 200)" in out and "| off" in out
     for name in ("limited", "unlimited"):
         assert figures[name]["alone"]["count"] == figures[name]["flood"]["count"] == 100
         assert figures[name]["flood_per_s"] > 0

@@ -16,7 +16,7 @@ import pytest
 from mepcore.errors import REASONS, ConfigError, Violation
 from mepd.api import create_app, error_response
 from mepd.audit import AuditLog
-from mepd.ratelimit import RateLimiter
+from mepd.ratelimit import Gate, RateLimiter
 from mepd.registry import error_from_frame
 from mepd.settings import EdgeSettings
 from mepd.uep.server import error_fields
@@ -191,6 +191,26 @@ def test_token_bucket_refills_at_its_rate() -> None:
     limiter.take("b")
     limiter.take("c")  # over max_keys: "a", the least recent, is forgotten
     assert "a" not in limiter._buckets and len(limiter._buckets) == 2
+
+
+def test_the_gate_refuses_only_known_tokens_of_empty_buckets_and_takes_nothing() -> None:
+    now = [0.0]
+    limiter = RateLimiter(rate=1.0, burst=2, clock=lambda: now[0])
+    gate = Gate(limiter, max_tokens=2)
+    assert gate.refusal(b"Bearer t1") is None  # never verified: the handlers decide
+    gate.remember("Bearer t1", "iss|alice")
+    assert gate.refusal(b"Bearer t1") is None  # alice has requests left
+    assert [gate.refusal(b"Bearer t1") for _ in range(5)] == [None] * 5  # peeking is free
+    limiter.take("iss|alice")
+    limiter.take("iss|alice")
+    refusal = gate.refusal(b"Bearer t1")
+    assert refusal is not None and refusal[0] == "iss|alice" and refusal[1] == pytest.approx(1.0)
+    assert gate.refusal(b"Bearer t2") is None
+    now[0] += 1.0  # a token's worth of time: the gate lets the request through again
+    assert gate.refusal(b"Bearer t1") is None
+    gate.remember("Bearer t2", "iss|bob")
+    gate.remember("Bearer t3", "iss|carol")  # bounded: t1, the oldest, is forgotten
+    assert len(gate._owners) == 2
 
 
 def test_public_messages_come_from_the_table_not_from_the_exception() -> None:

@@ -52,7 +52,7 @@ from mepd.logs import Throttled, request_scope
 from mepd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from mepd.metrics import Metrics
 from mepd.pipeline import Pipeline
-from mepd.ratelimit import RateLimiter
+from mepd.ratelimit import Gate, RateLimiter
 from mepd.settings import EdgeSettings, Limits
 from mepd.shapes import (
     FUNCTION_SCHEMA,
@@ -194,6 +194,9 @@ def json_depth_ok(value: Any, limit: int) -> bool:
 # must be complete by then. Without it (in-process tests) the deadline starts at reading.
 BODY_DEADLINE = "mep.body_deadline"
 REQUEST_ID = "mep.request_id"
+# Set on a request refused by the rate limit (its Retry-After): mepd.edge then pauses
+# reading that connection for as long, so a flood that ignores Retry-After costs little.
+RETRY_LATER = "mep.retry_later"
 
 
 def _json_type(request: Request) -> bool:
@@ -290,10 +293,14 @@ def create_app(
     """The ASGI application serving ``pipeline``; ``edge`` sets the per-identity rate
     limit and the body deadline (the defaults of ``EdgeSettings`` without it)."""
     edge = edge or EdgeSettings()
-    handlers = _Handlers(pipeline, limits, edge.body_timeout, RateLimiter(edge.rate, edge.burst))
+    limiter = RateLimiter(edge.rate, edge.burst)
+    handlers = _Handlers(pipeline, limits, edge.body_timeout, limiter, Gate(limiter))
+    gate = Middleware(
+        RateLimitGate, gate=handlers.gate, metrics=pipeline.metrics, limited=handlers.limited
+    )
     return Starlette(
         routes=handlers.routes(),
-        middleware=[Middleware(RequestIdMiddleware)],
+        middleware=[Middleware(RequestIdMiddleware), gate],
         exception_handlers={
             404: _not_found,
             405: _method_not_allowed,
@@ -340,6 +347,40 @@ class RequestIdMiddleware:
 
         with request_scope(request_id):
             await self.app(scope, receive, send_with_id)
+
+
+class RateLimitGate:
+    """Refuses at once — before routing, before the token is parsed or verified — a
+    request whose bearer token was verified before for an owner with no request left
+    (``mepd.ratelimit.Gate``), so a flood's refusals cost little. Everything else goes
+    on to the handlers, which verify, count and refuse as usual."""
+
+    def __init__(self, app: ASGIApp, gate: Gate, metrics: Metrics, limited: Throttled) -> None:
+        self.app, self.gate, self.metrics, self.limited = app, gate, metrics, limited
+        self.body = json.dumps({"error": public_error(MepError("api.rate_limited"))}).encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            for name, value in scope["headers"]:
+                if name == b"authorization":
+                    refusal = self.gate.refusal(value)
+                    if refusal is not None:
+                        scope[RETRY_LATER] = RateLimiter.retry_after(refusal[1])
+                        await self._refuse(send, *refusal)
+                        return
+                    break
+        await self.app(scope, receive, send)
+
+    async def _refuse(self, send: Send, owner: str, wait: float) -> None:
+        self.metrics.requests.inc(route="rate_limited", status="429")
+        self.limited.note(owner=owner, route="rate_limited")
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(self.body)).encode()),
+            (b"retry-after", str(RateLimiter.retry_after(wait)).encode()),
+        ]
+        await send({"type": "http.response.start", "status": 429, "headers": headers})
+        await send({"type": "http.response.body", "body": self.body})
 
 
 def _request_id(request: Request) -> str:
@@ -448,6 +489,7 @@ class _Handlers:
     limits: Limits
     body_timeout: float
     limiter: RateLimiter
+    gate: Gate
     limited: Throttled = attrs.field(factory=lambda: Throttled("api.rate_limited", log))
 
     def routes(self) -> list[Route]:
@@ -476,13 +518,16 @@ class _Handlers:
     async def _caller(self, request: Request, route: str) -> Caller:
         caller = await self.pipeline.authenticate(request.headers.get("authorization"), route=route)
         request.state.caller = caller  # for the access and refusal log lines
+        self.gate.remember(request.headers.get("authorization") or "", caller.owner)
         wait = self.limiter.take(caller.owner)
         if wait > 0.0:
             self.limited.note(owner=caller.owner, route=route)
+            retry_after = RateLimiter.retry_after(wait)
+            request.scope[RETRY_LATER] = retry_after
             raise MepError(
                 "api.rate_limited",
                 f"over {self.limiter.rate}/s (burst {self.limiter.burst})",
-                context={"retry_after": RateLimiter.retry_after(wait)},
+                context={"retry_after": retry_after},
             )
         return caller
 

@@ -56,7 +56,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from mepcore.errors import MepError
-from mepd.api import BODY_DEADLINE, public_error, status_for
+from mepd.api import BODY_DEADLINE, RETRY_LATER, public_error, status_for
 from mepd.logs import Throttled
 from mepd.settings import EdgeSettings
 
@@ -68,6 +68,8 @@ MAX_BACKOFF = 1.0
 LOG_INTERVAL = 30.0
 # A body nobody reads is cut off this long after its deadline (the API answers first).
 BODY_GRACE = 1.0
+# Longest pause of reading a connection whose request was refused by the rate limit.
+MAX_RETRY_PAUSE = 1.0
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
@@ -159,6 +161,22 @@ class EdgeProtocol(HttpToolsProtocol):
             self._body_timer.cancel()
             self._body_timer = None
         super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        # A request refused by the rate limit (``scope["mep.retry_later"]``, the
+        # Retry-After it was given): this connection is not read again before then (at
+        # most MAX_RETRY_PAUSE s). A client that honours Retry-After never notices; one
+        # that floods waits in its own socket buffer instead of costing the event loop.
+        cycle = self.cycle
+        super().on_response_complete()
+        pause = cycle.scope.get(RETRY_LATER) if cycle is not None else None
+        if isinstance(pause, int) and pause > 0 and not self.transport.is_closing():
+            self.transport.pause_reading()
+            self.loop.call_later(min(pause, MAX_RETRY_PAUSE), self._read_again)
+
+    def _read_again(self) -> None:
+        if not self.transport.is_closing() and not self.flow.read_paused:
+            self.transport.resume_reading()
 
     def send_400_response(self, msg: str) -> None:
         # httptools could not parse the request: the same JSON error as the API's.

@@ -168,8 +168,8 @@ class EdgeSettings:
     body_timeout: float = 60.0
     max_connections: int | None = None
     max_connections_per_peer: int = 256
-    rate: float = 200.0
-    burst: int = 400
+    rate: float = 100.0
+    burst: int = 200
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> EdgeSettings:
