@@ -143,7 +143,16 @@ def test_introspect_reports_exactly_the_account(settings: SpawnSettings, make_ac
         "SITE_NAME",
     }
     assert {"HOME", "USER", "PATH", "SITE_NAME"} <= set(info["env_keys"])
-    assert sorted(fd["fd"] for fd in info["fds"]) == sorted({0, 1, 2, info["channel_fd"]})
+    # Handed over: the standard streams and the channel, nothing else; opened since, as
+    # the account: its own log (in its home), pipes and sockets of its engine, unnamed
+    # temporary files.
+    assert info["inherited_fds"] == sorted({0, 1, 2, info["channel_fd"]})
+    for fd in info["fds"]:
+        target = fd["target"]
+        mine = target.startswith((account.home, "/dev/")) or (
+            target.startswith("/tmp/") and target.endswith(" (deleted)")
+        )
+        assert not target.startswith("/") or mine, fd
     assert info["sid"] == info["pid"] == info["pgid"]
     assert info["rlimits"]["RLIMIT_NPROC"] == [64, 64]
     assert info["rlimits"]["RLIMIT_NOFILE"] == [256, 256]
