@@ -16,6 +16,7 @@ from mepcore.spawn import (
     become_subreaper,
     launch,
     plan_spawn,
+    reap_adopted_orphans,
     session_members,
     stop_ladder,
     stop_ladder_blocking,
@@ -93,3 +94,38 @@ def test_limits_are_set_on_the_child(make_account: Any) -> None:
     if "32" not in nproc:
         pytest.skip("no CAP_SYS_RESOURCE here: the launcher cannot prlimit other accounts")
     assert nproc.split()[2:4] == ["32", "32"]
+
+
+def test_the_subreaper_reaps_orphans_of_endpoints_not_the_daemons_own_children(
+    make_account: Any,
+) -> None:
+    """An orphan of a user endpoint (another uid, another session) is reaped; a child the
+    daemon started itself as that user (same session) keeps its exit status."""
+    import os
+    import select
+    import subprocess
+
+    entry = make_account()
+    become_subreaper()
+    # The daemon's own child, run as the user, exits 3 and is left a zombie for its starter.
+    own = subprocess.Popen(["/bin/sh", "-c", "exit 3"], user=entry.pw_uid, group=entry.pw_gid)
+    os.waitid(os.P_PID, own.pid, os.WEXITED | os.WNOWAIT)
+    # An endpoint-like leader in its own session whose grandchild is orphaned (its parent,
+    # a subshell, exits at once): it becomes ours, as the subreaper's. It says its pid.
+    leader, sock = launch_script(
+        entry, "( /bin/sleep 0.01 & echo $! >&CHANNEL ); exec /bin/sleep 30"
+    )
+    try:
+        sock.settimeout(10)
+        orphan = int(sock.recv(64).split()[0])
+        pidfd = os.pidfd_open(orphan)
+        try:
+            assert select.select([pidfd], [], [], 10)[0]  # it has exited: a zombie of ours
+        finally:
+            os.close(pidfd)
+        reaped = reap_adopted_orphans(keep={leader.pid})
+        assert orphan in reaped and own.pid not in reaped
+        assert own.wait(timeout=10) == 3  # its status was left to its starter
+    finally:
+        sock.close()
+        stop_ladder_blocking(leader, ask=None, grace=2)

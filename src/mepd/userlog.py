@@ -73,7 +73,8 @@ async def read_log(account: Account, endpoint: str, lines: int) -> LogTail:
         env={"LC_ALL": "C"},
         cwd="/",
         close_fds=True,
-        start_new_session=True,
+        # In the daemon's session, so that the daemon (a subreaper) leaves its exit
+        # status to asyncio (mepcore.spawn.reap_adopted_orphans).
         **_identity(account),  # type: ignore[arg-type]
     )
     try:

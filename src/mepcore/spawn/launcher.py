@@ -407,14 +407,16 @@ def _is_zombie_of_other(pid: int) -> bool:
 def reap_adopted_orphans(keep: Collection[int] = ()) -> list[int]:
     """Reap zombie children this process adopted as a subreaper; returns their pids.
 
-    Only zombies of *another uid* than ours are reaped, and never a pid in ``keep`` (the
-    user endpoint leaders, whose exit status their ``LaunchedProcess`` collects): a
-    descendant of a user endpoint runs as the user, while the daemon's own children (an
-    external mapping program, run as the daemon) must keep their exit status for
-    whoever started them — reaping those here would make a failed program look like a
-    success.
+    Only zombies of *another uid* than ours and *another session* than ours are reaped,
+    and never a pid in ``keep`` (the user endpoint leaders, whose exit status their
+    ``LaunchedProcess`` collects). A descendant of a user endpoint runs as the user in
+    the endpoint's session or one of its own (each endpoint starts a new session), while
+    the daemon's own children — a mapping program run as the daemon, ``scancel`` or
+    ``tail`` run as a user — stay in the daemon's session and must keep their exit status
+    for whoever started them: reaping those here would make a failed program look like a
+    success (or a successful one fail, as asyncio reports 255 for a child it lost).
     """
-    me, my_uid = os.getpid(), os.getuid()
+    me, my_uid, my_session = os.getpid(), os.getuid(), os.getsid(0)
     reaped: list[int] = []
     try:
         entries = os.listdir("/proc")
@@ -429,8 +431,9 @@ def reap_adopted_orphans(keep: Collection[int] = ()) -> list[int]:
         try:
             with open(f"/proc/{entry}/stat", "rb") as fh:
                 raw = fh.read()
+            # state, ppid, pgrp, session: the fields after the command's closing paren
             fields = raw[raw.rfind(b")") + 2 :].split()
-            if fields[0] != b"Z" or int(fields[1]) != me:
+            if fields[0] != b"Z" or int(fields[1]) != me or int(fields[3]) == my_session:
                 continue
             if os.stat(f"/proc/{entry}").st_uid == my_uid:
                 continue
