@@ -161,7 +161,6 @@ REASONS: Mapping[str, str] = MappingProxyType(
         "settings.invalid": "the daemon settings are invalid",
         # rule 8: a file root would read, load or execute that it cannot trust
         "settings.untrusted_file": "the daemon refuses a file it cannot trust",
-        "api.task_started": "the task has already started and cannot be cancelled",
         "api.shutting_down": "the service is shutting down; try again later",
         "audit.unavailable": "the service cannot record this request and refuses it",
         "store.unavailable": "the service cannot store this request right now; try again later",

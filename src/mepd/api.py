@@ -96,7 +96,6 @@ _EXACT_STATUS = {
     "api.too_many_requests": 429,
     "api.unavailable": 503,
     "api.shutting_down": 503,
-    "api.task_started": 409,
     "api.method_not_allowed": 405,
     "api.unsupported_media_type": 415,
     "api.request_timeout": 408,
