@@ -104,7 +104,7 @@ _HTTP_PATH = (
     "(client → mepd → user endpoint → pool worker and back) on two cores shared with the "
     "client. In a py-spy profile of mepd during single round trips, ~30% of its samples are "
     "the kernel send path of loopback writes (uvicorn `RequestResponseCycle.send` ~20%, "
-    "`mepd/channel.py:AsyncChannel.send_buffers` from `mepd/registry.py:UserEndpointHandle."
+    "`mepd/channel_async.py:AsyncChannel.send_buffers` from `mepd/registry.py:UserEndpointHandle."
     "dispatch` ~11%); the Python work per request is spread thinly: `mepd/pipeline.py:"
     "Pipeline._authorize` 3.7%, `mepd/audit.py:AuditLog.record`/`record_many` ~4.5%, "
     "`mepd/store.py:TaskStore.add_tasks`/`finish` + `_Transaction.__exit__` ~6%, "
