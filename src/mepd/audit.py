@@ -20,10 +20,11 @@ out, a list longer than ``MAX_LIST_ITEMS`` keeps its first items and a marker, s
 5,000-character identity or a crafted claim cannot make one record huge.
 
 Each record is written whole or not at all: if a write fails part-way (``ENOSPC``,
-``EFBIG`` past ``RLIMIT_FSIZE``, an I/O error), the file is cut back to the end of the
-last complete line, so it always ends in a newline and the next record starts a line
-of its own. The log then turns *unavailable* and raises ``AuditUnavailable``; the
-daemon refuses new work (503 ``audit.unavailable``) rather than continue blind.
+``EFBIG`` past ``RLIMIT_FSIZE``, an I/O error), the file is cut back to where that write
+began (a ``record_many`` batch is all or nothing, as the caller sees it: it gets the
+error), so it always ends in a newline and the next record starts a line of its own.
+The log then turns *unavailable* and raises ``AuditUnavailable``; the daemon refuses
+new work (503 ``audit.unavailable``) rather than continue blind.
 Every later record tries again, so an operator who frees the disk restores service.
 This module deliberately holds no policy about *which* events to record.
 """
@@ -200,23 +201,22 @@ class AuditLog:
             except OSError as exc:
                 self._failed = True
                 self._failed_at = time.monotonic()
-                kept = self._cut_partial(start, data, len(data) - len(view))
+                cut = self._cut_back(start)
                 raise AuditUnavailable(
-                    detail=f"cannot write audit log {self.path}: {exc} ({kept})"
+                    detail=f"cannot write audit log {self.path}: {exc} ({cut})"
                 ) from exc
             self._failed = False
 
-    def _cut_partial(self, start: int, data: bytes, written: int) -> str:
-        """After a failed write: keep the whole lines written, cut the partial one (the
-        file ends in a newline again). Cutting frees space, so it works on a full disk."""
+    def _cut_back(self, start: int) -> str:
+        """After a failed write: cut the file back to where this write began — the
+        caller was told that nothing of it was recorded, and the file ends in a newline
+        again. Cutting frees space, so it works on a full disk."""
         assert self._fd is not None
-        whole = data.rfind(b"\n", 0, written) + 1
         try:
-            os.ftruncate(self._fd, start + whole)
+            os.ftruncate(self._fd, start)
         except OSError as exc:
-            return f"the partial record could not be cut: {exc}"
-        kept = data.count(b"\n", 0, whole)
-        return f"{kept} whole records kept, the partial one cut"
+            return f"the partial records could not be cut: {exc}"
+        return "what this write had written was cut"
 
     def reopen(self) -> None:
         """Reopen the file (after log rotation moved it away)."""
