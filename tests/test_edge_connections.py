@@ -260,3 +260,22 @@ def test_emfile_costs_little_cpu_and_few_log_lines(tmp_path: Path) -> None:
             s.close()
         process.terminate()
         process.wait(30)
+
+
+def test_a_flood_from_one_identity_gets_429_while_another_is_served(tmp_path: Path) -> None:
+    config = write_deployment(
+        tmp_path / "site", python=sys.executable, settings_extra={"edge": {"rate": 1, "burst": 3}}
+    )
+    with running_daemon(config, tmp_path / "site" / "state") as daemon:
+        flood, other = daemon.token("flood@example.org"), daemon.token("other@example.org")
+        with daemon.client(flood, timeout=30) as client:
+            answers = [client.get("/v1/tasks/none") for _ in range(4)]
+            assert [r.status_code for r in answers] == [404, 404, 404, 429]
+            refused = answers[-1]
+            assert refused.json()["error"]["reason"] == "api.rate_limited"
+            assert int(refused.headers["retry-after"]) >= 1 and refused.headers["x-request-id"]
+            # Told to come back later, the flooding connection is read again later; the
+            # next request on it is answered (refused again or served), not dropped.
+            assert client.get("/v1/tasks/none").status_code in (404, 429)
+        with daemon.client(other, timeout=30) as client:
+            assert client.get("/v1/tasks/none").status_code == 404
