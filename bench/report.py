@@ -69,7 +69,7 @@ TIMEOUTS = {
     "uep_start.py": 90,
     "api.py": 120,
     # two daemons, a victim identity alone and under another identity's flood
-    "ratelimit.py": 90,
+    "ratelimit.py": 120,
     "client.py": 120,
     "payload.py": 90,
     # mep and Parsl HTEX on a real (single-node) Slurm; starts one with .ci/slurm-up
