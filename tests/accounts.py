@@ -11,6 +11,7 @@ still finds the database locked (by something else) is retried.
 from __future__ import annotations
 
 import fcntl
+import grp
 import os
 import pwd
 import secrets
@@ -72,6 +73,7 @@ def create_account(
     """Create an account with a home directory and return its password entry."""
     name = name or f"{PREFIX}{secrets.token_hex(4)}"
     argv = ["useradd", "--create-home", "--shell", "/bin/sh", "--user-group"]
+    argv += ["--uid", str(_fresh_uid())]
     argv += ["--password", UNKNOWN_PASSWORD_HASH]
     if groups:
         argv += ["--groups", ",".join(groups)]
@@ -79,6 +81,29 @@ def create_account(
     entry = pwd.getpwnam(name)
     os.chmod(entry.pw_dir, home_mode)
     return entry
+
+
+# Test accounts take a random uid from this range that no account, group and process has:
+# useradd's default (the highest uid in use, plus one) hands a deleted account's uid to the
+# next one, and a process of the old account still exiting (or a zombie nobody reaped)
+# would then count as the new account's.
+_UIDS = (30_000, 59_999)
+
+
+def _fresh_uid() -> int:
+    in_use = {entry.pw_uid for entry in pwd.getpwall()}
+    in_use |= {entry.gr_gid for entry in grp.getgrall()}
+    running = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                running.add(os.stat(f"/proc/{entry}").st_uid)
+            except FileNotFoundError:
+                continue
+    while True:
+        uid = _UIDS[0] + secrets.randbelow(_UIDS[1] - _UIDS[0])
+        if uid not in in_use and uid not in running:
+            return uid
 
 
 def delete_account(name: str) -> None:

@@ -16,8 +16,8 @@ import pytest
 from mepcore.errors import REASONS, ConfigError, Violation
 from mepd.api import create_app, error_response
 from mepd.audit import AuditLog
+from mepd.handle import error_from_frame
 from mepd.ratelimit import Gate, RateLimiter
-from mepd.registry import error_from_frame
 from mepd.settings import EdgeSettings
 from mepd.uep.server import error_fields
 from tests.daemon_harness import PipelineKit, b64, make_pipeline

@@ -9,7 +9,8 @@ import pytest
 from mepcore.errors import ConfigError, SpawnError, TemplateConfigError
 from mepcore.spawn import SpawnSettings
 from mepcore.testing import FakeAccountDatabase
-from mepd.registry import Registry, RegistryLimits, StartRequest, error_from_frame
+from mepd.handle import error_from_frame
+from mepd.registry import Registry, RegistryLimits, StartRequest
 from mepd.spec import EndpointSpec
 
 

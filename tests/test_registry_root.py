@@ -22,8 +22,9 @@ from mepcore.errors import ConfigError, SpawnError
 from mepcore.ports import SystemAccountDatabase
 from mepcore.spawn import ResourceLimits, SpawnSettings
 from mepcore.types import Account
+from mepd.handle import UserEndpointHandle
 from mepd.inflight import DispatchTask, InFlightTask
-from mepd.registry import Registry, RegistryLimits, StartRequest, UserEndpointHandle
+from mepd.registry import Registry, RegistryLimits, StartRequest
 from mepd.spec import EndpointSpec
 from tests.accounts import processes_of
 from tests.runtime_venv import runtime_spawn_settings

@@ -39,8 +39,9 @@ from mepcore.tasks import (
     unpack_result,
 )
 from mepcore.types import Account
+from mepd.handle import UserEndpointHandle
 from mepd.inflight import DispatchTask, InFlightTask
-from mepd.registry import Registry, RegistryLimits, StartRequest, UserEndpointHandle
+from mepd.registry import Registry, RegistryLimits, StartRequest
 from mepd.spec import EndpointSpec
 from tests.daemon_harness import remote_function
 from tests.runtime_venv import runtime_spawn_settings

@@ -67,7 +67,8 @@ from mepd.settings import RestartSettings
 from mepd.store import EndpointRecord, HeldTask, TaskStore
 
 if TYPE_CHECKING:
-    from mepd.registry import Registry, UserEndpointHandle
+    from mepd.handle import UserEndpointHandle
+    from mepd.registry import Registry
 
 log = structlog.get_logger("mepd.adoption")
 

@@ -21,8 +21,9 @@ from mepcore.errors import ApiError, MepError
 from mepcore.types import Account
 from mepd.admission import Admitted
 from mepd.audit import AuditLog, AuditUnavailable
+from mepd.handle import EndpointStatus, UserEndpointHandle
 from mepd.metrics import Labels, labels
-from mepd.registry import EndpointStatus, Registry, StartRequest, UserEndpointHandle
+from mepd.registry import Registry, StartRequest
 from mepd.sites import LoadedSite
 from mepd.userlog import read_log
 
