@@ -295,6 +295,18 @@ def run_script(path: Path, *, smoke: bool, timeout: float, marker: str) -> Scrip
     return run
 
 
+def keep(run: ScriptRun, directory: Path) -> None:
+    """A script's output, status and figures as files (``--keep``): the tests check each
+    script's smoke run from the one report run instead of running it again."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = directory / Path(run.name).stem
+    stem.with_suffix(".out").write_text(run.stdout)
+    stem.with_suffix(".err").write_text(run.stderr)
+    stem.with_suffix(".status").write_text(f"{run.ok}\n{run.status}\n")
+    if run.figures is not None:
+        stem.with_suffix(".json").write_text(json.dumps(run.figures))
+
+
 def describe(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as handle:
@@ -894,6 +906,11 @@ def main(argv: list[str] | None = None) -> int:
         "--timeout-scale", type=float, default=1.0, help="multiply every script's time limit"
     )
     parser.add_argument(
+        "--keep",
+        metavar="DIR",
+        help="also write each script's output and figures to DIR/<name>.out and .json",
+    )
+    parser.add_argument(
         "--budget",
         type=float,
         default=840.0,
@@ -923,6 +940,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== bench/{path.name} (limit {limit:.0f} s)", flush=True)
         run = run_script(path, smoke=args.smoke, timeout=limit, marker=marker)
         runs.append(run)
+        if args.keep:
+            keep(run, Path(args.keep))
         print(table_text(run.stdout)[0].rstrip())
         print(f"-- bench/{path.name}: {run.status}", flush=True)
         if not run.ok:

@@ -361,8 +361,33 @@ class RunningDaemon:
         return self.process.returncode
 
     def kill(self) -> None:
+        """``kill -9`` of mepd, and of the helpers it runs in its own session at that
+        moment (squeue, scancel, tail, mapping programs), as a crash of the service
+        would take them; user endpoints (sessions of their own) are left alone."""
+        helpers = _session_children(self.process.pid)
         self.process.kill()
         self.process.wait(10)
+        for pid in helpers:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _session_children(parent: int) -> list[int]:
+    """The children of ``parent`` in its session."""
+    children = []
+    session = os.getsid(parent)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                raw = handle.read()
+        except OSError:
+            continue
+        fields = raw[raw.rfind(b")") + 2 :].split()  # state, ppid, pgrp, session, ...
+        if int(fields[1]) == parent and int(fields[3]) == session:
+            children.append(int(entry))
+    return children
 
 
 def start_daemon(

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import attrs
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,18 +33,42 @@ def load(name: str) -> ModuleType:
     return module
 
 
-def run_smoke(script: str, tmp_path: Path, timeout: float = 280) -> tuple[str, Any]:
-    figures = tmp_path / f"{script}.json"
+@attrs.frozen
+class SmokeReport:
+    """One ``bench/report.py --smoke`` run: its process, the report, each script's files."""
+
+    done: subprocess.CompletedProcess[str]
+    text: str
+    kept: Path
+
+    def script(self, name: str) -> tuple[str, Any]:
+        """A script's stdout and figures (None without ``--json``), after checking that
+        it ran to the end."""
+        ok, status = (self.kept / f"{name}.status").read_text().splitlines()[:2]
+        err = (self.kept / f"{name}.err").read_text()
+        assert ok == "True", f"bench/{name}.py: {status}\n{err[-3000:]}"
+        figures = self.kept / f"{name}.json"
+        out = (self.kept / f"{name}.out").read_text()
+        return out, json.loads(figures.read_text()) if figures.exists() else None
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> SmokeReport:
+    """Every bench script once, through the report (each in ``--smoke`` mode): the tests
+    below check the report and each script's output from this one run."""
+    top = tmp_path_factory.mktemp("bench-smoke")
+    output = top / "performance.md"
+    argv = [sys.executable, str(BENCH / "report.py"), "--smoke", "--output", str(output)]
     done = subprocess.run(
-        [sys.executable, str(BENCH / f"{script}.py"), "--smoke", "--json", str(figures)],
+        [*argv, "--keep", str(top / "kept")],
         capture_output=True,
         text=True,
-        timeout=timeout,
+        timeout=880,
         cwd=ROOT,
         check=False,
     )
-    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    return done.stdout, json.loads(figures.read_text())
+    assert output.exists(), done.stdout[-3000:] + done.stderr[-3000:]
+    return SmokeReport(done, output.read_text(), top / "kept")
 
 
 # -- helpers ----------------------------------------------------------------------------
@@ -120,8 +145,9 @@ def test_report_sweep_kills_what_a_bench_left_running() -> None:
 # -- the scripts, once each -------------------------------------------------------------
 
 
-def test_identity_bench_smoke(tmp_path: Path) -> None:
-    out, figures = run_smoke("identity", tmp_path)
+@pytest.mark.slow
+def test_identity_bench_smoke(smoke: SmokeReport) -> None:
+    out, figures = smoke.script("identity")
     assert "| expression, 10 rules, last rule maps" in out
     assert "external program, example_mapper.py" in out
     assert "carol" in out  # the example program really mapped its identity
@@ -129,8 +155,9 @@ def test_identity_bench_smoke(tmp_path: Path) -> None:
     assert figures["expression_10"]["hit"]["count"] == 50
 
 
-def test_ratelimit_bench_smoke(tmp_path: Path) -> None:
-    out, figures = run_smoke("ratelimit", tmp_path)
+@pytest.mark.slow
+def test_ratelimit_bench_smoke(smoke: SmokeReport) -> None:
+    out, figures = smoke.script("ratelimit")
     assert "| on (100/s, burst 200)" in out and "| off" in out
     for name in ("limited", "unlimited"):
         assert figures[name]["alone"]["count"] == figures[name]["flood"]["count"] == 100
@@ -140,8 +167,8 @@ def test_ratelimit_bench_smoke(tmp_path: Path) -> None:
 
 @pytest.mark.root
 @pytest.mark.slow
-def test_payload_bench_smoke(tmp_path: Path) -> None:
-    out, figures = run_smoke("payload", tmp_path)
+def test_payload_bench_smoke(smoke: SmokeReport) -> None:
+    out, figures = smoke.script("payload")
     for path in ("mep, HTTP", "mep, Executor", "bare ProcessPoolExecutor"):
         assert isinstance(figures[path], dict), figures[path]
         assert set(figures[path]) == {
@@ -155,8 +182,8 @@ def test_payload_bench_smoke(tmp_path: Path) -> None:
 
 @pytest.mark.root
 @pytest.mark.slow
-def test_scale_bench_smoke(tmp_path: Path) -> None:
-    out, figures = run_smoke("scale", tmp_path)
+def test_scale_bench_smoke(smoke: SmokeReport) -> None:
+    out, figures = smoke.script("scale")
     endurance, users = figures["endurance"], figures["users"]
     assert endurance["tasks"] == 2000
     assert {"fd_growth", "rss_growth_bytes"} <= set(endurance)
@@ -172,23 +199,72 @@ def test_scale_bench_smoke(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_report_smoke_writes_every_table(tmp_path: Path) -> None:
-    output = tmp_path / "performance.md"
-    done = subprocess.run(
-        [sys.executable, str(BENCH / "report.py"), "--smoke", "--output", str(output)],
-        capture_output=True,
-        text=True,
-        timeout=880,
-        cwd=ROOT,
-        check=False,
-    )
-    text = output.read_text()
+def test_report_smoke_writes_every_table(smoke: SmokeReport) -> None:
+    text = smoke.text
     assert "## Targets" in text and "## Run" in text and "Smoke run" in text
     for script in sorted(BENCH.glob("*.py")):
         if script.name not in ("report.py", "common.py"):
             assert f"### bench/{script.name}" in text
     assert "| authorization decision p50 at 10,000 policy lines |" in text
-    assert "WARNING" not in done.stdout, done.stdout[-3000:]
+    assert "WARNING" not in smoke.done.stdout, smoke.done.stdout[-3000:]
+
+
+@pytest.mark.slow
+def test_executor_bench_smoke_prints_a_row_per_engine(smoke: SmokeReport) -> None:
+    out, _ = smoke.script("executor")
+    lines = out.splitlines()
+    for name in (
+        "bare ProcessPoolExecutor",
+        "mep ProcessPoolEngine",
+        "mep ThreadPoolEngine",
+        "mep GlobusComputeEngine",
+        "Parsl HTEX (direct)",
+        "Dask LocalCluster",
+    ):
+        row = next((line for line in lines if line.startswith(name)), None)
+        assert row is not None, f"{name} missing from:\n{out}"
+        if not name.startswith("Dask"):
+            assert row.rstrip().endswith("x"), row  # a ratio against the bare pool
+    reference = next(line for line in lines if line.startswith("bare"))
+    assert reference.rstrip().endswith("1.00x")
+
+
+@pytest.mark.slow
+def test_uep_start_bench_smoke(smoke: SmokeReport) -> None:
+    out, _ = smoke.script("uep_start")
+    for label in (
+        "start → ready, ProcessPoolEngine",
+        "idle RSS, user endpoint process",
+        "no-op tasks/s through the channel, ProcessPoolEngine",
+    ):
+        assert label in out, out
+    row = next(line for line in out.splitlines() if line.startswith("start → ready, Process"))
+    assert "p50" in row and "p95" in row
+
+
+@pytest.mark.slow
+def test_authz_bench_smoke_has_no_mismatch(smoke: SmokeReport) -> None:
+    out, _ = smoke.script("authz")
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["lines", "decide", "p50"]
+    rows = [line.split() for line in lines[2:] if line.strip() and line.strip()[0].isdigit()]
+    assert [row[0] for row in rows] == ["10", "200"]
+    assert all(row[-1] == "0" for row in rows)  # no decision differed from casbin
+
+
+# The bench starts a real daemon; not as root it could only map to its own account,
+# which the daemon refuses.
+@pytest.mark.root
+@pytest.mark.slow
+def test_client_bench_smoke(smoke: SmokeReport) -> None:
+    out, _ = smoke.script("client")
+    lines = out.splitlines()
+    assert any(
+        line.startswith("mep Executor") and line.split()[-1].replace(",", "").isdigit()
+        for line in lines
+    ), out
+    assert any(line.startswith("Parsl python_app") for line in lines)
+    assert any(line.startswith("Dask client.map") for line in lines)
 
 
 def test_report_stops_a_script_at_its_limit_and_finds_what_it_left(tmp_path: Path) -> None:
