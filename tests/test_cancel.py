@@ -28,7 +28,11 @@ import os, time
 def nap(path, seconds):
     with open(path, "w") as fh:
         fh.write(str(os.getpid()))
-    time.sleep(seconds)
+    # sleep(seconds) in short steps: a thread is interrupted between two of them (a
+    # single long sleep in C would hold a cancelled thread until it returns)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(0.05)
     return "woke up"
 
 def spin(path):
