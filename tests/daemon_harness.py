@@ -443,6 +443,38 @@ def running_daemon(config: Path, state_dir: Path, **kwargs: Any) -> Iterator[Run
         daemon.stop()
 
 
+@contextlib.contextmanager
+def daemon_with_accounts(
+    top: Path, count: int = 1, *, template: str | None = None, schema: str | None = None
+) -> Iterator[tuple[RunningDaemon, list[Any]]]:
+    """As root: ``count`` real test accounts and a daemon serving a deployment written
+    to ``top`` (the world-readable runtime; ``template``/``schema`` replace the
+    example's), both gone afterwards. Skips the test when not root."""
+    import pytest
+
+    from tests.accounts import create_account, delete_account
+    from tests.runtime_venv import package_paths, runtime_python
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root: creates real accounts with useradd")
+    python = runtime_python()
+    config = write_deployment(
+        top, python=python, package_paths=[p for p in package_paths(python) if os.path.isdir(p)]
+    )
+    if template is not None:
+        (top / "templates" / "user_config_template.yaml.j2").write_text(template)
+    if schema is not None:
+        (top / "templates" / "user_config_schema.json").write_text(schema)
+    accounts = []
+    try:
+        accounts = [create_account() for _ in range(count)]
+        with running_daemon(config, top / "state") as daemon:
+            yield daemon, accounts
+    finally:
+        for account in accounts:
+            delete_account(account.pw_name)
+
+
 # -- a deployment on disk ---------------------------------------------------------------
 
 EXAMPLE = REPO / "examples" / "daemon"

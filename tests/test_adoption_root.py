@@ -34,6 +34,7 @@ import pytest
 from mepcore.tasks import pack_args, pack_function, unpack_value
 from mepd.adoption import MAX_HANDSHAKES_PER_UID, read_process, secret_hash
 from mepd.store import EndpointRecord, NewTask, TaskStore
+from tests.accounts import processes_of
 from tests.daemon_harness import (
     RunningDaemon,
     remote_function,
@@ -55,18 +56,6 @@ BATCH = 100
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
-
-
-def processes_of(uid: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.stat(f"/proc/{entry}").st_uid == uid:
-                    pids.append(int(entry))
-            except FileNotFoundError:
-                continue
-    return pids
 
 
 def wait_no_processes(uid: int) -> None:

@@ -7,7 +7,6 @@ finished task is not changed by a cancel."""
 from __future__ import annotations
 
 import base64
-import os
 import pwd
 import time
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from typing import Any
 import pytest
 
 from mepcore.tasks import pack_args, pack_function, unpack_value
-from tests.daemon_harness import RunningDaemon, remote_function, running_daemon, write_deployment
+from tests.daemon_harness import RunningDaemon, daemon_with_accounts, remote_function
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -71,26 +70,9 @@ def b64(data: bytes) -> str:
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningDaemon, Any]]:
-    from tests.accounts import create_account, delete_account
-    from tests.runtime_venv import package_paths, runtime_python
-
-    if os.geteuid() != 0:
-        pytest.skip("needs root: creates a real account with useradd")
-    python = runtime_python()
     top = tmp_path_factory.mktemp("cancel") / "site"
-    config = write_deployment(
-        top,
-        python=python,
-        package_paths=[p for p in package_paths(python) if os.path.isdir(p)],
-    )
-    (top / "templates" / "user_config_template.yaml.j2").write_text(TEMPLATE)
-    (top / "templates" / "user_config_schema.json").write_text(SCHEMA)
-    account = create_account()
-    try:
-        with running_daemon(config, top / "state") as daemon:
-            yield daemon, account
-    finally:
-        delete_account(account.pw_name)
+    with daemon_with_accounts(top, template=TEMPLATE, schema=SCHEMA) as (daemon, accounts):
+        yield daemon, accounts[0]
 
 
 def _register(client: Any, fn: Any) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from mepcore.tasks import pack_args, pack_function
-from tests.daemon_harness import RunningDaemon, remote_function, running_daemon, write_deployment
+from tests.daemon_harness import RunningDaemon, daemon_with_accounts, remote_function
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -53,27 +53,9 @@ def b64(data: bytes) -> str:
 def deployment(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[RunningDaemon, list[pwd.struct_passwd]]]:
-    from tests.accounts import create_account, delete_account
-    from tests.runtime_venv import package_paths, runtime_python
-
-    if os.geteuid() != 0:
-        pytest.skip("needs root: creates real accounts with useradd")
-    python = runtime_python()
     top = tmp_path_factory.mktemp("logs") / "site"
-    config = write_deployment(
-        top,
-        python=python,
-        package_paths=[p for p in package_paths(python) if os.path.isdir(p)],
-    )
-    (top / "templates" / "user_config_template.yaml.j2").write_text(TEMPLATE)
-    (top / "templates" / "user_config_schema.json").write_text(SCHEMA)
-    accounts = [create_account(), create_account()]
-    try:
-        with running_daemon(config, top / "state") as daemon:
-            yield daemon, accounts
-    finally:
-        for account in accounts:
-            delete_account(account.pw_name)
+    with daemon_with_accounts(top, 2, template=TEMPLATE, schema=SCHEMA) as deployed:
+        yield deployed
 
 
 def _submit(client: Any, variables: dict[str, Any]) -> Any:

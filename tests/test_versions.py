@@ -30,7 +30,7 @@ from mepcore.client.service import user_runtime
 from mepcore.tasks import Executor, TaskEnvelope, pack_args, unpack_result, unpack_value
 from mepcore.tasks.serialization import pack_function
 from mepd.uep.server import client_python
-from tests.daemon_harness import RunningDaemon, running_daemon, write_deployment
+from tests.daemon_harness import RunningDaemon, daemon_with_accounts
 
 REPO = Path(__file__).resolve().parents[1]
 HERE = sys.version_info[:2]
@@ -237,22 +237,9 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningDaemon, Any]]:
-    from tests.accounts import create_account, delete_account
-    from tests.runtime_venv import package_paths, runtime_python
-
-    if os.geteuid() != 0:
-        pytest.skip("needs root: creates a real account with useradd")
-    python = runtime_python()
     top = tmp_path_factory.mktemp("versions") / "site"
-    config = write_deployment(
-        top, python=python, package_paths=[p for p in package_paths(python) if os.path.isdir(p)]
-    )
-    account = create_account()
-    try:
-        with running_daemon(config, top / "state") as daemon:
-            yield daemon, account
-    finally:
-        delete_account(account.pw_name)
+    with daemon_with_accounts(top) as (daemon, accounts):
+        yield daemon, accounts[0]
 
 
 @pytest.mark.root
