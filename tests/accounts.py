@@ -143,3 +143,12 @@ def processes_of(uid: int) -> list[int]:
             except FileNotFoundError:
                 continue
     return pids
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie has ended: it only waits to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

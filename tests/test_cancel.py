@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import pytest
 
 from mepcore.client import Executor as ClientExecutor
 from mepcore.tasks import Executor, ResultEnvelope, TaskEnvelope, pack_args, pack_function
+from tests.accounts import alive
 from tests.daemon_harness import remote_function
 from tests.test_client_fakes import fake_daemon, wait_until
 
@@ -79,22 +80,6 @@ def _task(name: str, *args: Any) -> TaskEnvelope:
     return TaskEnvelope(f"{name}-{time.monotonic_ns()}", fid, pack_args(args, {}))
 
 
-def _poll(predicate: Callable[[], bool], deadline: float, what: str) -> None:
-    end = time.monotonic() + deadline
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"not within {deadline} s: {what}")
-        time.sleep(0.02)  # polling interval of a deadline loop
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_a_waiting_and_a_running_task_are_cancelled_and_the_worker_replaced(
     executor: Executor, tmp_path: Path
 ) -> None:
@@ -104,7 +89,7 @@ def test_a_waiting_and_a_running_task_are_cancelled_and_the_worker_replaced(
     running = _task("nap", str(started), 30)
     waiting = _task("nap", str(never), 30)
     futures = executor.submit_many([running, waiting])
-    _poll(lambda: started.exists() and started.read_text().isdigit(), 60, "the nap started")
+    wait_until(lambda: started.exists() and started.read_text().isdigit(), 60, "the nap started")
     worker = int(started.read_text())
 
     executor.cancel([waiting.task_id, "no-such-task", finished.task_id])
@@ -114,7 +99,7 @@ def test_a_waiting_and_a_running_task_are_cancelled_and_the_worker_replaced(
     result = futures[0].result(10)
     assert result.error is not None and result.error.reason == "task.cancelled"
     if worker != os.getpid():  # threads share this process: they cannot be killed
-        _poll(lambda: not _alive(worker), 5, f"worker {worker} stopped")
+        wait_until(lambda: not alive(worker), 5, f"worker {worker} stopped")
     after = executor.submit(_task("pid")).result(60)
     assert after.status == "success"
     assert not never.exists()
@@ -128,10 +113,10 @@ def test_the_process_pool_kills_a_task_that_never_returns(tmp_path: Path) -> Non
         marker = tmp_path / "spinning"
         task = _task("spin", str(marker))
         future = executor.submit(task)
-        _poll(lambda: marker.exists() and marker.read_text().isdigit(), 30, "the spin started")
+        wait_until(lambda: marker.exists() and marker.read_text().isdigit(), 30, "the spin started")
         executor.cancel([task.task_id])
         assert future.result(10).error.reason == "task.cancelled"  # type: ignore[union-attr]
-        _poll(lambda: not _alive(int(marker.read_text())), 5, "the spinning worker stopped")
+        wait_until(lambda: not alive(int(marker.read_text())), 5, "the spinning worker stopped")
 
 
 def held(x: int) -> int:

@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 
 from mepcore.tasks import pack_args, pack_function, unpack_value
+from tests.accounts import alive
 from tests.daemon_harness import RunningDaemon, daemon_with_accounts, remote_function
+from tests.test_client_fakes import wait_until
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -104,22 +106,6 @@ def _final(client: Any, task_id: str, deadline: float) -> dict[str, Any]:
     raise AssertionError(f"task {task_id} not final after {deadline} s")
 
 
-def _wait_for(predicate: Any, deadline: float, what: str) -> None:
-    end = time.monotonic() + deadline
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"not within {deadline} s: {what}")
-        time.sleep(0.05)  # polling interval of a deadline loop
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.mark.parametrize("engine", ENGINES)
 def test_cancel_stops_a_waiting_and_a_running_task_on_each_engine(
     deployment: tuple[RunningDaemon, pwd.struct_passwd], engine: str
@@ -134,7 +120,7 @@ def test_cancel_stops_a_waiting_and_a_running_task_on_each_engine(
     assert endpoint_pid["state"] == "success", endpoint_pid
     running = _submit(client, engine, nap, str(marker), 30)
     waiting = _submit(client, engine, nap, str(marker) + ".never", 30)
-    _wait_for(lambda: marker.exists() and marker.read_text().isdigit(), 60, "the nap started")
+    wait_until(lambda: marker.exists() and marker.read_text().isdigit(), 60, "the nap started")
     worker = int(marker.read_text())
 
     # Waiting in the user endpoint (one worker, busy): cancelled, it never runs.
@@ -149,7 +135,7 @@ def test_cancel_stops_a_waiting_and_a_running_task_on_each_engine(
     assert view["state"] == "cancelled"
     assert view["error"]["reason"] == "task.cancelled"
     if engine != "ThreadPoolEngine":
-        _wait_for(lambda: not _alive(worker), 5, f"worker {worker} stopped")
+        wait_until(lambda: not alive(worker), 5, f"worker {worker} stopped")
     # The next task runs on a worker that replaced it.
     after = _final(client, _submit(client, engine, pid), 60)
     assert after["state"] == "success", after

@@ -209,10 +209,12 @@ def fake_daemon(state_dir: Path) -> Iterator[FakeDaemon]:
         daemon.stop()
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+def wait_until(
+    predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition"
+) -> None:
     """Poll ``predicate`` until it holds (AssertionError after ``timeout`` seconds)."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
+            raise AssertionError(f"not within {timeout} s: {what}")
         time.sleep(0.01)  # polling interval of a deadline loop
