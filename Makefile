@@ -7,6 +7,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
+# The suite runs on this many pytest-xdist workers, each taking whole test files (most of
+# a test's time is waiting on daemons and subprocesses; sessions on one machine are kept
+# apart: per-run directories, locked account and runtime changes, one shared Slurm).
+# PYTEST_WORKERS=0 runs it in one process.
+PYTEST_WORKERS ?= 2
 
 .PHONY: all venv demo test lint typecheck imports docs unit bench mutation clean
 
@@ -43,7 +48,7 @@ unit: $(STAMP)
 	trap 'rm -rf "$$data"' EXIT && \
 	status=0 && \
 	COVERAGE_FILE="$$data/.coverage" $(VENV)/bin/pytest --cov --cov-report=term:skip-covered \
-		$(PYTEST_ARGS) || status=$$?; \
+		-n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS) || status=$$?; \
 	cp "$$data/.coverage" .coverage 2>/dev/null || true; \
 	exit $$status
 
