@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +35,27 @@ if _TMP is not None:
     os.environ["TMPDIR"] = str(_TMP)
     os.environ["PYTEST_DEBUG_TEMPROOT"] = str(_TMP)
     tempfile.tempdir = str(_TMP)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """A short base directory for ``tmp_path`` (``<tmp>/r<random>``, removed at the end):
+    a daemon's sockets live in its state directory, and a Unix socket's path has at most
+    107 bytes, which pytest's ``pytest-of-root/pytest-N`` plus xdist's ``popen-gwN``
+    would use up. xdist workers take theirs below the controller's."""
+    if _TMP is None or config.option.basetemp or hasattr(config, "workerinput"):
+        return
+    config.option.basetemp = tempfile.mkdtemp(prefix="r", dir=_TMP)
+    config.stash[_BASETEMP] = config.option.basetemp
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    made = config.stash.get(_BASETEMP, None)
+    if made is not None:
+        shutil.rmtree(made, ignore_errors=True)
+
+
+_BASETEMP = pytest.StashKey[str]()
 
 
 def _untrusted_ancestor(path: Path) -> Path | None:

@@ -128,7 +128,7 @@ def test_a_failing_endpoint_setup_shows_its_stderr_to_the_caller_and_in_mep_logs
     assert answer["exists"] is True and answer["path"] == str(log)
     assert len(answer["lines"]) <= 3
     # (the task's print arrives through the captured stdout: poll for it)
-    from tests.test_cancel_e2e import _wait_for
+    from tests.test_client_fakes import wait_until
 
     def printed() -> bool:
         r = client.get("/v1/endpoints/hpc/log", params={"lines": 200})
@@ -142,7 +142,7 @@ def test_a_failing_endpoint_setup_shows_its_stderr_to_the_caller_and_in_mep_logs
             "ready" in line for line in lines
         )
 
-    _wait_for(printed, 30, "the task's output in the endpoint log")
+    wait_until(printed, 30, "the task's output in the endpoint log")
 
     # endpoint_teardown's output too, when the user endpoint stops.
     assert client.post("/v1/endpoints/hpc/stop").json() == {"stopped": 1}
