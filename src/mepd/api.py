@@ -27,6 +27,7 @@ pipeline does those), and the request schemas themselves (``mepd.shapes``).
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import re
 import sys
@@ -46,7 +47,7 @@ from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mepcore.errors import ADMIN_ONLY_REASONS, REASONS, MepError
-from mepd import __version__
+from mepd import __version__, frames
 from mepd.auth import Caller
 from mepd.logs import Throttled, request_scope
 from mepd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -254,30 +255,103 @@ async def _read_body(request: Request, limits: Limits, deadline: float) -> bytes
     return b"".join(chunks)
 
 
-async def read_json(
-    request: Request, limits: Limits, *, optional: bool = False, body_timeout: float = 60.0
-) -> Any:
+# A body (or an answer's payload bytes) above this is parsed or rendered in a worker
+# thread: a megabyte of JSON or base64 must not hold up the event loop, while a small
+# request stays cheaper inline than a thread hop.
+OFF_LOOP_BYTES = 128 * 1024
+
+
+def _declared_size(request: Request, limits: Limits) -> int | None:
     declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            size = int(declared)
-        except ValueError as exc:
-            raise RequestError("api.bad_request", "bad Content-Length") from exc
-        if size > limits.max_body_bytes:
-            raise RequestError("api.body_too_large", f"declared {size} bytes")
-        if size > 0 and not _json_type(request):
-            raise RequestError("api.unsupported_media_type", "body is not application/json")
+    if declared is None:
+        return None
+    try:
+        size = int(declared)
+    except ValueError as exc:
+        raise RequestError("api.bad_request", "bad Content-Length") from exc
+    if size > limits.max_body_bytes:
+        raise RequestError("api.body_too_large", f"declared {size} bytes")
+    return size
+
+
+def _is_frames(request: Request, frames_ok: bool) -> bool:
+    return frames_ok and frames.media_type_of(request.headers.get("content-type")) == (
+        frames.MEDIA_TYPE
+    )
+
+
+async def read_body(
+    request: Request,
+    limits: Limits,
+    *,
+    optional: bool = False,
+    body_timeout: float = 60.0,
+    frames_ok: bool = False,
+) -> tuple[Any, list[bytes] | None]:
+    """The parsed JSON body (or the JSON header of a frames body, where the route takes
+    frames: ``frames_ok``) and the frames (None for a JSON body)."""
+    size = _declared_size(request, limits)
+    framed = _is_frames(request, frames_ok)
+    if size is not None and size > 0 and not framed and not _json_type(request):
+        raise RequestError("api.unsupported_media_type", "body is not application/json")
     deadline = request.scope.get(BODY_DEADLINE)
     if deadline is None:
         deadline = asyncio.get_running_loop().time() + body_timeout
     raw = await _read_body(request, limits, deadline)
     if not raw:
         if optional:
-            return {}
+            return {}, None
         raise RequestError("api.bad_request", "empty body")
+    if framed:
+        header, parts = frames.decode(raw)
+        return parse_json(header, limits), parts
     if not _json_type(request):
         raise RequestError("api.unsupported_media_type", "body is not application/json")
-    return parse_json(raw, limits)
+    if len(raw) > OFF_LOOP_BYTES:
+        return await asyncio.to_thread(parse_json, raw, limits), None
+    return parse_json(raw, limits), None
+
+
+async def read_json(
+    request: Request, limits: Limits, *, optional: bool = False, body_timeout: float = 60.0
+) -> Any:
+    body, _ = await read_body(request, limits, optional=optional, body_timeout=body_timeout)
+    return body
+
+
+def _inline_results(views: list[dict[str, Any]], parts: list[bytes]) -> None:
+    """Task views for JSON: each ``result_frame`` becomes a base64 ``result``."""
+    for view in views:
+        index = view.pop("result_frame", None)
+        if index is not None:
+            view["result"] = base64.b64encode(parts[index]).decode("ascii")
+
+
+def _render_answer(
+    answer: dict[str, Any], views: list[dict[str, Any]], parts: list[bytes], binary: bool
+) -> Response:
+    if binary:
+        header = json.dumps(answer, separators=(",", ":")).encode()
+        return Response(frames.encode(header, parts), media_type=frames.MEDIA_TYPE)
+    _inline_results(views, parts)
+    return JSONResponse(answer)
+
+
+async def task_answer(
+    request: Request, answer: dict[str, Any], views: list[dict[str, Any]], parts: list[bytes]
+) -> Response:
+    """An answer holding task views: a frames body when the caller's ``Accept`` lists
+    frames, else JSON with base64 results; rendered off the loop when large."""
+    binary = frames.accepts_frames(request.headers.get("accept"))
+    if sum(len(p) for p in parts) > OFF_LOOP_BYTES:
+        return await asyncio.to_thread(_render_answer, answer, views, parts, binary)
+    return _render_answer(answer, views, parts, binary)
+
+
+# Every answer of a handler says which optional features this daemon has: a client
+# sends frames bodies only to a daemon that lists ``frames``.
+FEATURES_HEADER = "Mep-Features"
+FEATURES = "frames"
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -426,6 +500,7 @@ def _instrumented(name: str, fn: Callable[[Request], Awaitable[Any]], metrics: M
             response = error_response(MepError("mep.internal"))
         elapsed = time.perf_counter() - started
         response.headers["X-Request-ID"] = _request_id(request)
+        response.headers[FEATURES_HEADER] = FEATURES
         metrics.requests.inc(route=name, status=str(response.status_code))
         metrics.latency.observe(elapsed, route=name)
         if not quiet:
@@ -535,18 +610,24 @@ class _Handlers:
             request, self.limits, optional=optional, body_timeout=self.body_timeout
         )
 
+    async def _payload_body(self, request: Request) -> tuple[Any, list[bytes] | None]:
+        return await read_body(request, self.limits, body_timeout=self.body_timeout, frames_ok=True)
+
     async def functions(self, request: Request) -> Any:
         caller = await self._caller(request, "functions")
-        return await self.pipeline.register_function(caller, await self._body(request))
+        body, parts = await self._payload_body(request)
+        return await self.pipeline.register_function(caller, body, parts)
 
     async def submit(self, request: Request) -> Any:
         caller = await self._caller(request, "submit")
-        body = await self._body(request)
-        return await self.pipeline.submit(caller, request.path_params["endpoint"], body)
+        body, parts = await self._payload_body(request)
+        return await self.pipeline.submit(caller, request.path_params["endpoint"], body, parts)
 
     async def get_task(self, request: Request) -> Any:
         caller = await self._caller(request, "task")
-        return self.pipeline.get_task(caller, request.path_params["task_id"])
+        parts: list[bytes] = []
+        view = self.pipeline.get_task(caller, request.path_params["task_id"], parts)
+        return await task_answer(request, view, [view], parts)
 
     async def cancel_task(self, request: Request) -> Any:
         caller = await self._caller(request, "cancel")
@@ -554,7 +635,9 @@ class _Handlers:
 
     async def wait(self, request: Request) -> Any:
         caller = await self._caller(request, "wait")
-        return await self.pipeline.wait(caller, await self._body(request))
+        parts: list[bytes] = []
+        answer = await self.pipeline.wait(caller, await self._body(request), parts)
+        return await task_answer(request, answer, answer["tasks"], parts)
 
     async def status(self, request: Request) -> Any:
         caller = await self._caller(request, "status")
@@ -634,6 +717,10 @@ _TASK_VIEW = {
         "received": {"type": "number"},
         "finished": {"type": ["number", "null"]},
         "result": {"type": "string", "description": "base64 of the serialized result"},
+        "result_frame": {
+            "type": "integer",
+            "description": "in a frames answer, instead of result: the frame holding it",
+        },
         "error": {
             "type": "object",
             "properties": {
@@ -716,20 +803,27 @@ def _operation(
     parameter: str | None = None,
     body: str | None = None,
     body_required: bool = True,
+    framed: bool = False,
 ) -> dict[str, Any]:
     """An authenticated operation: ``answer`` is the 200 description and schema, ``body``
-    the name of the request body's schema in the components."""
+    the name of the request body's schema in the components; ``framed``: the body (or,
+    on a result route, the answer) may also be mep frames (docs/api.md)."""
     operation: dict[str, Any] = {"summary": summary, "security": [{"bearer": []}]}
     if parameter is not None:
         operation["parameters"] = [_path_parameter(parameter)]
     if body is not None:
         operation["requestBody"] = {"required": body_required, **_json(_ref(body))}
     description, schema = answer
+    ok = {"description": description, **_json(schema)}
+    if framed and body in ("Submit", "RegisterFunction"):
+        operation["requestBody"]["content"][frames.MEDIA_TYPE] = _FRAMES_CONTENT
+    elif framed:
+        ok["content"][frames.MEDIA_TYPE] = _FRAMES_CONTENT
     # Every authenticated route is rate limited per identity; a route with a body can
     # also be refused for its type or its lateness.
     edge = (408, 415, 429) if body is not None else (429,)
     operation["responses"] = {
-        "200": {"description": description, **_json(schema)},
+        "200": ok,
         **_errors(*sorted({*errors, *edge})),
     }
     return operation
@@ -740,6 +834,14 @@ def _object(**properties: dict[str, Any]) -> dict[str, Any]:
 
 
 _STRINGS = {"type": "array", "items": {"type": "string"}}
+_FRAMES_CONTENT = {
+    "schema": {
+        "type": "string",
+        "format": "binary",
+        "description": "mep frames: the JSON header without the payload bytes, then the"
+        " bytes as frames (layout in docs/api.md)",
+    }
+}
 _USER_ENDPOINTS = _object(
     endpoint={"type": "string"}, user_endpoints={"type": "array", "items": {"type": "object"}}
 )
@@ -781,6 +883,7 @@ def _endpoint_paths() -> dict[str, Any]:
             "post": _operation(
                 "register a serialized function (id = sha256 of its bytes)",
                 body="RegisterFunction",
+                framed=True,
                 answer=("the function id", _object(function_id={"type": "string"})),
                 errors=(400, 401, 413, 503),
             )
@@ -790,6 +893,7 @@ def _endpoint_paths() -> dict[str, Any]:
                 "submit a batch of tasks to the caller's user endpoint",
                 parameter="endpoint",
                 body="Submit",
+                framed=True,
                 answer=("task ids, in request order", _object(task_ids=_STRINGS)),
                 errors=(400, 401, 403, 404, 413, 422, 429, 503),
             )
@@ -834,6 +938,7 @@ def _task_paths() -> dict[str, Any]:
                 "long-poll: the listed tasks that finish within the timeout",
                 body="Wait",
                 answer=("finished, pending and unknown ids", finished),
+                framed=True,
                 errors=(400, 401),
             )
         },
@@ -842,6 +947,7 @@ def _task_paths() -> dict[str, Any]:
                 "a task's state and result",
                 parameter="task_id",
                 answer=("the task", _ref("Task")),
+                framed=True,
                 errors=(401, 404),
             ),
             "delete": _operation(

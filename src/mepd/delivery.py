@@ -198,13 +198,21 @@ class Delivery:
             raise TaskError("task.not_found", "no such task for this caller")
         return record
 
-    async def wait(self, caller: Caller, ids: Sequence[str], timeout: float) -> WaitAnswer:
-        """Until one of ``ids`` is final or ``timeout`` passes; every id is answered."""
+    async def wait(
+        self,
+        caller: Caller,
+        ids: Sequence[str],
+        timeout: float,
+        frames: list[bytes] | None = None,
+    ) -> WaitAnswer:
+        """Until one of ``ids`` is final or ``timeout`` passes; every id is answered
+        (results into ``frames`` when given: ``task_view``)."""
         waiter = _Waiter()
         for task_id in ids:
             self._waiters.setdefault(task_id, set()).add(waiter)
         try:
-            return await self._wait(caller.owner, ids, waiter, time.monotonic() + timeout)
+            deadline = time.monotonic() + timeout
+            return await self._wait(caller.owner, ids, waiter, deadline, frames)
         finally:
             for task_id in ids:
                 waiting = self._waiters.get(task_id)
@@ -214,7 +222,12 @@ class Delivery:
                         del self._waiters[task_id]
 
     async def _wait(
-        self, owner: str, ids: Sequence[str], waiter: _Waiter, deadline: float
+        self,
+        owner: str,
+        ids: Sequence[str],
+        waiter: _Waiter,
+        deadline: float,
+        frames: list[bytes] | None,
     ) -> WaitAnswer:
         done: list[dict[str, Any]] = []
         unknown: set[str] = set()
@@ -228,7 +241,7 @@ class Delivery:
                     unknown.add(task_id)
                     pending.discard(task_id)
                 elif rec.is_final:
-                    done.append(task_view(rec))
+                    done.append(task_view(rec, frames))
                     pending.discard(task_id)
 
         # The caller's own tasks in flight are pending without reading the database.
@@ -256,8 +269,10 @@ class Delivery:
         return len(self.in_flight)
 
 
-def task_view(record: TaskRecord) -> dict[str, Any]:
-    """The public JSON of a task (its result base64-encoded, never deserialized)."""
+def task_view(record: TaskRecord, frames: list[bytes] | None = None) -> dict[str, Any]:
+    """The public JSON of a task (its result never deserialized): base64 in ``result``,
+    or, given ``frames``, the result bytes appended there and their index in
+    ``result_frame`` (the HTTP layer sends them raw or base64-encodes them)."""
     state = "running" if record.state == "dispatched" else record.state
     view: dict[str, Any] = {
         "task_id": record.task_id,
@@ -268,7 +283,7 @@ def task_view(record: TaskRecord) -> dict[str, Any]:
         "finished": record.finished,
     }
     if record.state == "success":
-        view["result"] = base64.b64encode(record.result or b"").decode()
+        _attach(view, record.result or b"", frames)
     elif record.state in ("failed", "cancelled"):
         error = dict(record.error or {})
         reason = error.get("reason") or "task.failed"
@@ -279,5 +294,13 @@ def task_view(record: TaskRecord) -> dict[str, Any]:
             "traceback": error.get("traceback"),
         }
         if record.result:
-            view["result"] = base64.b64encode(record.result).decode()
+            _attach(view, record.result, frames)
     return view
+
+
+def _attach(view: dict[str, Any], result: bytes, frames: list[bytes] | None) -> None:
+    if frames is None:
+        view["result"] = base64.b64encode(result).decode()
+    else:
+        view["result_frame"] = len(frames)
+        frames.append(result)

@@ -18,6 +18,7 @@ Deliberately not here: HTTP parsing and status codes (``mepd.api``), loading fil
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 import uuid
@@ -53,11 +54,38 @@ from mepd.shapes import (
     SubmitRequest,
     b64decode,
     check_shape,
+    payload_chars,
     wait_shape_ok,
 )
 from mepd.store import NewTask, QueuedTask, TaskStore
 
 log = structlog.get_logger("mepd.pipeline")
+
+# A JSON submit carrying more base64 than this is decoded in a worker thread.
+OFF_LOOP_CHARS = 128 * 1024
+
+
+def function_bytes(body: Any, frames: list[bytes] | None) -> bytes:
+    """The function a registration carries: base64 ``function`` in a JSON body, or the
+    one frame of a frames body (whose header then has no ``function``)."""
+    if frames is None:
+        check_shape(body, FUNCTION_SCHEMA)
+        return b64decode(body["function"], "$.function")
+    if type(body) is dict and "function" in body:
+        raise RequestError(
+            "api.bad_request",
+            "function in a frames header",
+            violations=[Violation("$.function", "the function travels as frame 0")],
+        )
+    if len(frames) != 1 or not frames[0]:
+        found = "an empty frame" if len(frames) == 1 else f"{len(frames)} frames"
+        raise RequestError(
+            "api.bad_request",
+            "a function registration takes one frame",
+            violations=[Violation("$frames.count", f"one non-empty frame expected, {found}")],
+        )
+    check_shape({**body, "function": "x"} if type(body) is dict else body, FUNCTION_SCHEMA)
+    return frames[0]
 
 
 # -- ports ------------------------------------------------------------------------------
@@ -198,10 +226,12 @@ class Pipeline:
 
     # -- functions --------------------------------------------------------------------
 
-    async def register_function(self, caller: Caller, body: Any) -> dict[str, Any]:
+    async def register_function(
+        self, caller: Caller, body: Any, frames: list[bytes] | None = None
+    ) -> dict[str, Any]:
+        """Store a function (base64 in ``function``, or a frames body's one frame)."""
         self._refuse_if_unavailable()
-        check_shape(body, FUNCTION_SCHEMA)
-        data = b64decode(body["function"], "$.function")
+        data = function_bytes(body, frames)
         if len(data) > self.limits.max_payload_bytes:
             raise TaskError("task.payload_too_large", "function too large")
         function_id = hashlib.sha256(data).hexdigest()
@@ -219,11 +249,17 @@ class Pipeline:
 
     # -- submit -----------------------------------------------------------------------
 
-    async def submit(self, caller: Caller, endpoint: str, body: Any) -> dict[str, Any]:
+    async def submit(
+        self, caller: Caller, endpoint: str, body: Any, frames: list[bytes] | None = None
+    ) -> dict[str, Any]:
         """Shape → decision → user endpoint → audit, store, dispatch."""
         self._refuse_if_unavailable()
         site = self._site(endpoint)
-        request = SubmitRequest.from_body(body, self.limits)
+        if frames is None and payload_chars(body) > OFF_LOOP_CHARS:
+            # A megabyte of base64 is decoded in a worker thread, not on the event loop.
+            request = await asyncio.to_thread(SubmitRequest.from_body, body, self.limits)
+        else:
+            request = SubmitRequest.from_body(body, self.limits, frames)
         admitted = await self.admission.admit_submit(
             site, caller, request.function_ids, request.variables, request.user_runtime
         )
@@ -365,16 +401,21 @@ class Pipeline:
 
     # -- results ----------------------------------------------------------------------
 
-    def get_task(self, caller: Caller, task_id: str) -> dict[str, Any]:
-        return task_view(self.delivery.owned(caller, self.store.get(task_id)))
+    def get_task(
+        self, caller: Caller, task_id: str, frames: list[bytes] | None = None
+    ) -> dict[str, Any]:
+        """The caller's task (its result into ``frames`` when given: ``task_view``)."""
+        return task_view(self.delivery.owned(caller, self.store.get(task_id)), frames)
 
-    async def wait(self, caller: Caller, body: Any) -> dict[str, Any]:
+    async def wait(
+        self, caller: Caller, body: Any, frames: list[bytes] | None = None
+    ) -> dict[str, Any]:
         if not wait_shape_ok(body):
             check_shape(body, WAIT_SCHEMA)
             raise RequestError("api.bad_request", "request body invalid")
         ids = list(dict.fromkeys(body["task_ids"]))
         timeout = min(float(body.get("timeout", 10.0)), self.limits.max_wait_timeout)
-        return (await self.delivery.wait(caller, ids, timeout)).to_dict()
+        return (await self.delivery.wait(caller, ids, timeout, frames)).to_dict()
 
     def cancel(self, caller: Caller, task_id: str) -> dict[str, Any]:
         """Cancel a task wherever it is: queued here, or at its user endpoint (queued

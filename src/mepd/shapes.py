@@ -211,7 +211,13 @@ class SubmitRequest:
         return list(dict.fromkeys(t.function_id for t in self.tasks))
 
     @classmethod
-    def from_body(cls, body: Any, limits: SubmitLimits) -> SubmitRequest:
+    def from_body(
+        cls, body: Any, limits: SubmitLimits, frames: list[bytes] | None = None
+    ) -> SubmitRequest:
+        """``frames``: the argument bytes of a frames body (task *i* takes frame *i*; its
+        items then carry no ``args``); None for a JSON body (base64 ``args``)."""
+        if frames is not None:
+            body = _with_frame_args(body, len(frames))
         if not submit_shape_ok(body):
             check_shape(body, SUBMIT_SCHEMA)
             raise RequestError("api.bad_request", "request body invalid")
@@ -226,7 +232,8 @@ class SubmitRequest:
             raise RequestError("api.body_too_large", "user_runtime too large")
         tasks = []
         for i, item in enumerate(raw_tasks):
-            payload = b64decode(item["args"], f"$.tasks[{i}].args")
+            where = f"$.tasks[{i}].args"
+            payload = b64decode(item["args"], where) if frames is None else frames[i]
             if len(payload) > limits.max_payload_bytes:
                 raise TaskError("task.payload_too_large", f"task {i} payload too large")
             walltime = item.get("walltime")
@@ -239,6 +246,40 @@ class SubmitRequest:
                 )
             )
         return cls(tuple(tasks), variables, user_runtime)
+
+
+def _with_frame_args(body: Any, count: int) -> Any:
+    """A frames submit's header as its JSON body would be (``args`` filled in, to be
+    checked by the same schema); its items must not carry ``args`` themselves, and there
+    must be exactly one frame per task."""
+    tasks = body.get("tasks") if type(body) is dict else None
+    if type(tasks) is not list:
+        return body  # the schema check says what is wrong
+    if len(tasks) != count:
+        raise RequestError(
+            "api.bad_request",
+            f"{len(tasks)} tasks and {count} frames",
+            violations=[Violation("$frames.count", f"{count} frames for {len(tasks)} tasks")],
+        )
+    filled = []
+    for i, item in enumerate(tasks):
+        if type(item) is dict and "args" in item:
+            raise RequestError(
+                "api.bad_request",
+                "args in a frames header",
+                violations=[Violation(f"$.tasks[{i}].args", f"arguments travel as frame {i}")],
+            )
+        filled.append({**item, "args": ""} if type(item) is dict else item)
+    return {**body, "tasks": filled}
+
+
+def payload_chars(body: Any) -> int:
+    """About how many characters of base64 a JSON submit body carries (0 if it is not
+    shaped like one): large bodies are decoded off the event loop."""
+    tasks = body.get("tasks") if type(body) is dict else None
+    if type(tasks) is not list:
+        return 0
+    return sum(len(t["args"]) for t in tasks if type(t) is dict and type(t.get("args")) is str)
 
 
 class SubmitLimits(Protocol):

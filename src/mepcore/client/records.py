@@ -2,7 +2,9 @@
 
 ``TaskRecord.from_mapping`` turns one task object of the HTTP API (``GET /v1/tasks/{id}``
 and the items of ``POST /v1/tasks/wait``) into a value, and ``TaskRecord.outcome``
-into the task's value or the exception that describes its failure. Parsing is strict
+into the task's value or the exception that describes its failure. A result comes as
+base64 (``result``) in a JSON answer, or as one frame of a frames answer
+(``result_frame``, an index into the frames: ``mepcore.client.frames``). Parsing is strict
 about what the client relies on (id, state, a result or an error for a final state) and
 lenient about anything else, so a newer daemon that adds fields still works; a missing
 or malformed field is ``client.protocol_error``. This module deliberately performs no
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -43,6 +45,12 @@ def decode_b64(value: Any, what: str) -> bytes:
         raise _protocol(f"{what} is not valid base64") from exc
 
 
+def _frame(index: Any, frames: Sequence[bytes] | None) -> bytes:
+    if frames is None or type(index) is not int or not 0 <= index < len(frames):
+        raise _protocol(f"result_frame {index!r} names no frame of the answer")
+    return frames[index]
+
+
 def _text(data: Mapping[str, Any], key: str) -> str:
     value = data.get(key)
     return value if isinstance(value, str) else ""
@@ -69,7 +77,9 @@ class TaskRecord:
         return self.state in FINAL_STATES
 
     @classmethod
-    def from_mapping(cls, data: Any) -> TaskRecord:
+    def from_mapping(cls, data: Any, frames: Sequence[bytes] | None = None) -> TaskRecord:
+        """One task object; ``frames``: those of a frames answer, where a result is
+        ``result_frame`` (an index into them) instead of base64 ``result``."""
         if not isinstance(data, Mapping):
             raise _protocol("a task record is not an object")
         task_id = data.get("task_id", data.get("id"))
@@ -79,6 +89,8 @@ class TaskRecord:
         result = None
         if data.get("result") is not None:
             result = decode_b64(data["result"], "result")
+        elif data.get("result_frame") is not None:
+            result = _frame(data["result_frame"], frames)
         error = data.get("error")
         if error is not None and not isinstance(error, Mapping):
             raise _protocol("a task record's error is not an object")
@@ -129,12 +141,12 @@ class WaitReport:
     unknown: tuple[str, ...] = ()
 
     @classmethod
-    def from_mapping(cls, data: Any) -> WaitReport:
+    def from_mapping(cls, data: Any, frames: Sequence[bytes] | None = None) -> WaitReport:
         items = data.get("tasks") if isinstance(data, Mapping) else None
         if not isinstance(items, list):
             raise _protocol("the wait answer lacks its tasks")
         return cls(
-            tasks=tuple(TaskRecord.from_mapping(item) for item in items),
+            tasks=tuple(TaskRecord.from_mapping(item, frames) for item in items),
             pending=_ids(data.get("pending")),
             unknown=_ids(data.get("unknown")),
         )

@@ -1,6 +1,10 @@
 """``Client``: one method per call of mepd's HTTP API, with retries where they are safe.
 
-The client speaks JSON over HTTP(S) with ``httpx``, authenticates with a bearer token,
+The client speaks HTTP(S) with ``httpx``: JSON, except that payloads (functions,
+arguments) and results travel as mep frames (``mepcore.client.frames``: raw bytes, no
+base64) with a daemon that lists ``frames`` in its ``Mep-Features`` answer header; a
+daemon without it gets JSON (a submit it refuses with 415 is sent again as JSON, the 415
+saying it acted on nothing). It authenticates with a bearer token,
 verifies TLS certificates by default (``verify=False`` or a CA bundle are explicit
 choices), and retries transient failures with ``tenacity``:
 
@@ -43,6 +47,7 @@ import dill
 import httpx
 import tenacity
 
+from mepcore.client import frames
 from mepcore.client.errors import (
     ClientError,
     RequestRefused,
@@ -155,10 +160,12 @@ class TaskRequest:
         return cls(function_id, pack_args(tuple(args), dict(kwargs or {})), walltime)
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "function_id": self.function_id,
-            "args": base64.b64encode(self.args).decode("ascii"),
-        }
+        """The task as an item of a JSON submit (base64 ``args``)."""
+        return {**self.to_header(), "args": base64.b64encode(self.args).decode("ascii")}
+
+    def to_header(self) -> dict[str, Any]:
+        """The task as an item of a frames submit's header (its ``args`` go as a frame)."""
+        out: dict[str, Any] = {"function_id": self.function_id}
         if self.walltime is not None:
             out["walltime"] = self.walltime
         if self.resource_specification:
@@ -237,6 +244,29 @@ def _refusal(response: httpx.Response) -> RequestRefused:
     )
 
 
+_FEATURES_HEADER = "mep-features"
+
+
+@attrs.frozen
+class _Framed:
+    """A frames request body."""
+
+    content: bytes
+    headers: Mapping[str, str] = {"Content-Type": frames.MEDIA_TYPE}
+
+
+@attrs.frozen
+class _Accepting:
+    """A JSON request body (or none) whose answer may come as frames."""
+
+    body: Any
+
+
+def _media(response: httpx.Response) -> str:
+    given: str = response.headers.get("content-type", "")
+    return given.partition(";")[0].strip().lower()
+
+
 def _base_url(value: object) -> str:
     return str(value).rstrip("/")
 
@@ -284,7 +314,12 @@ class Client:
     transport: httpx.BaseTransport | None = attrs.field(default=None, kw_only=True, repr=False)
     # Instead of ``token``: an httpx auth flow, e.g. a stored login (mepcore.client.login).
     auth: httpx.Auth | None = attrs.field(default=None, kw_only=True, repr=False)
+    # Payloads and results as mep frames where the daemon takes them (False: JSON only).
+    frames: bool = attrs.field(default=True, kw_only=True)
     _http: httpx.Client | None = attrs.field(default=None, init=False, repr=False)
+    # What the daemon said of frames: None until an answer tells.
+    _frames: bool | None = attrs.field(default=None, init=False, repr=False)
+    _user_runtime: dict[str, Any] | None = attrs.field(default=None, init=False, repr=False)
     _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
@@ -340,6 +375,12 @@ class Client:
                 )
             return self._http
 
+    def _runtime(self) -> dict[str, Any]:
+        # Computed once per client: it reads package metadata, too slow for every submit.
+        if self._user_runtime is None:
+            self._user_runtime = user_runtime()
+        return self._user_runtime
+
     def close(self) -> None:
         """Release the connection pool; the client can be used again afterwards."""
         with self._lock:
@@ -359,18 +400,26 @@ class Client:
         self, method: str, path: str, body: Any, timeout: float | None
     ) -> httpx.Response:
         http = self._connection()
+        options: dict[str, Any] = {"json": body}
+        if isinstance(body, _Framed):
+            options = {"content": body.content, "headers": body.headers}
+        elif isinstance(body, _Accepting):
+            options = {"json": body.body}
+            if self.frames:
+                options["headers"] = {"Accept": frames.ACCEPT}
         try:
             response = http.request(
                 method,
                 path,
-                json=body,
                 timeout=self.timeout if timeout is None else timeout,
+                **options,
             )
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             # No connection was made: the server cannot have seen the request.
             raise _Transient(f"{type(exc).__name__}: {exc}", maybe_processed=False) from exc
         except httpx.TransportError as exc:
             raise _Transient(f"{type(exc).__name__}: {exc}", maybe_processed=True) from exc
+        self._note_features(response)
         status = response.status_code
         if status in _REFUSED_UNPROCESSED or status in _GATEWAY:
             refused = _refusal(response)
@@ -396,7 +445,21 @@ class Client:
         )
         return float(backoff(state))
 
-    def request(
+    def _note_features(self, response: httpx.Response) -> None:
+        # Every answer of a daemon's handlers lists its features; one without the header
+        # is an older daemon (or a proxy's own answer, which says nothing either way).
+        features = response.headers.get(_FEATURES_HEADER)
+        if features is not None:
+            self._frames = "frames" in (f.strip() for f in features.split(","))
+        elif response.headers.get("x-request-id") is not None:
+            self._frames = False
+
+    @property
+    def sends_frames(self) -> bool:
+        """Whether payloads go as frames (until a daemon says it has none, they do)."""
+        return self.frames and self._frames is not False
+
+    def _exchange(
         self,
         method: str,
         path: str,
@@ -404,10 +467,7 @@ class Client:
         *,
         idempotent: bool,
         timeout: float | None = None,
-    ) -> Any:
-        """Send one API request and return its JSON body, retrying transient failures
-        (every one if ``idempotent``, otherwise only those the server did not act on)."""
-
+    ) -> httpx.Response:
         def retryable(exc: BaseException) -> bool:
             return isinstance(exc, _Transient) and (idempotent or not exc.maybe_processed)
 
@@ -421,19 +481,68 @@ class Client:
             reraise=True,
         )
         try:
-            response = retrying(self._send_once, method, path, body, timeout)
+            return retrying(self._send_once, method, path, body, timeout)
         except _Transient as exc:
             if exc.refused is not None:
                 raise exc.refused from exc
             raise ServiceUnavailable(
                 "client.unavailable", f"{method} {path}: {exc}"
             ) from exc.__cause__
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        idempotent: bool,
+        timeout: float | None = None,
+    ) -> Any:
+        """Send one API request and return its JSON body, retrying transient failures
+        (every one if ``idempotent``, otherwise only those the server did not act on)."""
+        return self.request_framed(method, path, body, idempotent=idempotent, timeout=timeout)[0]
+
+    def request_framed(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        idempotent: bool,
+        timeout: float | None = None,
+    ) -> tuple[Any, list[bytes] | None]:
+        """``request``, also for a frames answer: its JSON header and its frames (None
+        for a JSON answer)."""
+        response = self._exchange(method, path, body, idempotent=idempotent, timeout=timeout)
+        if _media(response) == frames.MEDIA_TYPE:
+            return frames.decode(response.content)
         try:
-            return response.json()
+            return response.json(), None
         except ValueError as exc:
             raise ClientError(
                 "client.protocol_error", f"{method} {path}: the answer is not JSON"
             ) from exc
+
+    def _send_payload(
+        self,
+        path: str,
+        header: dict[str, Any],
+        payloads: Sequence[bytes],
+        as_json: Callable[[], Any],
+        *,
+        idempotent: bool,
+    ) -> Any:
+        """POST a body carrying payloads: frames to a daemon that takes them (a 415 from
+        an older daemon, which acted on nothing, switches to JSON for good), else JSON."""
+        if self.sends_frames:
+            framed = _Framed(frames.encode(header, payloads))
+            try:
+                return self.request("POST", path, framed, idempotent=idempotent)
+            except RequestRefused as exc:
+                if exc.status != 415:
+                    raise
+                self._frames = False
+        return self.request("POST", path, as_json(), idempotent=idempotent)
 
     # -- the API -------------------------------------------------------------------
 
@@ -441,12 +550,18 @@ class Client:
         self, payload: bytes, *, name: str | None = None, source: str | None = None
     ) -> str:
         """Register an already packed function; returns the id the daemon gave it."""
-        body: dict[str, Any] = {"function": base64.b64encode(payload).decode("ascii")}
+        header: dict[str, Any] = {}
         if name:
-            body["name"] = name
+            header["name"] = name
         if source:
-            body["source"] = source
-        answer = self.request("POST", "/v1/functions", body, idempotent=True)
+            header["source"] = source
+        answer = self._send_payload(
+            "/v1/functions",
+            header,
+            [payload],
+            lambda: {"function": base64.b64encode(payload).decode("ascii"), **header},
+            idempotent=True,
+        )
         function_id = answer.get("function_id") if isinstance(answer, Mapping) else None
         if not isinstance(function_id, str):
             raise ClientError("client.protocol_error", "register: no function_id in the answer")
@@ -474,13 +589,17 @@ class Client:
         """
         if not tasks:
             return []
-        body = {
+        header = {
             "user_endpoint_config": dict(user_endpoint_config or {}),
-            "user_runtime": user_runtime(),
-            "tasks": [task.to_json() for task in tasks],
+            "user_runtime": self._runtime(),
+            "tasks": [task.to_header() for task in tasks],
         }
-        answer = self.request(
-            "POST", f"/v1/endpoints/{_segment(endpoint)}/submit", body, idempotent=False
+        answer = self._send_payload(
+            f"/v1/endpoints/{_segment(endpoint)}/submit",
+            header,
+            [task.args for task in tasks],
+            lambda: {**header, "tasks": [task.to_json() for task in tasks]},
+            idempotent=False,
         )
         ids = answer.get("task_ids") if isinstance(answer, Mapping) else None
         if (
@@ -507,8 +626,10 @@ class Client:
 
     def get_task(self, task_id: str) -> TaskRecord:
         """The task's current record (state, and its result or error once final)."""
-        answer = self.request("GET", f"/v1/tasks/{_segment(task_id)}", idempotent=True)
-        return TaskRecord.from_mapping(answer)
+        answer, parts = self.request_framed(
+            "GET", f"/v1/tasks/{_segment(task_id)}", _Accepting(None), idempotent=True
+        )
+        return TaskRecord.from_mapping(answer, parts)
 
     def wait_report(self, task_ids: Iterable[str], timeout: float = 10.0) -> WaitReport:
         """Long-poll ``POST /v1/tasks/wait``: returns as soon as at least one of
@@ -517,14 +638,14 @@ class Client:
         ids = list(task_ids)
         if not ids:
             return WaitReport(())
-        answer = self.request(
+        answer, parts = self.request_framed(
             "POST",
             "/v1/tasks/wait",
-            {"task_ids": ids, "timeout": timeout},
+            _Accepting({"task_ids": ids, "timeout": timeout}),
             idempotent=True,
             timeout=self.timeout + timeout,
         )
-        return WaitReport.from_mapping(answer)
+        return WaitReport.from_mapping(answer, parts)
 
     def wait(self, task_ids: Iterable[str], timeout: float = 10.0) -> list[TaskRecord]:
         """The records of those of ``task_ids`` that are final, as soon as at least one
