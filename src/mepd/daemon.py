@@ -438,6 +438,7 @@ class Daemon:
         if self.adoption is not None:
             await self.adoption.close()
         self.pipeline.delivery.flush()
+        await self.pipeline.delivery.settled()  # results committed and announced
         self.store.close()
         await self.authenticator.aclose()
         for name in (PORT_FILE, ADMIN_SOCKET):

@@ -3,9 +3,11 @@
 The registry hands over each result with the task's in-flight record (``on_result``),
 and the records of a user endpoint that is gone (``on_lost``); the pipeline hands over
 cancels and failed dispatches. Outcomes that arrive in one turn of the event loop are
-committed in one transaction with one audit write. Waiting is event-driven: a long-poll
-registers an ``asyncio.Event`` per task id and is woken when a batch is committed, never
-by polling the database.
+committed in one transaction with one audit write, by the store's writer thread
+(``mepd.writer``): the event loop does not wait for it, and waiters are woken once the
+outcomes are committed. Cancels and failed dispatches are committed at once. Waiting is
+event-driven: a long-poll registers an ``asyncio.Event`` per task id and is woken when a
+batch is committed, never by polling the database.
 
 Deliberately not here: deserializing anything (results are opaque bytes, DESIGN.md
 §3.4), HTTP, starting or stopping user endpoints.
@@ -55,6 +57,18 @@ class WaitAnswer:
         return {"tasks": self.tasks, "pending": self.pending, "unknown": self.unknown}
 
 
+def _finished_event(o: Outcome, account: str, function_id: str) -> tuple[str, Mapping[str, Any]]:
+    reason = (o.error or {}).get("reason") if o.state != "success" else None
+    fields = {
+        "task_id": o.task_id,
+        "function_id": function_id,
+        "account": account,
+        "status": o.state,
+        "reason": reason,
+    }
+    return "task.finished", fields
+
+
 def outcome_of(task_id: str, header: Mapping[str, Any], payload: bytes, limit: int) -> Outcome:
     """The stored outcome of one result frame (its header already checked)."""
     if len(payload) > limit:
@@ -82,6 +96,10 @@ class Delivery:
     _outbox: list[tuple[Outcome, InFlightTask | None]] = attrs.field(factory=list)
     _flush_scheduled: bool = False
     _idle: asyncio.Event | None = None
+    _commits: set[asyncio.Task[None]] = attrs.field(factory=set)
+    # Tasks whose outcome the writer thread is committing, by id: their owner. A
+    # long-poll counts them pending until they are announced.
+    _writing: dict[str, str] = attrs.field(factory=dict)
 
     # -- outcomes in --------------------------------------------------------------------
 
@@ -108,15 +126,66 @@ class Delivery:
             asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
+        """Commit what is waiting, through the store's writer thread (the event loop
+        goes on meanwhile); waiters are woken once it is committed."""
         self._flush_scheduled = False
         batch, self._outbox = self._outbox, []
         if batch:
-            self._outbox[:0] = self._commit(batch)
+            known, others = self._split(batch)
+            if not known:  # cancels and late answers only: checked row by row, now
+                self._keep(self._finish_others([], others, time.time()))
+                return
+            # Queued with the writer now, so that a store closed right after still
+            # commits it; announced once committed.
+            now = time.time()
+            self._writing.update((r.task_id, r.owner) for _, r in known)
+            events = {o.task_id: _finished_event(o, r.account, r.function_id) for o, r in known}
+            written = self.store.queue_outcomes(
+                [o for o, _ in known],
+                now,
+                # In the writer thread, right after the commit: the audit log has the
+                # results before anyone can read them, and the loop does not write it.
+                after=lambda changed: self._record([events[t] for t in changed]),
+            )
+            commit = asyncio.get_running_loop().create_task(
+                self._announce_when_written(written, known, others, now)
+            )
+            self._commits.add(commit)
+            commit.add_done_callback(self._commits.discard)
+
+    def _keep(self, items: Sequence[tuple[Outcome, InFlightTask | None]]) -> None:
+        # Nothing is lost: outcomes the store refused wait here (their tasks already left
+        # the in-flight table) and are written when it accepts writes again.
+        self._outbox[:0] = items
         if self._outbox and not self._flush_scheduled:
-            # Nothing is lost: outcomes the store refused wait here (their tasks already
-            # left the in-flight table) and are written when it accepts writes again.
             self._flush_scheduled = True
             asyncio.get_running_loop().call_later(STORE_RETRY_SECONDS, self.flush)
+
+    async def _announce_when_written(
+        self,
+        written: asyncio.Future[list[str]],
+        known: list[tuple[Outcome, InFlightTask]],
+        others: dict[str, Outcome],
+        now: float,
+    ) -> None:
+        try:
+            changed = set(await written)
+        except StoreError as exc:
+            log.error("store.write_failed", detail=exc.detail, outcomes=len(known))
+            self._keep([*known, *((o, None) for o in others.values())])
+            return
+        finally:
+            for _, record in known:
+                self._writing.pop(record.task_id, None)
+        # A task finished meanwhile by someone else (a cancel) keeps that outcome; it
+        # was announced by whoever finished it.
+        known = [(o, r) for o, r in known if o.task_id in changed]
+        self._keep(self._finish_others(known, others, now, audited=True))
+
+    async def settled(self) -> None:
+        """Until the commits under way are done."""
+        while self._commits:
+            await asyncio.gather(*self._commits, return_exceptions=True)
 
     # -- committing ---------------------------------------------------------------------
 
@@ -127,14 +196,11 @@ class Delivery:
             self._outbox.extend(left)
             raise StoreError("store.unavailable", "outcomes kept for a later write")
 
-    def _commit(
+    def _split(
         self, items: Sequence[tuple[Outcome, InFlightTask | None]]
-    ) -> list[tuple[Outcome, InFlightTask | None]]:
-        """Commit outcomes; wake waiters; audit. Returns what the store refused.
-
-        Tasks handed over with their in-flight record are open for sure; the others are
-        checked row by row (a duplicate or a late outcome never overwrites the first)."""
-        now = time.time()
+    ) -> tuple[list[tuple[Outcome, InFlightTask]], dict[str, Outcome]]:
+        """Outcomes of tasks handed over with (or still holding) their in-flight record,
+        which are open for sure, and the others, to be checked row by row."""
         known: list[tuple[Outcome, InFlightTask]] = []
         others: dict[str, Outcome] = {}
         for outcome, record in items:
@@ -143,12 +209,35 @@ class Delivery:
                 others[outcome.task_id] = outcome
             else:
                 known.append((outcome, record))
+        return known, others
+
+    def _commit(
+        self, items: Sequence[tuple[Outcome, InFlightTask | None]]
+    ) -> list[tuple[Outcome, InFlightTask | None]]:
+        """Commit outcomes now, on the event loop; wake waiters; audit. Returns what
+        the store refused. (Cancels and failed dispatches: few and small.)"""
+        known, others = self._split(items)
+        now = time.time()
         try:
             self.store.finish([o for o, _ in known], now, known_open=True)
         except StoreError as exc:
             log.error("store.write_failed", detail=exc.detail, outcomes=len(items))
             return [*known, *((o, None) for o in others.values())]
+        return self._finish_others(known, others, now)
+
+    def _finish_others(
+        self,
+        known: Sequence[tuple[Outcome, InFlightTask]],
+        others: Mapping[str, Outcome],
+        now: float,
+        *,
+        audited: bool = False,
+    ) -> list[tuple[Outcome, InFlightTask | None]]:
+        """After ``known`` is committed (and ``audited`` already, when the writer
+        thread did it): commit ``others`` row by row, then announce all. Returns what
+        the store refused."""
         finished = [(o, r.account, r.function_id) for o, r in known]
+        skip = len(finished) if audited else 0
         for _, record in known:
             self.metrics.task_seconds.observe(now - record.since)
         left: list[tuple[Outcome, InFlightTask | None]] = []
@@ -160,31 +249,22 @@ class Delivery:
                 changed, left = [], [(o, None) for o in others.values()]
             for rec in self.store.get_many(changed):
                 finished.append((others[rec.task_id], rec.account, rec.function_id))
-        self._announce(finished)
+        self._announce(finished, skip)
         if not self.in_flight and self._idle is not None:
             self._idle.set()
         return left
 
-    def _announce(self, finished: Sequence[tuple[Outcome, str, str]]) -> None:
-        events = []
-        for o, account, function_id in finished:
-            reason = (o.error or {}).get("reason") if o.state != "success" else None
+    def _announce(self, finished: Sequence[tuple[Outcome, str, str]], audited: int = 0) -> None:
+        """Count and wake the waiters of ``finished``; audit all but the first
+        ``audited`` (written by the writer thread already)."""
+        for o, _, _ in finished:
             self.metrics.tasks.inc(state=o.state)
-            events.append(
-                (
-                    "task.finished",
-                    {
-                        "task_id": o.task_id,
-                        "function_id": function_id,
-                        "account": account,
-                        "status": o.state,
-                        "reason": reason,
-                    },
-                )
-            )
             for waiter in self._waiters.get(o.task_id, ()):
                 waiter.fired.add(o.task_id)
                 waiter.event.set()
+        self._record([_finished_event(*item) for item in finished[audited:]])
+
+    def _record(self, events: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
         try:
             self.audit.record_many(events)
         except AuditUnavailable as exc:
@@ -244,7 +324,8 @@ class Delivery:
                     done.append(task_view(rec, frames))
                     pending.discard(task_id)
 
-        # The caller's own tasks in flight are pending without reading the database.
+        # The caller's own tasks in flight (or being written) are pending without
+        # reading the database.
         absorb([t for t in ids if not self._in_flight_for(t, owner)])
         while not done and pending and (remaining := deadline - time.monotonic()) > 0:
             with contextlib.suppress(TimeoutError):
@@ -255,6 +336,8 @@ class Delivery:
         return WaitAnswer(done, [t for t in ids if t in pending], [t for t in ids if t in unknown])
 
     def _in_flight_for(self, task_id: str, owner: str) -> bool:
+        if self._writing.get(task_id) == owner:
+            return True
         record = self.in_flight.get(task_id)
         return record is not None and record.owner == owner
 
@@ -266,6 +349,8 @@ class Delivery:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout)
         self.flush()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.settled(), timeout)
         return len(self.in_flight)
 
 

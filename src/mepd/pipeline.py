@@ -235,7 +235,7 @@ class Pipeline:
         if len(data) > self.limits.max_payload_bytes:
             raise TaskError("task.payload_too_large", "function too large")
         function_id = hashlib.sha256(data).hexdigest()
-        created = self.store.put_function(
+        created = await self.store.commit_function(
             function_id, data, body.get("name"), body.get("source"), time.time()
         )
         if created:
@@ -285,9 +285,16 @@ class Pipeline:
             )
             for task in request.tasks
         ]
-        self._accept(admitted, new)
-        self._dispatch(handle, new)
+        # Shielded: once the commit is asked for, the tasks are dispatched even if this
+        # request is given up meanwhile (a committed task is never left behind).
+        await asyncio.shield(self._accept_and_dispatch(admitted, handle, new))
         return {"task_ids": [t.task_id for t in new]}
+
+    async def _accept_and_dispatch(
+        self, admitted: Admitted, handle: Handle, new: Sequence[NewTask]
+    ) -> None:
+        await self._accept(admitted, new)
+        self._dispatch(handle, new)
 
     def _check_registered(self, function_ids: Sequence[str]) -> None:
         known = self.store.known_functions(function_ids)
@@ -305,8 +312,11 @@ class Pipeline:
         if self.in_flight.count_account(account) + count > self.limits.queued_tasks_per_user:
             raise ApiError("api.too_many_requests", "queued task limit reached")
 
-    def _accept(self, admitted: Admitted, new: Sequence[NewTask]) -> None:
-        """Audit, then store: a task the audit log cannot record is not accepted."""
+    async def _accept(self, admitted: Admitted, new: Sequence[NewTask]) -> None:
+        """Audit, then store: a task the audit log cannot record is not accepted. The
+        store's writer thread commits the tasks (with their payloads) and the spec in
+        one transaction, grouped with whatever else is being written; the answer waits
+        for that commit, the event loop does not."""
         self.audit.record_many(
             (
                 "task.received",
@@ -320,11 +330,9 @@ class Pipeline:
             )
             for t in new
         )
-        now = time.time()
-        self.store.put_spec(admitted.spec, now)
         # Inserted as dispatched in one committed transaction: if the daemon dies before
         # the frames leave, the restart reports them as task.endpoint_lost, never twice run.
-        self.store.add_tasks(new, state="dispatched", now=now)
+        await self.store.commit_tasks(new, state="dispatched", now=time.time(), spec=admitted.spec)
         self.metrics.tasks.inc(len(new), state="received")
 
     def _send_functions(self, handle: Handle, function_ids: Sequence[str]) -> None:

@@ -6,12 +6,19 @@ runtime), and tasks with their opaque payloads and results. Payloads and results
 BLOBs: the daemon never deserializes them (DESIGN.md §3.4).
 
 Durability: every write is one transaction, committed before the caller returns; a
-batch of tasks is one ``executemany`` in one transaction. The database runs with
-``journal_mode=WAL`` and ``synchronous=NORMAL``: a committed transaction survives the
-daemon's crash or ``kill -9`` (the WAL is in the OS page cache and is replayed on the
-next open), but the last transactions before a *power loss or kernel crash* may be
-lost, because NORMAL does not fsync on every commit. ``durability="full"`` switches to
-``synchronous=FULL`` for sites that prefer that guarantee over throughput.
+batch of tasks is one ``executemany`` in one transaction. The writes of the request path
+— a submit's tasks with their payloads, a registered function, results — go through
+the writer thread (``mepd.writer``: ``commit_tasks``, ``commit_function``,
+``queue_outcomes``), which commits what is waiting together (a group commit) and answers
+each caller only after the commit; the event loop reads through a connection of its own
+(``_reader``), which sees committed data only. The other writes (specs at restart,
+endpoints, cancels, sweeps) are made on the caller's thread under the same write lock.
+The database runs with ``journal_mode=WAL`` and ``synchronous=NORMAL``: a committed
+transaction survives the daemon's crash or ``kill -9`` (the WAL is in the OS page cache
+and is replayed on the next open), but the last transactions before a *power loss or
+kernel crash* may be lost, because NORMAL does not fsync on every commit.
+``durability="full"`` switches to ``synchronous=FULL`` for sites that prefer that
+guarantee over throughput.
 
 States: ``queued`` (accepted, not yet handed to a user endpoint — after a restart),
 ``dispatched`` (handed to a user endpoint), and the final ``success``, ``failed``,
@@ -35,10 +42,12 @@ Deliberately not here: HTTP, authorization, waking waiters (the pipeline does th
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -49,6 +58,7 @@ import attrs
 from mepcore.errors import StoreError
 from mepcore.types import Identity
 from mepd.spec import EndpointSpec
+from mepd.writer import StoreWriter
 
 FINAL_STATES = ("success", "failed", "cancelled")
 SCHEMA_VERSION = 3
@@ -305,6 +315,72 @@ def _decode(row: Sequence[Any]) -> TaskRecord:
     )
 
 
+_INSERT_TASK = (
+    "INSERT INTO tasks(id, owner, endpoint, account, spec_id, function_id, payload,"
+    " walltime, state, created, uep_id, resources) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+_INSERT_SPEC = (
+    "INSERT OR IGNORE INTO specs(id, endpoint, account, variables, user_runtime,"
+    " identity, created) VALUES (?,?,?,?,?,?,?)"
+)
+_FINISH = (
+    "UPDATE tasks SET state=?, error=?, result=?, finished=?, payload=NULL"
+    " WHERE id=? AND state IN ('queued','dispatched')"
+)
+
+
+def _task_rows(tasks: Sequence[NewTask], state: str, now: float) -> list[tuple[Any, ...]]:
+    return [
+        (
+            t.task_id,
+            t.owner,
+            t.endpoint,
+            t.account,
+            t.spec_id,
+            t.function_id,
+            t.payload,
+            t.walltime,
+            state,
+            now,
+            t.uep_id,
+            None if t.resources is None else json.dumps(t.resources),
+        )
+        for t in tasks
+    ]
+
+
+def _spec_row(spec: EndpointSpec, now: float) -> tuple[Any, ...]:
+    return (
+        spec.spec_id,
+        spec.endpoint,
+        spec.account,
+        json.dumps(spec.variables, sort_keys=True),
+        json.dumps(spec.user_runtime, sort_keys=True),
+        json.dumps(spec.identity.to_dict() if spec.identity else {}, sort_keys=True),
+        now,
+    )
+
+
+def _outcome_rows(outcomes: Sequence[Outcome], now: float) -> list[tuple[Any, ...]]:
+    return [
+        (o.state, json.dumps(o.error) if o.error is not None else None, o.result, now, o.task_id)
+        for o in outcomes
+    ]
+
+
+def _finish_rows(db: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> list[str]:
+    """Final outcomes, row by row: the ids whose task was still open."""
+    return [row[4] for row in rows if db.execute(_FINISH, row).rowcount]
+
+
+def _insert_function(db: sqlite3.Connection, row: tuple[Any, ...]) -> bool:
+    cur = db.execute(
+        "INSERT OR IGNORE INTO functions(id, body, name, source, created) VALUES (?,?,?,?,?)",
+        row,
+    )
+    return cur.rowcount == 1
+
+
 @attrs.frozen
 class FunctionInfo:
     """A registered function as an administrator sees it: id, name, registration time."""
@@ -322,6 +398,24 @@ class TaskStore:
     _db: sqlite3.Connection
     problems: tuple[str, ...] = ()
     available: bool = True
+    # Reads on the event loop go through their own connection: they see committed data
+    # only and never wait for the writer thread (WAL). None: reads use ``_db``.
+    _reader: sqlite3.Connection | None = None
+    # Held by every write transaction (the writer thread's and ``_transaction``'s).
+    _write_lock: threading.Lock = attrs.field(factory=threading.Lock)
+    _writer: StoreWriter | None = None
+
+    @property
+    def _read(self) -> sqlite3.Connection:
+        return self._reader if self._reader is not None else self._db
+
+    def _writer_thread(self) -> StoreWriter:
+        if self._writer is None:
+            self._writer = StoreWriter(self._db, self._write_lock, self._write_failed, self._wrote)
+        return self._writer
+
+    def _wrote(self) -> None:
+        self.available = True
 
     @classmethod
     def open(cls, path: Path, *, durability: str = "normal", fresh: bool = False) -> TaskStore:
@@ -339,6 +433,7 @@ class TaskStore:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=" + ("FULL" if durability == "full" else "NORMAL"))
             problems = _integrity(db)
+            reader = _connect(path)
         except sqlite3.DatabaseError as exc:
             if db is not None:
                 db.close()
@@ -347,13 +442,58 @@ class TaskStore:
                 f"{path}: not a usable task store ({exc}); keep it for inspection and start "
                 "with --fresh-store to set it aside and begin a new one",
             ) from exc
-        return cls(path, db, problems)
+        return cls(path, db, problems, reader=reader)
 
     def close(self) -> None:
+        if self._writer is not None:
+            self._writer.stop()
+        if self._reader is not None:
+            self._reader.close()
         try:
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
             self._db.close()
+
+    # -- writes off the event loop (``mepd.writer``): committed when they return ------
+
+    async def commit_function(
+        self, function_id: str, body: bytes, name: str | None, source: str | None, now: float
+    ) -> bool:
+        """``put_function`` through the writer thread."""
+        row = (function_id, body, name, source, now)
+        return await self._writer_thread().run(lambda db: _insert_function(db, row))
+
+    async def commit_tasks(
+        self,
+        tasks: Sequence[NewTask],
+        *,
+        state: str,
+        now: float,
+        spec: EndpointSpec | None = None,
+    ) -> None:
+        """``put_spec`` (when given) and ``add_tasks`` through the writer thread, in one
+        transaction: committed, possibly with other callers' writes, when this returns."""
+        rows = _task_rows(tasks, state, now)
+        spec_row = None if spec is None else _spec_row(spec, now)
+
+        def work(db: sqlite3.Connection) -> None:
+            if spec_row is not None:
+                db.execute(_INSERT_SPEC, spec_row)
+            db.executemany(_INSERT_TASK, rows)
+
+        await self._writer_thread().run(work)
+
+    def queue_outcomes(
+        self,
+        outcomes: Sequence[Outcome],
+        now: float,
+        after: Callable[[list[str]], None] | None = None,
+    ) -> asyncio.Future[list[str]]:
+        """``finish`` through the writer thread, queued now: the future has the ids
+        that changed (a task someone else finished first keeps that outcome);
+        ``after`` is called with them in the writer thread once they are committed."""
+        rows = _outcome_rows(outcomes, now)
+        return self._writer_thread().submit(lambda db: _finish_rows(db, rows), after)
 
     # -- functions -------------------------------------------------------------------
 
@@ -362,15 +502,10 @@ class TaskStore:
     ) -> bool:
         """Store a function; False when the same id was already there (idempotent)."""
         with self._transaction():
-            cur = self._db.execute(
-                "INSERT OR IGNORE INTO functions(id, body, name, source, created)"
-                " VALUES (?,?,?,?,?)",
-                (function_id, body, name, source, now),
-            )
-        return cur.rowcount == 1
+            return _insert_function(self._db, (function_id, body, name, source, now))
 
     def get_function(self, function_id: str) -> bytes | None:
-        row = self._db.execute("SELECT body FROM functions WHERE id=?", (function_id,)).fetchone()
+        row = self._read.execute("SELECT body FROM functions WHERE id=?", (function_id,)).fetchone()
         return None if row is None else bytes(row[0])
 
     def known_functions(self, function_ids: Iterable[str]) -> set[str]:
@@ -379,14 +514,14 @@ class TaskStore:
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            rows = self._db.execute(f"SELECT id FROM functions WHERE id IN ({marks})", chunk)  # noqa: S608
+            rows = self._read.execute(f"SELECT id FROM functions WHERE id IN ({marks})", chunk)  # noqa: S608
             found.update(r[0] for r in rows)
         return found
 
     def list_functions(self, *, name: str | None = None, limit: int = 1000) -> list[FunctionInfo]:
         """The registered functions, newest first, without their bodies (``mepd functions
         list``); ``name``: only those whose name contains it."""
-        rows = self._db.execute(
+        rows = self._read.execute(
             "SELECT id, name, created FROM functions"
             " WHERE ?1 IS NULL OR instr(coalesce(name, ''), ?1) > 0"
             " ORDER BY created DESC, id LIMIT ?2",
@@ -401,22 +536,10 @@ class TaskStore:
             self._put_spec(spec, now)
 
     def _put_spec(self, spec: EndpointSpec, now: float) -> None:
-        self._db.execute(
-            "INSERT OR IGNORE INTO specs(id, endpoint, account, variables, user_runtime,"
-            " identity, created) VALUES (?,?,?,?,?,?,?)",
-            (
-                spec.spec_id,
-                spec.endpoint,
-                spec.account,
-                json.dumps(spec.variables, sort_keys=True),
-                json.dumps(spec.user_runtime, sort_keys=True),
-                json.dumps(spec.identity.to_dict() if spec.identity else {}, sort_keys=True),
-                now,
-            ),
-        )
+        self._db.execute(_INSERT_SPEC, _spec_row(spec, now))
 
     def get_spec(self, spec_id: str) -> EndpointSpec | None:
-        row = self._db.execute(
+        row = self._read.execute(
             "SELECT id, endpoint, account, variables, user_runtime, identity FROM specs WHERE id=?",
             (spec_id,),
         ).fetchone()
@@ -436,27 +559,7 @@ class TaskStore:
     def add_tasks(self, tasks: Sequence[NewTask], *, state: str, now: float) -> None:
         """Insert a batch in one transaction; committed when this returns."""
         with self._transaction():
-            self._db.executemany(
-                "INSERT INTO tasks(id, owner, endpoint, account, spec_id, function_id, payload,"
-                " walltime, state, created, uep_id, resources) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                [
-                    (
-                        t.task_id,
-                        t.owner,
-                        t.endpoint,
-                        t.account,
-                        t.spec_id,
-                        t.function_id,
-                        t.payload,
-                        t.walltime,
-                        state,
-                        now,
-                        t.uep_id,
-                        None if t.resources is None else json.dumps(t.resources),
-                    )
-                    for t in tasks
-                ],
-            )
+            self._db.executemany(_INSERT_TASK, _task_rows(tasks, state, now))
 
     def mark_dispatched(self, task_ids: Sequence[str], uep_id: str | None = None) -> None:
         with self._transaction():
@@ -473,29 +576,12 @@ class TaskStore:
 
         ``known_open``: the caller knows every task is still open (the pipeline's own
         in-flight tasks), which allows one ``executemany``; the state guard stays."""
-        sql = (
-            "UPDATE tasks SET state=?, error=?, result=?, finished=?, payload=NULL"
-            " WHERE id=? AND state IN ('queued','dispatched')"
-        )
-        rows = [
-            (
-                o.state,
-                json.dumps(o.error) if o.error is not None else None,
-                o.result,
-                now,
-                o.task_id,
-            )
-            for o in outcomes
-        ]
+        rows = _outcome_rows(outcomes, now)
         with self._transaction():
             if known_open:
-                self._db.executemany(sql, rows)
+                self._db.executemany(_FINISH, rows)
                 return [o.task_id for o in outcomes]
-            changed: list[str] = []
-            for row in rows:
-                if self._db.execute(sql, row).rowcount:
-                    changed.append(row[4])
-            return changed
+            return _finish_rows(self._db, rows)
 
     def get(self, task_id: str) -> TaskRecord | None:
         return self._read_one(task_id)
@@ -507,7 +593,7 @@ class TaskStore:
             chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
             try:
-                rows = self._db.execute(
+                rows = self._read.execute(
                     f"SELECT {_RECORD_COLUMNS} FROM tasks WHERE id IN ({marks})",  # noqa: S608
                     chunk,
                 ).fetchall()
@@ -576,7 +662,7 @@ class TaskStore:
             self._db.execute("DELETE FROM endpoints WHERE id=?", (endpoint_id,))
 
     def endpoint_records(self) -> list[EndpointRecord]:
-        rows = self._db.execute(
+        rows = self._read.execute(
             "SELECT id, account, uid, gid, pid, start_time, exe, secret_sha256, config_key,"
             " endpoint, account_json, created FROM endpoints ORDER BY created, id"
         )
@@ -589,7 +675,7 @@ class TaskStore:
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            rows = self._db.execute(
+            rows = self._read.execute(
                 "SELECT id, owner, function_id, payload, walltime, resources FROM tasks"  # noqa: S608
                 f" WHERE state='dispatched' AND payload IS NOT NULL AND id IN ({marks})",
                 chunk,
@@ -601,7 +687,7 @@ class TaskStore:
     def counts_by_state(self) -> dict[str, int]:
         return {
             r[0]: int(r[1])
-            for r in self._db.execute("SELECT state, count(*) FROM tasks GROUP BY state")
+            for r in self._read.execute("SELECT state, count(*) FROM tasks GROUP BY state")
         }
 
     def sweep(self, older_than: float) -> int:
@@ -636,7 +722,7 @@ class TaskStore:
     def damaged_records(self) -> list[str]:
         """Ids of the task rows that cannot be read back (``mepd check --store``)."""
         damaged: list[str] = []
-        ids = [r[0] for r in self._db.execute("SELECT id FROM tasks")]
+        ids = [r[0] for r in self._read.execute("SELECT id FROM tasks")]
         for task_id in ids:
             record = self._read_one(task_id)
             if record is not None and record.error == {"reason": "task.record_damaged"}:
@@ -645,7 +731,7 @@ class TaskStore:
 
     def _read_one(self, task_id: str) -> TaskRecord | None:
         try:
-            row = self._db.execute(
+            row = self._read.execute(
                 f"SELECT {_RECORD_COLUMNS} FROM tasks WHERE id=?",  # noqa: S608
                 (task_id,),
             ).fetchone()
@@ -655,7 +741,7 @@ class TaskStore:
 
     def _owner_of(self, task_id: str) -> str | None:
         try:
-            row = self._db.execute("SELECT owner FROM tasks WHERE id=?", (task_id,)).fetchone()
+            row = self._read.execute("SELECT owner FROM tasks WHERE id=?", (task_id,)).fetchone()
         except sqlite3.DatabaseError:
             return None
         return row[0] if row and isinstance(row[0], str) else None
@@ -668,12 +754,20 @@ class _Transaction:
     store: TaskStore
 
     def __enter__(self) -> None:
+        self.store._write_lock.acquire()
         try:
             self.store._db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
+            self.store._write_lock.release()
             raise self.store._write_failed(exc) from exc
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        try:
+            self._end(exc_type, exc)
+        finally:
+            self.store._write_lock.release()
+
+    def _end(self, exc_type: object, exc: object) -> None:
         db = self.store._db
         if exc_type is None:
             try:

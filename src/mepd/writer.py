@@ -1,0 +1,164 @@
+"""The task store's writer thread: group commits off the event loop.
+
+The request path hands its writes (a submit's tasks and payloads, a registered
+function, a batch of results) to one thread as *jobs* and awaits them. The thread takes
+every job that is waiting, runs them in one SQLite transaction — each in its own
+savepoint, so one job's error fails that job alone — commits once, and only then
+completes each job's future in the job's event loop. So a caller is answered after its
+data is committed (the daemon's promise that nothing accepted is lost holds), a
+megabyte of payload is copied into the database without holding up the event loop,
+and many small writes arriving together cost one commit.
+
+Every write transaction of the store, the writer's and the few still made on the
+event loop (``TaskStore._transaction``), holds the store's write lock, so they never
+interleave on the one write connection; a write on the event loop waits at most for
+the batch being committed.
+
+Deliberately not here: SQL of its own (the store hands over the work), reads (the
+store reads through its own connection on the event loop), retries (the callers
+decide: ``mepd.delivery`` keeps refused outcomes for a later write).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import attrs
+import structlog
+
+from mepcore.errors import StoreError
+
+log = structlog.get_logger("mepd.writer")
+
+T = TypeVar("T")
+# Jobs in one transaction at most: bounds how long a write on the event loop can wait.
+MAX_BATCH = 256
+
+
+@attrs.define(eq=False)
+class _Job:
+    work: Callable[[sqlite3.Connection], Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+    after: Callable[[Any], None] | None = None
+
+
+def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    if future.done():  # its caller stopped waiting; the write stands
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
+
+
+@attrs.define(eq=False)
+class StoreWriter:
+    """One thread committing the jobs of ``db`` under ``lock``. ``failed`` turns a
+    SQLite error into the store's ``StoreError`` (and marks the store unavailable);
+    ``succeeded`` is told after each commit. The thread starts with the first job and
+    ends at ``stop()``."""
+
+    db: sqlite3.Connection
+    lock: threading.Lock
+    failed: Callable[[sqlite3.Error], StoreError]
+    succeeded: Callable[[], None]
+    _queue: queue.SimpleQueue[_Job | None] = attrs.field(factory=queue.SimpleQueue)
+    _thread: threading.Thread | None = None
+    _start_lock: threading.Lock = attrs.field(factory=threading.Lock)
+
+    async def run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """``work(db)`` inside a committed transaction; its value once committed."""
+        return await self.submit(work)
+
+    def submit(
+        self,
+        work: Callable[[sqlite3.Connection], T],
+        after: Callable[[T], None] | None = None,
+    ) -> asyncio.Future[T]:
+        """Queue ``work`` now (``stop()`` commits it even if nobody awaits); the
+        future completes, in the running loop, once it is committed. ``after`` runs
+        in this thread with the work's value right after the commit (and before the
+        future completes); its errors are logged."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._start()
+        self._queue.put(_Job(work, loop, future, after))
+        return future
+
+    def _start(self) -> None:
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._serve, name="mepd-store-writer", daemon=True
+                )
+                self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Commit what is queued, then end the thread."""
+        with self._start_lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join(timeout)
+
+    def _serve(self) -> None:
+        stopping = False
+        while not stopping:
+            job = self._queue.get()
+            if job is None:
+                return
+            batch = [job]
+            while len(batch) < MAX_BATCH:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stopping = True
+                    break
+                batch.append(more)
+            for each, (value, error) in zip(batch, self._commit(batch), strict=True):
+                if error is None and each.after is not None:
+                    try:
+                        each.after(value)
+                    except Exception:
+                        log.exception("store.after_commit_failed")
+                with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits
+                    each.loop.call_soon_threadsafe(_settle, each.future, value, error)
+
+    def _commit(self, batch: list[_Job]) -> list[tuple[Any, BaseException | None]]:
+        results: list[tuple[Any, BaseException | None]] = []
+        with self.lock:
+            try:
+                self.db.execute("BEGIN IMMEDIATE")
+                for job in batch:
+                    results.append(self._one(job))
+                self.db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    self.db.execute("ROLLBACK")
+                error = self.failed(exc)
+                return [(None, error)] * len(batch)
+        self.succeeded()
+        return results
+
+    def _one(self, job: _Job) -> tuple[Any, BaseException | None]:
+        self.db.execute("SAVEPOINT job")
+        try:
+            value = job.work(self.db)
+        except Exception as exc:
+            # Undo this job alone; a failure to undo it fails the whole batch.
+            self.db.execute("ROLLBACK TO job")
+            self.db.execute("RELEASE job")
+            if isinstance(exc, sqlite3.OperationalError):
+                return None, self.failed(exc)
+            return None, exc
+        self.db.execute("RELEASE job")
+        return value, None
