@@ -28,7 +28,9 @@ from tests.daemon_harness import remote_function
 # asyncio (and ssl with it) is the daemon's; dill loads the first function; structlog
 # logs only rare engine events; jsonschema reports what is wrong with a configuration
 # the quick check does not vouch for (mepcore.config.quickcheck), which a valid one is;
-# the rest belong to the daemon, the client or Parsl.
+# the site files are the daemon's (mepcore.config.site); re-adoption, setup scripts and
+# MPI resources are imported by the start that asks for them (mepd.uep.orphan,
+# subprocess, mepcore.tasks.resources); the rest belong to the daemon, the client or Parsl.
 HEAVY_BEFORE_FIRST_TASK = (
     "asyncio",
     "ssl",
@@ -55,6 +57,10 @@ HEAVY_BEFORE_FIRST_TASK = (
     "mepd.daemon",
     "mepd.api",
     "mepd.channel_async",
+    "mepcore.config.site",
+    "mepd.uep.orphan",
+    "subprocess",
+    "mepcore.tasks.resources",
 )
 
 DRIVER = r"""
@@ -173,3 +179,25 @@ def test_the_record_sees_a_lazy_import(tmp_path: Path) -> None:
     seen = run_endpoint(tmp_path, "ThreadPoolEngine")
     assert "dill" not in seen["at_ready"]
     assert "dill" in seen["after_task"]
+
+
+@pytest.mark.parametrize("package", ["mepcore.config", "mepcore.tasks"])
+def test_lazy_packages_offer_every_public_name(package: str) -> None:
+    # Names are imported on first use (so a user endpoint imports only what it uses);
+    # every name in __all__ must still resolve, from the module that defines it.
+    code = (
+        "import importlib, sys\n"
+        f"pkg = importlib.import_module({package!r})\n"
+        "assert sorted(pkg.__all__) == sorted(pkg._MODULE_OF), 'map and __all__ differ'\n"
+        "for name in pkg.__all__:\n"
+        "    value = getattr(pkg, name)\n"
+        "    home = pkg.__name__ + '.' + pkg._MODULE_OF[name]\n"
+        "    assert getattr(sys.modules[home], name) is value, name\n"
+        "try:\n"
+        "    pkg.no_such_name\n"
+        "except AttributeError:\n"
+        "    pass\n"
+        "else:\n"
+        "    raise AssertionError('unknown names must raise AttributeError')\n"
+    )
+    subprocess.run([sys.executable, "-I", "-c", code], check=True, timeout=60)

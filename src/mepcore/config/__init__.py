@@ -10,35 +10,86 @@ renders in a bounded sandbox; ``parse_endpoint_config`` turns the YAML into a fr
 See docs/config-templates.md.
 """
 
-from mepcore.config.endpoint import (
-    DEFAULT_ENGINE_TYPE,
-    DEFAULT_HEARTBEAT_PERIOD,
-    DEFAULT_IDLE_HEARTBEATS_HARD,
-    DEFAULT_IDLE_HEARTBEATS_SOFT,
-    ENGINE_TYPES,
-    LAUNCHER_TYPES,
-    PROVIDER_TYPES,
-    EndpointConfig,
-    EngineConfig,
-    endpoint_config_schema,
-    parse_endpoint_config,
-    render_endpoint_config,
-)
-from mepcore.config.keys import IGNORED_ENGINE_KEYS, IGNORED_KEYS
-from mepcore.config.limits import RenderLimits, VariableLimits
-from mepcore.config.render import (
-    DEFAULT_TEMPLATE_NAME,
-    MappedIdentity,
-    render_template,
-)
-from mepcore.config.site import (
-    SiteFiles,
-    load_environment,
-    load_schema,
-    site_warnings,
-    template_digest,
-)
-from mepcore.config.variables import RESERVED_NAMES, canonical_json, config_key, validate_variables
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mepcore.config.endpoint import (
+        DEFAULT_ENGINE_TYPE,
+        DEFAULT_HEARTBEAT_PERIOD,
+        DEFAULT_IDLE_HEARTBEATS_HARD,
+        DEFAULT_IDLE_HEARTBEATS_SOFT,
+        ENGINE_TYPES,
+        LAUNCHER_TYPES,
+        PROVIDER_TYPES,
+        EndpointConfig,
+        EngineConfig,
+        endpoint_config_schema,
+        parse_endpoint_config,
+        render_endpoint_config,
+    )
+    from mepcore.config.keys import IGNORED_ENGINE_KEYS, IGNORED_KEYS
+    from mepcore.config.limits import RenderLimits, VariableLimits
+    from mepcore.config.render import (
+        DEFAULT_TEMPLATE_NAME,
+        MappedIdentity,
+        render_template,
+    )
+    from mepcore.config.site import (
+        SiteFiles,
+        load_environment,
+        load_schema,
+        site_warnings,
+        template_digest,
+    )
+    from mepcore.config.variables import (
+        RESERVED_NAMES,
+        canonical_json,
+        config_key,
+        validate_variables,
+    )
+
+# Where each public name lives. A name is imported from its module when first asked
+# for: a user endpoint renders and parses its configuration (``endpoint``, ``render``)
+# and never loads the site files (``site``), which the daemon does.
+_HOMES = {
+    "endpoint": (
+        "DEFAULT_ENGINE_TYPE",
+        "DEFAULT_HEARTBEAT_PERIOD",
+        "DEFAULT_IDLE_HEARTBEATS_HARD",
+        "DEFAULT_IDLE_HEARTBEATS_SOFT",
+        "ENGINE_TYPES",
+        "LAUNCHER_TYPES",
+        "PROVIDER_TYPES",
+        "EndpointConfig",
+        "EngineConfig",
+        "endpoint_config_schema",
+        "parse_endpoint_config",
+        "render_endpoint_config",
+    ),
+    "keys": ("IGNORED_ENGINE_KEYS", "IGNORED_KEYS"),
+    "limits": ("RenderLimits", "VariableLimits"),
+    "render": ("DEFAULT_TEMPLATE_NAME", "MappedIdentity", "render_template"),
+    "site": ("SiteFiles", "load_environment", "load_schema", "site_warnings", "template_digest"),
+    "variables": ("RESERVED_NAMES", "canonical_json", "config_key", "validate_variables"),
+}
+_MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # once imported, a plain module attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "DEFAULT_ENGINE_TYPE",

@@ -12,35 +12,88 @@
 - ``unpack_result``: the client-side helper that returns a value or raises
   ``RemoteTaskError``.
 
-Importing this package starts nothing and imports neither Parsl nor the engines.
+Importing this package starts nothing and imports neither Parsl nor the engines; each
+name is imported from its module when first used.
 """
 
-from mepcore.tasks.engine import Engine, ExecutorLimits, Job
-from mepcore.tasks.envelopes import (
-    ENVELOPE_VERSION,
-    RemoteError,
-    RemoteTaskError,
-    ResultEnvelope,
-    TaskEnvelope,
-    unpack_result,
-)
-from mepcore.tasks.executor import ENGINE_TYPES, Executor, build_engine, engine_keys
-from mepcore.tasks.resources import (
-    ResourceLimits,
-    ResourceSpecification,
-    resource_limits_schema,
-    resource_specification,
-)
-from mepcore.tasks.serialization import (
-    DEFAULT_STRATEGY,
-    STRATEGIES,
-    Strategy,
-    function_id_of,
-    pack_args,
-    pack_function,
-    pack_value,
-    unpack_value,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mepcore.tasks.engine import Engine, ExecutorLimits, Job
+    from mepcore.tasks.envelopes import (
+        ENVELOPE_VERSION,
+        RemoteError,
+        RemoteTaskError,
+        ResultEnvelope,
+        TaskEnvelope,
+        unpack_result,
+    )
+    from mepcore.tasks.executor import ENGINE_TYPES, Executor, build_engine, engine_keys
+    from mepcore.tasks.resources import (
+        ResourceLimits,
+        ResourceSpecification,
+        resource_limits_schema,
+        resource_specification,
+    )
+    from mepcore.tasks.serialization import (
+        DEFAULT_STRATEGY,
+        STRATEGIES,
+        Strategy,
+        function_id_of,
+        pack_args,
+        pack_function,
+        pack_value,
+        unpack_value,
+    )
+
+# Where each public name lives; a name is imported from its module when first asked for
+# (a user endpoint that runs no MPI task never imports ``resources``).
+_HOMES = {
+    "engine": ("Engine", "ExecutorLimits", "Job"),
+    "envelopes": (
+        "ENVELOPE_VERSION",
+        "RemoteError",
+        "RemoteTaskError",
+        "ResultEnvelope",
+        "TaskEnvelope",
+        "unpack_result",
+    ),
+    "executor": ("ENGINE_TYPES", "Executor", "build_engine", "engine_keys"),
+    "resources": (
+        "ResourceLimits",
+        "ResourceSpecification",
+        "resource_limits_schema",
+        "resource_specification",
+    ),
+    "serialization": (
+        "DEFAULT_STRATEGY",
+        "STRATEGIES",
+        "Strategy",
+        "function_id_of",
+        "pack_args",
+        "pack_function",
+        "pack_value",
+        "unpack_value",
+    ),
+}
+_MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # once imported, a plain module attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "DEFAULT_STRATEGY",

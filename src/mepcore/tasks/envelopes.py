@@ -18,7 +18,6 @@ from typing import Any, Literal
 import attrs
 
 from mepcore.errors import REASONS, TaskError
-from mepcore.tasks.resources import resource_specification
 from mepcore.tasks.serialization import unpack_value
 
 ENVELOPE_VERSION = 1
@@ -165,10 +164,15 @@ class TaskEnvelope:
         _check_keys(header, _TASK_KEYS, "task header", _OPTIONAL_TASK_KEYS)
         version = _check_version(header)
         resources = header.get("resource_specification")
-        try:
-            spec = resource_specification(resources)
-        except TaskError as exc:
-            raise _invalid(exc.detail) from exc
+        spec = None
+        if resources is not None:
+            # Only MPI tasks ask for resources: the module is imported when one does.
+            from mepcore.tasks.resources import resource_specification
+
+            try:
+                spec = resource_specification(resources)
+            except TaskError as exc:
+                raise _invalid(exc.detail) from exc
         function_id = header["function_id"]
         if not isinstance(function_id, str) or not _FUNCTION_ID.fullmatch(function_id):
             raise _invalid("function_id must be 64 lowercase hex digits (sha256)")

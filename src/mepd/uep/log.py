@@ -27,7 +27,6 @@ import logging
 import logging.handlers
 import os
 import re
-import subprocess
 import sys
 import threading
 import time
@@ -163,6 +162,10 @@ def run_logged_script(
     Returns its exit status (None when it ran out of time: its process group is then
     killed) and its last ``TAIL_LINES`` lines. It stays in our session so the daemon's
     reaper finds anything it leaves."""
+    # Here, not at the top: most endpoints have no setup or teardown script, and a
+    # start does not pay for subprocess.
+    import subprocess
+
     proc = subprocess.Popen(
         ["/bin/sh", "-c", script],
         stdin=subprocess.DEVNULL,

@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -31,7 +31,10 @@ from mepcore.errors import ChannelError, MepError
 from mepd.channel import BlockingChannel, Frame, batch_frames, check_items
 from mepd.uep.identity import introspect
 from mepd.uep.log import EndpointLog, run_logged_script
-from mepd.uep.orphan import AdoptionInfo, ResultBuffer, clear_parent_death_signal, reconnect
+
+if TYPE_CHECKING:
+    # Imported when the start message asks for re-adoption (most starts do not).
+    from mepd.uep.orphan import AdoptionInfo, ResultBuffer
 
 START_WAIT = 120.0
 MAX_RESULT_BATCH = 4096
@@ -277,6 +280,10 @@ class UserEndpoint:
             self.log.write("ready", f"engine {self._engine_dict().get('type')}")
 
     def _prepare_adoption(self, header: Mapping[str, Any]) -> None:
+        if header.get("adoption") is None:
+            return  # the daemon does not adopt: mepd.uep.orphan is not needed
+        from mepd.uep.orphan import AdoptionInfo, ResultBuffer, clear_parent_death_signal
+
         try:
             self.adoption = AdoptionInfo.from_start(header)
         except ValueError as exc:
@@ -293,6 +300,8 @@ class UserEndpoint:
         info, buffer = self.adoption, self._buffer
         if info is None or buffer is None:
             return False
+        from mepd.uep.orphan import reconnect
+
         with self._out_lock:
             buffer.connected = False
             with contextlib.suppress(OSError):
