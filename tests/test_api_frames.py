@@ -22,7 +22,7 @@ import httpx
 import pytest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mepcore.client import Client, Executor
+from mepcore.client import Client, Executor, TaskRequest
 from mepcore.client import frames as client_frames
 from mepd import frames
 from mepd.api import create_app
@@ -265,6 +265,7 @@ class JsonOnlyDaemon:
             await self.app(scope, receive, send)
             return
         kept = [(k, v) for k, v in scope["headers"] if k not in (b"accept",)]
+        scope = {**scope, "query_string": b""}  # no ?wait either
         media = dict(scope["headers"]).get(b"content-type", b"application/json").decode()
         self.seen.append(media)
         if media.startswith(frames.MEDIA_TYPE):
@@ -296,7 +297,6 @@ def test_the_client_sends_and_receives_frames(daemon: FakeDaemon) -> None:
             assert ex.submit(echo, payload).result(timeout=30) == payload
             assert ex.submit(echo, b"").result(timeout=30) == b""
         assert client.sends_frames
-        assert frames.MEDIA_TYPE in sent and "application/json" in sent  # wait stays JSON
         assert sent.count(frames.MEDIA_TYPE) >= 3  # the function and both submits
 
 
@@ -324,3 +324,86 @@ def test_a_client_with_frames_turned_off_speaks_json(daemon: FakeDaemon) -> None
         with Executor("hpc", client=client) as ex:
             assert ex.submit(echo, b"abc").result(timeout=30) == b"abc"
         assert not client.sends_frames
+
+
+# -- submit and wait ------------------------------------------------------------------
+
+
+def test_submit_with_wait_answers_the_results_in_the_same_request(tmp_path: Path) -> None:
+    async def scenario(client: httpx.AsyncClient, kit: PipelineKit) -> None:
+        fid = await register(client, kit)
+        header = {"tasks": [{"function_id": fid}, {"function_id": fid}]}
+        r = await client.post(
+            "/v1/endpoints/hpc/submit?wait=10",
+            content=body(header, [b"a", b""]),
+            headers=headers(kit, FRAMES, ACCEPT),
+        )
+        assert r.status_code == 200 and r.headers["content-type"] == frames.MEDIA_TYPE
+        raw, parts = frames.decode(r.content)
+        answer = json.loads(raw)
+        assert len(answer["task_ids"]) == 2 and answer["unknown"] == []
+        # At least the first result is there; each id is either final or pending.
+        finished = {t["task_id"]: parts[t["result_frame"]] for t in answer["tasks"]}
+        assert finished and set(finished) | set(answer["pending"]) == set(answer["task_ids"])
+        assert set(finished.values()) <= {b"echo:a", b"echo:"}
+        # JSON in, JSON out (base64), same shape.
+        r = await client.post(
+            "/v1/endpoints/hpc/submit?wait=10",
+            json={"tasks": [{"function_id": fid, "args": b64(b"j")}]},
+            headers=headers(kit),
+        )
+        (view,) = r.json()["tasks"]
+        assert base64.b64decode(view["result"]) == b"echo:j"
+        # A task not final within the wait (none: 0 s) is pending, for the long-poll.
+        r = await client.post(
+            "/v1/endpoints/hpc/submit?wait=0",
+            json={"tasks": [{"function_id": fid, "args": b64(b"held")}]},
+            headers=headers(kit),
+        )
+        assert r.json()["tasks"] == [] and r.json()["pending"] == r.json()["task_ids"]
+        for bad in ("-1", "x", "1e9", "nan"):
+            r = await client.post(
+                f"/v1/endpoints/hpc/submit?wait={bad}",
+                json={"tasks": [{"function_id": fid, "args": b64(b"no")}]},
+                headers=headers(kit),
+            )
+            assert r.status_code == 400, bad
+            assert [v["path"] for v in r.json()["error"]["violations"]] == ["?wait"]
+        assert sum(kit.pipeline.store.counts_by_state().values()) == 4  # none of the bad
+
+    run(tmp_path, scenario)
+
+
+def test_a_single_executor_call_is_one_request(daemon: FakeDaemon) -> None:
+    paths: list[str] = []
+
+    def hook(request: httpx.Request) -> None:
+        paths.append(request.url.path)
+
+    with Client(daemon.url, daemon.token()) as client:
+        with Executor("hpc", client=client) as ex:
+            assert ex.submit(echo, 1).result(timeout=30) == 1  # registers the function
+            paths.clear()
+            client._connection().event_hooks["request"].append(hook)
+            for i in range(3):
+                assert ex.submit(echo, b"x" * i).result(timeout=30) == b"x" * i
+        assert paths == ["/v1/endpoints/hpc/submit"] * 3
+
+
+def test_submit_and_wait_with_a_daemon_without_it_leaves_the_tasks_pending(
+    tmp_path: Path,
+) -> None:
+    kit, _ = _pipeline(tmp_path / "state")
+    old = JsonOnlyDaemon(create_app(kit.pipeline, kit.pipeline.limits))
+    server, thread = _serve(old, 0)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        with Client(f"http://127.0.0.1:{port}", kit.token(ALICE)) as client:
+            fid = client.register_function(echo)
+            task = TaskRequest.pack(fid, (5,))
+            ids, report = client.submit_and_wait("hpc", [task], wait=5)
+            assert report.tasks == () and report.pending == tuple(ids)
+            assert client.get_result(ids[0], timeout=30) == 5
+    finally:
+        _stop(server, thread)
+        kit.pipeline.store.close()

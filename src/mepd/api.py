@@ -46,7 +46,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mepcore.errors import ADMIN_ONLY_REASONS, REASONS, MepError
+from mepcore.errors import ADMIN_ONLY_REASONS, REASONS, MepError, Violation
 from mepd import __version__, frames
 from mepd.auth import Caller
 from mepd.logs import Throttled, request_scope
@@ -620,8 +620,36 @@ class _Handlers:
 
     async def submit(self, request: Request) -> Any:
         caller = await self._caller(request, "submit")
+        wait = self._wait_seconds(request.query_params.get("wait"))
         body, parts = await self._payload_body(request)
-        return await self.pipeline.submit(caller, request.path_params["endpoint"], body, parts)
+        answer = await self.pipeline.submit(caller, request.path_params["endpoint"], body, parts)
+        if wait is None:
+            return answer
+        # Submit and wait: the tasks that finish within ``wait`` come back in this answer
+        # (as from ``POST /v1/tasks/wait``), so a short call is one request.
+        results: list[bytes] = []
+        found = await self.pipeline.delivery.wait(caller, answer["task_ids"], wait, results)
+        answer.update(found.to_dict())
+        return await task_answer(request, answer, answer["tasks"], results)
+
+    def _wait_seconds(self, given: str | None) -> float | None:
+        if given is None:
+            return None
+        try:
+            seconds = float(given)
+        except ValueError:
+            seconds = -1.0
+        if not 0.0 <= seconds <= self.limits.max_wait_timeout:
+            raise RequestError(
+                "api.bad_request",
+                "bad wait",
+                violations=[
+                    Violation(
+                        "?wait", f"seconds from 0 to {self.limits.max_wait_timeout:g} expected"
+                    )
+                ],
+            )
+        return seconds
 
     async def get_task(self, request: Request) -> Any:
         caller = await self._caller(request, "task")
@@ -877,6 +905,39 @@ def _log_operation() -> dict[str, Any]:
     return operation
 
 
+def _submit_operation() -> dict[str, Any]:
+    answer = _object(
+        task_ids=_STRINGS,
+        tasks={"type": "array", "items": _ref("Task")},
+        pending=_STRINGS,
+        unknown=_STRINGS,
+    )
+    operation = _operation(
+        "submit a batch of tasks to the caller's user endpoint (with ?wait: and wait for"
+        " the first results)",
+        parameter="endpoint",
+        body="Submit",
+        framed=True,
+        answer=(
+            "task ids, in request order; with ?wait also tasks (those final within the"
+            " wait), pending and unknown, as from /v1/tasks/wait",
+            answer,
+        ),
+        errors=(400, 401, 403, 404, 413, 422, 429, 503),
+    )
+    operation["responses"]["200"]["content"][frames.MEDIA_TYPE] = _FRAMES_CONTENT
+    operation["parameters"].append(
+        {
+            "name": "wait",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "number", "minimum": 0},
+            "description": "seconds to wait for the first result (at most limits.max_wait_timeout)",
+        }
+    )
+    return operation
+
+
 def _endpoint_paths() -> dict[str, Any]:
     return {
         "/v1/functions": {
@@ -888,16 +949,7 @@ def _endpoint_paths() -> dict[str, Any]:
                 errors=(400, 401, 413, 503),
             )
         },
-        "/v1/endpoints/{endpoint}/submit": {
-            "post": _operation(
-                "submit a batch of tasks to the caller's user endpoint",
-                parameter="endpoint",
-                body="Submit",
-                framed=True,
-                answer=("task ids, in request order", _object(task_ids=_STRINGS)),
-                errors=(400, 401, 403, 404, 413, 422, 429, 503),
-            )
-        },
+        "/v1/endpoints/{endpoint}/submit": {"post": _submit_operation()},
         "/v1/endpoints/{endpoint}/status": {
             "get": _operation(
                 "the caller's user endpoints",

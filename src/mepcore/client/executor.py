@@ -165,7 +165,11 @@ class Executor(_StdExecutor):
     one submit request; ``poll_timeout`` is how long one long-poll may wait;
     ``poll_size`` bounds the ids of one poll; ``give_up_after`` is how long the
     collector keeps trying an unreachable daemon before it fails the outstanding futures
-    with ``ServiceUnavailable``.
+    with ``ServiceUnavailable``. A call sent on its own (nothing else queued) waits up to
+    ``inline_wait`` seconds for its result in the submit request itself
+    (``Client.submit_and_wait``): a short call is then one request instead of two; a
+    longer one goes on to the long-poll, and calls submitted meanwhile wait at most that
+    long to be sent (0 turns it off).
 
     ``serializer`` is how functions travel: ``"dill"`` (bytecode, the default: the
     endpoint must run the client's Python minor version, else each task fails with
@@ -195,6 +199,7 @@ class Executor(_StdExecutor):
         poll_timeout: float = 2.0,
         poll_size: int = 4096,
         give_up_after: float = 300.0,
+        inline_wait: float = 0.05,
         retry: RetryPolicy | None = None,
         environ: Mapping[str, str] | None = None,
         serializer: str = "dill",
@@ -229,6 +234,7 @@ class Executor(_StdExecutor):
         self.poll_timeout = poll_timeout
         self.poll_size = poll_size
         self.give_up_after = give_up_after
+        self.inline_wait = max(0.0, inline_wait)
         self._config_key, self._config = _canonical(user_endpoint_config)
         self._functions: dict[int, tuple[Callable[..., Any], _Function]] = {}
         self._registered: dict[str, str] = {}  # local id -> id the daemon gave
@@ -421,9 +427,19 @@ class Executor(_StdExecutor):
                 TaskRequest(ids[c.function.local_id], c.args, c.walltime, c.resources)
                 for c in calls
             ]
-            task_ids = self.client.submit_batch(
-                self.endpoint, tasks, user_endpoint_config=calls[0].config
-            )
+            done: dict[str, TaskRecord] = {}
+            if self.inline_wait > 0 and len(calls) == 1 and self._queue.empty():
+                task_ids, report = self.client.submit_and_wait(
+                    self.endpoint,
+                    tasks,
+                    wait=self.inline_wait,
+                    user_endpoint_config=calls[0].config,
+                )
+                done = {record.task_id: record for record in report.tasks}
+            else:
+                task_ids = self.client.submit_batch(
+                    self.endpoint, tasks, user_endpoint_config=calls[0].config
+                )
         except RequestRefused as exc:
             if exc.reason == "task.function_unknown" and not retried:
                 # The daemon lost its registrations (a new state directory): register again.
@@ -446,8 +462,12 @@ class Executor(_StdExecutor):
         with self._cond:
             for call, task_id in zip(calls, task_ids, strict=True):
                 call.future._sent(task_id)
-                self._outstanding[task_id] = call.future
+                if task_id not in done:
+                    self._outstanding[task_id] = call.future
             self._cond.notify_all()
+        for call, task_id in zip(calls, task_ids, strict=True):
+            if task_id in done:  # answered with the submit itself
+                call.future._settle(_SENT, done[task_id], None)
 
     def _fail(self, calls: Iterable[_Call], error: BaseException) -> None:
         for call in calls:

@@ -247,12 +247,16 @@ def _refusal(response: httpx.Response) -> RequestRefused:
 _FEATURES_HEADER = "mep-features"
 
 
+# A frames request: its type, and frames asked for in the answer too.
+_FRAMES_OUT = {"Content-Type": frames.MEDIA_TYPE, "Accept": frames.ACCEPT}
+
+
 @attrs.frozen
 class _Framed:
     """A frames request body."""
 
     content: bytes
-    headers: Mapping[str, str] = {"Content-Type": frames.MEDIA_TYPE}
+    headers: Mapping[str, str] = _FRAMES_OUT
 
 
 @attrs.frozen
@@ -531,18 +535,23 @@ class Client:
         as_json: Callable[[], Any],
         *,
         idempotent: bool,
-    ) -> Any:
+        timeout: float | None = None,
+    ) -> tuple[Any, list[bytes] | None]:
         """POST a body carrying payloads: frames to a daemon that takes them (a 415 from
-        an older daemon, which acted on nothing, switches to JSON for good), else JSON."""
+        an older daemon, which acted on nothing, switches to JSON for good), else JSON.
+        The answer as ``request_framed`` returns it."""
         if self.sends_frames:
-            framed = _Framed(frames.encode(header, payloads))
+            framed = _Framed(frames.encode(header, payloads), _FRAMES_OUT)
             try:
-                return self.request("POST", path, framed, idempotent=idempotent)
+                return self.request_framed(
+                    "POST", path, framed, idempotent=idempotent, timeout=timeout
+                )
             except RequestRefused as exc:
                 if exc.status != 415:
                     raise
                 self._frames = False
-        return self.request("POST", path, as_json(), idempotent=idempotent)
+        body = _Accepting(as_json())
+        return self.request_framed("POST", path, body, idempotent=idempotent, timeout=timeout)
 
     # -- the API -------------------------------------------------------------------
 
@@ -555,7 +564,7 @@ class Client:
             header["name"] = name
         if source:
             header["source"] = source
-        answer = self._send_payload(
+        answer, _ = self._send_payload(
             "/v1/functions",
             header,
             [payload],
@@ -589,17 +598,46 @@ class Client:
         """
         if not tasks:
             return []
+        return self._submit(endpoint, tasks, user_endpoint_config, None)[0]
+
+    def submit_and_wait(
+        self,
+        endpoint: str,
+        tasks: Sequence[TaskRequest],
+        *,
+        wait: float,
+        user_endpoint_config: Mapping[str, Any] | None = None,
+    ) -> tuple[list[str], WaitReport]:
+        """Submit, and have the same request wait up to ``wait`` seconds for the first
+        results (``?wait``): the task ids, and the report of those final by then (as
+        ``wait_report``). A daemon without ``?wait`` reports every task pending. Not
+        retried once the request may have arrived, like ``submit_batch``."""
+        if not tasks:
+            return [], WaitReport(())
+        return self._submit(endpoint, tasks, user_endpoint_config, wait)
+
+    def _submit(
+        self,
+        endpoint: str,
+        tasks: Sequence[TaskRequest],
+        user_endpoint_config: Mapping[str, Any] | None,
+        wait: float | None,
+    ) -> tuple[list[str], WaitReport]:
         header = {
             "user_endpoint_config": dict(user_endpoint_config or {}),
             "user_runtime": self._runtime(),
             "tasks": [task.to_header() for task in tasks],
         }
-        answer = self._send_payload(
-            f"/v1/endpoints/{_segment(endpoint)}/submit",
+        path = f"/v1/endpoints/{_segment(endpoint)}/submit"
+        if wait is not None:
+            path += f"?wait={max(0.0, float(wait)):g}"
+        answer, parts = self._send_payload(
+            path,
             header,
             [task.args for task in tasks],
             lambda: {**header, "tasks": [task.to_json() for task in tasks]},
             idempotent=False,
+            timeout=None if wait is None else self.timeout + wait,
         )
         ids = answer.get("task_ids") if isinstance(answer, Mapping) else None
         if (
@@ -608,7 +646,9 @@ class Client:
             or not all(isinstance(i, str) for i in ids)
         ):
             raise ClientError("client.protocol_error", "submit: the answer lacks the task ids")
-        return list(ids)
+        if wait is None or "tasks" not in answer:
+            return list(ids), WaitReport((), pending=tuple(ids))
+        return list(ids), WaitReport.from_mapping(answer, parts)
 
     def submit(
         self,
