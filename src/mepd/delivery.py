@@ -19,6 +19,7 @@ import asyncio
 import base64
 import contextlib
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -35,6 +36,9 @@ from mepd.store import Outcome, TaskRecord, TaskStore
 log = structlog.get_logger("mepd.delivery")
 
 STORE_RETRY_SECONDS = 1.0
+# Result bytes just committed are kept this long (at most) for the long-polls they
+# wake, which then need not read megabytes back from the database on the event loop.
+FRESH_RESULT_BYTES = 64 * 1024 * 1024
 
 
 @attrs.define(eq=False)
@@ -100,6 +104,8 @@ class Delivery:
     # Tasks whose outcome the writer thread is committing, by id: their owner. A
     # long-poll counts them pending until they are announced.
     _writing: dict[str, str] = attrs.field(factory=dict)
+    _fresh: OrderedDict[str, bytes] = attrs.field(factory=OrderedDict)
+    _fresh_bytes: int = 0
 
     # -- outcomes in --------------------------------------------------------------------
 
@@ -180,7 +186,29 @@ class Delivery:
         # A task finished meanwhile by someone else (a cancel) keeps that outcome; it
         # was announced by whoever finished it.
         known = [(o, r) for o, r in known if o.task_id in changed]
+        for outcome, _ in known:
+            if outcome.result is not None:
+                self._remember(outcome.task_id, outcome.result)
         self._keep(self._finish_others(known, others, now, audited=True))
+
+    def _remember(self, task_id: str, result: bytes) -> None:
+        self._fresh[task_id] = result
+        self._fresh_bytes += len(result)
+        while self._fresh_bytes > FRESH_RESULT_BYTES and self._fresh:
+            self._fresh_bytes -= len(self._fresh.popitem(last=False)[1])
+
+    def records(self, task_ids: Sequence[str]) -> list[TaskRecord]:
+        """The stored records of ``task_ids``, the result bytes of those finished just
+        now taken from memory rather than read back."""
+        fresh = [t for t in task_ids if t in self._fresh]
+        if not fresh:
+            return self.store.get_many(task_ids)
+        stale = [t for t in task_ids if t not in self._fresh]
+        found = self.store.get_many(stale) if stale else []
+        for record in self.store.get_many(fresh, results=False):
+            result = self._fresh.get(record.task_id)
+            found.append(record if not record.is_final else attrs.evolve(record, result=result))
+        return found
 
     async def settled(self) -> None:
         """Until the commits under way are done."""
@@ -314,7 +342,7 @@ class Delivery:
         pending = set(ids)
 
         def absorb(read: Sequence[str]) -> None:
-            records = {r.task_id: r for r in self.store.get_many(read)}
+            records = {r.task_id: r for r in self.records(read)}
             for task_id in read:
                 rec = records.get(task_id)
                 if rec is None or rec.owner != owner:

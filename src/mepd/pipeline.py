@@ -413,7 +413,8 @@ class Pipeline:
         self, caller: Caller, task_id: str, frames: list[bytes] | None = None
     ) -> dict[str, Any]:
         """The caller's task (its result into ``frames`` when given: ``task_view``)."""
-        return task_view(self.delivery.owned(caller, self.store.get(task_id)), frames)
+        found = self.delivery.records([task_id])
+        return task_view(self.delivery.owned(caller, found[0] if found else None), frames)
 
     async def wait(
         self, caller: Caller, body: Any, frames: list[bytes] | None = None

@@ -58,7 +58,7 @@ import attrs
 from mepcore.errors import StoreError
 from mepcore.types import Identity
 from mepd.spec import EndpointSpec
-from mepd.writer import StoreWriter
+from mepd.writer import Checkpointer, StoreWriter
 
 FINAL_STATES = ("success", "failed", "cancelled")
 SCHEMA_VERSION = 3
@@ -266,6 +266,7 @@ class Recovery:
 _RECORD_COLUMNS = (
     "id, owner, endpoint, account, spec_id, function_id, state, created, finished, error, result"
 )
+_RECORD_COLUMNS_WITHOUT_RESULT = _RECORD_COLUMNS.replace("result", "NULL")
 
 
 def _damaged(task_id: str, owner: str | None) -> TaskRecord:
@@ -411,7 +412,14 @@ class TaskStore:
 
     def _writer_thread(self) -> StoreWriter:
         if self._writer is None:
-            self._writer = StoreWriter(self._db, self._write_lock, self._write_failed, self._wrote)
+            checkpointer = Checkpointer(self.path)
+            with self._write_lock:
+                # The checkpointer copies the WAL from now on, off the committing thread.
+                self._db.execute("PRAGMA wal_autocheckpoint=0")
+            checkpointer.start()
+            self._writer = StoreWriter(
+                self._db, self._write_lock, self._write_failed, self._wrote, checkpointer
+            )
         return self._writer
 
     def _wrote(self) -> None:
@@ -586,15 +594,18 @@ class TaskStore:
     def get(self, task_id: str) -> TaskRecord | None:
         return self._read_one(task_id)
 
-    def get_many(self, task_ids: Sequence[str]) -> list[TaskRecord]:
+    def get_many(self, task_ids: Sequence[str], *, results: bool = True) -> list[TaskRecord]:
+        """The records of ``task_ids`` that exist; without ``results``, their result
+        bytes are not read (None: the caller has them)."""
         out: list[TaskRecord] = []
         ids = list(task_ids)
+        columns = _RECORD_COLUMNS if results else _RECORD_COLUMNS_WITHOUT_RESULT
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
             try:
                 rows = self._read.execute(
-                    f"SELECT {_RECORD_COLUMNS} FROM tasks WHERE id IN ({marks})",  # noqa: S608
+                    f"SELECT {columns} FROM tasks WHERE id IN ({marks})",  # noqa: S608
                     chunk,
                 ).fetchall()
             except sqlite3.DatabaseError:

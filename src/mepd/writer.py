@@ -14,6 +14,12 @@ event loop (``TaskStore._transaction``), holds the store's write lock, so they n
 interleave on the one write connection; a write on the event loop waits at most for
 the batch being committed.
 
+WAL checkpoints (copying committed pages into the database file, with an fsync) are
+taken by a second thread, ``Checkpointer``, on a connection of its own, in ``PASSIVE``
+mode, which never blocks a writer: a commit is not made to wait for the copy of the
+megabytes committed before it, as SQLite's automatic checkpoint on the committing
+connection would.
+
 Deliberately not here: SQL of its own (the store hands over the work), reads (the
 store reads through its own connection on the event loop), retries (the callers
 decide: ``mepd.delivery`` keeps refused outcomes for a later write).
@@ -26,7 +32,9 @@ import contextlib
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import attrs
@@ -69,6 +77,7 @@ class StoreWriter:
     lock: threading.Lock
     failed: Callable[[sqlite3.Error], StoreError]
     succeeded: Callable[[], None]
+    checkpointer: Checkpointer | None = None
     _queue: queue.SimpleQueue[_Job | None] = attrs.field(factory=queue.SimpleQueue)
     _thread: threading.Thread | None = None
     _start_lock: threading.Lock = attrs.field(factory=threading.Lock)
@@ -107,6 +116,8 @@ class StoreWriter:
         if thread is not None:
             self._queue.put(None)
             thread.join(timeout)
+        if self.checkpointer is not None:
+            self.checkpointer.stop(timeout)
 
     def _serve(self) -> None:
         stopping = False
@@ -147,6 +158,8 @@ class StoreWriter:
                 error = self.failed(exc)
                 return [(None, error)] * len(batch)
         self.succeeded()
+        if self.checkpointer is not None:
+            self.checkpointer.wake()
         return results
 
     def _one(self, job: _Job) -> tuple[Any, BaseException | None]:
@@ -162,3 +175,48 @@ class StoreWriter:
             return None, exc
         self.db.execute("RELEASE job")
         return value, None
+
+
+@attrs.define(eq=False)
+class Checkpointer:
+    """Takes ``PASSIVE`` WAL checkpoints of the database at ``path`` in a thread of its
+    own, at most every ``interval`` seconds, when woken after a commit (the committing
+    connection then runs with ``wal_autocheckpoint=0``)."""
+
+    path: Path
+    interval: float = 0.2
+    _wake: threading.Event = attrs.field(factory=threading.Event)
+    _stopping: bool = False
+    _thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._serve, name="mepd-store-checkpoint", daemon=True
+        )
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _serve(self) -> None:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            while not self._stopping:
+                self._wake.wait()
+                self._wake.clear()
+                if self._stopping:
+                    return
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:  # the next commit wakes it again
+                    log.warning("store.checkpoint_failed", error=str(exc))
+                time.sleep(self.interval)  # a pause between copies, not a wait for work
+        finally:
+            db.close()
