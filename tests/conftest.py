@@ -93,21 +93,48 @@ _PR_SET_CHILD_SUBREAPER = 36
 _PR_GET_CHILD_SUBREAPER = 37
 
 
+def _subreaper_flag() -> int | None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    flag = ctypes.c_int(0)
+    return (
+        flag.value
+        if libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0) == 0
+        else None
+    )
+
+
+def _set_subreaper_flag(value: int) -> None:
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, value, 0, 0, 0)
+
+
+_SESSION_SUBREAPER = _subreaper_flag()
+
+
 @pytest.fixture(autouse=True)
 def _subreaper_stays_in_its_test() -> Iterator[None]:
     """A test that runs a user endpoint registry in this process makes the process a
     subreaper (``become_subreaper``), and nothing here reaps adopted orphans after that
-    test: the children of a later test's ``mepd serve`` killed with -9 would then stay
-    zombies of this process for the rest of the run, seen as processes left running.
-    So each test ends with the flag it started with."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    before = ctypes.c_int(0)
-    known = libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(before), 0, 0, 0) == 0
+    test: the children of a later test's ``mepd serve`` killed with -9, or a Parsl block
+    killed on purpose, would then stay zombies of this process, seen as processes left
+    running or as a block still alive. So each test ends with the flag it started with."""
+    before = _subreaper_flag()
     yield
-    if known:
-        libc.prctl(_PR_SET_CHILD_SUBREAPER, before.value, 0, 0, 0)
+    if before is not None:
+        _set_subreaper_flag(before)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _subreaper_stays_in_its_module() -> Iterator[None]:
+    """The same for a module whose fixture runs the registry (set up before any test's
+    own flag is read): the module ends with the flag the session started with. Without
+    it the flag leaked into every later file of the same process (xdist worker)."""
+    yield
+    if _SESSION_SUBREAPER is not None:
+        _set_subreaper_flag(_SESSION_SUBREAPER)
 
 
 @pytest.fixture
