@@ -7,12 +7,19 @@ Four cases, each one call at a time (submit, then wait for the result), repeated
 - a 1 MiB argument echoed back as a 1 MiB result;
 through:
 - mep over HTTP: ``mepd serve`` on 127.0.0.1, one user endpoint (process pool, two
-  workers), ``POST /v1/endpoints/hpc/submit`` + ``POST /v1/tasks/wait`` with httpx;
-- mep through ``mepcore.client.Executor`` (batching and long-poll threads included);
+  workers), ``POST /v1/endpoints/hpc/submit`` + ``POST /v1/tasks/wait`` with httpx,
+  base64 in JSON (what a plain-JSON client does);
+- mep through ``mepcore.client.Executor`` (batching and long-poll threads included; its
+  payloads and results travel as mep frames, without base64);
 - peers doing the same calls in the same run: a bare ``ProcessPoolExecutor``, Parsl's
   HighThroughputExecutor used directly, and Dask's ``LocalCluster`` (two workers each).
 
-As root the daemon maps an account made for the run (removed after); as another user
+A second table is a concurrent caller's small round trip through the Executor, alone and
+while another identity (its own user endpoint, in another process) streams 1 MiB echo
+round trips through the same daemon without pause: the difference of the p50s is what a
+large payload costs everybody else (issue 22: at most +1 ms).
+
+As root the daemon maps accounts made for the run (removed after); as another user
 the daemon refuses to run work as its own uid, so the mep rows are "not measured".
 
 Usage: python bench/payload.py [--smoke] [--json PATH]
@@ -39,6 +46,7 @@ from common import (
     bench_deployment,
     dask_client,
     fmt_seconds,
+    fmt_stats,
     is_root,
     parsl_htex,
     peer_available,
@@ -121,9 +129,14 @@ def mep_http(deployment: Any) -> Iterator[Call]:
 
 @contextmanager
 def mep_executor(deployment: Any) -> Iterator[Call]:
+    with mep_executor_as(deployment, deployment.token(deployment.identities[0])) as call:
+        yield call
+
+
+@contextmanager
+def mep_executor_as(deployment: Any, token: str) -> Iterator[Call]:
     from mepcore.client import Executor
 
-    token = deployment.token(deployment.identities[0])
     with Executor(ENDPOINT, USER_ENDPOINT_CONFIG, url=deployment.url, token=token) as ex:
         yield lambda fn, arg: ex.submit(fn, arg).result(timeout=60)
 
@@ -163,6 +176,113 @@ def measure(call: Call, repeats: int) -> dict[str, Stats]:
     return out
 
 
+def _stream(url: str, token: str, function_id: str, stop: Any, count: Any) -> None:
+    """In another process: 1 MiB echo round trips through mep until ``stop`` is set."""
+    from mepcore.client import Client, TaskRequest, pack_args
+
+    args = pack_args((PAYLOAD,), {})
+    with Client(url, token) as client:
+        while not stop.is_set():
+            # As the Executor sends a call alone: submit and wait in one request, then
+            # the long-poll if the result is not in yet.
+            ids, report = client.submit_and_wait(
+                ENDPOINT,
+                [TaskRequest(function_id, args)],
+                wait=0.05,
+                user_endpoint_config=USER_ENDPOINT_CONFIG,
+            )
+            while not report.tasks:
+                report = client.wait_report(ids, timeout=10)
+            if report.tasks[0].outcome() != PAYLOAD:
+                raise RuntimeError("the streamer got a wrong result")
+            with count.get_lock():
+                count.value += 1
+
+
+def _small_calls(call: Call, count: int) -> list[float]:
+    samples = []
+    for _ in range(count):
+        began = time.perf_counter()
+        if call(size_of, b"x") != 1:
+            raise RuntimeError("small call: wrong result")
+        samples.append(time.perf_counter() - began)
+    return samples
+
+
+def beside_streamer(deployment: Any, count: int) -> dict[str, Any]:
+    """A small Executor round trip (first identity), alone and while the second identity
+    streams 1 MiB round trips from another process; windows alternate (alone, beside,
+    alone, beside) so that drift of the machine's load falls on both."""
+    import multiprocessing
+
+    from mepcore.client import Client
+
+    small_token, big_token = deployment.tokens(deployment.identities[:2])
+    with Client(deployment.url, big_token) as other:
+        function_id = other.register_function(echo)
+        warm = other.submit(
+            ENDPOINT, function_id, (b"warm",), user_endpoint_config=USER_ENDPOINT_CONFIG
+        )
+        other.get_result(warm, timeout=120)  # its user endpoint is up
+    context = multiprocessing.get_context("spawn")
+    alone: list[float] = []
+    beside: list[float] = []
+    streamed = context.Value("i", 0)
+    with mep_executor_as(deployment, small_token) as call:
+        _small_calls(call, 5)  # warm
+        for _ in range(2):
+            alone += _small_calls(call, count // 2)
+            stop = context.Event()
+            before = streamed.value
+            streamer = context.Process(
+                target=_stream, args=(deployment.url, big_token, function_id, stop, streamed)
+            )
+            streamer.start()
+            try:
+                end = time.monotonic() + 60
+                while streamed.value == before and time.monotonic() < end:
+                    time.sleep(0.01)  # the first 1 MiB round trip is through: streaming
+                beside += _small_calls(call, count // 2)
+            finally:
+                stop.set()
+                streamer.join(60)
+                if streamer.is_alive():
+                    streamer.kill()
+    return {
+        "alone": Stats.of(alone).to_dict(),
+        "beside": Stats.of(beside).to_dict(),
+        "streamed": int(streamed.value),
+    }
+
+
+def print_beside(found: dict[str, Any] | str) -> None:
+    if isinstance(found, str):
+        rows = [["-", "-", "-", "-", "-", found]]
+    else:
+        alone, beside = Stats(**found["alone"]), Stats(**found["beside"])
+        growth = beside.p50 - alone.p50
+        rows = [
+            ["alone", str(alone.count), *fmt_stats(alone), "-"],
+            [
+                "beside a 1 MiB streamer",
+                str(beside.count),
+                *fmt_stats(beside),
+                f"p50 {growth * 1e3:+.2f} ms",
+            ],
+        ]
+    print_table(
+        "A small Executor round trip while another identity streams 1 MiB round trips",
+        ["caller", "n", "min", "p50", "p95", "max", "growth"],
+        rows,
+        [
+            "the streamer: another identity, its own user endpoint, another process, 1 MiB"
+            " echo round trips back to back (Client, frames)",
+            f"streamed during the run: {'-' if isinstance(found, str) else found['streamed']}"
+            " 1 MiB round trips; target: p50 growth <= +1 ms",
+        ],
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a few calls (for tests)")
@@ -172,17 +292,23 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (3 if args.smoke else 40)
 
     results: dict[str, dict[str, Stats] | str] = {}
+    beside: dict[str, Any] | str = "not measured"
     try:
-        with bench_deployment(1) as deployment:
+        with bench_deployment(2) as deployment:
             for name, runner in (("mep, HTTP", mep_http), ("mep, Executor", mep_executor)):
                 try:
                     with runner(deployment) as call:
                         results[name] = measure(call, repeats)
                 except Exception as exc:
                     results[name] = f"not measured: {why_not_measured(exc)}"
+            try:
+                beside = beside_streamer(deployment, max(repeats, 10) * 5)
+            except Exception as exc:
+                beside = f"not measured: {why_not_measured(exc)}"
     except Exception as exc:
         for name in ("mep, HTTP", "mep, Executor"):
             results[name] = f"not measured: no daemon: {type(exc).__name__}: {str(exc)[:160]}"
+        beside = results["mep, HTTP"]
     peers: list[tuple[str, Callable[[], Any], str | None]] = [
         ("bare ProcessPoolExecutor", bare_pool, None),
         ("Parsl HTEX (direct)", htex, peer_available("parsl")),
@@ -230,13 +356,13 @@ def main(argv: list[str] | None = None) -> int:
             "mep, HTTP: httpx submit + long-poll wait, base64 in JSON both ways",
         ],
     )
-    write_json(
-        args.json,
-        {
-            k: (v if isinstance(v, str) else {c: s.to_dict() for c, s in v.items()})
-            for k, v in results.items()
-        },
-    )
+    print_beside(beside)
+    figures: dict[str, Any] = {
+        k: (v if isinstance(v, str) else {c: s.to_dict() for c, s in v.items()})
+        for k, v in results.items()
+    }
+    figures["beside_streamer"] = beside
+    write_json(args.json, figures)
     measured = all(not isinstance(v, str) for k, v in results.items() if k.startswith("mep"))
     # Not root: the daemon refuses its own uid on purpose; the table says so, not a failure.
     return 0 if measured or not is_root() else 1
