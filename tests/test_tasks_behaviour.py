@@ -60,6 +60,10 @@ def whoami():
     import os
     return os.getuid()
 
+def gc_enabled():
+    import gc
+    return gc.isenabled()
+
 def forbidden():
     return "should never run"
 """

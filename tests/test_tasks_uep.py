@@ -65,6 +65,7 @@ NAMES = (
     "big",
     "echo",
     "whoami",
+    "gc_enabled",
     "forbidden",
 )
 PACKED = {name: pack_function(remote_function(SOURCE, name)) for name in NAMES}
@@ -300,6 +301,13 @@ def endpoint(request: pytest.FixtureRequest, settings: SpawnSettings) -> Iterato
                 remove_paths(tmp_entries(account.uid) - ep.tmp_before)
     finally:
         delete_account(entry.pw_name)
+
+
+def test_tasks_run_with_the_garbage_collector_on(endpoint: Endpoint) -> None:
+    # ``python -m mepd.uep`` starts with the collector off (a start allocates and frees
+    # little); it is on again before the executor starts, so tasks, forked workers
+    # included, never run without it.
+    assert [unpack_result(r) for r in endpoint.results([Call("gc_enabled")] * 4)] == [True] * 4
 
 
 def test_returns_a_value(endpoint: Endpoint) -> None:

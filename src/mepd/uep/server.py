@@ -14,6 +14,7 @@ This module deliberately does not deserialize anything itself.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import queue
@@ -252,6 +253,9 @@ class UserEndpoint:
             raise _refuse("spawn.privilege_drop", "start message names another account")
         self._open_log(start)
         self.config = self._render(start)
+        # Off since the interpreter started (mepd.uep.__main__): on again before the
+        # setup script, the executor and its workers (forked ones inherit the setting).
+        gc.enable()
         setup = getattr(self.config, "endpoint_setup", None)
         if setup:
             status, last = run_logged_script(
