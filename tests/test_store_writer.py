@@ -13,6 +13,8 @@ import pytest
 from mepcore.errors import StoreError
 from mepd.store import NewTask, Outcome, TaskStore
 
+LATE = b"late" * 30_000  # over SMALL_WRITE_BYTES: through the writer thread
+
 
 def task(i: int, payload: bytes = b"x") -> NewTask:
     return NewTask(f"t{i}", "owner", "hpc", "alice", "s1", "f" * 64, payload, None)
@@ -24,8 +26,12 @@ def test_concurrent_writes_are_committed_together_and_each_caller_answered(
     store = TaskStore.open(tmp_path / "db")
 
     async def main() -> list[bool]:
+        # Small ones (committed inline while the thread is idle) and large ones (the
+        # thread's group commits) at once.
         writes = [
-            store.commit_tasks([task(i, bytes([i]) * i)], state="dispatched", now=1.0)
+            store.commit_tasks(
+                [task(i, bytes([i]) * i * (1 + 2000 * (i % 2)))], state="dispatched", now=1.0
+            )
             for i in range(50)
         ]
         await asyncio.gather(*writes)
@@ -41,7 +47,7 @@ def test_concurrent_writes_are_committed_together_and_each_caller_answered(
     try:
         assert other.counts_by_state() == {"dispatched": 50}
         kept = {p.task_id: p.payload for p in other.pending_payloads([f"t{i}" for i in range(50)])}
-        assert kept == {f"t{i}": bytes([i]) * i for i in range(50)}
+        assert kept == {f"t{i}": bytes([i]) * i * (1 + 2000 * (i % 2)) for i in range(50)}
         assert other.get_function("a" * 64) == b"fn"
     finally:
         other.close()
@@ -108,7 +114,7 @@ def test_close_commits_what_is_queued_and_sync_writes_wait_their_turn(tmp_path: 
         await loop.run_in_executor(None, store.put_function, "b" * 64, b"g", None, None, 1.0)
         await write
         # Queued and never awaited: the loop ends first; close() must still commit it.
-        store.queue_outcomes([Outcome("t0", "success", None, b"late")], 2.0)
+        store.queue_outcomes([Outcome("t0", "success", None, LATE)], 2.0)
 
     asyncio.run(main())
     store.close()
@@ -116,7 +122,7 @@ def test_close_commits_what_is_queued_and_sync_writes_wait_their_turn(tmp_path: 
     try:
         assert again.counts_by_state() == {"dispatched": 39, "success": 1}
         record = again.get("t0")
-        assert record is not None and record.result == b"late"
+        assert record is not None and record.result == LATE
         assert again.get_function("b" * 64) == b"g"
     finally:
         again.close()

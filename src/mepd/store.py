@@ -61,6 +61,9 @@ from mepd.spec import EndpointSpec
 from mepd.writer import Checkpointer, StoreWriter
 
 FINAL_STATES = ("success", "failed", "cancelled")
+# Writes up to this many payload bytes (and a few rows) may be committed on the event
+# loop when the writer thread is idle (``mepd.writer.StoreWriter.submit``).
+SMALL_WRITE_BYTES = 64 * 1024
 SCHEMA_VERSION = 3
 _TABLES = frozenset({"functions", "specs", "tasks"})
 
@@ -469,7 +472,8 @@ class TaskStore:
     ) -> bool:
         """``put_function`` through the writer thread."""
         row = (function_id, body, name, source, now)
-        return await self._writer_thread().run(lambda db: _insert_function(db, row))
+        small = len(body) + len(source or "") <= SMALL_WRITE_BYTES
+        return await self._writer_thread().run(lambda db: _insert_function(db, row), small=small)
 
     async def commit_tasks(
         self,
@@ -489,7 +493,8 @@ class TaskStore:
                 db.execute(_INSERT_SPEC, spec_row)
             db.executemany(_INSERT_TASK, rows)
 
-        await self._writer_thread().run(work)
+        small = sum(len(t.payload) for t in tasks) <= SMALL_WRITE_BYTES and len(tasks) <= 64
+        await self._writer_thread().run(work, small=small)
 
     def queue_outcomes(
         self,
@@ -501,7 +506,8 @@ class TaskStore:
         that changed (a task someone else finished first keeps that outcome);
         ``after`` is called with them in the writer thread once they are committed."""
         rows = _outcome_rows(outcomes, now)
-        return self._writer_thread().submit(lambda db: _finish_rows(db, rows), after)
+        small = len(rows) <= 64 and sum(len(o.result or b"") for o in outcomes) <= SMALL_WRITE_BYTES
+        return self._writer_thread().submit(lambda db: _finish_rows(db, rows), after, small=small)
 
     # -- functions -------------------------------------------------------------------
 

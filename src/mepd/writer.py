@@ -9,8 +9,11 @@ data is committed (the daemon's promise that nothing accepted is lost holds), a
 megabyte of payload is copied into the database without holding up the event loop,
 and many small writes arriving together cost one commit.
 
-Every write transaction of the store, the writer's and the few still made on the
-event loop (``TaskStore._transaction``), holds the store's write lock, so they never
+Small work (a few rows) is committed at once on the event loop instead when the
+thread is idle and the write lock free — never waiting for it — since the two thread
+hand-offs would cost more than such a commit. Every write transaction of the store,
+the writer's and those made on the event loop (``TaskStore._transaction``, small
+work), holds the store's write lock, so they never
 interleave on the one write connection; a write on the event loop waits at most for
 the batch being committed.
 
@@ -34,6 +37,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -55,6 +59,11 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
     after: Callable[[Any], None] | None = None
+
+
+def _settle_from_thread(job: _Job, value: Any, error: BaseException | None) -> None:
+    with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits
+        job.loop.call_soon_threadsafe(_settle, job.future, value, error)
 
 
 def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
@@ -82,24 +91,49 @@ class StoreWriter:
     _thread: threading.Thread | None = None
     _start_lock: threading.Lock = attrs.field(factory=threading.Lock)
 
-    async def run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+    async def run(self, work: Callable[[sqlite3.Connection], T], *, small: bool = False) -> T:
         """``work(db)`` inside a committed transaction; its value once committed."""
-        return await self.submit(work)
+        return await self.submit(work, small=small)
 
     def submit(
         self,
         work: Callable[[sqlite3.Connection], T],
         after: Callable[[T], None] | None = None,
+        *,
+        small: bool = False,
     ) -> asyncio.Future[T]:
         """Queue ``work`` now (``stop()`` commits it even if nobody awaits); the
         future completes, in the running loop, once it is committed. ``after`` runs
         in this thread with the work's value right after the commit (and before the
-        future completes); its errors are logged."""
+        future completes); its errors are logged.
+
+        ``small`` work (a few rows, no megabytes) is committed at once on the caller's
+        thread when nothing is queued and nobody holds the write lock: two thread
+        hand-offs cost more than such a commit. It never waits for the lock."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
+        job = _Job(work, loop, future, after)
+        if small and self._queue.empty() and self.lock.acquire(blocking=False):
+            try:
+                ((value, error),) = self._commit_locked([job])
+            finally:
+                self.lock.release()
+            self._finish(job, value, error, lambda: _settle(future, value, error))
+            return future
         self._start()
-        self._queue.put(_Job(work, loop, future, after))
+        self._queue.put(job)
         return future
+
+    @staticmethod
+    def _finish(
+        job: _Job, value: Any, error: BaseException | None, settle: Callable[[], None]
+    ) -> None:
+        if error is None and job.after is not None:
+            try:
+                job.after(value)
+            except Exception:
+                log.exception("store.after_commit_failed")
+        settle()
 
     def _start(self) -> None:
         with self._start_lock:
@@ -135,28 +169,23 @@ class StoreWriter:
                     stopping = True
                     break
                 batch.append(more)
-            for each, (value, error) in zip(batch, self._commit(batch), strict=True):
-                if error is None and each.after is not None:
-                    try:
-                        each.after(value)
-                    except Exception:
-                        log.exception("store.after_commit_failed")
-                with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits
-                    each.loop.call_soon_threadsafe(_settle, each.future, value, error)
+            with self.lock:
+                results = self._commit_locked(batch)
+            for each, (value, error) in zip(batch, results, strict=True):
+                self._finish(each, value, error, partial(_settle_from_thread, each, value, error))
 
-    def _commit(self, batch: list[_Job]) -> list[tuple[Any, BaseException | None]]:
+    def _commit_locked(self, batch: list[_Job]) -> list[tuple[Any, BaseException | None]]:
         results: list[tuple[Any, BaseException | None]] = []
-        with self.lock:
-            try:
-                self.db.execute("BEGIN IMMEDIATE")
-                for job in batch:
-                    results.append(self._one(job))
-                self.db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                with contextlib.suppress(sqlite3.Error):
-                    self.db.execute("ROLLBACK")
-                error = self.failed(exc)
-                return [(None, error)] * len(batch)
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            for job in batch:
+                results.append(self._one(job))
+            self.db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
+            error = self.failed(exc)
+            return [(None, error)] * len(batch)
         self.succeeded()
         if self.checkpointer is not None:
             self.checkpointer.wake()
