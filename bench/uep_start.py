@@ -1,7 +1,8 @@
 """Benchmark: user endpoint cold start, idle memory, and task throughput through the channel.
 
 Prints a table: p50/p95 time from "start requested" (``Registry.get_or_start``) to
-"ready" for the process-pool engine (and the thread engine, for comparison), the idle
+"ready" for the process-pool engine (and the thread engine, for comparison), the CPU the
+user endpoint process used until then (its own threads, not its pool workers), the idle
 RSS of one user endpoint (the process itself, and with its pool workers), and no-op
 task throughput through the registry, the channel and the user endpoint's executor.
 
@@ -42,6 +43,19 @@ heartbeat_period: 30
 idle_heartbeats_soft: 100
 idle_heartbeats_hard: 10000
 """
+
+
+def cpu_ms(pid: int) -> float:
+    """CPU time of every thread of ``pid`` so far (ns resolution, /proc/PID/task/*/schedstat):
+    less sensitive than wall time to what else runs on a shared machine."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as fh:
+                total += int(fh.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / 1e6
 
 
 def rss_kib(pid: int) -> int:
@@ -110,11 +124,13 @@ async def measure(
     rows: list[tuple[str, str]] = []
     try:
         for engine in ("ProcessPoolEngine", "ThreadPoolEngine"):
-            times = []
+            times, cpu = [], []
             for i in range(runs):
                 began = time.perf_counter()
-                await registry.get_or_start(request(account, engine, f"{engine}-{i}"))
+                started = await registry.get_or_start(request(account, engine, f"{engine}-{i}"))
                 times.append((time.perf_counter() - began) * 1000)
+                if started.pid is not None:
+                    cpu.append(cpu_ms(started.pid))
                 await registry.stop(account.name, f"{engine}-{i}")
             rows.append(
                 (
@@ -122,6 +138,13 @@ async def measure(
                     f"p50 {statistics.median(times):.0f}  p95 {percentile(times, 0.95):.0f}  (n={runs})",
                 )
             )
+            if cpu:
+                rows.append(
+                    (
+                        f"CPU of the user endpoint until ready, {engine} (ms)",
+                        f"p50 {statistics.median(cpu):.0f}  p95 {percentile(cpu, 0.95):.0f}",
+                    )
+                )
         handle = await registry.get_or_start(request(account, "ProcessPoolEngine", "idle"))
         assert handle.pid is not None
         # Idle: give workers a moment to finish importing, polling until RSS settles.
