@@ -343,7 +343,9 @@ async def task_answer(
     """An answer holding task views: a frames body when the caller's ``Accept`` lists
     frames, else JSON with base64 results; rendered off the loop when large."""
     binary = frames.accepts_frames(request.headers.get("accept"))
-    if sum(len(p) for p in parts) > OFF_LOOP_BYTES:
+    # Frames cost one copy of the bytes, less than a thread hop; base64 and JSON of
+    # megabytes go to a worker thread.
+    if not binary and sum(len(p) for p in parts) > OFF_LOOP_BYTES:
         return await asyncio.to_thread(_render_answer, answer, views, parts, binary)
     return _render_answer(answer, views, parts, binary)
 
