@@ -169,8 +169,13 @@ class StoreWriter:
                     stopping = True
                     break
                 batch.append(more)
-            with self.lock:
-                results = self._commit_locked(batch)
+            try:
+                with self.lock:
+                    results = self._commit_locked(batch)
+            except Exception as exc:  # never leave a caller waiting on a dead thread
+                log.exception("store.writer_failed")
+                failure = StoreError("store.unavailable", f"store writer failed: {exc!r}")
+                results = [(None, failure)] * len(batch)
             for each, (value, error) in zip(batch, results, strict=True):
                 self._finish(each, value, error, partial(_settle_from_thread, each, value, error))
 
