@@ -258,6 +258,7 @@ def test_uep_start_bench_smoke(smoke: SmokeReport) -> None:
     out, _ = smoke.script("uep_start")
     for label in (
         "start → ready, ProcessPoolEngine",
+        "CPU of the user endpoint until ready, ProcessPoolEngine",
         "idle RSS, user endpoint process",
         "no-op tasks/s through the channel, ProcessPoolEngine",
     ):
