@@ -39,6 +39,7 @@ STORE_RETRY_SECONDS = 1.0
 # Result bytes just committed are kept this long (at most) for the long-polls they
 # wake, which then need not read megabytes back from the database on the event loop.
 FRESH_RESULT_BYTES = 64 * 1024 * 1024
+FRESH_RESULT_MIN = 64 * 1024  # smaller ones are cheaper to read back than to keep
 
 
 @attrs.define(eq=False)
@@ -153,6 +154,9 @@ class Delivery:
                 # results before anyone can read them, and the loop does not write it.
                 after=lambda changed: self._record([events[t] for t in changed]),
             )
+            if written.done():  # committed inline: announce now, not a turn later
+                self._written(written, known, others, now)
+                return
             commit = asyncio.get_running_loop().create_task(
                 self._announce_when_written(written, known, others, now)
             )
@@ -174,20 +178,30 @@ class Delivery:
         others: dict[str, Outcome],
         now: float,
     ) -> None:
+        with contextlib.suppress(Exception):  # read again below, by _written
+            await written
+        self._written(written, known, others, now)
+
+    def _written(
+        self,
+        written: asyncio.Future[list[str]],
+        known: list[tuple[Outcome, InFlightTask]],
+        others: dict[str, Outcome],
+        now: float,
+    ) -> None:
+        for _, record in known:
+            self._writing.pop(record.task_id, None)
         try:
-            changed = set(await written)
-        except StoreError as exc:
-            log.error("store.write_failed", detail=exc.detail, outcomes=len(known))
+            changed = set(written.result())
+        except Exception as exc:  # StoreError, or the writer's own failure: kept
+            log.error("store.write_failed", detail=str(exc), outcomes=len(known))
             self._keep([*known, *((o, None) for o in others.values())])
             return
-        finally:
-            for _, record in known:
-                self._writing.pop(record.task_id, None)
         # A task finished meanwhile by someone else (a cancel) keeps that outcome; it
         # was announced by whoever finished it.
         known = [(o, r) for o, r in known if o.task_id in changed]
         for outcome, _ in known:
-            if outcome.result is not None:
+            if outcome.result is not None and len(outcome.result) >= FRESH_RESULT_MIN:
                 self._remember(outcome.task_id, outcome.result)
         self._keep(self._finish_others(known, others, now, audited=True))
 

@@ -285,15 +285,24 @@ class Pipeline:
             )
             for task in request.tasks
         ]
-        # Shielded: once the commit is asked for, the tasks are dispatched even if this
-        # request is given up meanwhile (a committed task is never left behind).
-        await asyncio.shield(self._accept_and_dispatch(admitted, handle, new))
+        written = self._accept(admitted, new)
+        if written.done():  # committed inline (or refused): no hand-off, no wait
+            written.result()
+            self._accepted(handle, new)
+        else:
+            # Shielded: once the commit is asked for, the tasks are dispatched even if
+            # this request is given up meanwhile (a committed task is never left behind).
+            await asyncio.shield(self._dispatch_when_written(written, handle, new))
         return {"task_ids": [t.task_id for t in new]}
 
-    async def _accept_and_dispatch(
-        self, admitted: Admitted, handle: Handle, new: Sequence[NewTask]
+    async def _dispatch_when_written(
+        self, written: asyncio.Future[None], handle: Handle, new: Sequence[NewTask]
     ) -> None:
-        await self._accept(admitted, new)
+        await written
+        self._accepted(handle, new)
+
+    def _accepted(self, handle: Handle, new: Sequence[NewTask]) -> None:
+        self.metrics.tasks.inc(len(new), state="received")
         self._dispatch(handle, new)
 
     def _check_registered(self, function_ids: Sequence[str]) -> None:
@@ -312,11 +321,12 @@ class Pipeline:
         if self.in_flight.count_account(account) + count > self.limits.queued_tasks_per_user:
             raise ApiError("api.too_many_requests", "queued task limit reached")
 
-    async def _accept(self, admitted: Admitted, new: Sequence[NewTask]) -> None:
+    def _accept(self, admitted: Admitted, new: Sequence[NewTask]) -> asyncio.Future[None]:
         """Audit, then store: a task the audit log cannot record is not accepted. The
-        store's writer thread commits the tasks (with their payloads) and the spec in
-        one transaction, grouped with whatever else is being written; the answer waits
-        for that commit, the event loop does not."""
+        tasks (with their payloads) and the spec are committed in one transaction by
+        the store's writer thread, grouped with whatever else is being written (a small
+        batch at once when it is idle); the answer waits for that commit (the returned
+        future), the event loop does not."""
         self.audit.record_many(
             (
                 "task.received",
@@ -332,8 +342,7 @@ class Pipeline:
         )
         # Inserted as dispatched in one committed transaction: if the daemon dies before
         # the frames leave, the restart reports them as task.endpoint_lost, never twice run.
-        await self.store.commit_tasks(new, state="dispatched", now=time.time(), spec=admitted.spec)
-        self.metrics.tasks.inc(len(new), state="received")
+        return self.store.queue_tasks(new, state="dispatched", now=time.time(), spec=admitted.spec)
 
     def _send_functions(self, handle: Handle, function_ids: Sequence[str]) -> None:
         for fid in handle.missing_functions(function_ids):

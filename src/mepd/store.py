@@ -373,8 +373,25 @@ def _outcome_rows(outcomes: Sequence[Outcome], now: float) -> list[tuple[Any, ..
 
 
 def _finish_rows(db: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> list[str]:
-    """Final outcomes, row by row: the ids whose task was still open."""
-    return [row[4] for row in rows if db.execute(_FINISH, row).rowcount]
+    """Final outcomes: the ids whose task was still open (those it changed). One
+    ``executemany``; only when it changed fewer rows than given (a task finished
+    first by a cancel) are the changed ones looked up: they carry this write's time."""
+    if not rows:
+        return []
+    changed = db.executemany(_FINISH, rows).rowcount
+    if changed == len(rows):
+        return [row[4] for row in rows]
+    now = rows[0][3]
+    mine: set[str] = set()
+    for start in range(0, len(rows), 500):
+        chunk = [row[4] for row in rows[start : start + 500]]
+        marks = ",".join("?" * len(chunk))
+        found = db.execute(
+            f"SELECT id FROM tasks WHERE finished=? AND id IN ({marks})",  # noqa: S608
+            [now, *chunk],
+        )
+        mine.update(r[0] for r in found)
+    return [row[4] for row in rows if row[4] in mine]
 
 
 def _insert_function(db: sqlite3.Connection, row: tuple[Any, ...]) -> bool:
@@ -485,6 +502,18 @@ class TaskStore:
     ) -> None:
         """``put_spec`` (when given) and ``add_tasks`` through the writer thread, in one
         transaction: committed, possibly with other callers' writes, when this returns."""
+        await self.queue_tasks(tasks, state=state, now=now, spec=spec)
+
+    def queue_tasks(
+        self,
+        tasks: Sequence[NewTask],
+        *,
+        state: str,
+        now: float,
+        spec: EndpointSpec | None = None,
+    ) -> asyncio.Future[None]:
+        """``commit_tasks``, queued now: the future is done once committed — at once
+        for a small batch committed inline (``mepd.writer.StoreWriter.submit``)."""
         rows = _task_rows(tasks, state, now)
         spec_row = None if spec is None else _spec_row(spec, now)
 
@@ -494,7 +523,7 @@ class TaskStore:
             db.executemany(_INSERT_TASK, rows)
 
         small = sum(len(t.payload) for t in tasks) <= SMALL_WRITE_BYTES and len(tasks) <= 64
-        await self._writer_thread().run(work, small=small)
+        return self._writer_thread().submit(work, small=small)
 
     def queue_outcomes(
         self,
