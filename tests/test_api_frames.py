@@ -254,10 +254,12 @@ def daemon(tmp_path: Path) -> Iterator[FakeDaemon]:
 
 class JsonOnlyDaemon:
     """What a daemon without frames does at the edge: any body that is not JSON is a
-    415, ``Accept`` is ignored, and answers carry no ``Mep-Features``."""
+    415, ``Accept`` is ignored, and answers carry no ``Mep-Features`` (unless
+    ``advertise``: as behind a proxy that mixes a newer daemon's answers in)."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, advertise: bool = False) -> None:
         self.app = app
+        self.advertise = advertise
         self.seen: list[str] = []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -275,7 +277,7 @@ class JsonOnlyDaemon:
             scope = {**scope, "headers": kept}
 
         async def strip(message: Message) -> None:
-            if message["type"] == "http.response.start":
+            if message["type"] == "http.response.start" and not self.advertise:
                 message["headers"] = [
                     (k, v) for k, v in message["headers"] if k.lower() != b"mep-features"
                 ]
@@ -297,7 +299,11 @@ def test_the_client_sends_and_receives_frames(daemon: FakeDaemon) -> None:
             assert ex.submit(echo, payload).result(timeout=30) == payload
             assert ex.submit(echo, b"").result(timeout=30) == b""
         assert client.sends_frames
-        assert sent.count(frames.MEDIA_TYPE) >= 3  # the function and both submits
+        # The function goes first, as JSON (no answer has listed frames yet); both
+        # submits then go as frames.
+        bodies = [kind for kind in sent if kind]
+        assert bodies[0] == "application/json", sent
+        assert bodies[1:].count(frames.MEDIA_TYPE) >= 2, sent
 
 
 def test_the_client_falls_back_to_json_with_a_daemon_without_frames(tmp_path: Path) -> None:
@@ -311,8 +317,28 @@ def test_the_client_falls_back_to_json_with_a_daemon_without_frames(tmp_path: Pa
                 assert ex.submit(echo, b"\x00\x01").result(timeout=30) == b"\x00\x01"
                 assert ex.submit(echo, 7).result(timeout=30) == 7
             assert not client.sends_frames
-        # Refused once (415, nothing accepted), JSON ever after.
-        assert old.seen.count(frames.MEDIA_TYPE) <= 1
+        # No answer listed frames: JSON from the first request on.
+        assert old.seen.count(frames.MEDIA_TYPE) == 0, old.seen
+        assert kit.pipeline.store.counts_by_state() == {"success": 2}
+    finally:
+        _stop(server, thread)
+        kit.pipeline.store.close()
+
+
+def test_a_frames_body_refused_with_415_is_sent_again_as_json(tmp_path: Path) -> None:
+    kit, _ = _pipeline(tmp_path / "state")
+    mixed = JsonOnlyDaemon(create_app(kit.pipeline, kit.pipeline.limits), advertise=True)
+    server, thread = _serve(mixed, 0)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        with Client(f"http://127.0.0.1:{port}", kit.token(ALICE)) as client:
+            with Executor("hpc", client=client) as ex:
+                assert ex.submit(echo, b"\x00\x01").result(timeout=30) == b"\x00\x01"
+                assert ex.submit(echo, 7).result(timeout=30) == 7
+            assert not client.sends_frames
+        # Frames once (the answers listed them), refused with 415, JSON ever after;
+        # nothing accepted twice.
+        assert mixed.seen.count(frames.MEDIA_TYPE) == 1, mixed.seen
         assert kit.pipeline.store.counts_by_state() == {"success": 2}
     finally:
         _stop(server, thread)

@@ -2,9 +2,9 @@
 
 The client speaks HTTP(S) with ``httpx``: JSON, except that payloads (functions,
 arguments) and results travel as mep frames (``mepcore.client.frames``: raw bytes, no
-base64) with a daemon that lists ``frames`` in its ``Mep-Features`` answer header; a
-daemon without it gets JSON (a submit it refuses with 415 is sent again as JSON, the 415
-saying it acted on nothing). It authenticates with a bearer token,
+base64) once an answer of the daemon listed ``frames`` in its ``Mep-Features`` header
+(until then, and with a daemon without it, JSON; a frames body refused with 415 is sent
+again as JSON, the 415 saying the daemon acted on nothing). It authenticates with a bearer token,
 verifies TLS certificates by default (``verify=False`` or a CA bundle are explicit
 choices), and retries transient failures with ``tenacity``:
 
@@ -323,6 +323,8 @@ class Client:
     _http: httpx.Client | None = attrs.field(default=None, init=False, repr=False)
     # What the daemon said of frames: None until an answer tells.
     _frames: bool | None = attrs.field(default=None, init=False, repr=False)
+    # A frames body refused with 415: JSON for good, whatever later answers list.
+    _frames_refused: bool = attrs.field(default=False, init=False, repr=False)
     _user_runtime: dict[str, Any] | None = attrs.field(default=None, init=False, repr=False)
     _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False, repr=False)
 
@@ -460,8 +462,9 @@ class Client:
 
     @property
     def sends_frames(self) -> bool:
-        """Whether payloads go as frames (until a daemon says it has none, they do)."""
-        return self.frames and self._frames is not False
+        """Whether payloads go as frames: once an answer of the daemon listed them. The
+        first payload goes as JSON, which every mepd (and a stand-in for one) reads."""
+        return self.frames and self._frames is True and not self._frames_refused
 
     def _exchange(
         self,
@@ -549,7 +552,7 @@ class Client:
             except RequestRefused as exc:
                 if exc.status != 415:
                     raise
-                self._frames = False
+                self._frames_refused = True
         body = _Accepting(as_json())
         return self.request_framed("POST", path, body, idempotent=idempotent, timeout=timeout)
 
