@@ -76,7 +76,8 @@ def test_output_is_bounded_and_the_tail_kept() -> None:
 def test_walltime_kills_the_whole_group_and_reports_124(tmp_path: Path) -> None:
     marker = tmp_path / "child"
     # A child in the background keeps the group alive; it must die with the command.
-    fn = ShellFunction(f"(sleep 60; touch {marker}) & echo started; wait", walltime=0.5)
+    # The walltime leaves a loaded machine time to start bash and print (0.5 s did not).
+    fn = ShellFunction(f"(sleep 60; touch {marker}) & echo started; wait", walltime=3)
     result = fn()
     assert (result.returncode, result.timed_out, result.stdout) == (124, True, "started\n")
     assert not _running(f"touch {marker}"), "the command's background child outlived it"
