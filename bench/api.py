@@ -31,6 +31,10 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tests.trusted_dir import use_private_tmp  # noqa: E402 - found through the path above
+
+use_private_tmp()  # mepd refuses deployments under /tmp (security rule 8)
+
 NOOP_SOURCE = "def noop():\n    return None\n"
 
 

@@ -28,8 +28,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "examples" / "demo"))
+sys.path.insert(0, str(REPO))
 
 import demo  # noqa: E402 - the demo's deployment helpers, found through the path above
+from tests.trusted_dir import use_private_tmp  # noqa: E402
+
+use_private_tmp()  # mepd refuses deployments under /tmp (security rule 8)
 
 
 def noop(*_: object) -> None:

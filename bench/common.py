@@ -37,6 +37,13 @@ if str(REPO) not in sys.path:
     # The daemon harness and account helpers live in tests/; benches import them.
     sys.path.insert(0, str(REPO))
 
+from tests.trusted_dir import use_private_tmp  # noqa: E402 - needs REPO on sys.path
+
+# The scripts write deployments into temporary directories, which mepd refuses under a
+# shared sticky directory such as /tmp (security rule 8); run directly or by `make
+# bench`, they use the tests' private one instead.
+use_private_tmp()
+
 # bench/report.py stops an overrunning script with SIGINT first so its clean-up (daemon
 # stop, userdel) runs; a shell may have started us with SIGINT ignored (background jobs
 # are), which Python would then keep ignoring.

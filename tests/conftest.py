@@ -11,30 +11,13 @@ from pathlib import Path
 import pytest
 
 from tests import slurm_session
+from tests.trusted_dir import use_private_tmp
 
-
-def _private_tmp() -> Path | None:
-    """mepd refuses files under a shared sticky directory such as /tmp (security rule 8)
-    and tests write deployments into ``tmp_path`` and ``tempfile`` directories (so do
-    the demo and bench scripts they start): all of these go to a directory only root
-    (or, not as root, this account) can write — root's is world-searchable, for the
-    files tests make readable to other accounts."""
-    root = os.geteuid() == 0
-    top = Path("/var/lib/mep-test/tmp") if root else Path.home() / ".cache" / "mep-test" / "tmp"
-    try:
-        top.mkdir(parents=True, exist_ok=True)
-        for folder in (top.parent, top) if root else (top,):
-            folder.chmod(0o755 if root else 0o700)
-    except OSError:
-        return None
-    return top
-
-
-_TMP = _private_tmp()
+# Deployments in tmp_path and tempfile directories (and those of the demo and bench
+# scripts the tests start) go where mepd accepts them (tests/trusted_dir.py).
+_TMP = use_private_tmp()
 if _TMP is not None:
-    os.environ["TMPDIR"] = str(_TMP)
     os.environ["PYTEST_DEBUG_TEMPROOT"] = str(_TMP)
-    tempfile.tempdir = str(_TMP)
 
 
 @pytest.hookimpl(tryfirst=True)
