@@ -9,8 +9,10 @@ starts ``mepd serve`` on 127.0.0.1 with a temporary state directory and the
 world-readable runtime venv of the tests, and stops everything at the end.
 
 Prints a table: batched throughput (tasks/s, submitted in batches from several client
-threads, results collected by long-polling) and the p50/p99 of a single warm task's
-round trip (submit one task, long-poll until its result is back).
+threads, results collected by long-polling), the p50/p99 of a single warm task's
+round trip (submit one task, long-poll until its result is back), the same round trip
+as one request (submit with ``?wait=``), and the floor: a GET to a bare Starlette app
+under uvicorn in another process, what one HTTP request costs on this machine.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import base64
 import os
+import socket
 import statistics
 import sys
 import tempfile
@@ -140,7 +143,80 @@ def latency(url: str, token: str, rounds: int, variables: dict[str, Any]) -> dic
                     break
             if i >= 5:  # the first rounds warm up the user endpoint
                 samples.append(time.perf_counter() - began)
-    samples.sort()
+    return _percentiles(samples)
+
+
+def latency_one_request(
+    url: str, token: str, rounds: int, variables: dict[str, Any]
+) -> dict[str, float]:
+    """The same round trip as one request: submit with ``?wait=``, answered with the
+    result when it finishes within the wait."""
+    headers = {"Authorization": f"Bearer {token}"}
+    samples: list[float] = []
+    with httpx.Client(base_url=url, headers=headers, timeout=60) as client:
+        fid, args = register_noop(client)
+        body = {"user_endpoint_config": variables, "tasks": [{"function_id": fid, "args": args}]}
+        for i in range(rounds + 5):
+            began = time.perf_counter()
+            r = client.post("/v1/endpoints/hpc/submit", params={"wait": 30}, json=body)
+            r.raise_for_status()
+            if not r.json()["tasks"]:
+                raise RuntimeError(f"?wait answered without the result: {r.text[:300]}")
+            if i >= 5:
+                samples.append(time.perf_counter() - began)
+    return _percentiles(samples)
+
+
+_FLOOR_SERVER = """
+import sys, uvicorn
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+async def ok(request):
+    return JSONResponse({"ok": True})
+
+app = Starlette(routes=[Route("/", ok)])
+config = uvicorn.Config(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="error")
+uvicorn.Server(config).run()
+"""
+
+
+def http_floor(rounds: int) -> dict[str, float]:
+    """GET round trips to a bare Starlette app under uvicorn in another process, with the
+    same httpx client: what one HTTP request costs on this machine before mepd does
+    anything (a round trip through mepd takes one or two such requests)."""
+    import subprocess
+
+    with socket.socket() as probe:  # a free port (nothing else binds loopback ports here)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-c", _FLOOR_SERVER, str(port)])
+    try:
+        samples: list[float] = []
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            deadline = time.monotonic() + 30
+            while True:  # until it listens
+                try:
+                    client.get("/")
+                    break
+                except httpx.ConnectError:
+                    if time.monotonic() > deadline or server.poll() is not None:
+                        raise
+                    time.sleep(0.05)  # polling interval of a deadline loop
+            for i in range(rounds + 5):
+                began = time.perf_counter()
+                client.get("/").raise_for_status()
+                if i >= 5:
+                    samples.append(time.perf_counter() - began)
+    finally:
+        server.terminate()
+        server.wait(30)
+    return _percentiles(samples)
+
+
+def _percentiles(samples: list[float]) -> dict[str, float]:
+    samples = sorted(samples)
     return {
         "p50_ms": 1000 * statistics.median(samples),
         "p99_ms": 1000 * samples[min(len(samples) - 1, int(len(samples) * 0.99))],
@@ -207,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tp = throughput(url, token, args.tasks, args.batch, args.threads, variables)
         lat = latency(url, token, args.rounds, variables)
+        one = latency_one_request(url, token, args.rounds, variables)
     finally:
         if cleanup is not None:
             cleanup()
@@ -224,6 +301,16 @@ def main(argv: list[str] | None = None) -> int:
             f"p99 {lat['p99_ms']:.2f} ms",
         ),
     ]
+    floor = http_floor(args.rounds)
+    for name, figures in (("  as one request (?wait)", one), ("bare Starlette GET (floor)", floor)):
+        rows.append(
+            (
+                name,
+                f"{int(figures['rounds'])}",
+                f"p50 {figures['p50_ms']:.2f} ms",
+                f"p99 {figures['p99_ms']:.2f} ms",
+            )
+        )
     print(
         f"mepd API on loopback ({args.threads} client threads, batch {args.batch},"
         f" {args.workers} workers)"
