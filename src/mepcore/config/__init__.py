@@ -12,8 +12,9 @@ See docs/config-templates.md.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from mepcore._lazy import lazy_names
 
 if TYPE_CHECKING:
     from mepcore.config.endpoint import (
@@ -75,20 +76,7 @@ _HOMES = {
     "site": ("SiteFiles", "load_environment", "load_schema", "site_warnings", "template_digest"),
     "variables": ("RESERVED_NAMES", "canonical_json", "config_key", "validate_variables"),
 }
-_MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}
-
-
-def __getattr__(name: str) -> Any:
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value  # once imported, a plain module attribute
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_names(__name__, _HOMES, globals())
 
 
 __all__ = [
