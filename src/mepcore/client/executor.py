@@ -153,6 +153,29 @@ def _canonical(config: Mapping[str, Any] | None) -> tuple[str, Mapping[str, Any]
     return key, MappingProxyType(json.loads(key))
 
 
+def _client_for(
+    client: Client | None,
+    url: str | None,
+    token: str | None,
+    verify: bool | str,
+    retry: RetryPolicy | None,
+    environ: Mapping[str, str] | None,
+) -> Client:
+    """The given client, or one made from ``url``/``token``/``environ`` (not both)."""
+    if client is not None:
+        if url is not None or token is not None or environ is not None:
+            raise ClientError(
+                "mep.invalid_input", "pass either client= or url=/token=/environ=, not both"
+            )
+        return client
+    options: dict[str, Any] = {"verify": verify}
+    if retry is not None:
+        options["retry"] = retry
+    return Client.from_environment(
+        os.environ if environ is None else environ, url, token=token, **options
+    )
+
+
 class Executor(_StdExecutor):
     """Run Python functions on a mep endpoint, the ``concurrent.futures`` way.
 
@@ -204,20 +227,8 @@ class Executor(_StdExecutor):
         environ: Mapping[str, str] | None = None,
         serializer: str = "dill",
     ) -> None:
-        if client is not None and (url is not None or token is not None or environ is not None):
-            raise ClientError(
-                "mep.invalid_input", "pass either client= or url=/token=/environ=, not both"
-            )
-        if client is None:
-            options: dict[str, Any] = {"verify": verify}
-            if retry is not None:
-                options["retry"] = retry
-            client = Client.from_environment(
-                os.environ if environ is None else environ, url, token=token, **options
-            )
-            self._owns_client = True
-        else:
-            self._owns_client = False
+        self._owns_client = client is None
+        client = _client_for(client, url, token, verify, retry, environ)
         if serializer not in SERIALIZERS:
             raise ClientError(
                 "mep.invalid_input",
