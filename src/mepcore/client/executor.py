@@ -15,7 +15,9 @@ Futures stay *pending* until their task is final, so ``future.cancel()`` succeed
 call not yet sent, and for a task already sent asks the daemon to cancel it (which it can
 do while the task is still queued there). The threads are daemon threads started on the
 first ``submit``: after ``shutdown()`` (or at exit of the ``with`` block) they have
-finished and the process exits without waiting for anything.
+finished and the process exits without waiting for anything. An executor never shut
+down has its threads stopped at interpreter exit, after at most ``poll_timeout`` + 1 s
+(its unfinished tasks are not waited for).
 
 This module deliberately does not retry a failed batch: ``Client`` retries what is safe
 to retry, and what remains is reported on the futures of that batch.
@@ -23,11 +25,13 @@ to retry, and what remains is reported on the futures of that batch.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import json
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor as _StdExecutor
 from concurrent.futures import Future
@@ -51,6 +55,8 @@ from mepcore.client.service import Client, RetryPolicy, TaskRequest, _function_s
 # of QUEUED or SENT, so the stdlib Future's one-way transitions are never raced.
 _QUEUED, _SENDING, _SENT, _CANCELLED, _SETTLED = range(5)
 _STOP = object()
+# Executors whose threads run: stopped at interpreter exit (``_stop_at_exit``).
+_LIVE: weakref.WeakSet[Executor] = weakref.WeakSet()
 
 
 class TaskFuture(Future[Any]):
@@ -254,6 +260,7 @@ class Executor(_StdExecutor):
         self._cond = threading.Condition()
         self._lock = threading.Lock()
         self._shutdown = False
+        self._exiting = False  # the interpreter exits: the threads stop where they are
         self._submitter_done = False
         self._threads: list[threading.Thread] = []
 
@@ -394,6 +401,7 @@ class Executor(_StdExecutor):
     # -- threads ----------------------------------------------------------------------
 
     def _start_threads(self) -> None:
+        _LIVE.add(self)
         for target, name in ((self._submit_loop, "submitter"), (self._collect_loop, "collector")):
             thread = threading.Thread(target=target, name=f"mep-executor-{name}", daemon=True)
             self._threads.append(thread)
@@ -409,6 +417,8 @@ class Executor(_StdExecutor):
             while not stop:
                 calls: list[_Call] = []
                 item = self._queue.get()
+                if self._exiting:
+                    return
                 while True:
                     if item is _STOP:
                         stop = True
@@ -425,6 +435,8 @@ class Executor(_StdExecutor):
                     groups.setdefault(call.config_key, []).append(call)
                 for group in groups.values():
                     for start in range(0, len(group), self.batch_size):
+                        if self._exiting:
+                            return
                         self._send(group[start : start + self.batch_size])
         finally:
             with self._cond:
@@ -489,9 +501,9 @@ class Executor(_StdExecutor):
         try:
             while True:
                 with self._cond:
-                    while not self._outstanding and not self._submitter_done:
+                    while not (self._outstanding or self._submitter_done or self._exiting):
                         self._cond.wait()
-                    if not self._outstanding:
+                    if self._exiting or not self._outstanding:
                         return
                     ids = list(itertools.islice(self._outstanding, self.poll_size))
                 try:
@@ -541,3 +553,23 @@ class Executor(_StdExecutor):
             if error is not None and isinstance(error, TaskInfrastructureError):
                 error = TaskInfrastructureError(error.reason, error.message, task_id=task_id)
             future._settle(_SENT, record, error)
+
+
+def _stop_at_exit() -> None:
+    """At interpreter exit, stop the threads of executors never shut down and give them
+    a bounded moment to leave their HTTP calls (a long-poll lasts ``poll_timeout``).
+    Their tasks are not waited for, as before; but threads still inside a request while
+    the interpreter tears down can crash it (seen as a segfault at exit)."""
+    live = list(_LIVE)
+    for executor in live:
+        executor._exiting = True
+        executor._queue.put(_STOP)
+        with executor._cond:
+            executor._cond.notify_all()
+    deadline = time.monotonic() + max((e.poll_timeout for e in live), default=0.0) + 1.0
+    for executor in live:
+        for thread in executor._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+atexit.register(_stop_at_exit)
