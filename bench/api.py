@@ -125,44 +125,30 @@ def throughput(
     }
 
 
-def latency(url: str, token: str, rounds: int, variables: dict[str, Any]) -> dict[str, float]:
+def latency(
+    url: str, token: str, rounds: int, variables: dict[str, Any], *, one_request: bool = False
+) -> dict[str, float]:
+    """A single warm task's round trip: submit, then long-poll until its result is back;
+    with ``one_request``, one submit with ``?wait=`` answered with the result."""
     headers = {"Authorization": f"Bearer {token}"}
+    params = {"wait": 30} if one_request else None
     samples: list[float] = []
     with httpx.Client(base_url=url, headers=headers, timeout=60) as client:
         fid, args = register_noop(client)
         body = {"user_endpoint_config": variables, "tasks": [{"function_id": fid, "args": args}]}
         for i in range(rounds + 5):
             began = time.perf_counter()
-            r = client.post("/v1/endpoints/hpc/submit", json=body)
+            r = client.post("/v1/endpoints/hpc/submit", params=params, json=body)
             r.raise_for_status()
+            if one_request and not r.json()["tasks"]:
+                raise RuntimeError(f"?wait answered without the result: {r.text[:300]}")
             (task_id,) = r.json()["task_ids"]
-            while True:
+            while not one_request:
                 w = client.post("/v1/tasks/wait", json={"task_ids": [task_id], "timeout": 30})
                 w.raise_for_status()
                 if w.json()["tasks"]:
                     break
             if i >= 5:  # the first rounds warm up the user endpoint
-                samples.append(time.perf_counter() - began)
-    return _percentiles(samples)
-
-
-def latency_one_request(
-    url: str, token: str, rounds: int, variables: dict[str, Any]
-) -> dict[str, float]:
-    """The same round trip as one request: submit with ``?wait=``, answered with the
-    result when it finishes within the wait."""
-    headers = {"Authorization": f"Bearer {token}"}
-    samples: list[float] = []
-    with httpx.Client(base_url=url, headers=headers, timeout=60) as client:
-        fid, args = register_noop(client)
-        body = {"user_endpoint_config": variables, "tasks": [{"function_id": fid, "args": args}]}
-        for i in range(rounds + 5):
-            began = time.perf_counter()
-            r = client.post("/v1/endpoints/hpc/submit", params={"wait": 30}, json=body)
-            r.raise_for_status()
-            if not r.json()["tasks"]:
-                raise RuntimeError(f"?wait answered without the result: {r.text[:300]}")
-            if i >= 5:
                 samples.append(time.perf_counter() - began)
     return _percentiles(samples)
 
@@ -283,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tp = throughput(url, token, args.tasks, args.batch, args.threads, variables)
         lat = latency(url, token, args.rounds, variables)
-        one = latency_one_request(url, token, args.rounds, variables)
+        one = latency(url, token, args.rounds, variables, one_request=True)
     finally:
         if cleanup is not None:
             cleanup()
