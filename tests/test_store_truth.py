@@ -129,14 +129,18 @@ def unfill(store: TaskStore) -> None:
 def test_a_full_store_refuses_writes_and_recovers(tmp_path: Path) -> None:
     store = TaskStore.open(tmp_path / "db")
     fill(store)
-    big = NewTask("big", "o", "hpc", "alice", "s1", "f" * 64, b"x" * 200_000, None)
+    # Payloads kept in the rows (below FILE_BYTES), enough of them to need new pages.
+    big = [
+        NewTask(f"big{i}", "o", "hpc", "alice", "s1", "f" * 64, b"x" * 60_000, None)
+        for i in range(4)
+    ]
     with pytest.raises(StoreError) as full:
-        store.add_tasks([big], state="dispatched", now=1.0)
+        store.add_tasks(big, state="dispatched", now=1.0)
     assert full.value.reason == "store.unavailable" and not store.available
-    assert store.get("big") is None  # rolled back whole
+    assert store.get("big0") is None  # rolled back whole
     unfill(store)
-    store.add_tasks([big], state="dispatched", now=1.0)
-    assert store.available and store.get("big") is not None
+    store.add_tasks(big, state="dispatched", now=1.0)
+    assert store.available and store.get("big0") is not None
 
 
 def test_a_full_disk_is_a_503_and_results_wait_for_it(tmp_path: Path) -> None:
@@ -152,17 +156,18 @@ def test_a_full_disk_is_a_503_and_results_wait_for_it(tmp_path: Path) -> None:
         ][0]
         store = kit.pipeline.store
         fill(store)
-        big = {"tasks": [{"function_id": fid, "args": b64(b"x" * 300_000)}]}
+        # Kept in the rows (each below FILE_BYTES), enough to need new pages.
+        big = {"tasks": [{"function_id": fid, "args": b64(b"x" * 60_000)} for _ in range(5)]}
         r = await client.post("/v1/endpoints/hpc/submit", headers=alice, json=big)
         assert r.status_code == 503 and r.json()["error"]["reason"] == "store.unavailable"
         assert r.headers["retry-after"]
         assert (await client.get("/healthz")).status_code == 503
 
         # A result arrives while the disk is full: it waits, it is not lost. (The
-        # result is large, so the write fails.)
+        # result needs new pages, so the write fails.)
         (handle,) = kit.endpoints.handles.values()
         held = handle.held[0]
-        handle.result(held.task_id, {"task_id": held.task_id, "status": "success"}, b"r" * 300_000)
+        handle.result(held.task_id, {"task_id": held.task_id, "status": "success"}, b"r" * 60_000)
         for _ in range(20):
             await asyncio.sleep(0)
         view = (await client.get(f"/v1/tasks/{task_id}", headers=alice)).json()
@@ -174,7 +179,7 @@ def test_a_full_disk_is_a_503_and_results_wait_for_it(tmp_path: Path) -> None:
         )
         (done,) = w.json()["tasks"]
         assert done["state"] == "success"
-        assert base64.b64decode(done["result"]) == b"r" * 300_000
+        assert base64.b64decode(done["result"]) == b"r" * 60_000
         assert (await client.get("/healthz")).status_code == 200
 
     run(tmp_path, scenario)

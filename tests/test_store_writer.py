@@ -91,8 +91,10 @@ def test_after_runs_once_committed_and_a_full_store_refuses(tmp_path: Path) -> N
         await store.queue_outcomes([Outcome("t1", "success", None, b"r")], 2.0, after)
         pages = int(store._db.execute("PRAGMA page_count").fetchone()[0])
         store._db.execute(f"PRAGMA max_page_count={pages}")
+        # Rows that need new pages (payloads kept inline, below FILE_BYTES).
+        many = [task(3 + i, bytes(60_000)) for i in range(4)]
         with pytest.raises(StoreError) as full:
-            await store.commit_tasks([task(3, bytes(200_000))], state="dispatched", now=3.0)
+            await store.commit_tasks(many, state="dispatched", now=3.0)
         assert full.value.reason == "store.unavailable" and not store.available
         store._db.execute("PRAGMA max_page_count=1073741823")
         await store.commit_tasks([task(3)], state="dispatched", now=3.0)

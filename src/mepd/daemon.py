@@ -202,6 +202,19 @@ def _recover(store: TaskStore, audit: AuditLog, keep: frozenset[str] = frozenset
             )
             for t in recovery.lost
         )
+    if recovery.damaged:
+        audit.record_many(
+            (
+                "task.finished",
+                {
+                    "task_id": t,
+                    "status": "failed",
+                    "reason": "task.record_damaged",
+                    "cause": "payload file missing at restart",
+                },
+            )
+            for t in recovery.damaged
+        )
     return recovery
 
 

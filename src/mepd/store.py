@@ -3,7 +3,8 @@
 It holds registered functions (content-addressed by sha256), the *specs* needed to
 start a user endpoint again after a restart (endpoint, account, variables, identity,
 runtime), and tasks with their opaque payloads and results. Payloads and results are
-BLOBs: the daemon never deserializes them (DESIGN.md §3.4).
+BLOBs, or files beside the store from ``mepd.blobs.FILE_BYTES`` up (``mepd.blobs``: the
+row's ``blobs`` flags say which): the daemon never deserializes them (DESIGN.md §3.4).
 
 Durability: every write is one transaction, committed before the caller returns; a
 batch of tasks is one ``executemany`` in one transaction. The writes of the request path
@@ -49,7 +50,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,7 @@ import attrs
 
 from mepcore.errors import StoreError
 from mepcore.types import Identity
+from mepd.blobs import FILE_BYTES, PAYLOAD, RESULT, BlobFiles, blob_directory
 from mepd.spec import EndpointSpec
 from mepd.writer import Checkpointer, StoreWriter
 
@@ -64,7 +66,7 @@ FINAL_STATES = ("success", "failed", "cancelled")
 # Writes up to this many payload bytes (and a few rows) may be committed on the event
 # loop when the writer thread is idle (``mepd.writer.StoreWriter.submit``).
 SMALL_WRITE_BYTES = 64 * 1024
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _TABLES = frozenset({"functions", "specs", "tasks"})
 
 _SCHEMA = (
@@ -100,7 +102,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     error TEXT,
     result BLOB,
     uep_id TEXT,
-    resources TEXT
+    resources TEXT,
+    blobs INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS tasks_state ON tasks(state);
 CREATE INDEX IF NOT EXISTS tasks_finished ON tasks(finished) WHERE finished IS NOT NULL;
@@ -150,12 +153,21 @@ def _resources(text: str | None) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+def _migrate_3_to_4(db: sqlite3.Connection) -> None:
+    """Version 4: large payloads and results may live in files (``mepd.blobs``); the
+    row's ``blobs`` flags say which. Rows written before keep theirs inline (0)."""
+    columns = {r[1] for r in db.execute("PRAGMA table_info(tasks)")}
+    if "blobs" not in columns:
+        db.execute("ALTER TABLE tasks ADD COLUMN blobs INTEGER NOT NULL DEFAULT 0")
+
+
 # Version n → n+1. Version 0 with mep's tables is a store written before versions were
 # recorded: its tables are version 1's, so the step only records the number.
 _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     0: lambda db: None,
     1: _migrate_1_to_2,
     2: _migrate_2_to_3,
+    3: _migrate_3_to_4,
 }
 
 
@@ -264,12 +276,18 @@ class Recovery:
     lost: tuple[str, ...]
     queued: tuple[QueuedTask, ...]
     held: tuple[HeldTask, ...] = ()
+    # Queued tasks whose payload file was gone: failed with ``task.record_damaged``.
+    damaged: tuple[str, ...] = ()
 
 
 _RECORD_COLUMNS = (
-    "id, owner, endpoint, account, spec_id, function_id, state, created, finished, error, result"
+    "id, owner, endpoint, account, spec_id, function_id, state, created, finished, error, result,"
+    " blobs"
 )
 _RECORD_COLUMNS_WITHOUT_RESULT = _RECORD_COLUMNS.replace("result", "NULL")
+
+
+_DAMAGED = {"reason": "task.record_damaged"}
 
 
 def _damaged(task_id: str, owner: str | None) -> TaskRecord:
@@ -283,7 +301,7 @@ def _damaged(task_id: str, owner: str | None) -> TaskRecord:
         state="failed",
         created=0.0,
         finished=None,
-        error={"reason": "task.record_damaged"},
+        error=dict(_DAMAGED),
         result=None,
     )
 
@@ -321,14 +339,14 @@ def _decode(row: Sequence[Any]) -> TaskRecord:
 
 _INSERT_TASK = (
     "INSERT INTO tasks(id, owner, endpoint, account, spec_id, function_id, payload,"
-    " walltime, state, created, uep_id, resources) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+    " walltime, state, created, uep_id, resources, blobs) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
 _INSERT_SPEC = (
     "INSERT OR IGNORE INTO specs(id, endpoint, account, variables, user_runtime,"
     " identity, created) VALUES (?,?,?,?,?,?,?)"
 )
 _FINISH = (
-    "UPDATE tasks SET state=?, error=?, result=?, finished=?, payload=NULL"
+    "UPDATE tasks SET state=?, error=?, result=?, blobs=?, finished=?, payload=NULL"
     " WHERE id=? AND state IN ('queued','dispatched')"
 )
 
@@ -342,12 +360,13 @@ def _task_rows(tasks: Sequence[NewTask], state: str, now: float) -> list[tuple[A
             t.account,
             t.spec_id,
             t.function_id,
-            t.payload,
+            None if len(t.payload) >= FILE_BYTES else t.payload,
             t.walltime,
             state,
             now,
             t.uep_id,
             None if t.resources is None else json.dumps(t.resources),
+            PAYLOAD if len(t.payload) >= FILE_BYTES else 0,
         )
         for t in tasks
     ]
@@ -366,10 +385,13 @@ def _spec_row(spec: EndpointSpec, now: float) -> tuple[Any, ...]:
 
 
 def _outcome_rows(outcomes: Sequence[Outcome], now: float) -> list[tuple[Any, ...]]:
-    return [
-        (o.state, json.dumps(o.error) if o.error is not None else None, o.result, now, o.task_id)
-        for o in outcomes
-    ]
+    rows = []
+    for o in outcomes:
+        in_file = o.result is not None and len(o.result) >= FILE_BYTES
+        error = json.dumps(o.error) if o.error is not None else None
+        result = None if in_file else o.result
+        rows.append((o.state, error, result, RESULT if in_file else 0, now, o.task_id))
+    return rows
 
 
 def _finish_rows(db: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> list[str]:
@@ -380,18 +402,18 @@ def _finish_rows(db: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> lis
         return []
     changed = db.executemany(_FINISH, rows).rowcount
     if changed == len(rows):
-        return [row[4] for row in rows]
-    now = rows[0][3]
+        return [row[5] for row in rows]
+    now = rows[0][4]
     mine: set[str] = set()
     for start in range(0, len(rows), 500):
-        chunk = [row[4] for row in rows[start : start + 500]]
+        chunk = [row[5] for row in rows[start : start + 500]]
         marks = ",".join("?" * len(chunk))
         found = db.execute(
             f"SELECT id FROM tasks WHERE finished=? AND id IN ({marks})",  # noqa: S608
             [now, *chunk],
         )
         mine.update(r[0] for r in found)
-    return [row[4] for row in rows if row[4] in mine]
+    return [row[5] for row in rows if row[5] in mine]
 
 
 def _insert_function(db: sqlite3.Connection, row: tuple[Any, ...]) -> bool:
@@ -425,6 +447,10 @@ class TaskStore:
     # Held by every write transaction (the writer thread's and ``_transaction``'s).
     _write_lock: threading.Lock = attrs.field(factory=threading.Lock)
     _writer: StoreWriter | None = None
+    # Large payloads and results (``mepd.blobs``); prepared by ``open``.
+    _blobs: BlobFiles = attrs.field(
+        default=attrs.Factory(lambda self: BlobFiles(blob_directory(self.path)), takes_self=True)
+    )
 
     @property
     def _read(self) -> sqlite3.Connection:
@@ -462,6 +488,7 @@ class TaskStore:
             db.execute("PRAGMA synchronous=" + ("FULL" if durability == "full" else "NORMAL"))
             problems = _integrity(db)
             reader = _connect(path)
+            stored = _blob_rows(db)
         except sqlite3.DatabaseError as exc:
             if db is not None:
                 db.close()
@@ -470,7 +497,8 @@ class TaskStore:
                 f"{path}: not a usable task store ({exc}); keep it for inspection and start "
                 "with --fresh-store to set it aside and begin a new one",
             ) from exc
-        return cls(path, db, problems, reader=reader)
+        blobs = BlobFiles.open(blob_directory(path), stored, sync=durability == "full")
+        return cls(path, db, problems, reader=reader, blobs=blobs)
 
     def close(self) -> None:
         if self._writer is not None:
@@ -518,9 +546,10 @@ class TaskStore:
         spec_row = None if spec is None else _spec_row(spec, now)
 
         def work(db: sqlite3.Connection) -> None:
-            if spec_row is not None:
-                db.execute(_INSERT_SPEC, spec_row)
-            db.executemany(_INSERT_TASK, rows)
+            with self._payload_files(tasks):
+                if spec_row is not None:
+                    db.execute(_INSERT_SPEC, spec_row)
+                db.executemany(_INSERT_TASK, rows)
 
         small = sum(len(t.payload) for t in tasks) <= SMALL_WRITE_BYTES and len(tasks) <= 64
         return self._writer_thread().submit(work, small=small)
@@ -536,7 +565,72 @@ class TaskStore:
         ``after`` is called with them in the writer thread once they are committed."""
         rows = _outcome_rows(outcomes, now)
         small = len(rows) <= 64 and sum(len(o.result or b"") for o in outcomes) <= SMALL_WRITE_BYTES
-        return self._writer_thread().submit(lambda db: _finish_rows(db, rows), after, small=small)
+
+        def committed(changed: list[str]) -> None:
+            self._blobs.drop_payloads(changed)
+            if after is not None:
+                after(changed)
+
+        return self._writer_thread().submit(
+            lambda db: self._finish_work(db, outcomes, rows, known_open=False),
+            committed,
+            small=small,
+        )
+
+    # -- large payloads and results in files (``mepd.blobs``) ------------------------
+
+    @contextlib.contextmanager
+    def _payload_files(self, tasks: Sequence[NewTask]) -> Iterator[None]:
+        """Inside a write transaction, around the inserts of ``tasks``: their large
+        payloads written to files first, removed again if the inserts fail."""
+        written: list[str] = []
+        try:
+            for t in tasks:
+                if len(t.payload) >= FILE_BYTES:
+                    self._blobs.write(t.task_id, PAYLOAD, t.payload)
+                    written.append(t.task_id)
+            if written:
+                self._blobs.synced()
+        except OSError as exc:
+            self._blobs.remove(written, PAYLOAD)
+            raise self._files_failed(exc) from exc
+        try:
+            yield
+        except BaseException:
+            self._blobs.remove(written, PAYLOAD)
+            raise
+
+    def _finish_work(
+        self,
+        db: sqlite3.Connection,
+        outcomes: Sequence[Outcome],
+        rows: Sequence[tuple[Any, ...]],
+        *,
+        known_open: bool,
+    ) -> list[str]:
+        """Record outcomes (in a write transaction): large results written to files
+        under a temporary name first, given their own name only for the tasks the
+        update changed (a task already final keeps its first result and its file)."""
+        large = [o for o in outcomes if o.result is not None and len(o.result) >= FILE_BYTES]
+        try:
+            staged = [self._blobs.stage(o.task_id, RESULT, o.result or b"") for o in large]
+        except OSError as exc:
+            raise self._files_failed(exc) from exc
+        try:
+            if known_open:
+                db.executemany(_FINISH, rows)
+                changed = [o.task_id for o in outcomes]
+            else:
+                changed = _finish_rows(db, rows)
+            self._blobs.settle(staged, set(changed))
+        except BaseException:
+            self._blobs.settle(staged, set())
+            raise
+        return changed
+
+    def _files_failed(self, exc: OSError) -> StoreError:
+        self.available = False
+        return StoreError("store.unavailable", f"{self._blobs.directory}: write failed: {exc}")
 
     # -- functions -------------------------------------------------------------------
 
@@ -601,7 +695,7 @@ class TaskStore:
 
     def add_tasks(self, tasks: Sequence[NewTask], *, state: str, now: float) -> None:
         """Insert a batch in one transaction; committed when this returns."""
-        with self._transaction():
+        with self._transaction(), self._payload_files(tasks):
             self._db.executemany(_INSERT_TASK, _task_rows(tasks, state, now))
 
     def mark_dispatched(self, task_ids: Sequence[str], uep_id: str | None = None) -> None:
@@ -621,10 +715,9 @@ class TaskStore:
         in-flight tasks), which allows one ``executemany``; the state guard stays."""
         rows = _outcome_rows(outcomes, now)
         with self._transaction():
-            if known_open:
-                self._db.executemany(_FINISH, rows)
-                return [o.task_id for o in outcomes]
-            return _finish_rows(self._db, rows)
+            changed = self._finish_work(self._db, outcomes, rows, known_open=known_open)
+        self._blobs.drop_payloads(changed)
+        return changed
 
     def get(self, task_id: str) -> TaskRecord | None:
         return self._read_one(task_id)
@@ -648,8 +741,20 @@ class TaskStore:
                 found = (self._read_one(t) for t in chunk)
                 out.extend(r for r in found if r is not None)
                 continue
-            out.extend(_record(r) for r in rows)
+            out.extend(self._resolved(r, results) for r in rows)
         return out
+
+    def _resolved(self, row: Sequence[Any], results: bool = True) -> TaskRecord:
+        """A row as a record, its result read from its file when it has one there; a
+        result file that is gone makes it a damaged record."""
+        record = _record(row)
+        flags = row[11] if len(row) > 11 and isinstance(row[11], int) else 0
+        if not (results and flags & RESULT) or record.error == _DAMAGED:
+            return record
+        data = self._blobs.read(record.task_id, RESULT)
+        if data is None:
+            return _damaged(record.task_id, record.owner)
+        return attrs.evolve(record, result=data)
 
     def recover(self, now: float, keep: Iterable[str] = ()) -> Recovery:
         """After a restart: what was dispatched is lost — unless it went to one of the
@@ -679,18 +784,39 @@ class TaskStore:
                 else:
                     lost.append(task_id)
             self._db.executemany(
-                "UPDATE tasks SET state='failed', error=?, finished=?, payload=NULL"
+                "UPDATE tasks SET state='failed', error=?, finished=?, payload=NULL, blobs=0"
                 " WHERE id=? AND state='dispatched'",
                 [(error, now, t) for t in lost],
             )
-        queued = tuple(
-            QueuedTask(r[0], r[1], r[2], r[3], r[4], bytes(r[5]), r[6], _resources(r[7]))
-            for r in self._db.execute(
-                "SELECT id, owner, account, spec_id, function_id, payload, walltime, resources"
-                " FROM tasks WHERE state='queued' ORDER BY created, rowid"
-            )
+            queued, damaged = self._queued_tasks(now)
+        self._blobs.drop_payloads([*lost, *damaged])
+        return Recovery(tuple(lost), tuple(queued), tuple(held), tuple(damaged))
+
+    def _queued_tasks(self, now: float) -> tuple[list[QueuedTask], list[str]]:
+        """(In ``_recover``'s transaction.) The queued tasks, in order; those whose
+        payload file is gone are failed with ``task.record_damaged`` instead."""
+        queued: list[QueuedTask] = []
+        damaged: list[str] = []
+        for r in self._db.execute(
+            "SELECT id, owner, account, spec_id, function_id, payload, walltime, resources,"
+            " blobs FROM tasks WHERE state='queued' ORDER BY created, rowid"
+        ).fetchall():
+            payload = self._payload_of(r[0], r[5], r[8])
+            if payload is None:
+                damaged.append(r[0])
+                continue
+            queued.append(QueuedTask(r[0], r[1], r[2], r[3], r[4], payload, r[6], _resources(r[7])))
+        self._db.executemany(
+            "UPDATE tasks SET state='failed', error=?, finished=?, payload=NULL, blobs=0"
+            " WHERE id=?",
+            [(json.dumps(_DAMAGED), now, t) for t in damaged],
         )
-        return Recovery(tuple(lost), queued, tuple(held))
+        return queued, damaged
+
+    def _payload_of(self, task_id: str, inline: bytes | None, flags: int) -> bytes | None:
+        if flags & PAYLOAD:
+            return self._blobs.read(task_id, PAYLOAD)
+        return None if inline is None else bytes(inline)
 
     # -- user endpoints that may outlive the daemon (mepd.adoption) -------------------
 
@@ -722,12 +848,14 @@ class TaskStore:
             chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
             rows = self._read.execute(
-                "SELECT id, owner, function_id, payload, walltime, resources FROM tasks"  # noqa: S608
-                f" WHERE state='dispatched' AND payload IS NOT NULL AND id IN ({marks})",
+                "SELECT id, owner, function_id, payload, walltime, resources, blobs"  # noqa: S608
+                f" FROM tasks WHERE state='dispatched' AND id IN ({marks})",
                 chunk,
             )
             for r in rows:
-                found[r[0]] = PendingPayload(r[0], r[1], r[2], bytes(r[3]), r[4], _resources(r[5]))
+                payload = self._payload_of(r[0], r[3], r[6])
+                if payload is not None:  # else it cannot be sent again: the caller fails it
+                    found[r[0]] = PendingPayload(r[0], r[1], r[2], payload, r[4], _resources(r[5]))
         return [found[t] for t in ids if t in found]
 
     def counts_by_state(self) -> dict[str, int]:
@@ -739,12 +867,22 @@ class TaskStore:
     def sweep(self, older_than: float) -> int:
         """Remove final tasks finished before ``older_than``; returns how many."""
         with self._transaction():
+            files = [
+                r[0]
+                for r in self._db.execute(
+                    "SELECT id FROM tasks WHERE finished IS NOT NULL AND finished < ?"
+                    " AND blobs != 0",
+                    (older_than,),
+                )
+            ]
             cur = self._db.execute(
                 "DELETE FROM tasks WHERE finished IS NOT NULL AND finished < ?", (older_than,)
             )
             self._db.execute(
                 "DELETE FROM specs WHERE id NOT IN (SELECT DISTINCT spec_id FROM tasks)"
             )
+        self._blobs.remove(files, RESULT)
+        self._blobs.remove(files, PAYLOAD)
         return cur.rowcount
 
     def rename_owners(self, old_prefix: str, new_prefix: str) -> int:
@@ -771,7 +909,7 @@ class TaskStore:
         ids = [r[0] for r in self._read.execute("SELECT id FROM tasks")]
         for task_id in ids:
             record = self._read_one(task_id)
-            if record is not None and record.error == {"reason": "task.record_damaged"}:
+            if record is not None and record.error == _DAMAGED:
                 damaged.append(task_id)
         return damaged
 
@@ -783,7 +921,7 @@ class TaskStore:
             ).fetchone()
         except sqlite3.DatabaseError:
             return _damaged(task_id, self._owner_of(task_id))
-        return None if row is None else _record(row)
+        return None if row is None else self._resolved(row)
 
     def _owner_of(self, task_id: str) -> str | None:
         try:
@@ -864,6 +1002,15 @@ def _check_and_migrate(path: Path, db: sqlite3.Connection) -> None:
         db.execute(f"PRAGMA user_version={version}")
 
 
+def _blob_rows(db: sqlite3.Connection) -> list[tuple[str, int]] | None:
+    """(id, flags) of the rows with files; None when damage keeps them from being read
+    (then no file is removed as unnamed)."""
+    try:
+        return db.execute("SELECT id, blobs FROM tasks WHERE blobs != 0").fetchall()
+    except sqlite3.DatabaseError:
+        return None
+
+
 def _integrity(db: sqlite3.Connection) -> tuple[str, ...]:
     try:
         rows = [str(r[0]) for r in db.execute("PRAGMA integrity_check(20)")]
@@ -875,7 +1022,7 @@ def _integrity(db: sqlite3.Connection) -> tuple[str, ...]:
 def set_aside(path: Path, clock: Callable[[], float] = time.time) -> Path:
     """Rename a store file (and its WAL and shared-memory files) out of the way."""
     aside = path.with_name(f"{path.name}.{int(clock())}.bad")
-    for suffix in ("", "-wal", "-shm"):
+    for suffix in ("", "-wal", "-shm", ".blobs"):
         source = path.with_name(path.name + suffix)
         if source.exists():
             os.replace(source, aside.with_name(aside.name + suffix))

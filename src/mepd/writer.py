@@ -6,7 +6,8 @@ every job that is waiting, runs them in one SQLite transaction — each in its o
 savepoint, so one job's error fails that job alone — commits once, and only then
 completes each job's future in the job's event loop. So a caller is answered after its
 data is committed (the daemon's promise that nothing accepted is lost holds), a
-megabyte of payload is copied into the database without holding up the event loop,
+megabyte of payload is written (to its file, ``mepd.blobs``) without holding up the
+event loop,
 and many small writes arriving together cost one commit.
 
 Small work (a few rows) is committed at once on the event loop instead when the
