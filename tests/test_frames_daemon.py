@@ -96,5 +96,10 @@ def test_frames_and_json_callers_then_kill_9_keeps_the_accepted_bytes(
     try:
         kept = {p.task_id: p.payload for p in store.pending_payloads(ids)}
         assert kept == dict(zip(ids, args, strict=True))
+        # The megabytes were in files beside the store (mepd.blobs), and so is the
+        # result of the first echo: both survive the kill.
+        assert f"{ids[0]}.payload" in os.listdir(state / "tasks.sqlite3.blobs")
+        (echoed,) = store.get_many([new])
+        assert unpack_value(echoed.result or b"") == payload
     finally:
         store.close()
