@@ -26,7 +26,7 @@ import select
 import socket
 import struct
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -69,6 +69,8 @@ KINDS = frozenset(
 )
 
 _PREFIX = struct.Struct(">II")
+# Buffers per sendmsg/writev call: well below IOV_MAX (1024 on Linux).
+IOV_BATCH = 512
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 DEFAULT_MAX_HEADER = 16 * 1024 * 1024
 DEFAULT_MAX_PARTS = 100_000
@@ -96,7 +98,9 @@ class Frame:
 
     def parts(self) -> list[bytes]:
         """The opaque parts of the body, split by the header's ``sizes``."""
-        sizes = self.header.get("sizes") or ()
+        sizes: list[int] = self.header.get("sizes") or []
+        if len(sizes) == 1 and sizes[0] == len(self.body):
+            return [self.body]  # the one part is the body: no copy
         out: list[bytes] = []
         view = memoryview(self.body)
         offset = 0
@@ -171,27 +175,77 @@ def batch_frames(
     return frames
 
 
+# Body pieces at least this long are kept by reference until the frame is whole (one
+# copy when it is joined); shorter ones are gathered into a bytearray, so that a peer
+# writing a byte at a time cannot make the list of pieces long.
+_BY_REFERENCE = 64 * 1024
+
+
+def gather(buffers: Iterable[bytes]) -> list[bytes | memoryview]:
+    """The buffers of a frame as they are to be written: runs of short ones joined
+    (one small copy), long ones (payloads) as they are, so that a large payload is
+    handed to the kernel without being copied into a joined frame first."""
+    out: list[bytes | memoryview] = []
+    run: list[bytes] = []
+    for buffer in buffers:
+        if len(buffer) >= _BY_REFERENCE:
+            if run:
+                out.append(b"".join(run))
+                run = []
+            out.append(buffer)
+        elif buffer:
+            run.append(buffer)
+    if run:
+        out.append(b"".join(run))
+    return out
+
+
+def advance(buffers: list[bytes | memoryview], sent: int) -> list[bytes | memoryview]:
+    """What is left of ``buffers`` once their first ``sent`` bytes are written."""
+    index = 0
+    while index < len(buffers) and sent >= len(buffers[index]):
+        sent -= len(buffers[index])
+        index += 1
+    rest = buffers[index:]
+    if sent:
+        rest[0] = memoryview(rest[0])[sent:]
+    return rest
+
+
 class FrameDecoder:
-    """Incremental decoder: feed bytes, get complete frames; raises on malformed input."""
+    """Incremental decoder: feed bytes, get complete frames; raises on malformed input.
+
+    A frame's prefix and header are checked as soon as they have arrived, before its body
+    is read. The body is not gathered in one growing buffer: a body that one ``feed``
+    holds whole is cut from it with one copy (none when ``data`` is exactly the body),
+    and one that arrives over many feeds is kept as the pieces received and joined once,
+    when its last byte arrives.
+    """
 
     def __init__(self, limits: ChannelLimits = ChannelLimits()) -> None:
         self._limits = limits
-        self._buffer = bytearray()
+        self._head = bytearray()  # the prefix and header of the next frame, while partial
+        self._header: dict[str, Any] | None = None  # the header whose body is being read
+        self._body_len = 0
+        self._pieces: list[bytes | bytearray | memoryview] = []
+        self._have = 0  # body bytes in _pieces
         self._error: ChannelError | None = None
 
-    def feed(self, data: bytes) -> list[Frame]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         """Frames completed by ``data``. Frames before a malformed one are still returned;
         the error is raised by this call when there are none, else by ``check``/the next
         call (the connection is to be ended either way)."""
         self.check()
-        self._buffer += data
+        if type(data) is not bytes:
+            data = bytes(data)  # pieces are kept by reference: they must not change
         frames: list[Frame] = []
         try:
-            self._decode(frames)
+            self._consume(data, frames)
         except ChannelError as exc:
+            # Where the bad frame ends is unknown: nothing after it can be read either.
+            self._error = exc
             if not frames:
                 raise
-            self._error = exc
         return frames
 
     def check(self) -> None:
@@ -199,35 +253,96 @@ class FrameDecoder:
         if self._error is not None:
             raise self._error
 
-    def _decode(self, frames: list[Frame]) -> None:
-        buf = self._buffer
-        pos = 0
-        while len(buf) - pos >= _PREFIX.size:
-            length, header_len = _PREFIX.unpack_from(buf, pos)
-            if length > self._limits.max_frame:
-                raise ChannelError(
-                    "channel.frame_too_large",
-                    f"frame of {length} bytes exceeds the limit of {self._limits.max_frame}",
-                )
-            if header_len > self._limits.max_header or header_len + 4 > length:
-                raise ChannelError("channel.frame_invalid", f"bad header length {header_len}")
-            end = pos + 4 + length
-            if len(buf) < end:
-                break
-            head_start = pos + _PREFIX.size
-            header = _parse_header(bytes(buf[head_start : head_start + header_len]))
-            body = bytes(buf[head_start + header_len : end])
-            _check_sizes(header, len(body), self._limits)
-            frames.append(Frame(header, body))
-            pos = end
-            # Drop consumed bytes as we go, so an error later leaves only the bad tail.
-            del buf[:pos]
-            pos = 0
-
     @property
     def pending(self) -> int:
         """Bytes received that do not yet make a whole frame."""
-        return len(self._buffer)
+        return len(self._head) + self._have
+
+    def _consume(self, data: bytes, frames: list[Frame]) -> None:
+        view = memoryview(data)
+        at = 0
+        while at < len(data):
+            if self._header is None:
+                at = self._read_head(view, at, frames)
+            else:
+                at = self._read_body(data, view, at, frames)
+
+    def _prefix(self, buf: bytes | bytearray | memoryview, at: int) -> tuple[int, int]:
+        length, header_len = _PREFIX.unpack_from(buf, at)
+        if length > self._limits.max_frame:
+            raise ChannelError(
+                "channel.frame_too_large",
+                f"frame of {length} bytes exceeds the limit of {self._limits.max_frame}",
+            )
+        if header_len > self._limits.max_header or header_len + 4 > length:
+            raise ChannelError("channel.frame_invalid", f"bad header length {header_len}")
+        return int(length), int(header_len)
+
+    def _read_head(self, view: memoryview, at: int, frames: list[Frame]) -> int:
+        head = self._head
+        if not head and len(view) - at >= _PREFIX.size:
+            # The usual case: the whole head is in this piece, read in place.
+            length, header_len = self._prefix(view, at)
+            stop = at + _PREFIX.size + header_len
+            if stop <= len(view):
+                self._begin(bytes(view[at + _PREFIX.size : stop]), length, frames)
+                return stop
+        # Gather the head across pieces: the prefix first, then the header it announces.
+        while True:
+            need = _PREFIX.size
+            if len(head) >= _PREFIX.size:
+                need += self._prefix(head, 0)[1]
+            if len(head) >= need:
+                break
+            if at == len(view):
+                return at
+            take = min(need - len(head), len(view) - at)
+            head += view[at : at + take]
+            at += take
+        length, _ = self._prefix(head, 0)
+        raw = bytes(head[_PREFIX.size :])
+        head.clear()
+        self._begin(raw, length, frames)
+        return at
+
+    def _begin(self, raw: bytes, length: int, frames: list[Frame]) -> None:
+        """A frame's header has arrived: check it, and its sizes against the body length
+        the prefix announced, before any of the body is read."""
+        header = _parse_header(raw)
+        body_len = length - 4 - len(raw)
+        _check_sizes(header, body_len, self._limits)
+        if body_len == 0:
+            frames.append(Frame(header))
+            return
+        self._header, self._body_len = header, body_len
+
+    def _read_body(self, data: bytes, view: memoryview, at: int, frames: list[Frame]) -> int:
+        missing = self._body_len - self._have
+        take = min(missing, len(data) - at)
+        if take == missing and not self._pieces:
+            # The whole body is in this piece: one copy, or none when it is all of it.
+            body = data if take == len(data) else bytes(view[at : at + take])
+        else:
+            self._keep(data, view, at, take)
+            if take < missing:
+                return at + take
+            body = b"".join(self._pieces)
+            self._pieces, self._have = [], 0
+        assert self._header is not None
+        frames.append(Frame(self._header, body))
+        self._header, self._body_len = None, 0
+        return at + take
+
+    def _keep(self, data: bytes, view: memoryview, at: int, take: int) -> None:
+        self._have += take
+        if take >= _BY_REFERENCE:
+            self._pieces.append(data if take == len(data) else view[at : at + take])
+            return
+        last = self._pieces[-1] if self._pieces else None
+        if isinstance(last, bytearray):
+            last += view[at : at + take]
+        else:
+            self._pieces.append(bytearray(view[at : at + take]))
 
 
 def _parse_header(raw: bytes) -> dict[str, Any]:
@@ -303,9 +418,12 @@ class BlockingChannel:
         self.send_buffers(encode_frame(kind, fields, parts, limits=self.limits))
 
     def send_buffers(self, buffers: Sequence[bytes]) -> None:
-        data = b"".join(buffers)
+        pending = gather(buffers)
         with self._send_lock:
-            self.sock.sendall(data)
+            while pending:
+                # Scatter-gather: the payloads go from where they are, without a join.
+                sent = self.sock.sendmsg(pending[:IOV_BATCH])
+                pending = advance(pending, sent)
 
     def recv(self, timeout: float | None = None) -> Frame | None:
         """The next frame; None on timeout. Raises EOFError when the peer closed."""

@@ -14,7 +14,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from mepcore.errors import ChannelError
-from mepd.channel import ChannelLimits, Frame, FrameDecoder, encode_frame
+from mepd.channel import (
+    IOV_BATCH,
+    ChannelLimits,
+    Frame,
+    FrameDecoder,
+    advance,
+    encode_frame,
+    gather,
+)
 
 
 class AsyncChannel(asyncio.Protocol):
@@ -36,6 +44,7 @@ class AsyncChannel(asyncio.Protocol):
         self.limits = limits
         self._decoder = FrameDecoder(limits)
         self._transport: asyncio.Transport | None = None
+        self._fd: int | None = None
         self._error: BaseException | None = None
         self._closed = False
         self.closed_event = asyncio.Event()
@@ -60,6 +69,8 @@ class AsyncChannel(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+        sock = transport.get_extra_info("socket")
+        self._fd = None if sock is None else sock.fileno()
 
     def data_received(self, data: bytes) -> None:
         if self._closed:
@@ -107,9 +118,35 @@ class AsyncChannel(asyncio.Protocol):
         self.send_buffers(encode_frame(kind, fields, parts, limits=self.limits))
 
     def send_buffers(self, buffers: Iterable[bytes]) -> None:
-        if self._transport is None or self._closed:
+        transport = self._transport
+        if transport is None or self._closed:
             raise ChannelError("channel.closed", "the channel to the user endpoint is closed")
-        self._transport.writelines(list(buffers))
+        pending = gather(buffers)
+        if self._fd is not None and not (
+            transport.is_closing() or transport.get_write_buffer_size()
+        ):
+            pending = self._write_now(self._fd, pending)
+        # The rest waits in the transport's buffer, which flow control watches. (Its
+        # writelines would join the buffers first: one large copy more.)
+        for rest in pending:
+            transport.write(rest)
+
+    @staticmethod
+    def _write_now(fd: int, pending: list[bytes | memoryview]) -> list[bytes | memoryview]:
+        """Write what the socket takes now, straight from the frame's buffers; the
+        transport's buffer is empty, so nothing written before is overtaken."""
+        while pending:
+            batch = pending[:IOV_BATCH]
+            try:
+                sent = os.writev(fd, batch)
+            except (BlockingIOError, InterruptedError):
+                return pending
+            except OSError:
+                return pending  # the transport meets the error too, and ends the connection
+            pending = advance(pending, sent)
+            if sent < sum(len(b) for b in batch):
+                return pending
+        return pending
 
     def read_pending(self, limit: int = 256 * 1024 * 1024) -> None:
         """Deliver whatever the peer already wrote, now (no waiting; bounded by ``limit``).
