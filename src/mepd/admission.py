@@ -156,6 +156,10 @@ def submit_checks(account: Account, site: Site, function_ids: Iterable[str]) -> 
     ]
 
 
+# Audit records held back to be written together (``Admission.admit_submit``).
+Events = list[tuple[str, Mapping[str, Any]]]
+
+
 @attrs.define
 class Admission:
     """Map → authorize → validate, with every decision audited first."""
@@ -163,7 +167,15 @@ class Admission:
     audit: AuditSink
     metrics: Metrics
 
-    async def account_of(self, site: Site, caller: Caller) -> Account:
+    def _note(self, events: Events | None, event: str, **fields: Any) -> None:
+        """Record ``event`` now, or add it to ``events``, which the caller writes before
+        anything the decisions allow happens."""
+        if events is None:
+            self.audit.record(event, **fields)
+        else:
+            events.append((event, fields))
+
+    async def account_of(self, site: Site, caller: Caller, events: Events | None = None) -> Account:
         """The caller's local account at ``site``, checked; refusals are audited."""
         audit_ids = [i.id for i in caller.identities]
         try:
@@ -176,7 +188,8 @@ class Admission:
                 raise IdentityError("identity.no_mapping", "no mapping rule matched")
             account = site.check_account(name)
         except IdentityError as exc:
-            self.audit.record(
+            self._note(
+                events,
                 "identity.mapping_failed",
                 endpoint=site.name,
                 identities=audit_ids,
@@ -186,7 +199,8 @@ class Admission:
                 detail=exc.detail,
             )
             raise
-        self.audit.record(
+        self._note(
+            events,
             "identity.mapping_resolved",
             endpoint=site.name,
             identities=audit_ids,
@@ -197,14 +211,20 @@ class Admission:
         return account
 
     def authorize(
-        self, site: Site, caller: Caller, account: Account, checks: Iterable[Check]
+        self,
+        site: Site,
+        caller: Caller,
+        account: Account,
+        checks: Iterable[Check],
+        events: Events | None = None,
     ) -> None:
         """Ask the policy about each check; the first denial is raised."""
         principals = principals_of(caller.identities, account)
         for obj, action in checks:
             decision = site.decide(obj, action, principals, caller, account)
             self.metrics.decisions.inc(action=action, allowed=str(decision.allowed).lower())
-            self.audit.record(
+            self._note(
+                events,
                 "authz.decided",
                 endpoint=site.name,
                 identity=caller.identities.primary.id,
@@ -221,12 +241,17 @@ class Admission:
                 raise AuthzError(denial_reason(decision.reason), f"{action} on {obj} denied")
 
     def check_allowed_functions(
-        self, site: Site, account: Account, function_ids: Sequence[str]
+        self,
+        site: Site,
+        account: Account,
+        function_ids: Sequence[str],
+        events: Events | None = None,
     ) -> None:
         allowed = site.allowed_functions
         refused = [] if allowed is None else [f for f in function_ids if f not in allowed]
         if refused:
-            self.audit.record(
+            self._note(
+                events,
                 "task.function_refused",
                 endpoint=site.name,
                 account=account.name,
@@ -242,10 +267,18 @@ class Admission:
         variables: Mapping[str, Any],
         user_runtime: Mapping[str, Any],
     ) -> Admitted:
-        """The whole decision of a submit, or the refusal that ends it."""
-        account = await self.account_of(site, caller)
-        self.authorize(site, caller, account, submit_checks(account, site, function_ids))
-        self.check_allowed_functions(site, account, function_ids)
+        """The whole decision of a submit, or the refusal that ends it. Its audit
+        records (mapping, each policy decision, a refusal) are written with one write,
+        before this returns or raises: before anything they allow happens, and a log
+        that cannot take them fails the submit (``AuditUnavailable``)."""
+        events: Events = []
+        try:
+            account = await self.account_of(site, caller, events)
+            checks = submit_checks(account, site, function_ids)
+            self.authorize(site, caller, account, checks, events)
+            self.check_allowed_functions(site, account, function_ids, events)
+        finally:
+            self.audit.record_many(events)
         valid = site.validate_variables(variables)
         spec = EndpointSpec(site.name, account.name, valid, user_runtime, caller.identities.primary)
         return Admitted(site, account, spec, site.config_key(account, valid))

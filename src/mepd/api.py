@@ -161,6 +161,16 @@ def public_error(error: MepError) -> dict[str, Any]:
     return body
 
 
+# Starlette's JSONResponse builds a new encoder (``json.dumps`` with options) for every
+# answer; ``_JSONAnswer`` renders the same bytes with one made once.
+_ANSWER_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+class _JSONAnswer(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return _ANSWER_ENCODER.encode(content).encode("utf-8")
+
+
 def error_response(error: MepError) -> JSONResponse:
     status = status_for(error.reason)
     headers = {}
@@ -171,7 +181,7 @@ def error_response(error: MepError) -> JSONResponse:
         headers["WWW-Authenticate"] = 'Bearer realm="mepd"'
     if status == 408:
         headers["Connection"] = "close"  # the rest of the body is not worth waiting for
-    return JSONResponse({"error": public_error(error)}, status_code=status, headers=headers)
+    return _JSONAnswer({"error": public_error(error)}, status_code=status, headers=headers)
 
 
 def json_depth_ok(value: Any, limit: int) -> bool:
@@ -213,16 +223,18 @@ def _json_type(request: Request) -> bool:
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise RequestError("api.bad_request", "duplicate key in the JSON body")
-        out[key] = value
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise RequestError("api.bad_request", "duplicate key in the JSON body")
     return out
 
 
 def _no_constants(name: str) -> Any:
     raise RequestError("api.bad_request", f"{name} is not JSON")
+
+
+# One strict decoder (``json.loads`` with options would build a new one per body).
+_BODY_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
 
 
 def parse_json(raw: bytes, limits: Limits) -> Any:
@@ -232,7 +244,7 @@ def parse_json(raw: bytes, limits: Limits) -> Any:
         raise RequestError("api.bad_request", "body starts with a byte-order mark")
     try:
         text = raw.decode("utf-8")
-        data = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+        data = _BODY_DECODER.decode(text)
     except (ValueError, RecursionError) as exc:
         raise RequestError("api.bad_request", "body is not JSON") from exc
     if not json_depth_ok(data, limits.max_json_depth):
@@ -327,14 +339,17 @@ def _inline_results(views: list[dict[str, Any]], parts: list[bytes]) -> None:
             view["result"] = base64.b64encode(parts[index]).decode("ascii")
 
 
+_FRAMES_HEADER_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 def _render_answer(
     answer: dict[str, Any], views: list[dict[str, Any]], parts: list[bytes], binary: bool
 ) -> Response:
     if binary:
-        header = json.dumps(answer, separators=(",", ":")).encode()
+        header = _FRAMES_HEADER_ENCODER.encode(answer).encode()
         return Response(frames.encode(header, parts), media_type=frames.MEDIA_TYPE)
     _inline_results(views, parts)
-    return JSONResponse(answer)
+    return _JSONAnswer(answer)
 
 
 async def task_answer(
@@ -371,11 +386,11 @@ def create_app(
     limiter = RateLimiter(edge.rate, edge.burst)
     handlers = _Handlers(pipeline, limits, edge.body_timeout, limiter, Gate(limiter))
     gate = Middleware(
-        RateLimitGate, gate=handlers.gate, metrics=pipeline.metrics, limited=handlers.limited
+        RequestGate, gate=handlers.gate, metrics=pipeline.metrics, limited=handlers.limited
     )
     return Starlette(
         routes=handlers.routes(),
-        middleware=[Middleware(RequestIdMiddleware), gate],
+        middleware=[gate],
         exception_handlers={
             404: _not_found,
             405: _method_not_allowed,
@@ -400,13 +415,21 @@ def request_id_of(headers: list[tuple[bytes, bytes]]) -> str:
     return uuid.uuid4().hex
 
 
-class RequestIdMiddleware:
-    """Gives every HTTP request an id (``scope["mep.request_id"]``), sets
-    ``X-Request-ID`` on every answer, whoever makes it, and opens the request's scope
-    for the admin and audit logs (``mepd.logs.request_scope``)."""
+class RequestGate:
+    """The one ASGI layer in front of the routes (one layer: each costs every request a
+    coroutine and a wrapped ``send``).
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    - Gives every HTTP request an id (``scope["mep.request_id"]``), sets
+      ``X-Request-ID`` on every answer, whoever makes it, and opens the request's scope
+      for the admin and audit logs (``mepd.logs.request_scope``).
+    - Refuses at once — before routing, before the token is parsed or verified — a
+      request whose bearer token was verified before for an owner with no request left
+      (``mepd.ratelimit.Gate``), so a flood's refusals cost little. Everything else goes
+      on to the handlers, which verify, count and refuse as usual."""
+
+    def __init__(self, app: ASGIApp, gate: Gate, metrics: Metrics, limited: Throttled) -> None:
+        self.app, self.gate, self.metrics, self.limited = app, gate, metrics, limited
+        self.body = json.dumps({"error": public_error(MepError("api.rate_limited"))}).encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -421,30 +444,19 @@ class RequestIdMiddleware:
             await send(message)
 
         with request_scope(request_id):
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                scope[RETRY_LATER] = RateLimiter.retry_after(refusal[1])
+                await self._refuse(send_with_id, *refusal)
+                return
             await self.app(scope, receive, send_with_id)
 
-
-class RateLimitGate:
-    """Refuses at once — before routing, before the token is parsed or verified — a
-    request whose bearer token was verified before for an owner with no request left
-    (``mepd.ratelimit.Gate``), so a flood's refusals cost little. Everything else goes
-    on to the handlers, which verify, count and refuse as usual."""
-
-    def __init__(self, app: ASGIApp, gate: Gate, metrics: Metrics, limited: Throttled) -> None:
-        self.app, self.gate, self.metrics, self.limited = app, gate, metrics, limited
-        self.body = json.dumps({"error": public_error(MepError("api.rate_limited"))}).encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+    def _refusal(self, scope: Scope) -> tuple[str, float] | None:
+        if scope["path"].startswith("/v1/"):
             for name, value in scope["headers"]:
                 if name == b"authorization":
-                    refusal = self.gate.refusal(value)
-                    if refusal is not None:
-                        scope[RETRY_LATER] = RateLimiter.retry_after(refusal[1])
-                        await self._refuse(send, *refusal)
-                        return
-                    break
-        await self.app(scope, receive, send)
+                    return self.gate.refusal(value)
+        return None
 
     async def _refuse(self, send: Send, owner: str, wait: float) -> None:
         self.metrics.requests.inc(route="rate_limited", status="429")
@@ -460,6 +472,12 @@ class RateLimitGate:
 
 def _request_id(request: Request) -> str:
     return str(request.scope.get(REQUEST_ID) or request_id_of(request.scope["headers"]))
+
+
+def _log_path(scope: Scope) -> str:
+    """The request's path as ``request.url.path`` gives it (``?``, ``#`` and ``\\``
+    escaped), without building the whole URL for the access log line."""
+    return str(scope["path"]).replace("?", "%3F").replace("#", "%23").replace("\\", "%5C")
 
 
 def _caller_fields(request: Request) -> dict[str, Any]:
@@ -481,7 +499,7 @@ def _instrumented(name: str, fn: Callable[[Request], Awaitable[Any]], metrics: M
 
     A value that is not already a ``Response`` becomes a 200 JSON answer. Every line
     logged while it runs carries its ``request_id`` (also the ``X-Request-ID`` answer
-    header, opened by ``RequestIdMiddleware``); it ends with one access log line
+    header, opened by ``RequestGate``); it ends with one access log line
     (``api.request_completed``) — except a request refused by the rate limit: a flood
     must not become a flood of log lines (``_Handlers._caller`` logs those, throttled;
     the metrics count every one)."""
@@ -491,7 +509,7 @@ def _instrumented(name: str, fn: Callable[[Request], Awaitable[Any]], metrics: M
         quiet = False
         try:
             result = await fn(request)
-            response = result if isinstance(result, Response) else JSONResponse(result)
+            response = result if isinstance(result, Response) else _JSONAnswer(result)
         except MepError as exc:
             quiet = exc.reason == "api.rate_limited"
             if not quiet:
@@ -501,7 +519,7 @@ def _instrumented(name: str, fn: Callable[[Request], Awaitable[Any]], metrics: M
             log.exception("api.request_crashed", route=name, **_caller_fields(request))
             response = error_response(MepError("mep.internal"))
         elapsed = time.perf_counter() - started
-        response.headers["X-Request-ID"] = _request_id(request)
+        # X-Request-ID is set on the way out by ``RequestGate``.
         response.headers[FEATURES_HEADER] = FEATURES
         metrics.requests.inc(route=name, status=str(response.status_code))
         metrics.latency.observe(elapsed, route=name)
@@ -510,7 +528,7 @@ def _instrumented(name: str, fn: Callable[[Request], Awaitable[Any]], metrics: M
                 "api.request_completed",
                 method=request.method,
                 route=name,
-                path=request.url.path,
+                path=_log_path(request.scope),
                 status=response.status_code,
                 duration_ms=round(elapsed * 1000, 3),
                 client=request.client.host if request.client else None,
@@ -690,11 +708,11 @@ class _Handlers:
 
     async def healthz(self, request: Request) -> Any:
         if self.pipeline.draining:
-            return JSONResponse({"status": "draining"}, status_code=503)
+            return _JSONAnswer({"status": "draining"}, status_code=503)
         if not self.pipeline.audit.available:
-            return JSONResponse({"status": "audit_unavailable"}, status_code=503)
+            return _JSONAnswer({"status": "audit_unavailable"}, status_code=503)
         if not self.pipeline.store.available:
-            return JSONResponse({"status": "store_unavailable"}, status_code=503)
+            return _JSONAnswer({"status": "store_unavailable"}, status_code=503)
         return {"status": "ok", "version": __version__}
 
     async def metrics_text(self, request: Request) -> Any:

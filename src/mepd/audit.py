@@ -34,11 +34,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import stat
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -66,7 +65,9 @@ class AuditSink(Protocol):
     def record_many(self, events: Iterable[tuple[str, Mapping[str, Any]]]) -> None: ...
 
 
-_PLAIN = re.compile(r"[A-Za-z0-9_.:@+=-]{0,200}")
+MAX_KEY_CHARS = 128
+# What the encoder writes for a string (ASCII, escaped): the C function it calls itself.
+_quote: Callable[[str], str] = json.encoder.encode_basestring_ascii
 
 
 def capped(value: Any, depth: int = 0) -> Any:
@@ -76,7 +77,7 @@ def capped(value: Any, depth: int = 0) -> Any:
     if depth > 8:
         return cap_text(str(value), MAX_FIELD_CHARS)
     if isinstance(value, Mapping):
-        return {cap_text(str(k), 128): capped(v, depth + 1) for k, v in value.items()}
+        return {cap_text(str(k), MAX_KEY_CHARS): capped(v, depth + 1) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
         items = list(value)
         out = [capped(v, depth + 1) for v in items[:MAX_LIST_ITEMS]]
@@ -84,6 +85,28 @@ def capped(value: Any, depth: int = 0) -> Any:
             out.append(f"...[{len(items) - MAX_LIST_ITEMS} more items cut]")
         return out
     return value
+
+
+def _plain_json(value: Any) -> str | None:
+    """``value`` as the encoder would write it, when that takes no capping and no
+    recursion: a string within ``MAX_FIELD_CHARS``, None, an int, a bool, or a list of
+    at most ``MAX_LIST_ITEMS`` such strings; else None (the encoder's work)."""
+    kind = type(value)
+    if kind is str:
+        return _quote(value) if len(value) <= MAX_FIELD_CHARS else None
+    if value is None:
+        return "null"
+    if kind is bool:
+        return "true" if value else "false"
+    if kind is int:
+        return str(value)
+    if (
+        (kind is list or kind is tuple)
+        and len(value) <= MAX_LIST_ITEMS
+        and all(type(v) is str and len(v) <= MAX_FIELD_CHARS for v in value)
+    ):
+        return "[" + ",".join(map(_quote, value)) + "]"
+    return None
 
 
 def _encoder() -> json.JSONEncoder:
@@ -158,35 +181,32 @@ class AuditLog:
                 self.reopen()
         return self._fd is not None and not self._failed
 
-    def _line(self, event: str, fields: Mapping[str, Any], now: str) -> str:
-        # Task events are most of the volume and their values are ids, hex digests,
-        # POSIX names and reason codes: those are written without the JSON encoder
-        # (a third of the cost). Anything else goes through the encoder.
-        request_id = current_request_id()
+    def _line(self, event: str, fields: Mapping[str, Any], now: str, request_id: str | None) -> str:
+        # Most records hold ids, hex digests, POSIX names, reason codes, flags and short
+        # lists of those: such values are written without the JSON encoder (a third of
+        # the cost). A record with anything else goes through the encoder whole.
         if request_id is not None and "request_id" not in fields:
             fields = {"request_id": request_id, **fields}
-        parts = [f'{{"ts":"{now}","event":"{event}"']
+        parts = [f'{{"ts":"{now}","event":{_quote(event)}']
         for key, value in fields.items():
-            if type(value) is str and _PLAIN.fullmatch(value):
-                parts.append(f',"{key}":"{value}"')
-            elif value is None:
-                parts.append(f',"{key}":null')
-            elif type(value) is int:
-                parts.append(f',"{key}":{value}')
-            else:
+            plain = _plain_json(value) if len(key) <= MAX_KEY_CHARS else None
+            if plain is None:
                 whole = {"ts": now, "event": event, **capped(dict(fields))}
                 return self._encode.encode(whole) + "\n"
+            parts.append(f",{_quote(key)}:{plain}")
         parts.append("}\n")
         return "".join(parts)
 
     def record(self, event: str, **fields: Any) -> None:
-        self._write(self._line(event, fields, rfc3339(time.time())).encode())
+        line = self._line(event, fields, rfc3339(time.time()), current_request_id())
+        self._write(line.encode())
 
     def record_many(self, events: Iterable[tuple[str, Mapping[str, Any]]]) -> None:
         now = rfc3339(time.time())
-        data = "".join([self._line(event, fields, now) for event, fields in events]).encode()
-        if data:
-            self._write(data)
+        request_id = current_request_id()
+        lines = [self._line(event, fields, now, request_id) for event, fields in events]
+        if lines:
+            self._write("".join(lines).encode())
 
     def _write(self, data: bytes) -> None:
         with self._lock:

@@ -585,13 +585,13 @@ def _bearer(authorization: str | None) -> str:
 
 def _peek(token: str) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """The header and claims of a JWT, unverified (to choose the issuer); no header
-    when the token is not a JWT."""
+    when the token is not a JWT. One parse of the token gives both (what
+    ``get_unverified_header`` and ``decode`` check, at half the cost of the two)."""
     try:
-        return jwt.get_unverified_header(token), jwt.decode(
-            token, options={"verify_signature": False}
-        )
+        decoded = jwt.api_jwt.decode_complete(token, options={"verify_signature": False})
     except jwt.PyJWTError:
         return None, {}
+    return decoded["header"], decoded["payload"]
 
 
 @attrs.define

@@ -49,14 +49,23 @@ _LEVELS = {
 _QUIET_AT_INFO = ("httpx", "httpcore")
 
 
+# The last whole second formatted (every audit and log line of a busy second shares it).
+_LAST_SECOND: tuple[int, str] = (-1, "")
+
+
 def rfc3339(epoch: float) -> str:
     """``epoch`` as RFC 3339 in UTC with microseconds: ``2025-01-31T12:00:00.123456Z``.
     The one timestamp format of the daemon log and the audit log."""
+    global _LAST_SECOND  # one cached value, replaced whole (safe across threads)
     seconds = int(epoch // 1)
     micros = round((epoch - seconds) * 1_000_000)
     if micros == 1_000_000:
         seconds, micros = seconds + 1, 0
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{micros:06d}Z"
+    cached_second, prefix = _LAST_SECOND
+    if cached_second != seconds:
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        _LAST_SECOND = (seconds, prefix)
+    return f"{prefix}.{micros:06d}Z"
 
 
 MAX_FIELD_CHARS = 1024

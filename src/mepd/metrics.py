@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import attrs
 from prometheus_client import (
@@ -71,14 +72,34 @@ def labels(**items: str) -> Labels:
     return tuple(sorted(items.items()))
 
 
+# Label children remembered per metric (prometheus_client's ``labels()`` validates and
+# joins the values at every call); the label values mepd passes are few (routes, status
+# codes, reason codes, states), so this bound is only a guard.
+MAX_CACHED_CHILDREN = 4096
+
+
+def _child(
+    metric: Any, cache: dict[tuple[tuple[str, str], ...], Any], labels: dict[str, str]
+) -> Any:
+    key = tuple(labels.items())
+    child = cache.get(key)
+    if child is None:
+        child = metric.labels(**labels)
+        if len(cache) >= MAX_CACHED_CHILDREN:
+            cache.clear()
+        cache[key] = child
+    return child
+
+
 @attrs.frozen
 class Counter:
     """A counter with declared label names; ``inc(amount, **labels)``."""
 
     metric: _PromCounter
+    _children: dict[tuple[tuple[str, str], ...], Any] = attrs.field(factory=dict, init=False)
 
     def inc(self, amount: float = 1.0, **labels: str) -> None:
-        (self.metric.labels(**labels) if labels else self.metric).inc(amount)
+        (_child(self.metric, self._children, labels) if labels else self.metric).inc(amount)
 
 
 @attrs.frozen
@@ -86,9 +107,10 @@ class Histogram:
     """A histogram with declared label names; ``observe(value, **labels)``."""
 
     metric: _PromHistogram
+    _children: dict[tuple[tuple[str, str], ...], Any] = attrs.field(factory=dict, init=False)
 
     def observe(self, value: float, **labels: str) -> None:
-        (self.metric.labels(**labels) if labels else self.metric).observe(value)
+        (_child(self.metric, self._children, labels) if labels else self.metric).observe(value)
 
 
 GaugeReader = Callable[[], Mapping[Labels, float]]

@@ -63,6 +63,8 @@ log = structlog.get_logger("mepd.pipeline")
 
 # A JSON submit carrying more base64 than this is decoded in a worker thread.
 OFF_LOOP_CHARS = 128 * 1024
+# Function ids remembered as registered (``Pipeline._check_registered``).
+KNOWN_FUNCTIONS = 100_000
 
 
 def function_bytes(body: Any, frames: list[bytes] | None) -> bytes:
@@ -153,6 +155,9 @@ class Pipeline:
     admission: Admission
     delivery: Delivery
     draining: bool = False
+    # Function ids the store has confirmed (the store never deletes a function), so a
+    # submit of a known function does not ask it again; bounded by ``KNOWN_FUNCTIONS``.
+    _known: set[str] = attrs.field(factory=set, init=False)
 
     @classmethod
     def create(
@@ -306,8 +311,14 @@ class Pipeline:
         self._dispatch(handle, new)
 
     def _check_registered(self, function_ids: Sequence[str]) -> None:
-        known = self.store.known_functions(function_ids)
-        unknown = [f for f in function_ids if f not in known]
+        ask = [f for f in function_ids if f not in self._known]
+        if not ask:
+            return
+        known = self.store.known_functions(ask)
+        if len(self._known) + len(known) > KNOWN_FUNCTIONS:
+            self._known.clear()
+        self._known.update(known)
+        unknown = [f for f in ask if f not in known]
         if unknown:
             raise TaskError(
                 "task.function_unknown",

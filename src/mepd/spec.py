@@ -12,6 +12,7 @@ DESIGN.md §3.9), the config key (it depends on the template in force), the file
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Mapping
@@ -38,8 +39,10 @@ class EndpointSpec:
     user_runtime: dict[str, Any] = attrs.field(converter=_plain, factory=dict)
     identity: Identity | None = None
 
-    @property
+    @functools.cached_property
     def spec_id(self) -> str:
+        # Computed once per spec (the submit and the store both ask): its fields are
+        # frozen, and the converters made them private copies.
         identity = {} if self.identity is None else self.identity.to_dict()
         document = [self.endpoint, self.account, self.variables, self.user_runtime, identity]
         return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
