@@ -624,3 +624,68 @@ def test_caps_hold_under_concurrent_starts_of_distinct_configs(
     assert per_account <= 2
     assert most <= 3
     assert processes_of(alice.uid) == [] and processes_of(bob.uid) == []
+
+
+def _config_lines(account: Account) -> list[str]:
+    from mepd.uep.log import log_path
+
+    with open(log_path(account.home, "default"), encoding="utf-8") as fh:
+        return [line for line in fh if "] config: " in line]
+
+
+def test_a_start_from_the_same_inputs_uses_the_configuration_rendered_before(
+    settings: SpawnSettings, make_account: Any
+) -> None:
+    alice, bob = account_of(make_account()), account_of(make_account())
+    rec = Recorder()
+
+    async def scenario() -> list[tuple[str, int]]:
+        registry = make_registry(settings, rec)
+        seen: list[tuple[str, int]] = []
+        try:
+            for account, period in ((alice, 0.05), (alice, 0.05), (alice, 0.5)):
+                handle = await registry.get_or_start(request(account, period=period))
+                seen.append((handle.account.name, len(registry.render_cache)))
+                await registry.stop(account.name)
+            # What alice's endpoint rendered is never handed to another account: bob's
+            # first start from the very same template and variables renders.
+            await registry.get_or_start(request(bob))
+            seen.append((bob.name, len(registry.render_cache)))
+        finally:
+            await registry.shutdown()
+        return seen
+
+    seen = run(scenario)
+    assert seen == [(alice.name, 1), (alice.name, 1), (alice.name, 2), (bob.name, 3)]
+    alice_lines = _config_lines(alice)
+    assert len(alice_lines) == 3
+    assert "as rendered before" not in alice_lines[0]
+    assert "as rendered before" in alice_lines[1]
+    assert "as rendered before" not in alice_lines[2]  # other variables: rendered again
+    assert ["as rendered before" in line for line in _config_lines(bob)] == [False]
+    assert processes_of(alice.uid) == [] and processes_of(bob.uid) == []
+
+
+def test_a_kept_configuration_that_is_no_longer_valid_is_rendered_again(
+    settings: SpawnSettings, make_account: Any
+) -> None:
+    account = account_of(make_account())
+    rec = Recorder()
+
+    async def scenario() -> None:
+        registry = make_registry(settings, rec)
+        try:
+            await registry.get_or_start(request(account))
+            await registry.stop(account.name)
+            ((key, kept),) = registry.render_cache._kept.items()
+            # As a configuration of another mep version might be: not valid here.
+            registry.render_cache._kept[key] = {**kept, "no_such_key": 1}
+            handle = await registry.get_or_start(request(account))
+            assert handle.state == "ready"
+            assert registry.render_cache._kept[key] == kept  # the fresh rendering is kept
+        finally:
+            await registry.shutdown()
+
+    run(scenario)
+    lines = _config_lines(account)
+    assert ["as rendered before" in line for line in lines] == [False, False]

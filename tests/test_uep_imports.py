@@ -139,12 +139,17 @@ def start_fields(home: Path, engine: str) -> dict[str, Any]:
     }
 
 
-def run_endpoint(tmp_path: Path, engine: str) -> dict[str, Any]:
+def run_endpoint(
+    tmp_path: Path, engine: str, rendered: dict[str, Any] | None = None
+) -> dict[str, Any]:
     function_id, body = pack_function(remote_function("def add(a, b):\n    return a + b\n", "add"))
     args = pack_args((1, 2), {})
     out = tmp_path / "seen.json"
+    start = start_fields(tmp_path, engine)
+    if rendered is not None:
+        start["rendered"] = rendered
     spec = {
-        "start": start_fields(tmp_path, engine),
+        "start": start,
         "function_id": function_id,
         "function": body.hex(),
         "task_header": TaskEnvelope("t1", function_id, args).to_header(),
@@ -203,3 +208,16 @@ def test_lazy_packages_offer_every_public_name(package: str) -> None:
         "    raise AssertionError('unknown names must raise AttributeError')\n"
     )
     subprocess.run([sys.executable, "-I", "-c", code], check=True, timeout=60)
+
+
+def test_a_configuration_rendered_before_needs_neither_jinja2_nor_yaml(tmp_path: Path) -> None:
+    # What the daemon hands back from its render cache (mepd.rendercache): the start
+    # uses it as it is, and the ready frame does not report it again.
+    first = run_endpoint(tmp_path, "ThreadPoolEngine")
+    assert {"jinja2", "yaml"} <= set(first["at_ready"])
+    rendered = first["ready"]["rendered"]
+    assert rendered["engine"] == {"type": "ThreadPoolEngine", "max_workers": 2}
+    again = run_endpoint(tmp_path, "ThreadPoolEngine", rendered={**rendered, "heartbeat_period": 7})
+    assert "rendered" not in again["ready"]
+    assert again["ready"]["heartbeat_period"] == 7  # the kept configuration, not the template
+    assert [m for m in ("jinja2", "yaml") if m in again["at_ready"]] == []

@@ -54,6 +54,7 @@ from mepcore.types import Account
 from mepd.channel import AsyncChannel, ChannelLimits
 from mepd.handle import EndpointStatus, UserEndpointHandle
 from mepd.inflight import InFlight, InFlightTask
+from mepd.rendercache import RenderCache, render_key
 from mepd.spec import EndpointSpec
 
 log = structlog.get_logger("mepd.registry")
@@ -172,6 +173,8 @@ class Registry:
     sessions: SessionHooks | None = attrs.field(kw_only=True, default=None)
     # Set when user endpoints are adoptable (restart.adopt_endpoints): they outlive us.
     adoption: AdoptionRecords | None = attrs.field(kw_only=True, default=None)
+    # Configurations user endpoints rendered, for the next start from the same inputs.
+    render_cache: RenderCache = attrs.field(kw_only=True, factory=RenderCache)
     _handles: dict[tuple[str, str], UserEndpointHandle] = attrs.field(init=False, factory=dict)
     # (account, config key) of the previous daemon's endpoints awaiting re-adoption.
     awaiting: set[tuple[str, str]] = attrs.field(init=False, factory=set)
@@ -335,11 +338,17 @@ class Registry:
         handle._watch_fd = os.dup(handle.process.pidfd)
         loop.add_reader(handle._watch_fd, handle._on_exit)
         fields = req.start_fields()
+        rendered_key = render_key(fields, req.environment)
+        rendered = self.render_cache.get(rendered_key)
+        if rendered is not None:
+            fields["rendered"] = rendered
         if self.adoption is not None:
             # The secret travels on the channel only (never argv or the environment).
             fields["adoption"] = self.adoption.launched(handle)
         handle.channel.send("start", fields)
-        await asyncio.wait_for(asyncio.shield(ready), self.limits.start_timeout)
+        answer = await asyncio.wait_for(asyncio.shield(ready), self.limits.start_timeout)
+        if "rendered" in answer:
+            self.render_cache.put(rendered_key, answer["rendered"])
 
     async def _fail_start(
         self, handle: UserEndpointHandle, req: StartRequest, error: MepError

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from mepcore.config.keys import (
+    DEFAULT_TEMPLATE_NAME,
     IGNORED_ENGINE_KEYS,
     IGNORED_KEYS,
     LAUNCHER_KEYS,
@@ -32,11 +33,16 @@ from mepcore.config.keys import (
 )
 from mepcore.config.limits import RenderLimits, VariableLimits
 from mepcore.config.quickcheck import certainly_valid
-from mepcore.config.render import DEFAULT_TEMPLATE_NAME, MappedIdentity, render_template
 from mepcore.config.variables import MAX_VIOLATIONS, schema_violations
-from mepcore.config.yamlsafe import YamlLoadError, load_yaml
 from mepcore.errors import ConfigError, Violation
 from mepcore.types import thaw
+
+if TYPE_CHECKING:
+    from mepcore.config.render import MappedIdentity
+
+# jinja2 (mepcore.config.render) and yaml (mepcore.config.yamlsafe) are imported by the
+# functions that render and parse: a configuration rendered before and handed back
+# (``EndpointConfig.from_mapping``) needs neither, and a user endpoint starts faster.
 
 ENGINE_TYPES = ("ThreadPoolEngine", "ProcessPoolEngine", "GlobusComputeEngine", "GlobusMPIEngine")
 PROVIDER_TYPES = tuple(PROVIDER_KEYS)
@@ -265,6 +271,11 @@ class EndpointConfig:
             "display_name": self.display_name,
         }
 
+    def to_document(self) -> dict[str, Any]:
+        """``to_dict`` without the keys left unset: a document ``from_mapping`` reads
+        back as an equal configuration (the schema has no nulls for those keys)."""
+        return {k: v for k, v in self.to_dict().items() if v is not None}
+
     @classmethod
     def from_mapping(cls, data: Any, *, max_violations: int = MAX_VIOLATIONS) -> EndpointConfig:
         """Validate a loaded document (see ``parse_endpoint_config``) and convert it; a
@@ -322,6 +333,8 @@ def parse_endpoint_config(
     """Load rendered YAML and validate it; ``ConfigError`` with reason
     ``config.yaml_invalid`` or ``config.endpoint_config_invalid`` (every violation, up
     to ``max_violations``)."""
+    from mepcore.config.yamlsafe import YamlLoadError, load_yaml
+
     try:
         data = load_yaml(yaml_text)
     except YamlLoadError as exc:
@@ -350,6 +363,8 @@ def render_endpoint_config(
     """``render_template`` then ``parse_endpoint_config``. Pass the same
     ``variable_limits`` the variables were validated with; ``limits.max_violations``
     bounds the problems reported by either step."""
+    from mepcore.config.render import render_template
+
     text = render_template(
         template_text,
         variables,

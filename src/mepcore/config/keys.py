@@ -26,6 +26,9 @@ from typing import Any
 
 from mepcore.errors import Violation
 
+# The template file name a site uses when it names none (as Globus Compute does).
+DEFAULT_TEMPLATE_NAME = "user_config_template.yaml.j2"
+
 _STRING = {"type": "string", "maxLength": 65_536}
 _NAME = {"type": "string", "minLength": 1, "maxLength": 256}
 _COUNT = {"type": "integer", "minimum": 0, "maximum": 100_000}

@@ -48,12 +48,12 @@ import jinja2.nodes as jnodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.visitor import NodeTransformer
 
+from mepcore.config.keys import DEFAULT_TEMPLATE_NAME as DEFAULT_TEMPLATE_NAME
 from mepcore.config.limits import RenderLimits, VariableLimits
 from mepcore.config.variables import RESERVED_NAMES, structural_violations
 from mepcore.errors import ConfigError, MepError, TemplateConfigError, Violation
 from mepcore.types import Account, Identity
 
-DEFAULT_TEMPLATE_NAME = "user_config_template.yaml.j2"
 # File names a template may include: one plain name inside its own folder.
 _INCLUDE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
 # printf-style conversion specs: flags, width, precision.

@@ -252,7 +252,11 @@ class UserEndpoint:
         if start.account.get("uid") != os.getuid():
             raise _refuse("spawn.privilege_drop", "start message names another account")
         self._open_log(start)
-        self.config = self._render(start)
+        kept = self._configure(frame.header.get("rendered"))
+        self.config = kept if kept is not None else self._render(start)
+        if self.log is not None:
+            how = "as rendered before from the same inputs" if kept is not None else "rendered"
+            self.log.write("config", f"{how} ({start.template_name})")
         # Off since the interpreter started (mepd.uep.__main__): on again before the
         # setup script, the executor and its workers (forked ones inherit the setting).
         gc.enable()
@@ -269,17 +273,17 @@ class UserEndpoint:
         self.executor = self._make_executor(start)
         self._writer = threading.Thread(target=self._write_results, name="uep-results", daemon=True)
         self._writer.start()
-        self.channel.send(
-            "ready",
-            {
-                "pid": os.getpid(),
-                "uid": os.getuid(),
-                "heartbeat_period": self.config.heartbeat_period,
-                "idle_heartbeats_soft": self.config.idle_heartbeats_soft,
-                "idle_heartbeats_hard": self.config.idle_heartbeats_hard,
-                "engine": self._engine_dict().get("type"),
-            },
-        )
+        ready = {
+            "pid": os.getpid(),
+            "uid": os.getuid(),
+            "heartbeat_period": self.config.heartbeat_period,
+            "idle_heartbeats_soft": self.config.idle_heartbeats_soft,
+            "idle_heartbeats_hard": self.config.idle_heartbeats_hard,
+            "engine": self._engine_dict().get("type"),
+        }
+        if kept is None:  # rendered here: the daemon may hand it to the next start
+            ready["rendered"] = self.config.to_document()
+        self.channel.send("ready", ready)
         if self.log is not None:
             self.log.write("ready", f"engine {self._engine_dict().get('type')}")
 
@@ -410,6 +414,22 @@ class UserEndpoint:
         fields["log_tail"] = [line[:500] for line in last]
         fields["log_path"] = self.log.path
         return fields
+
+    def _configure(self, rendered: Any) -> Any:
+        """The configuration an earlier user endpoint of this account rendered from the
+        same inputs, which the daemon kept and handed back (``mepd.registry``: the
+        render cache); None when there is none or it is no longer valid (another mep
+        version, say): then it is rendered again. Validated like a rendered one; no
+        jinja2 or yaml is imported for it."""
+        if not isinstance(rendered, dict):
+            return None
+        from mepcore.config.endpoint import EndpointConfig
+        from mepcore.errors import ConfigError
+
+        try:
+            return EndpointConfig.from_mapping(rendered)
+        except ConfigError:
+            return None
 
     def _render(self, start: StartMessage) -> Any:
         # Rendering happens here, as the user, never in the daemon (DESIGN.md §3.5).
