@@ -29,10 +29,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import re
 import sys
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -207,6 +207,8 @@ REQUEST_ID = "mep.request_id"
 # Set on a request refused by the rate limit (its Retry-After): mepd.edge then pauses
 # reading that connection for as long, so a flood that ignores Retry-After costs little.
 RETRY_LATER = "mep.retry_later"
+# The rate-limit gate's digest of the request's Authorization value (``RequestGate``).
+GATE_KEY = "mep.gate_key"
 
 
 def _json_type(request: Request) -> bool:
@@ -412,7 +414,7 @@ def request_id_of(headers: list[tuple[bytes, bytes]]) -> str:
         text = given[0].decode("latin-1")
         if _REQUEST_ID.fullmatch(text):
             return text
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 class RequestGate:
@@ -455,7 +457,9 @@ class RequestGate:
         if scope["path"].startswith("/v1/"):
             for name, value in scope["headers"]:
                 if name == b"authorization":
-                    return self.gate.refusal(value)
+                    # Kept for ``_Handlers._caller``, which remembers this token's owner.
+                    key = scope[GATE_KEY] = Gate.key(value)
+                    return self.gate.refusal(value, key)
         return None
 
     async def _refuse(self, send: Send, owner: str, wait: float) -> None:
@@ -612,7 +616,8 @@ class _Handlers:
     async def _caller(self, request: Request, route: str) -> Caller:
         caller = await self.pipeline.authenticate(request.headers.get("authorization"), route=route)
         request.state.caller = caller  # for the access and refusal log lines
-        self.gate.remember(request.headers.get("authorization") or "", caller.owner)
+        key = request.scope.get(GATE_KEY)
+        self.gate.remember(request.headers.get("authorization") or "", caller.owner, key)
         wait = self.limiter.take(caller.owner)
         if wait > 0.0:
             self.limited.note(owner=caller.owner, route=route)

@@ -80,19 +80,22 @@ class Gate:
     _owners: dict[bytes, str] = attrs.field(factory=dict, init=False)
 
     @staticmethod
-    def _key(authorization: bytes) -> bytes:
+    def key(authorization: bytes) -> bytes:
+        """What the gate keeps of an ``Authorization`` value (a digest, not the token);
+        the API computes it once per request for ``refusal`` and ``remember``."""
         return hashlib.blake2b(authorization, digest_size=16).digest()
 
-    def remember(self, authorization: str, owner: str) -> None:
-        key = self._key(authorization.encode("latin-1", "replace"))
+    def remember(self, authorization: str, owner: str, key: bytes | None = None) -> None:
+        if key is None:
+            key = self.key(authorization.encode("latin-1", "replace"))
         if key not in self._owners:
             if len(self._owners) >= self.max_tokens:
                 del self._owners[next(iter(self._owners))]
             self._owners[key] = owner
 
-    def refusal(self, authorization: bytes) -> tuple[str, float] | None:
+    def refusal(self, authorization: bytes, key: bytes | None = None) -> tuple[str, float] | None:
         """(owner, seconds to wait) when this token's owner has no request left."""
-        owner = self._owners.get(self._key(authorization))
+        owner = self._owners.get(self.key(authorization) if key is None else key)
         if owner is None:
             return None
         wait = self.limiter.peek(owner)
