@@ -782,10 +782,26 @@ def _payload(runs: dict[str, ScriptRun]) -> list[Target]:
     if isinstance(beside, dict):
         growth = beside["beside"]["p50"] - beside["alone"]["p50"]
         side.measured = f"{growth * 1e3:+.2f} ms ({beside['streamed']} streamed)"
+        side.measured += _peers_beside(figures.get("beside_streamer_peers"))
         side.met, side.source = growth <= 1e-3, "bench/payload.py (second table)"
     else:
         side.why = beside if isinstance(beside, str) else why
     return [big, warm, side]
+
+
+def _peers_beside(peers: object) -> str:
+    """The peers' own p50 growth beside their 1 MiB streamers (bench/payload.py, same
+    run), to put next to mep's: what sharing the two cores costs a peer."""
+    if not isinstance(peers, dict):
+        return ""
+    cells = []
+    for name, found in peers.items():
+        if isinstance(found, dict):
+            growth = found["beside"]["p50"] - found["alone"]["p50"]
+            cells.append(f"{name} {growth * 1e3:+.2f} ms")
+        else:
+            cells.append(f"{name} not measured")
+    return f"; peers beside their own streamer: {', '.join(cells)}" if cells else ""
 
 
 TARGETS: list[Callable[[dict[str, ScriptRun]], list[Target]]] = [
