@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 import re
 import sys
@@ -527,7 +528,7 @@ def _instrumented(name: str, fn: Callable[[Request], Awaitable[Any]], metrics: M
         response.headers[FEATURES_HEADER] = FEATURES
         metrics.requests.inc(route=name, status=str(response.status_code))
         metrics.latency.observe(elapsed, route=name)
-        if not quiet:
+        if not quiet and log.is_enabled_for(logging.INFO):  # its fields cost when filtered
             log.info(
                 "api.request_completed",
                 method=request.method,

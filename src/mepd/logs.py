@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import json
 import logging
 import sys
 import time
@@ -151,6 +152,19 @@ def _add_timestamp(
     return event
 
 
+class _LineSerializer:
+    """``json.dumps`` with the renderer's options, its encoder made once (``json.dumps``
+    with options makes a new encoder for every line)."""
+
+    def __init__(self) -> None:
+        self._encoder: json.JSONEncoder | None = None
+
+    def __call__(self, obj: Any, **options: Any) -> str:
+        if self._encoder is None:
+            self._encoder = json.JSONEncoder(**options)
+        return self._encoder.encode(obj)
+
+
 def _processors() -> list[Any]:
     """What every line goes through before rendering, structlog's and stdlib's alike."""
     return [
@@ -167,7 +181,7 @@ def configure_logging(level: str = "info", *, stream: Any = None) -> None:
     ``stream`` (stderr), filtered at ``level``."""
     numeric = _LEVELS.get(level, logging.INFO)
     out = stream if stream is not None else sys.stderr
-    renderer = structlog.processors.JSONRenderer(sort_keys=False)
+    renderer = structlog.processors.JSONRenderer(serializer=_LineSerializer(), sort_keys=False)
     structlog.configure(
         processors=[
             *_processors(),
