@@ -11,8 +11,11 @@ world-readable runtime venv of the tests, and stops everything at the end.
 Prints a table: batched throughput (tasks/s, submitted in batches from several client
 threads, results collected by long-polling), the p50/p99 of a single warm task's
 round trip (submit one task, long-poll until its result is back), the same round trip
-as one request (submit with ``?wait=``), and the floor: a GET to a bare Starlette app
-under uvicorn in another process, what one HTTP request costs on this machine.
+as one request (submit with ``?wait=``) with the CPU time the daemon process spent per
+such request (all its threads; a figure the machine's other load disturbs less than
+wall-clock latency; only for a daemon this script started), and the floor: a GET to a
+bare Starlette app under uvicorn in another process, what one HTTP request costs on
+this machine.
 """
 
 from __future__ import annotations
@@ -201,6 +204,12 @@ def http_floor(rounds: int) -> dict[str, float]:
     return _percentiles(samples)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process ``pid`` so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _percentiles(samples: list[float]) -> dict[str, float]:
     samples = sorted(samples)
     return {
@@ -240,6 +249,49 @@ def own_daemon(workdir: Path) -> tuple[Any, str, str, Any]:
     return daemon, daemon.url, daemon.token(f"{account.pw_name}@example.org"), cleanup
 
 
+def _rows(
+    tp: dict[str, float],
+    lat: dict[str, float],
+    one: dict[str, float],
+    floor: dict[str, float],
+    cpu_per_request: float | None,
+) -> list[tuple[str, str, str, str]]:
+    """The printed table's rows."""
+    rows: list[tuple[str, str, str, str]] = [
+        (
+            "batched no-op tasks",
+            f"{int(tp['tasks'])}",
+            f"{tp['seconds']:.2f} s",
+            f"{tp['tasks_per_s']:.0f} tasks/s",
+        ),
+        (
+            "single warm round trip",
+            f"{int(lat['rounds'])}",
+            f"p50 {lat['p50_ms']:.2f} ms",
+            f"p99 {lat['p99_ms']:.2f} ms",
+        ),
+    ]
+    for name, figures in (("  as one request (?wait)", one), ("bare Starlette GET (floor)", floor)):
+        rows.append(
+            (
+                name,
+                f"{int(figures['rounds'])}",
+                f"p50 {figures['p50_ms']:.2f} ms",
+                f"p99 {figures['p99_ms']:.2f} ms",
+            )
+        )
+        if figures is one and cpu_per_request is not None:
+            rows.append(
+                (
+                    "  mepd CPU per ?wait",
+                    f"{int(one['rounds'])}",
+                    f"{1000 * cpu_per_request:.2f} ms",
+                    "daemon process, all threads",
+                )
+            )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a short run (for tests)")
@@ -256,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     variables = {"engine": "ThreadPoolEngine", "max_workers": args.workers}
 
     cleanup = None
+    pid = 0
     if args.url:
         if not args.token:
             parser.error("--url needs --token")
@@ -265,38 +318,21 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write("bench/api.py: needs root to start its own daemon (or --url)\n")
             return 2
         tmp = tempfile.TemporaryDirectory(prefix="mep-bench-")
-        _daemon, url, token, cleanup = own_daemon(Path(tmp.name))
+        daemon, url, token, cleanup = own_daemon(Path(tmp.name))
+        pid = int(daemon.process.pid)
+    cpu_per_request: float | None = None
     try:
         tp = throughput(url, token, args.tasks, args.batch, args.threads, variables)
         lat = latency(url, token, args.rounds, variables)
+        before = cpu_seconds(pid) if cleanup is not None else 0.0
         one = latency(url, token, args.rounds, variables, one_request=True)
+        if cleanup is not None:
+            # Per request: the measured rounds, the warm-up rounds, the registration.
+            cpu_per_request = (cpu_seconds(pid) - before) / (args.rounds + 6)
     finally:
         if cleanup is not None:
             cleanup()
-    rows = [
-        (
-            "batched no-op tasks",
-            f"{int(tp['tasks'])}",
-            f"{tp['seconds']:.2f} s",
-            f"{tp['tasks_per_s']:.0f} tasks/s",
-        ),
-        (
-            "single warm round trip",
-            f"{int(lat['rounds'])}",
-            f"p50 {lat['p50_ms']:.2f} ms",
-            f"p99 {lat['p99_ms']:.2f} ms",
-        ),
-    ]
-    floor = http_floor(args.rounds)
-    for name, figures in (("  as one request (?wait)", one), ("bare Starlette GET (floor)", floor)):
-        rows.append(
-            (
-                name,
-                f"{int(figures['rounds'])}",
-                f"p50 {figures['p50_ms']:.2f} ms",
-                f"p99 {figures['p99_ms']:.2f} ms",
-            )
-        )
+    rows = _rows(tp, lat, one, http_floor(args.rounds), cpu_per_request)
     print(
         f"mepd API on loopback ({args.threads} client threads, batch {args.batch},"
         f" {args.workers} workers)"
