@@ -30,7 +30,7 @@ from mepd.channel import (
     gather,
 )
 
-BIG = os.urandom(300 * 1024)  # above the size kept by reference (64 KiB)
+BIG = os.urandom(300 * 1024)  # above the size kept by reference (16 KiB)
 
 
 def wire(

@@ -178,7 +178,7 @@ def batch_frames(
 # Body pieces at least this long are kept by reference until the frame is whole (one
 # copy when it is joined); shorter ones are gathered into a bytearray, so that a peer
 # writing a byte at a time cannot make the list of pieces long.
-_BY_REFERENCE = 64 * 1024
+_BY_REFERENCE = 16 * 1024
 
 
 def gather(buffers: Iterable[bytes]) -> list[bytes | memoryview]:
