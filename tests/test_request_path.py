@@ -20,6 +20,7 @@ import attrs
 import httpx
 import pytest
 
+from mepcore.errors import MepError
 from mepd.api import create_app
 from mepd.audit import MAX_FIELD_CHARS, MAX_LIST_ITEMS, AuditLog, AuditUnavailable, capped
 from mepd.logs import request_scope, rfc3339
@@ -225,3 +226,31 @@ def test_remembered_functions_still_refuse_unknown_ones(tmp_path: Path) -> None:
         assert r.json()["error"]["reason"] == "task.function_unknown"
 
     _run(kit, scenario)
+
+
+def test_admission_remembers_a_spec_only_for_the_same_inputs(tmp_path: Path) -> None:
+    kit = make_pipeline(tmp_path)
+    admission = kit.pipeline.admission
+
+    async def main() -> None:
+        caller = await kit.pipeline.authenticate(kit.headers(ALICE)["Authorization"], route="t")
+        first = await admission.admit_submit(kit.site, caller, [], {"workers": 2}, {})
+        again = await admission.admit_submit(kit.site, caller, [], {"workers": 2}, {})
+        assert again.spec is first.spec and again.config_key == first.config_key
+        other = await admission.admit_submit(kit.site, caller, [], {"workers": 3}, {})
+        assert other.spec.variables == {"workers": 3}
+        assert other.config_key != first.config_key
+        runtime = await admission.admit_submit(kit.site, caller, [], {"workers": 2}, {"v": 1})
+        assert runtime.spec.spec_id != first.spec.spec_id
+        reloaded = attrs.evolve(kit.site)  # a reload makes new site objects
+        fresh = await admission.admit_submit(reloaded, caller, [], {"workers": 2}, {})
+        assert fresh.spec is not first.spec and fresh.spec == first.spec
+        kit.site.accounts.add("alice", 2099)  # the account changed under the same name
+        moved = await admission.admit_submit(kit.site, caller, [], {"workers": 2}, {})
+        assert moved.account.uid == 2099 and moved.spec is not first.spec
+        for _ in range(2):  # invalid variables are refused every time
+            with pytest.raises(MepError) as refused:
+                await admission.admit_submit(kit.site, caller, [], {"workers": 99}, {})
+            assert refused.value.reason == "config.invalid_variables"
+
+    asyncio.run(main())

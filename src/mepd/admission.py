@@ -19,6 +19,7 @@ dispatching (``mepd.pipeline``), results (``mepd.delivery``).
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -27,7 +28,7 @@ import attrs
 from mepcore.authz import principals_of
 from mepcore.errors import REASONS, AuthzError, IdentityError, TaskError, Violation
 from mepcore.tasks import ResourceLimits, ResourceSpecification
-from mepcore.types import Account
+from mepcore.types import Account, Identity
 from mepd.audit import AuditSink
 from mepd.auth import Caller
 from mepd.metrics import Metrics
@@ -156,6 +157,9 @@ def submit_checks(account: Account, site: Site, function_ids: Iterable[str]) -> 
     ]
 
 
+# Specs and config keys remembered (``Admission._spec``).
+SPEC_CACHE_ENTRIES = 1024
+
 # Audit records held back to be written together (``Admission.admit_submit``).
 Events = list[tuple[str, Mapping[str, Any]]]
 
@@ -166,6 +170,9 @@ class Admission:
 
     audit: AuditSink
     metrics: Metrics
+    _specs: dict[Any, tuple[Site, Identity, EndpointSpec, str]] = attrs.field(
+        factory=dict, init=False
+    )
 
     def _note(self, events: Events | None, event: str, **fields: Any) -> None:
         """Record ``event`` now, or add it to ``events``, which the caller writes before
@@ -279,9 +286,43 @@ class Admission:
             self.check_allowed_functions(site, account, function_ids, events)
         finally:
             self.audit.record_many(events)
+        spec, key = self._spec(site, account, caller, variables, user_runtime)
+        return Admitted(site, account, spec, key)
+
+    def _spec(
+        self,
+        site: Site,
+        account: Account,
+        caller: Caller,
+        variables: Mapping[str, Any],
+        user_runtime: Mapping[str, Any],
+    ) -> tuple[EndpointSpec, str]:
+        """The spec and config key of a submit: validated, built and digested once for
+        the same site and identity (the very objects: a reload makes new sites, and a
+        caller's verified token keeps its identity object), account (every field),
+        variables and runtime; those determine them."""
+        identity = caller.identities.primary
+        try:
+            seen: Any = (
+                account,
+                id(identity),
+                json.dumps(variables, sort_keys=True),
+                json.dumps(user_runtime, sort_keys=True),
+            )
+        except (TypeError, ValueError):  # not plain JSON: validation says why
+            seen = None
+        hit = self._specs.get(seen) if seen is not None else None
+        if hit is not None and hit[0] is site and hit[1] is identity:
+            return hit[2], hit[3]
         valid = site.validate_variables(variables)
-        spec = EndpointSpec(site.name, account.name, valid, user_runtime, caller.identities.primary)
-        return Admitted(site, account, spec, site.config_key(account, valid))
+        spec = EndpointSpec(site.name, account.name, valid, user_runtime, identity)
+        key = site.config_key(account, valid)
+        if seen is not None:
+            if len(self._specs) >= SPEC_CACHE_ENTRIES:
+                del self._specs[next(iter(self._specs))]
+            # The identity is held with its entry: its id is not reused meanwhile.
+            self._specs[seen] = (site, identity, spec, key)
+        return spec, key
 
     async def admit_again(self, site: Site, spec: EndpointSpec) -> Admitted:
         """A stored spec, checked again (after a restart): the account may have changed."""
