@@ -25,33 +25,14 @@ VERSION = 1
 _U32 = struct.Struct(">I")
 
 
-# Frames at least this long are sent as they are; the short pieces between them are
-# joined (a few small copies instead of one large one).
-_AS_IS = 64 * 1024
-
-
-def encode_parts(header: Any, frames: Sequence[bytes]) -> list[bytes]:
-    """One frames body as the buffers to send in order: the large frames themselves (not
-    copied into one body), the layout bytes and short frames between them joined."""
-    text = json.dumps(header, separators=(",", ":")).encode()
-    out: list[bytes] = []
-    run = [MAGIC, bytes([VERSION]), _U32.pack(len(text)), text, _U32.pack(len(frames))]
-    for frame in frames:
-        run.append(_U32.pack(len(frame)))
-        if len(frame) < _AS_IS:
-            run.append(frame)
-            continue
-        out.append(b"".join(run))
-        out.append(frame)
-        run = []
-    if run:
-        out.append(b"".join(run))
-    return out
-
-
 def encode(header: Any, frames: Sequence[bytes]) -> bytes:
     """One frames body: ``header`` (JSON-serializable) and the frames in order."""
-    return b"".join(encode_parts(header, frames))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    parts = [MAGIC, bytes([VERSION]), _U32.pack(len(text)), text, _U32.pack(len(frames))]
+    for frame in frames:
+        parts.append(_U32.pack(len(frame)))
+        parts.append(frame)
+    return b"".join(parts)
 
 
 def _protocol(detail: str) -> ClientError:

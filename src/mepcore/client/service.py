@@ -253,16 +253,10 @@ _FRAMES_OUT = {"Content-Type": frames.MEDIA_TYPE, "Accept": frames.ACCEPT}
 
 @attrs.frozen
 class _Framed:
-    """A frames request body, as the buffers to send (``frames.encode_parts``): sent
-    one after the other with their total as ``Content-Length``, the payloads are not
-    copied into one body first. A list, so that a retry sends it again."""
+    """A frames request body."""
 
-    content: list[bytes]
-
-    @property
-    def headers(self) -> dict[str, str]:
-        length = sum(len(part) for part in self.content)
-        return {**_FRAMES_OUT, "Content-Length": str(length)}
+    content: bytes
+    headers: Mapping[str, str] = _FRAMES_OUT
 
 
 @attrs.frozen
@@ -550,7 +544,7 @@ class Client:
         an older daemon, which acted on nothing, switches to JSON for good), else JSON.
         The answer as ``request_framed`` returns it."""
         if self.sends_frames:
-            framed = _Framed(frames.encode_parts(header, payloads))
+            framed = _Framed(frames.encode(header, payloads), _FRAMES_OUT)
             try:
                 return self.request_framed(
                     "POST", path, framed, idempotent=idempotent, timeout=timeout
