@@ -128,3 +128,37 @@ def test_close_commits_what_is_queued_and_sync_writes_wait_their_turn(tmp_path: 
         assert again.get_function("b" * 64) == b"g"
     finally:
         again.close()
+
+
+def test_a_long_wal_is_restarted_unless_the_store_is_writing(tmp_path: Path) -> None:
+    # A passive checkpoint never makes the WAL start over; under writes that never
+    # pause nothing else does. Past restart_frames the checkpointer takes the write lock
+    # and runs a RESTART, but never waits long for a busy store.
+    from mepd.writer import Checkpointer
+
+    path = tmp_path / "db"
+    store = TaskStore.open(path)
+    store._db.execute("PRAGMA wal_autocheckpoint=0")
+    for i in range(40):
+        store.add_tasks([task(i, bytes(8_000))], state="dispatched", now=1.0)
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    statements: list[str] = []
+    db.set_trace_callback(statements.append)
+    try:
+        Checkpointer(path, lock=store._write_lock, restart_frames=10_000)._checkpoint(db)
+        assert statements == ["PRAGMA wal_checkpoint(PASSIVE)"]  # a short WAL: passive
+        statements.clear()
+        checkpointer = Checkpointer(path, lock=store._write_lock, restart_frames=100)
+        with store._write_lock:  # the store is writing
+            checkpointer._checkpoint(db)
+        assert statements == ["PRAGMA wal_checkpoint(PASSIVE)"]
+        statements.clear()
+        checkpointer._checkpoint(db)
+        assert statements == ["PRAGMA wal_checkpoint(PASSIVE)", "PRAGMA wal_checkpoint(RESTART)"]
+    finally:
+        db.close()
+    assert store._write_lock.acquire(blocking=False)  # given back
+    store._write_lock.release()
+    store.add_tasks([task(100)], state="dispatched", now=1.0)
+    assert len(store.get_many(["t0", "t39", "t100"])) == 3
+    store.close()

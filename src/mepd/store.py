@@ -458,10 +458,12 @@ class TaskStore:
 
     def _writer_thread(self) -> StoreWriter:
         if self._writer is None:
-            checkpointer = Checkpointer(self.path)
+            checkpointer = Checkpointer(self.path, lock=self._write_lock)
             with self._write_lock:
-                # The checkpointer copies the WAL from now on, off the committing thread.
+                # The checkpointer copies the WAL from now on, off the committing thread;
+                # a WAL that starts over is cut back to 64 MiB.
                 self._db.execute("PRAGMA wal_autocheckpoint=0")
+                self._db.execute("PRAGMA journal_size_limit=67108864")
             checkpointer.start()
             self._writer = StoreWriter(
                 self._db, self._write_lock, self._write_failed, self._wrote, checkpointer

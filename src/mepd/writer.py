@@ -216,10 +216,21 @@ class StoreWriter:
 class Checkpointer:
     """Takes ``PASSIVE`` WAL checkpoints of the database at ``path`` in a thread of its
     own, at most every ``interval`` seconds, when woken after a commit (the committing
-    connection then runs with ``wal_autocheckpoint=0``)."""
+    connection then runs with ``wal_autocheckpoint=0``).
+
+    A passive checkpoint copies the WAL into the database but never makes the WAL start
+    over, and under writes that never pause nothing else does: the file grew to hundreds
+    of megabytes in a long batched run. So when more than ``restart_frames`` frames are
+    in it, the checkpointer takes the store's write ``lock`` (no commit starts
+    meanwhile; it waits at most ``lock_wait`` and tries again after the next commit if
+    it cannot) and runs a ``RESTART`` checkpoint, after which the next commit writes
+    from the WAL's start (the store's ``journal_size_limit`` then truncates the file)."""
 
     path: Path
     interval: float = 0.2
+    lock: threading.Lock | None = None
+    restart_frames: int = 16384
+    lock_wait: float = 0.05
     _wake: threading.Event = attrs.field(factory=threading.Event)
     _stopping: bool = False
     _thread: threading.Thread | None = None
@@ -242,6 +253,8 @@ class Checkpointer:
 
     def _serve(self) -> None:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        # A RESTART waits for readers of the old WAL (reads are short): bounded.
+        db.execute("PRAGMA busy_timeout=500")
         try:
             while not self._stopping:
                 self._wake.wait()
@@ -249,9 +262,20 @@ class Checkpointer:
                 if self._stopping:
                     return
                 try:
-                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    self._checkpoint(db)
                 except sqlite3.Error as exc:  # the next commit wakes it again
                     log.warning("store.checkpoint_failed", error=str(exc))
                 time.sleep(self.interval)  # a pause between copies, not a wait for work
         finally:
             db.close()
+
+    def _checkpoint(self, db: sqlite3.Connection) -> None:
+        _busy, frames, _copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        if frames <= self.restart_frames or self.lock is None:
+            return
+        if not self.lock.acquire(timeout=self.lock_wait):
+            return  # writes are busy: the next wake tries again
+        try:
+            db.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+        finally:
+            self.lock.release()
