@@ -100,15 +100,33 @@ LIBRARIES = [
 # What limits a figure that misses its target, from py-spy profiles of the daemon and a
 # user endpoint taken on this machine (2 cores) during the benches. Shown only when missed.
 _HTTP_PATH = (
-    "two HTTP requests (submit, long-poll wait) and five process hops "
-    "(client → mepd → user endpoint → pool worker and back) on two cores shared with the "
-    "client. In a py-spy profile of mepd during single round trips, ~30% of its samples are "
-    "the kernel send path of loopback writes (uvicorn `RequestResponseCycle.send` ~20%, "
-    "`mepd/channel_async.py:AsyncChannel.send_buffers` from `mepd/registry.py:UserEndpointHandle."
-    "dispatch` ~11%); the Python work per request is spread thinly: `mepd/pipeline.py:"
-    "Pipeline._authorize` 3.7%, `mepd/audit.py:AuditLog.record`/`record_many` ~4.5%, "
-    "`mepd/store.py:TaskStore.add_tasks`/`finish` + `_Transaction.__exit__` ~6%, "
-    "`mepd/daemon.py:LoadedSite.config_key` 1%. The figure moves with the machine's load."
+    "a round trip is one HTTP request (`?wait`) and four process hops (client → mepd → "
+    "user endpoint → worker and back) on two cores shared with the client. Its floor on "
+    "this machine, with no work in mepd at all: a bare Starlette GET under uvicorn from "
+    "the same client (bench/api.py, `bare Starlette GET (floor)` row) plus the user "
+    "endpoint hop (bench/executor.py, the `via uep` rows), about 2 ms together. mepd's "
+    "own CPU per request is printed by bench/api.py (`mepd CPU per ?wait`). py-spy of "
+    "mepd's event loop during `?wait` round trips (after issue 22's second round): the "
+    "Starlette/uvicorn layers and socket writes ~25%, re-verifying the account on every "
+    "request (DESIGN.md §3 rule 9: `mepcore/ports.py` passwd, group list and shadow "
+    "lookups, ~8-10%; one `getgrouplist` through this machine's nsswitch costs ~0.4 ms), "
+    "the two SQLite commits of a task (accepted, then its result; `StoreWriter._commit_"
+    "locked`, `_finish_rows`) ~7%, JSON ~5%, the audit writes made before the answers "
+    "they guard ~3%, JWT verification ~2%. Taken out in this round: audit writes per "
+    "round trip 7 → 4 with lines built without the encoder, one JWT parse instead of "
+    "two, cached metric children, one ASGI layer instead of two, registered function ids "
+    "remembered (the store never deletes one), the spec and config key built once per "
+    "inputs, task ids from one random read per batch: mepd's CPU per `?wait` went from "
+    "3.6-4.0 to 2.9-3.2 ms (daemons of both versions alternated at the same load). "
+    "Nothing left is bigger than the account re-verification, which rule 9 requires."
+)
+_RTT_HTEX = (
+    "Parsl HTEX driven directly is a submit in the caller's process over ZeroMQ to its "
+    "interchange and a worker: no HTTP, no authentication, mapping or policy, nothing "
+    "durable. mep's Executor sends a lone call as one `?wait` request, whose path is the "
+    "HTTP round trip's (below) plus the Executor's two thread hand-offs; the floor of "
+    "that path on this machine (a bare HTTP request plus the user endpoint hop) is "
+    "already about the peer's whole round trip. " + _HTTP_PATH
 )
 _BATCH_PATH = (
     "bound by mepd's one event-loop thread. py-spy during 5,000-task "
@@ -121,17 +139,35 @@ _BATCH_PATH = (
     "requests and frames ~5%."
 )
 _PAYLOAD_PATH = (
-    "payloads travel as mep frames (no base64, no JSON of megabytes) and the store's "
-    "writes leave the event loop (mepd/writer.py: group commits in a writer thread, WAL "
-    "checkpoints in another). py-spy of mepd while a client streams 1 MiB echo round "
-    "trips: the writer thread's commits (`StoreWriter._commit`, the WAL write of the "
-    "payload, then of the result with the payload's pages freed: `_finish_rows`) are the "
-    "largest part and sit in every round trip's latency, and a small caller's commit "
-    "queues behind them; on the event loop, socket writes of the megabytes (uvicorn and "
-    "the user endpoint's channel), `FrameDecoder._decode` of the result frame, and "
-    "waiting for the GIL the writer thread holds between SQLite calls. Payload and "
-    "result bytes stored outside SQLite (files in the state directory) would take the "
-    "page copies and checkpoints out of that path."
+    "payloads travel as mep frames (no base64, no JSON of megabytes); a payload or "
+    "result of 64 KiB or more is a file beside the store (`mepd/blobs.py`), written by "
+    "the writer thread before the commit that names it, so SQLite no longer rewrites "
+    "megabyte rows at each state change (that was ~3-10 ms per commit); the channel "
+    "gathers a large frame's reads and joins them once, and writes a frame's parts with "
+    "one `sendmsg` (`mepd/channel.py`: a 1 MiB frame decoded in ~0.15 ms instead of ~4). "
+    "py-spy of mepd during 1 MiB echoes now: socket reads and writes of the megabytes "
+    "(asyncio transports) ~18%, joining the result frame for the answer "
+    "(`mepd/frames.py:encode`) ~6%, the payload and result files (`BlobFiles._write_"
+    "file`) ~5%, decoding the request's frames ~3%; in the client, pickling and "
+    "unpickling the megabytes (`pickle._Framer.write_large_bytes`, dill) and httpx's "
+    "reads. On this VM much of a megabyte copy's cost is page faults on fresh buffers "
+    "(glibc hands out and returns each 1 MiB buffer with mmap): in an experiment, "
+    "`MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=134217728` in the "
+    "environment of mepd and the client cut the 1 MiB echo's p50 by 2-3 ms; mep does "
+    "not set it (the user endpoints' environment comes from an allowlist, and a site "
+    "may prefer glibc's defaults)."
+)
+_BESIDE = (
+    "two cores: the streamer's four processes (its client, mepd, its user endpoint and "
+    "worker) keep about one core busy, and the small caller shares mepd's event loop and "
+    "the other core with them; the peers' small round trips, measured beside their own "
+    "1 MiB streamers in the same run, grow by several milliseconds too (the target line "
+    "above shows them). This round took the streamer's megabytes out of SQLite (a small "
+    "caller's commit no longer queues behind a megabyte commit in the writer thread) and "
+    "out of the channel decoder's copies, which brought mep's growth from +7.8 ms to "
+    "about +5 ms. What remains is CPU: the megabytes' socket copies in mepd's event loop "
+    "(~18% of its samples while streaming), which no event-loop design can hand to the "
+    "small caller's core. " + _PAYLOAD_PATH
 )
 _CLIENT_PATH = (
     "the Executor's batching and long-poll threads share the two cores with mepd, which is "
@@ -189,6 +225,9 @@ LIMITS: dict[str, str] = {
     "client_HTEX": _CLIENT_PATH,
     "client_client.map": _CLIENT_PATH,
     "uep_start": _UEP_START,
+    "rtt_htex": _RTT_HTEX,
+    "payload": _PAYLOAD_PATH,
+    "beside": _BESIDE,
     "ready": (
         "CPU: 100 user endpoints are 100 interpreter starts with their imports (see the "
         "CPU line of bench/scale.py), and two cores give at most 2 CPU-seconds a second. "
