@@ -222,16 +222,12 @@ def _percentiles(samples: list[float]) -> dict[str, float]:
 def own_daemon(workdir: Path) -> tuple[Any, str, str, Any]:
     """Start a daemon with a temporary account; returns (daemon, url, token, cleanup)."""
     from tests.accounts import create_account, delete_account
-    from tests.daemon_harness import start_daemon, write_deployment
-    from tests.runtime_venv import package_paths, runtime_python
+    from tests.daemon_harness import start_daemon, write_runtime_deployment
 
-    python = runtime_python()
     account = create_account()
     try:
-        config = write_deployment(
+        config = write_runtime_deployment(
             workdir / "site",
-            python=python,
-            package_paths=[p for p in package_paths(python) if os.path.isdir(p)],
             # Capacity, not the per-identity rate limit (bench/ratelimit.py measures that).
             settings_extra={"log_level": "warning", "edge": {"rate": 1e9, "burst": 10**9}},
         )

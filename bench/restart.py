@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -86,18 +85,14 @@ def _submit_all(
 
 def run_mode(adopt: bool, endpoints: int, tasks: int) -> dict[str, Any]:
     from tests.accounts import create_account, delete_account
-    from tests.daemon_harness import start_daemon, wait_all, write_deployment
-    from tests.runtime_venv import package_paths, runtime_python
+    from tests.daemon_harness import start_daemon, wait_all, write_runtime_deployment
     from tests.trusted_dir import trusted_directory
 
     made = [create_account() for _ in range(endpoints)]
     try:
         with trusted_directory("mep-bench-restart-") as top:
-            python = runtime_python()
-            config = write_deployment(
+            config = write_runtime_deployment(
                 top / "site",
-                python=python,
-                package_paths=[p for p in package_paths(python) if os.path.isdir(p)],
                 limits={"max_tasks_per_request": 10_000, "queued_tasks_per_user": 100_000},
                 settings_extra={
                     "log_level": "warning",

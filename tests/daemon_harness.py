@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -307,6 +307,25 @@ def make_pipeline(
     return PipelineKit(pipeline, site, endpoints, state_dir, issuer)
 
 
+Scenario = Callable[[httpx.AsyncClient, "PipelineKit"], Awaitable[None]]
+
+
+def serve_pipeline(kit: PipelineKit, scenario: Scenario, edge: Any = None) -> PipelineKit:
+    """Run ``scenario`` against the real API app serving ``kit``'s pipeline, in this
+    process (httpx's ASGI transport; ``edge``: the app's ``EdgeSettings``)."""
+    from mepd.api import create_app
+
+    app = create_app(kit.pipeline, kit.pipeline.limits, edge)
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://mepd") as client:
+            await scenario(client, kit)
+
+    asyncio.run(main())
+    return kit
+
+
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
@@ -453,14 +472,10 @@ def daemon_with_accounts(
     import pytest
 
     from tests.accounts import create_account, delete_account
-    from tests.runtime_venv import package_paths, runtime_python
 
     if os.geteuid() != 0:
         pytest.skip("needs root: creates real accounts with useradd")
-    python = runtime_python()
-    config = write_deployment(
-        top, python=python, package_paths=[p for p in package_paths(python) if os.path.isdir(p)]
-    )
+    config = write_runtime_deployment(top)
     if template is not None:
         (top / "templates" / "user_config_template.yaml.j2").write_text(template)
     if schema is not None:
@@ -540,6 +555,16 @@ def write_deployment(
     path = top / "mepd.yaml"
     path.write_text(yaml.safe_dump(settings, sort_keys=False))
     return path
+
+
+def write_runtime_deployment(top: Path, **kwargs: Any) -> Path:
+    """``write_deployment`` for the world-readable runtime venv of the tests (what user
+    endpoints of real accounts can run): its interpreter and its package paths."""
+    from tests.runtime_venv import package_paths, runtime_python
+
+    python = runtime_python()
+    paths = [p for p in package_paths(python) if os.path.isdir(p)]
+    return write_deployment(top, python=python, package_paths=paths, **kwargs)
 
 
 def remote_function(source: str, name: str) -> Any:

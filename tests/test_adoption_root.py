@@ -40,7 +40,7 @@ from tests.daemon_harness import (
     remote_function,
     start_daemon,
     wait_all,
-    write_deployment,
+    write_runtime_deployment,
 )
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -72,17 +72,15 @@ def site() -> Iterator[dict[str, Any]]:
     if os.geteuid() != 0:
         pytest.skip("needs root: creates accounts, runs mepd as root")
     from tests.accounts import create_account, delete_account
-    from tests.runtime_venv import package_paths, runtime_python
+    from tests.runtime_venv import runtime_python
 
     python = runtime_python()
     top = Path(tempfile.mkdtemp(prefix="adopt-", dir="/var/lib/mep-test/tmp"))
     top.chmod(0o711)
     first, second = create_account(), create_account()
     try:
-        config = write_deployment(
+        config = write_runtime_deployment(
             top / "site",
-            python=python,
-            package_paths=[p for p in package_paths(python) if os.path.isdir(p)],
             settings_extra={"restart": {"adopt_endpoints": True, "grace_period": 60}},
         )
         (top / "site").chmod(0o711)

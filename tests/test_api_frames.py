@@ -9,12 +9,11 @@ of answers, and the client's fallback to JSON with a daemon that has no frames.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import json
 import struct
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,27 +26,16 @@ from mepcore.client import frames as client_frames
 from mepd import frames
 from mepd.api import create_app
 from mepd.settings import Limits
-from tests.daemon_harness import PipelineKit, b64, make_pipeline
+from tests.daemon_harness import PipelineKit, Scenario, b64, make_pipeline, serve_pipeline
 from tests.test_client_fakes import FakeDaemon, _pipeline, _serve, _stop, fake_daemon
 
 ALICE = "alice@example.org"
 FRAMES = {"Content-Type": frames.MEDIA_TYPE}
 ACCEPT = {"Accept": frames.MEDIA_TYPE}
 
-Scenario = Callable[[httpx.AsyncClient, PipelineKit], Awaitable[None]]
-
 
 def run(tmp_path: Path, scenario: Scenario, **kwargs: Any) -> PipelineKit:
-    kit = make_pipeline(tmp_path, **kwargs)
-    app = create_app(kit.pipeline, kit.pipeline.limits)
-
-    async def main() -> None:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://mepd") as client:
-            await scenario(client, kit)
-
-    asyncio.run(main())
-    return kit
+    return serve_pipeline(make_pipeline(tmp_path, **kwargs), scenario)
 
 
 def body(header: Any, parts: list[bytes]) -> bytes:

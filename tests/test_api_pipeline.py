@@ -10,7 +10,7 @@ import asyncio
 import base64
 import hashlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,27 +18,24 @@ import httpx
 import pytest
 
 from mepcore.errors import REASONS
-from mepd.api import create_app, json_depth_ok, openapi_text
+from mepd.api import json_depth_ok, openapi_text
 from mepd.settings import Limits
-from tests.daemon_harness import REPO, BrokenAudit, PipelineKit, b64, make_pipeline
+from tests.daemon_harness import (
+    REPO,
+    BrokenAudit,
+    PipelineKit,
+    Scenario,
+    b64,
+    make_pipeline,
+    serve_pipeline,
+)
 
 ALICE = "alice@example.org"
 BOB = "bob@example.org"
 
-Scenario = Callable[[httpx.AsyncClient, PipelineKit], Awaitable[None]]
-
 
 def run(tmp_path: Path, scenario: Scenario, **kwargs: Any) -> PipelineKit:
-    kit = make_pipeline(tmp_path, **kwargs)
-    app = create_app(kit.pipeline, kit.pipeline.limits)
-
-    async def main() -> None:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://mepd") as client:
-            await scenario(client, kit)
-
-    asyncio.run(main())
-    return kit
+    return serve_pipeline(make_pipeline(tmp_path, **kwargs), scenario)
 
 
 async def register(client: httpx.AsyncClient, kit: PipelineKit, body: bytes = b"fn") -> str:

@@ -5,7 +5,6 @@ asserted (DESIGN.md §4: performance lives in bench/)."""
 from __future__ import annotations
 
 import base64
-import os
 import subprocess
 import sys
 import threading
@@ -16,7 +15,7 @@ from typing import Any
 import pytest
 
 from mepcore.tasks import pack_args, pack_function
-from tests.daemon_harness import REPO, remote_function, running_daemon, write_deployment
+from tests.daemon_harness import REPO, remote_function, running_daemon, write_runtime_deployment
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -30,14 +29,9 @@ def b64(data: bytes) -> str:
 
 
 def test_fifty_thousand_noop_tasks_all_arrive(tmp_path: Path, make_account: Any) -> None:
-    from tests.runtime_venv import package_paths, runtime_python
-
-    python = runtime_python()
     acct = make_account()
-    config = write_deployment(
+    config = write_runtime_deployment(
         tmp_path / "site",
-        python=python,
-        package_paths=[p for p in package_paths(python) if os.path.isdir(p)],
         settings_extra={"log_level": "warning"},
     )
     noop = remote_function("def noop():\n    return None\n", "noop")

@@ -4,7 +4,6 @@ tasks accepted but not dispatched are dispatched after the restart."""
 from __future__ import annotations
 
 import base64
-import os
 import pwd
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 from mepcore.tasks import pack_args, pack_function, unpack_value
 from mepd.store import NewTask, TaskStore
 from tests.accounts import processes_of
-from tests.daemon_harness import remote_function, start_daemon, wait_all, write_deployment
+from tests.daemon_harness import remote_function, start_daemon, wait_all, write_runtime_deployment
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -28,15 +27,8 @@ def b64(data: bytes) -> str:
 
 
 def test_kill_9_then_restart_loses_nothing(tmp_path: Path, make_account: Any) -> None:
-    from tests.runtime_venv import package_paths, runtime_python
-
-    python = runtime_python()
     acct: pwd.struct_passwd = make_account()
-    config = write_deployment(
-        tmp_path / "site",
-        python=python,
-        package_paths=[p for p in package_paths(python) if os.path.isdir(p)],
-    )
+    config = write_runtime_deployment(tmp_path / "site")
     state = tmp_path / "site" / "state"
     daemon = start_daemon(config, state)
     try:
@@ -134,15 +126,8 @@ def test_kill_9_then_restart_loses_nothing(tmp_path: Path, make_account: Any) ->
 
 
 def test_sigterm_drains_in_flight_tasks_before_stopping(tmp_path: Path, make_account: Any) -> None:
-    from tests.runtime_venv import package_paths, runtime_python
-
-    python = runtime_python()
     acct: pwd.struct_passwd = make_account()
-    config = write_deployment(
-        tmp_path / "site",
-        python=python,
-        package_paths=[p for p in package_paths(python) if os.path.isdir(p)],
-    )
+    config = write_runtime_deployment(tmp_path / "site")
     state = tmp_path / "site" / "state"
     daemon = start_daemon(config, state)
     try:

@@ -23,7 +23,12 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from mepcore.tasks import pack_args, pack_function
-from tests.daemon_harness import RunningDaemon, remote_function, running_daemon, write_deployment
+from tests.daemon_harness import (
+    RunningDaemon,
+    remote_function,
+    running_daemon,
+    write_runtime_deployment,
+)
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -33,14 +38,12 @@ ISSUER = "https://idp.example"
 @pytest.fixture(scope="module")
 def signed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningDaemon, Any, str]]:
     from tests.accounts import create_account, delete_account
-    from tests.runtime_venv import package_paths, runtime_python
 
     top = tmp_path_factory.mktemp("edge-identity")
     key = ec.generate_private_key(ec.SECP256R1())
     jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
     jwk.update(kid="k1", alg="ES256", use="sig")
     (top / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
-    python = runtime_python()
     account = create_account()
     try:
         issuers = [
@@ -53,10 +56,8 @@ def signed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningDa
                 "algorithms": ["ES256"],
             },
         ]
-        config = write_deployment(
+        config = write_runtime_deployment(
             top / "site",
-            python=python,
-            package_paths=[p for p in package_paths(python) if os.path.isdir(p)],
             settings_extra={"issuers": issuers},
         )
         with running_daemon(config, top / "site" / "state") as daemon:

@@ -4,9 +4,7 @@ endpoints from tests/daemon_harness.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,30 +12,20 @@ import httpx
 import pytest
 
 from mepcore.errors import REASONS, ConfigError, Violation
-from mepd.api import create_app, error_response
+from mepd.api import error_response
 from mepd.audit import AuditLog
 from mepd.handle import error_from_frame
 from mepd.ratelimit import Gate, RateLimiter
 from mepd.settings import EdgeSettings
 from mepd.uep.server import error_fields
-from tests.daemon_harness import PipelineKit, b64, make_pipeline
+from tests.daemon_harness import PipelineKit, Scenario, b64, make_pipeline, serve_pipeline
 
 ALICE = "alice@example.org"
 BOB = "bob@example.org"
-Scenario = Callable[[httpx.AsyncClient, PipelineKit], Awaitable[None]]
 
 
 def run(tmp_path: Path, scenario: Scenario, edge: EdgeSettings | None = None) -> PipelineKit:
-    kit = make_pipeline(tmp_path)
-    app = create_app(kit.pipeline, kit.pipeline.limits, edge)
-
-    async def main() -> None:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://mepd") as client:
-            await scenario(client, kit)
-
-    asyncio.run(main())
-    return kit
+    return serve_pipeline(make_pipeline(tmp_path), scenario, edge)
 
 
 def refused(r: httpx.Response, status: int, reason: str) -> dict[str, Any]:

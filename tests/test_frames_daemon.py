@@ -23,7 +23,7 @@ from mepcore.tasks import pack_args, unpack_value
 from mepd import frames
 from mepd.store import TaskStore
 from tests.accounts import processes_of
-from tests.daemon_harness import remote_function, start_daemon, write_deployment
+from tests.daemon_harness import remote_function, start_daemon, write_runtime_deployment
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -41,15 +41,8 @@ def b64(data: bytes) -> str:
 def test_frames_and_json_callers_then_kill_9_keeps_the_accepted_bytes(
     tmp_path: Path, make_account: Any
 ) -> None:
-    from tests.runtime_venv import package_paths, runtime_python
-
-    python = runtime_python()
     acct: pwd.struct_passwd = make_account()
-    config = write_deployment(
-        tmp_path / "site",
-        python=python,
-        package_paths=[p for p in package_paths(python) if os.path.isdir(p)],
-    )
+    config = write_runtime_deployment(tmp_path / "site")
     state = tmp_path / "site" / "state"
     daemon = start_daemon(config, state)
     variables = {"max_workers": 1}

@@ -21,11 +21,10 @@ import httpx
 import pytest
 
 from mepcore.errors import MepError
-from mepd.api import create_app
 from mepd.audit import MAX_FIELD_CHARS, MAX_LIST_ITEMS, AuditLog, AuditUnavailable, capped
 from mepd.logs import request_scope, rfc3339
 from mepd.metrics import Metrics
-from tests.daemon_harness import PipelineKit, b64, make_pipeline
+from tests.daemon_harness import PipelineKit, b64, make_pipeline, serve_pipeline
 
 ALICE = "alice@example.org"
 
@@ -116,14 +115,7 @@ class RecordingAudit:
 
 
 def _run(kit: PipelineKit, scenario: Any) -> None:
-    app = create_app(kit.pipeline, kit.pipeline.limits)
-
-    async def main() -> None:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://mepd") as client:
-            await scenario(client)
-
-    asyncio.run(main())
+    serve_pipeline(kit, lambda client, _kit: scenario(client))
 
 
 def _submit(fid: str) -> dict[str, Any]:
