@@ -205,3 +205,31 @@ def test_file_names_never_come_from_odd_ids() -> None:
         assert "/" not in name and not name.startswith(".")
         assert name == f"{name.removesuffix('.payload')}.payload"
         assert len(name.removesuffix(".payload")) == 64
+
+
+def test_a_failed_result_file_refuses_the_outcomes_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "db"
+    store = TaskStore.open(path)
+    store.add_tasks([task("a", b"a"), task("b", b"b")], state="dispatched", now=1.0)
+    real_write = os.write
+    calls = {"n": 0}
+
+    def full_disk(fd: int, data: bytes) -> int:
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second result's file
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    outcomes = [Outcome(t, "success", None, t.encode() * BIG) for t in ("a", "b")]
+    monkeypatch.setattr(os, "write", full_disk)
+    with pytest.raises(StoreError) as refused:
+        store.finish(outcomes, now=2.0)
+    monkeypatch.setattr(os, "write", real_write)
+    assert refused.value.reason == "store.unavailable"
+    assert [r.state for r in store.get_many(["a", "b"])] == ["dispatched", "dispatched"]
+    assert files(path) == set()  # the first result's staged file went too
+    assert store.finish(outcomes, now=3.0) == ["a", "b"]  # kept by the caller, written later
+    assert files(path) == {"a.result", "b.result"}
+    store.close()

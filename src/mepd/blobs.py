@@ -41,6 +41,11 @@ _SUFFIX = {PAYLOAD: ".payload", RESULT: ".result"}
 _PLAIN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
+def in_file(data: bytes | None) -> bool:
+    """Whether a payload or result is kept in a file rather than in its row."""
+    return data is not None and len(data) >= FILE_BYTES
+
+
 def blob_directory(store_path: Path) -> Path:
     """Where the store at ``store_path`` keeps its large payloads and results."""
     return store_path.with_name(store_path.name + ".blobs")

@@ -58,7 +58,7 @@ import attrs
 
 from mepcore.errors import StoreError
 from mepcore.types import Identity
-from mepd.blobs import FILE_BYTES, PAYLOAD, RESULT, BlobFiles, blob_directory
+from mepd.blobs import PAYLOAD, RESULT, BlobFiles, blob_directory, in_file
 from mepd.spec import EndpointSpec
 from mepd.writer import Checkpointer, StoreWriter
 
@@ -360,13 +360,13 @@ def _task_rows(tasks: Sequence[NewTask], state: str, now: float) -> list[tuple[A
             t.account,
             t.spec_id,
             t.function_id,
-            None if len(t.payload) >= FILE_BYTES else t.payload,
+            None if in_file(t.payload) else t.payload,
             t.walltime,
             state,
             now,
             t.uep_id,
             None if t.resources is None else json.dumps(t.resources),
-            PAYLOAD if len(t.payload) >= FILE_BYTES else 0,
+            PAYLOAD if in_file(t.payload) else 0,
         )
         for t in tasks
     ]
@@ -387,10 +387,10 @@ def _spec_row(spec: EndpointSpec, now: float) -> tuple[Any, ...]:
 def _outcome_rows(outcomes: Sequence[Outcome], now: float) -> list[tuple[Any, ...]]:
     rows = []
     for o in outcomes:
-        in_file = o.result is not None and len(o.result) >= FILE_BYTES
+        kept = in_file(o.result)
         error = json.dumps(o.error) if o.error is not None else None
-        result = None if in_file else o.result
-        rows.append((o.state, error, result, RESULT if in_file else 0, now, o.task_id))
+        result = None if kept else o.result
+        rows.append((o.state, error, result, RESULT if kept else 0, now, o.task_id))
     return rows
 
 
@@ -588,7 +588,7 @@ class TaskStore:
         written: list[str] = []
         try:
             for t in tasks:
-                if len(t.payload) >= FILE_BYTES:
+                if in_file(t.payload):
                     self._blobs.write(t.task_id, PAYLOAD, t.payload)
                     written.append(t.task_id)
             if written:
@@ -613,10 +613,13 @@ class TaskStore:
         """Record outcomes (in a write transaction): large results written to files
         under a temporary name first, given their own name only for the tasks the
         update changed (a task already final keeps its first result and its file)."""
-        large = [o for o in outcomes if o.result is not None and len(o.result) >= FILE_BYTES]
+        staged: list[tuple[str, int, Path]] = []
         try:
-            staged = [self._blobs.stage(o.task_id, RESULT, o.result or b"") for o in large]
+            for o in outcomes:
+                if in_file(o.result):
+                    staged.append(self._blobs.stage(o.task_id, RESULT, o.result or b""))
         except OSError as exc:
+            self._blobs.settle(staged, set())  # none of them is wanted now
             raise self._files_failed(exc) from exc
         try:
             if known_open:
