@@ -184,4 +184,4 @@ def test_a_version_2_store_gains_the_resources_column(tmp_path: Path) -> None:
     assert store.pending_payloads(["t"])[0].resources == {"num_ranks": 2}
     store.close()
     with sqlite3.connect(tmp_path / "db") as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5

@@ -268,3 +268,15 @@ def test_the_old_list_format_of_policy_tests_is_refused_with_the_file_named(
     assert out.returncode == 2
     assert "policy_tests" in out.stderr and "table.yaml" in out.stderr
     assert "is not of type 'object'" in out.stderr
+
+
+def test_retention_bounds_per_user_have_defaults_and_must_be_positive_integers() -> None:
+    limits = Settings.from_mapping(MINIMAL, base_dir=Path("/etc/mepd")).limits
+    assert limits.retained_tasks_per_user == 1_000_000
+    assert limits.retained_result_bytes_per_user == 4 * 1024**3
+    given = {"retained_tasks_per_user": 10, "retained_result_bytes_per_user": 2048}
+    limits = Settings.from_mapping({**MINIMAL, "limits": given}, base_dir=Path("/etc")).limits
+    assert (limits.retained_tasks_per_user, limits.retained_result_bytes_per_user) == (10, 2048)
+    for name in given:
+        for bad in (0, -1, 1.5, "10"):
+            assert f"$.limits.{name}" in violations_of({**MINIMAL, "limits": {name: bad}})

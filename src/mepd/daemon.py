@@ -59,9 +59,9 @@ from mepd.orphans import sweep_orphan_jobs
 from mepd.pam import PamSessions
 from mepd.pipeline import Pipeline
 from mepd.registry import Registry, RegistryLimits
-from mepd.settings import Settings
+from mepd.settings import Limits, Settings
 from mepd.sites import LoadedSite, load_sites
-from mepd.store import Recovery, TaskStore
+from mepd.store import Recovery, SweepReport, TaskStore
 from mepd.trust import check_settings
 
 log = structlog.get_logger("mepd.daemon")
@@ -619,16 +619,49 @@ class Daemon:
     # -- retention ----------------------------------------------------------------------
 
     async def _sweeper(self) -> None:
-        retention = self.settings.limits.result_retention
-        period = max(1.0, min(retention / 10, 300.0))
+        limits = self.settings.limits
         while True:
             try:
-                removed = self.store.sweep(time.time() - retention)
-                if removed:
-                    log.info("store.results_expired", count=removed)
+                await sweep_store(self.store, limits, self.pipeline.metrics)
             except Exception:
                 log.exception("store.sweep_failed")
-            await asyncio.sleep(period)
+            await asyncio.sleep(sweep_period(limits))
+
+
+def sweep_period(limits: Limits) -> float:
+    """Seconds between two retention sweeps: a tenth of the retention, 1 to 300."""
+    return max(1.0, min(limits.result_retention / 10, 300.0))
+
+
+async def sweep_store(
+    store: TaskStore, limits: Limits, metrics: Metrics, now: float | None = None
+) -> SweepReport:
+    """One retention sweep (``TaskStore.retain``: by time, then by size per account)
+    in a worker thread: on a big store it takes seconds, and the event loop serves
+    meanwhile (the sweep takes the write lock one batch at a time). What it removed is
+    logged — an account's early removals once per sweep — and counted."""
+    older_than = (time.time() if now is None else now) - limits.result_retention
+    report = await asyncio.to_thread(
+        store.retain,
+        older_than,
+        max_tasks=limits.retained_tasks_per_user,
+        max_bytes=limits.retained_result_bytes_per_user,
+    )
+    if report.expired:
+        log.info("store.results_expired", count=report.expired)
+        metrics.results_expired.inc(report.expired)
+    for evicted in report.evicted:
+        log.warning(
+            "store.results_evicted",
+            account=evicted.account,
+            count=evicted.tasks,
+            bytes=evicted.bytes,
+            retained_tasks_per_user=limits.retained_tasks_per_user,
+            retained_result_bytes_per_user=limits.retained_result_bytes_per_user,
+        )
+        metrics.results_evicted.inc(evicted.tasks, account=evicted.account)
+        metrics.results_evicted_bytes.inc(evicted.bytes, account=evicted.account)
+    return report
 
 
 def admin_request(state_dir: Path, request: Mapping[str, Any], timeout: float = 30.0) -> Any:

@@ -5,7 +5,9 @@ each daemon, and each test, gets fresh metrics) with:
 
 - the daemon's counters and histograms (``mepd_http_requests_total``,
   ``mepd_http_request_seconds``, ``mepd_authz_decisions_total``,
-  ``mepd_auth_failures_total``, ``mepd_tasks_total``, ``mepd_task_seconds``), kept behind
+  ``mepd_auth_failures_total``, ``mepd_tasks_total``, ``mepd_task_seconds``, and the
+  retention sweep's ``mepd_results_expired_total``, ``mepd_results_evicted_total``,
+  ``mepd_results_evicted_bytes_total``), kept behind
   the small ``inc``/``observe`` interface the pipeline already used, so no caller knows
   the library;
 - gauges whose value lives elsewhere (user endpoints by state, tasks in flight and
@@ -161,6 +163,9 @@ class Metrics:
     auth_failures: Counter = attrs.field(init=False)
     tasks: Counter = attrs.field(init=False)
     task_seconds: Histogram = attrs.field(init=False)
+    results_expired: Counter = attrs.field(init=False)
+    results_evicted: Counter = attrs.field(init=False)
+    results_evicted_bytes: Counter = attrs.field(init=False)
     _gauges: _CallbackGauges = attrs.field(init=False, factory=_CallbackGauges)
 
     def __attrs_post_init__(self) -> None:
@@ -192,6 +197,21 @@ class Metrics:
         self.tasks = _counter(registry, "mepd_tasks_total", "tasks that reached a state", "state")
         self.task_seconds = _histogram(
             registry, "mepd_task_seconds", "time from acceptance to result"
+        )
+        self.results_expired = _counter(
+            registry, "mepd_results_expired_total", "finished tasks removed after retention"
+        )
+        self.results_evicted = _counter(
+            registry,
+            "mepd_results_evicted_total",
+            "finished tasks removed early: their account kept more than its bounds",
+            "account",
+        )
+        self.results_evicted_bytes = _counter(
+            registry,
+            "mepd_results_evicted_bytes_total",
+            "result bytes of the finished tasks removed early",
+            "account",
         )
 
     def gauge(self, name: str, help_text: str, read: GaugeReader) -> None:

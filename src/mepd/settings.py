@@ -67,6 +67,10 @@ LIMIT_DEFAULTS: dict[str, int | float] = {
     "max_result_bytes": 10 * 1024 * 1024,
     "max_walltime": 24 * 3600.0,
     "result_retention": 7 * 24 * 3600.0,
+    # Retention by size: an account's oldest finished tasks go before result_retention
+    # when it keeps more finished tasks, or more result bytes, than these.
+    "retained_tasks_per_user": 1_000_000,
+    "retained_result_bytes_per_user": 4 * 1024**3,
     "start_timeout": 60.0,
     "drain_timeout": 30.0,
     "max_wait_timeout": 60.0,
@@ -459,6 +463,8 @@ class Limits:
     max_result_bytes: int = int(LIMIT_DEFAULTS["max_result_bytes"])
     max_walltime: float = float(LIMIT_DEFAULTS["max_walltime"])
     result_retention: float = float(LIMIT_DEFAULTS["result_retention"])
+    retained_tasks_per_user: int = int(LIMIT_DEFAULTS["retained_tasks_per_user"])
+    retained_result_bytes_per_user: int = int(LIMIT_DEFAULTS["retained_result_bytes_per_user"])
     start_timeout: float = float(LIMIT_DEFAULTS["start_timeout"])
     drain_timeout: float = float(LIMIT_DEFAULTS["drain_timeout"])
     max_wait_timeout: float = float(LIMIT_DEFAULTS["max_wait_timeout"])

@@ -21,6 +21,15 @@ kernel crash* may be lost, because NORMAL does not fsync on every commit.
 ``durability="full"`` switches to ``synchronous=FULL`` for sites that prefer that
 guarantee over throughput.
 
+Retention (``retain``): a finished task is removed when it finished longer ago than the
+retention period (by time), or earlier when its account keeps more finished tasks or
+more result bytes than its bounds — then the account's oldest finished tasks go first
+(by size). Each finished row records the bytes it keeps (``result_bytes``: its result,
+in the row or in its file, and its error record), so an account's totals come from the
+index ``tasks_retained`` without reading rows or files. A sweep is long on a big store:
+it runs on its caller's thread (the daemon's is not the event loop's), removes at most
+``SWEEP_BATCH`` rows per write transaction and lets other writers in between batches.
+
 States: ``queued`` (accepted, not yet handed to a user endpoint — after a restart),
 ``dispatched`` (handed to a user endpoint), and the final ``success``, ``failed``,
 ``cancelled``. ``recover()`` turns what was dispatched when the daemon died into
@@ -45,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import sqlite3
@@ -52,22 +62,30 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 
 from mepcore.errors import StoreError
 from mepcore.types import Identity
-from mepd.blobs import PAYLOAD, RESULT, BlobFiles, blob_directory, in_file
+from mepd.blobs import PAYLOAD, RESULT, BlobFiles, blob_directory, file_name, in_file
 from mepd.spec import EndpointSpec
 from mepd.writer import Checkpointer, StoreWriter
 
+_T = TypeVar("_T")
 FINAL_STATES = ("success", "failed", "cancelled")
 # Writes up to this many payload bytes (and a few rows) may be committed on the event
 # loop when the writer thread is idle (``mepd.writer.StoreWriter.submit``).
 SMALL_WRITE_BYTES = 64 * 1024
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 _TABLES = frozenset({"functions", "specs", "tasks"})
+# Rows removed by one write transaction of a sweep at most: bounds how long a submit
+# waits for the write lock while a sweep runs.
+SWEEP_BATCH = 5000
+# After each batch a sweep leaves the write lock free for as long as the batch held it
+# (at most this long), so that writers waiting for it get in: a thread lock is not fair,
+# and a sweep that took it again at once could hold off the writer thread for its whole run.
+SWEEP_PAUSE_MAX = 0.1
 
 _SCHEMA = (
     """
@@ -103,7 +121,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     result BLOB,
     uep_id TEXT,
     resources TEXT,
-    blobs INTEGER NOT NULL DEFAULT 0
+    blobs INTEGER NOT NULL DEFAULT 0,
+    result_bytes INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS tasks_state ON tasks(state);
 CREATE INDEX IF NOT EXISTS tasks_finished ON tasks(finished) WHERE finished IS NOT NULL;
@@ -161,6 +180,61 @@ def _migrate_3_to_4(db: sqlite3.Connection) -> None:
         db.execute("ALTER TABLE tasks ADD COLUMN blobs INTEGER NOT NULL DEFAULT 0")
 
 
+# Each account's finished tasks, oldest first, with the bytes each keeps: the totals per
+# account (retention by size) are read from this index alone, never from the rows.
+_RETAINED_INDEX = (
+    "CREATE INDEX IF NOT EXISTS tasks_retained ON tasks(account, finished, result_bytes)"
+    " WHERE finished IS NOT NULL"
+)
+
+
+def _migrate_4_to_5(db: sqlite3.Connection) -> None:
+    """Version 5: a finished task records the bytes it keeps (``result_bytes``), and the
+    index ``tasks_retained`` answers each account's totals. Rows finished before get
+    the size of their result (from the row, or from its file's size: 0 when the file is
+    gone) and of their error record. One transaction: a crash leaves version 4, and the
+    step runs again."""
+    columns = {r[1] for r in db.execute("PRAGMA table_info(tasks)")}
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if "result_bytes" not in columns:
+            db.execute("ALTER TABLE tasks ADD COLUMN result_bytes INTEGER NOT NULL DEFAULT 0")
+        db.execute(
+            "UPDATE tasks SET result_bytes = coalesce(length(result), 0)"
+            " + coalesce(length(error), 0) WHERE finished IS NOT NULL"
+        )
+        directory = _blob_directory_of(db)
+        in_files = db.execute(
+            "SELECT id FROM tasks WHERE finished IS NOT NULL AND blobs & ? != 0", (RESULT,)
+        ).fetchall()
+        db.executemany(
+            "UPDATE tasks SET result_bytes = result_bytes + ? WHERE id=?",
+            [(_file_size(directory, task_id), task_id) for (task_id,) in in_files],
+        )
+        db.execute(_RETAINED_INDEX)
+        db.execute("COMMIT")
+    except BaseException:
+        _rollback(db)
+        raise
+
+
+def _blob_directory_of(db: sqlite3.Connection) -> Path | None:
+    """The files' directory of the store ``db`` has open (None: no file, in memory)."""
+    for _seq, name, file in db.execute("PRAGMA database_list"):
+        if name == "main" and file:
+            return blob_directory(Path(file))
+    return None
+
+
+def _file_size(directory: Path | None, task_id: str) -> int:
+    if directory is None:
+        return 0
+    try:
+        return os.lstat(directory / file_name(task_id, RESULT)).st_size
+    except OSError:
+        return 0
+
+
 # Version n → n+1. Version 0 with mep's tables is a store written before versions were
 # recorded: its tables are version 1's, so the step only records the number.
 _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
@@ -168,6 +242,7 @@ _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     1: _migrate_1_to_2,
     2: _migrate_2_to_3,
     3: _migrate_3_to_4,
+    4: _migrate_4_to_5,
 }
 
 
@@ -345,9 +420,10 @@ _INSERT_SPEC = (
     "INSERT OR IGNORE INTO specs(id, endpoint, account, variables, user_runtime,"
     " identity, created) VALUES (?,?,?,?,?,?,?)"
 )
+# The task's id is the last parameter, the finish time the fifth.
 _FINISH = (
-    "UPDATE tasks SET state=?, error=?, result=?, blobs=?, finished=?, payload=NULL"
-    " WHERE id=? AND state IN ('queued','dispatched')"
+    "UPDATE tasks SET state=?, error=?, result=?, blobs=?, finished=?, result_bytes=?,"
+    " payload=NULL WHERE id=? AND state IN ('queued','dispatched')"
 )
 
 
@@ -390,7 +466,8 @@ def _outcome_rows(outcomes: Sequence[Outcome], now: float) -> list[tuple[Any, ..
         kept = in_file(o.result)
         error = json.dumps(o.error) if o.error is not None else None
         result = None if kept else o.result
-        rows.append((o.state, error, result, RESULT if kept else 0, now, o.task_id))
+        size = len(o.result or b"") + len(error or "")
+        rows.append((o.state, error, result, RESULT if kept else 0, now, size, o.task_id))
     return rows
 
 
@@ -402,18 +479,18 @@ def _finish_rows(db: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> lis
         return []
     changed = db.executemany(_FINISH, rows).rowcount
     if changed == len(rows):
-        return [row[5] for row in rows]
+        return [row[-1] for row in rows]
     now = rows[0][4]
     mine: set[str] = set()
     for start in range(0, len(rows), 500):
-        chunk = [row[5] for row in rows[start : start + 500]]
+        chunk = [row[-1] for row in rows[start : start + 500]]
         marks = ",".join("?" * len(chunk))
         found = db.execute(
             f"SELECT id FROM tasks WHERE finished=? AND id IN ({marks})",  # noqa: S608
             [now, *chunk],
         )
         mine.update(r[0] for r in found)
-    return [row[5] for row in rows if row[5] in mine]
+    return [row[-1] for row in rows if row[-1] in mine]
 
 
 def _insert_function(db: sqlite3.Connection, row: tuple[Any, ...]) -> bool:
@@ -422,6 +499,60 @@ def _insert_function(db: sqlite3.Connection, row: tuple[Any, ...]) -> bool:
         row,
     )
     return cur.rowcount == 1
+
+
+@attrs.frozen
+class Eviction:
+    """Finished tasks of one account removed before their time because the account
+    kept more than its bounds (retention by size): how many, and the bytes they kept."""
+
+    account: str
+    tasks: int
+    bytes: int
+
+
+@attrs.frozen
+class SweepReport:
+    """What one ``TaskStore.retain`` removed: by time, and by size per account."""
+
+    expired: int = 0
+    evicted: tuple[Eviction, ...] = ()
+
+
+# A batch of rows to remove, as (rowid, id, blobs, result_bytes): those whose time is
+# up, or one account's oldest finished ones (both read from an index, in its order).
+_EXPIRED_BATCH = (
+    "SELECT rowid, id, blobs, result_bytes FROM tasks"
+    " WHERE finished IS NOT NULL AND finished < ? ORDER BY finished LIMIT ?"
+)
+_OLDEST_BATCH = (
+    "SELECT rowid, id, blobs, result_bytes FROM tasks"
+    " WHERE account=? AND finished IS NOT NULL ORDER BY finished LIMIT ?"
+)
+# The accounts over a bound, with their totals: answered from ``tasks_retained`` alone.
+_OVER_BOUNDS = (
+    "SELECT account, count(*), sum(result_bytes) FROM tasks WHERE finished IS NOT NULL"
+    " GROUP BY account HAVING count(*) > ? OR sum(result_bytes) > ?"
+)
+# No bound: larger than any count or size (SQLite's largest integer).
+_UNBOUNDED = 2**63 - 1
+
+
+def _bound(value: int | None) -> int:
+    return _UNBOUNDED if value is None else min(value, _UNBOUNDED)
+
+
+def _oldest_first(rows: list[Any], *, tasks: int, size: int) -> list[Any]:
+    """The first of ``rows`` (oldest first) that make at least ``tasks`` rows and
+    ``size`` bytes (their ``result_bytes``, the fourth column)."""
+    chosen: list[Any] = []
+    taken = 0
+    for row in rows:
+        if len(chosen) >= tasks and taken >= size:
+            break
+        chosen.append(row)
+        taken += row[3]
+    return chosen
 
 
 @attrs.frozen
@@ -447,6 +578,10 @@ class TaskStore:
     # Held by every write transaction (the writer thread's and ``_transaction``'s).
     _write_lock: threading.Lock = attrs.field(factory=threading.Lock)
     _writer: StoreWriter | None = None
+    # Set (under the write lock) by ``close``: a write transaction begun after it fails.
+    _closed: bool = False
+    # Held by a sweep (``retain``): one at a time.
+    _sweeping: threading.Lock = attrs.field(factory=threading.Lock)
     # Large payloads and results (``mepd.blobs``); prepared by ``open``.
     _blobs: BlobFiles = attrs.field(
         default=attrs.Factory(lambda self: BlobFiles(blob_directory(self.path)), takes_self=True)
@@ -505,6 +640,9 @@ class TaskStore:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.stop()
+        # Waits for a sweep's batch under way (another thread); its next one is refused.
+        with self._write_lock:
+            self._closed = True
         if self._reader is not None:
             self._reader.close()
         try:
@@ -789,9 +927,9 @@ class TaskStore:
                 else:
                     lost.append(task_id)
             self._db.executemany(
-                "UPDATE tasks SET state='failed', error=?, finished=?, payload=NULL, blobs=0"
-                " WHERE id=? AND state='dispatched'",
-                [(error, now, t) for t in lost],
+                "UPDATE tasks SET state='failed', error=?, finished=?, payload=NULL, blobs=0,"
+                " result_bytes=? WHERE id=? AND state='dispatched'",
+                [(error, now, len(error), t) for t in lost],
             )
             queued, damaged = self._queued_tasks(now)
         self._blobs.drop_payloads([*lost, *damaged])
@@ -811,10 +949,11 @@ class TaskStore:
                 damaged.append(r[0])
                 continue
             queued.append(QueuedTask(r[0], r[1], r[2], r[3], r[4], payload, r[6], _resources(r[7])))
+        error = json.dumps(_DAMAGED)
         self._db.executemany(
-            "UPDATE tasks SET state='failed', error=?, finished=?, payload=NULL, blobs=0"
-            " WHERE id=?",
-            [(json.dumps(_DAMAGED), now, t) for t in damaged],
+            "UPDATE tasks SET state='failed', error=?, finished=?, payload=NULL, blobs=0,"
+            " result_bytes=? WHERE id=?",
+            [(error, now, len(error), t) for t in damaged],
         )
         return queued, damaged
 
@@ -869,26 +1008,139 @@ class TaskStore:
             for r in self._read.execute("SELECT state, count(*) FROM tasks GROUP BY state")
         }
 
-    def sweep(self, older_than: float) -> int:
-        """Remove final tasks finished before ``older_than``; returns how many."""
+    # -- retention ------------------------------------------------------------------
+
+    def sweep(self, older_than: float, *, batch: int = SWEEP_BATCH) -> int:
+        """Remove final tasks finished before ``older_than``; returns how many
+        (``retain`` by time alone)."""
+        return self.retain(older_than, batch=batch).expired
+
+    def retain(
+        self,
+        older_than: float,
+        *,
+        max_tasks: int | None = None,
+        max_bytes: int | None = None,
+        batch: int = SWEEP_BATCH,
+    ) -> SweepReport:
+        """Retention: remove the tasks that finished before ``older_than`` (by time);
+        then, of each account keeping more than ``max_tasks`` finished tasks or
+        ``max_bytes`` result bytes, its oldest finished tasks until it keeps no more
+        (by size). Either way a task goes whole: its row, then (after the commit) its
+        files; specs no open task names go too.
+
+        Blocking, and long on a big store: call it off the event loop. A write
+        transaction removes at most ``batch`` rows, and other writers get the write
+        lock between two. Sweeps run one at a time. A store closed meanwhile ends the
+        sweep with ``store.unavailable``."""
+        with self._sweeping:
+            expired = self._expire(older_than, batch)
+            evicted: list[Eviction] = []
+            if max_tasks is not None or max_bytes is not None:
+                evicted = self._evict(_bound(max_tasks), _bound(max_bytes), batch)
+            self._drop_unused_specs()
+        return SweepReport(expired, tuple(evicted))
+
+    def _expire(self, older_than: float, batch: int) -> int:
+        expired = 0
+        while True:
+            removed = self._remove_batch(_EXPIRED_BATCH, (older_than, batch))
+            expired += len(removed)
+            if len(removed) < batch:
+                return expired
+
+    def _evict(self, max_tasks: int, max_bytes: int, batch: int) -> list[Eviction]:
+        """Retention by size: the accounts over a bound (their totals read from the
+        index ``tasks_retained``, apart from the writers), each down to its bounds."""
+        over = self._read_apart(
+            lambda db: db.execute(_OVER_BOUNDS, (max_tasks, max_bytes)).fetchall()
+        )
+        evicted = []
+        for account, tasks, size in over:
+            found = self._evict_account(account, tasks - max_tasks, size - max_bytes, batch)
+            if found.tasks:
+                evicted.append(found)
+        return evicted
+
+    def _evict_account(self, account: str, tasks: int, size: int, batch: int) -> Eviction:
+        """Remove ``account``'s oldest finished tasks until at least ``tasks`` of them
+        and ``size`` bytes are gone (either may be 0 or less: no need)."""
+        removed = Eviction(account, 0, 0)
+        while removed.tasks < tasks or removed.bytes < size:
+            choose = functools.partial(
+                _oldest_first, tasks=tasks - removed.tasks, size=size - removed.bytes
+            )
+            rows = self._remove_batch(_OLDEST_BATCH, (account, batch), choose)
+            if not rows:
+                break
+            removed = Eviction(
+                account, removed.tasks + len(rows), removed.bytes + sum(r[3] for r in rows)
+            )
+        return removed
+
+    def _remove_batch(
+        self,
+        query: str,
+        params: tuple[Any, ...],
+        choose: Callable[[list[Any]], list[Any]] | None = None,
+    ) -> list[Any]:
+        """One write transaction: the rows ``query`` selects ((rowid, id, blobs,
+        result_bytes), one batch at most), or those of them ``choose`` picks, removed;
+        their files removed once that is committed. Then the write lock is left free for
+        as long as the transaction held it (``SWEEP_PAUSE_MAX`` at most)."""
+        started = time.monotonic()
         with self._transaction():
-            files = [
+            rows = self._db.execute(query, params).fetchall()
+            if choose is not None:
+                rows = choose(rows)
+            self._db.executemany("DELETE FROM tasks WHERE rowid=?", [(r[0],) for r in rows])
+        held = time.monotonic() - started
+        self._blobs.remove([r[1] for r in rows if r[2] & RESULT], RESULT)
+        self._blobs.remove([r[1] for r in rows if r[2] & PAYLOAD], PAYLOAD)
+        if rows:
+            time.sleep(min(held, SWEEP_PAUSE_MAX))  # a pause for other writers
+        return rows
+
+    def _drop_unused_specs(self) -> int:
+        """Remove the specs no open task names (a queued task needs its spec to start
+        its user endpoint again after a restart; a finished one never does). Which are
+        named is read apart, without the write lock; under it, only tasks added since
+        that read are checked again — a higher rowid, since nothing deletes tasks but
+        a sweep, and this one is done deleting — so a spec a submit names again stays."""
+
+        def read(db: sqlite3.Connection) -> tuple[int, list[str]]:
+            last = int(db.execute("SELECT coalesce(max(rowid), 0) FROM tasks").fetchone()[0])
+            named = {
                 r[0]
-                for r in self._db.execute(
-                    "SELECT id FROM tasks WHERE finished IS NOT NULL AND finished < ?"
-                    " AND blobs != 0",
-                    (older_than,),
+                for r in db.execute(
+                    "SELECT DISTINCT spec_id FROM tasks WHERE state IN ('queued', 'dispatched')"
                 )
-            ]
-            cur = self._db.execute(
-                "DELETE FROM tasks WHERE finished IS NOT NULL AND finished < ?", (older_than,)
+            }
+            return last, [r[0] for r in db.execute("SELECT id FROM specs") if r[0] not in named]
+
+        last, unused = self._read_apart(read)
+        if not unused:
+            return 0
+        with self._transaction():
+            cur = self._db.executemany(
+                "DELETE FROM specs WHERE id=?1"
+                " AND NOT EXISTS (SELECT 1 FROM tasks WHERE rowid > ?2 AND spec_id = ?1)",
+                [(spec_id, last) for spec_id in unused],
             )
-            self._db.execute(
-                "DELETE FROM specs WHERE id NOT IN (SELECT DISTINCT spec_id FROM tasks)"
-            )
-        self._blobs.remove(files, RESULT)
-        self._blobs.remove(files, PAYLOAD)
         return cur.rowcount
+
+    def _read_apart(self, read: Callable[[sqlite3.Connection], _T]) -> _T:
+        """``read(db)`` in one read transaction (a snapshot) on a connection of its own:
+        neither the write lock nor the event loop's reader is used."""
+        db = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            db.execute("BEGIN")
+            try:
+                return read(db)
+            finally:
+                _rollback(db)
+        finally:
+            db.close()
 
     def rename_owners(self, old_prefix: str, new_prefix: str) -> int:
         """Give every task whose owner starts with ``old_prefix`` that prefix replaced
@@ -944,6 +1196,9 @@ class _Transaction:
 
     def __enter__(self) -> None:
         self.store._write_lock.acquire()
+        if self.store._closed:
+            self.store._write_lock.release()
+            raise StoreError("store.unavailable", f"{self.store.path}: the store is closed")
         try:
             self.store._db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
@@ -996,7 +1251,7 @@ def _check_and_migrate(path: Path, db: sqlite3.Connection) -> None:
             f"schema version {version} is newer than this mep's {SCHEMA_VERSION}"
         )
     if not tables:
-        db.executescript(_SCHEMA)
+        db.executescript(_SCHEMA + _RETAINED_INDEX + ";")
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         return
     if not tables >= _TABLES:
