@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -14,7 +15,7 @@ import pytest
 
 from mepcore.tasks import Executor, ResultEnvelope, TaskEnvelope, pack_args, pack_function
 from mepcore.tasks import unpack_result as value_of
-from mepcore.tasks.process import ProcessPoolEngine
+from mepcore.tasks.process import ProcessPoolEngine, _Worker
 
 SOURCE = """
 def add(a, b):
@@ -23,6 +24,9 @@ def add(a, b):
 def pid():
     import os
     return os.getpid()
+
+def echo(data):
+    return data
 
 def hang(seconds):
     import time
@@ -59,7 +63,7 @@ NS: dict[str, Any] = {"__name__": "__main__"}
 exec(SOURCE, NS)
 PACKED = {
     name: pack_function(NS[name])
-    for name in ("add", "pid", "hang", "exit_now", "open_fds", "scribble")
+    for name in ("add", "pid", "echo", "hang", "exit_now", "open_fds", "scribble")
 }
 _ids = iter(range(10**9))
 
@@ -199,4 +203,58 @@ def test_two_short_tasks_run_on_two_workers_at_once() -> None:
         pids = [value_of(f.result(30)) for f in executor.submit_many([task("pid"), task("pid")])]
         assert len(set(pids)) == 2
     finally:
-        executor.shutdown()
+        executor.shutdown(wait=False)  # a worker stuck on a broken frame must not hang this
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_large_arguments_and_results_cross_the_pipes_whole_and_in_order(workers: int) -> None:
+    # Batches and results larger than a pipe holds are written in pieces (the rest waits
+    # in the worker's buffer behind the next batch); every byte must come back in place.
+    sizes = [3 << 20, 1, (2 << 20) + 3, 0, 5 << 20, 65536, 7, (1 << 20) - 1]
+    datas = [
+        bytes((i * 37 + n) % 251 for n in range(257)) * (size // 257) + b"x" * (size % 257)
+        for i, size in enumerate(sizes)
+    ]
+    executor = make(workers)
+    try:
+        futures = [executor.submit(task("echo", data)) for data in datas]
+        deadline = time.monotonic() + 30
+        for data, future in zip(datas, futures, strict=True):
+            envelope = future.result(max(0.0, deadline - time.monotonic()))
+            assert envelope.status == "success", envelope
+            assert value_of(envelope) == data
+    finally:
+        executor.shutdown(wait=False)  # a worker stuck on a broken frame must not hang this
+
+
+def test_a_frame_the_pipe_cannot_take_now_waits_whole_in_the_buffer() -> None:
+    # The pipe is full: nothing of the frame is written, so its head and body must both
+    # wait, in order, and come out whole once the reader drains the pipe.
+    import fcntl
+    import selectors
+
+    r, w = os.pipe2(os.O_NONBLOCK)
+    try:
+        filled = 0
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                filled += os.write(w, b"f" * 65536)
+        engine = ProcessPoolEngine(max_workers=1, max_result_bytes=1 << 20)
+        engine._selector = selectors.DefaultSelector()
+        worker = _Worker(pid=0, pidfd=-1, to_fd=w, from_fd=r)
+        data = bytes(range(256)) * 1000
+        engine._send(worker, data)
+        assert bytes(worker.outbuf) == len(data).to_bytes(4, "big") + data
+        received = bytearray()
+        deadline = time.monotonic() + 10
+        while len(received) < filled + 4 + len(data):
+            assert time.monotonic() < deadline
+            with contextlib.suppress(BlockingIOError):
+                received += os.read(r, 1 << 20)
+            engine._flush(worker)
+        assert received[filled:] == len(data).to_bytes(4, "big") + data
+        assert not worker.outbuf and not worker.writing
+        assert fcntl.fcntl(w, fcntl.F_GETFL) & os.O_NONBLOCK
+    finally:
+        os.close(r)
+        os.close(w)

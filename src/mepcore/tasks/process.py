@@ -331,12 +331,32 @@ class ProcessPoolEngine:
                 worker.queue.append((self._seq, job))
             if not batch:
                 continue
-            data = pickle.dumps(batch, protocol=5)
-            worker.outbuf += len(data).to_bytes(_LENGTH_BYTES, "big")
-            worker.outbuf += data
-            self._flush(worker)
+            self._send(worker, pickle.dumps(batch, protocol=5))
             if not backlog:
                 return
+
+    def _send(self, worker: _Worker, data: bytes) -> None:
+        """Write one frame: straight from ``data`` while the pipe takes it, so a
+        megabyte batch is not first copied into the worker's buffer; only what the
+        pipe did not take waits there."""
+        head = len(data).to_bytes(_LENGTH_BYTES, "big")
+        if worker.outbuf or not worker.alive:
+            worker.outbuf += head
+            worker.outbuf += data
+            self._flush(worker)
+            return
+        try:
+            written = os.writev(worker.to_fd, (head, data))
+        except BlockingIOError:
+            written = 0
+        except OSError:  # the worker is gone; its pidfd reports that
+            return
+        if written < _LENGTH_BYTES:
+            worker.outbuf += head[written:]
+            written = _LENGTH_BYTES
+        if written - _LENGTH_BYTES < len(data):
+            worker.outbuf += memoryview(data)[written - _LENGTH_BYTES :]
+            self._flush(worker)
 
     def _flush(self, worker: _Worker) -> None:
         assert self._selector is not None
@@ -386,7 +406,9 @@ class ProcessPoolEngine:
                 if end - pos - _LENGTH_BYTES < size:
                     break
                 start = pos + _LENGTH_BYTES
-                message = pickle.loads(buf[start : start + size])  # noqa: S301 - own worker
+                # Unpickled from a view: slicing the bytearray would copy the frame.
+                with memoryview(buf) as view:
+                    message = pickle.loads(view[start : start + size])  # noqa: S301 - own worker
                 pos = start + size
                 self._on_result(worker, message)
         except Exception:
@@ -648,11 +670,16 @@ def _worker_loop(task_fd: int, result_fd: int, max_result_bytes: int) -> None:  
                 functions[function_id] = load_function(function_body)
             outcome = run_task(functions.get(function_id, unknown), args_payload, max_result_bytes)
             data = pickle.dumps((seq, *outcome), protocol=5)
-            _write_all(result_fd, len(data).to_bytes(_LENGTH_BYTES, "big") + data)
+            _write_frame(result_fd, data)
 
 
-def _write_all(fd: int, data: bytes) -> None:  # pragma: no cover - child only
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
+def _write_frame(fd: int, data: bytes) -> None:  # pragma: no cover - child only
+    """The length and ``data`` in as few writes as the pipe allows, without joining them
+    (a megabyte result is not copied once more for its four-byte head)."""
+    parts = [memoryview(len(data).to_bytes(_LENGTH_BYTES, "big")), memoryview(data)]
+    while parts:
+        written = os.writev(fd, parts)
+        while parts and written >= len(parts[0]):
+            written -= len(parts.pop(0))
+        if parts and written:
+            parts[0] = parts[0][written:]
