@@ -28,7 +28,7 @@ import pytest
 from mepcore.errors import StoreError
 from mepd import store as store_module
 from mepd.blobs import FILE_BYTES, blob_directory
-from mepd.daemon import Daemon, sweep_store
+from mepd.daemon import Daemon, sweep_due, sweep_store, sweep_wanted
 from mepd.metrics import Metrics
 from mepd.settings import Limits
 from mepd.store import SCHEMA_VERSION, Eviction, NewTask, Outcome, SweepReport, TaskStore
@@ -380,6 +380,38 @@ def test_the_daemon_sweeper_sweeps_in_a_worker_thread(tmp_path: Path) -> None:
     loop_thread = asyncio.run(main())
     assert store.counts_by_state() == {"success": 1}
     assert store.threads and loop_thread not in store.threads
+    store.close()
+
+
+def test_what_finished_since_the_last_sweep_is_counted(tmp_path: Path) -> None:
+    store = TaskStore.open(tmp_path / "db")
+    store.add_tasks([task("a"), task("b"), task("c")], state="dispatched", now=1.0)
+    error = {"reason": "task.failed"}
+    store.finish([Outcome("a", "success", None, b"r" * 10)], now=2.0)
+    late = Outcome("a", "failed", None, b"late")  # "a" is final already: not counted
+    store.finish([Outcome("b", "success", None, b"f" * BIG), late], now=3.0)
+    store.finish([Outcome("c", "failed", error, None)], now=4.0, known_open=True)
+    assert store.finished_since_sweep() == (3, 10 + BIG + len('{"reason": "task.failed"}'))
+    store.retain(0.0)
+    assert store.finished_since_sweep() == (0, 0)
+    store.close()
+
+
+def test_a_sweep_is_due_early_once_a_tenth_of_a_bound_has_finished(tmp_path: Path) -> None:
+    limits = Limits(retained_tasks_per_user=100, retained_result_bytes_per_user=1000)
+    assert not sweep_wanted((9, 99), limits)
+    assert sweep_wanted((10, 0), limits) and sweep_wanted((0, 100), limits)
+    assert sweep_wanted((1, 0), Limits(retained_tasks_per_user=5))  # a tenth of 5: 1
+
+    store = TaskStore.open(tmp_path / "db")
+    # The period is 300 s: only what finished can make the sweep due within the deadline.
+    long = Limits(result_retention=10**6, retained_tasks_per_user=20)
+    finished(store, "alice", [b"x"] * 2, start=time.time())
+
+    async def main() -> None:
+        await asyncio.wait_for(sweep_due(store, long, poll=0.01), timeout=60)
+
+    asyncio.run(main())
     store.close()
 
 

@@ -625,12 +625,33 @@ class Daemon:
                 await sweep_store(self.store, limits, self.pipeline.metrics)
             except Exception:
                 log.exception("store.sweep_failed")
-            await asyncio.sleep(sweep_period(limits))
+            await sweep_due(self.store, limits)
 
 
 def sweep_period(limits: Limits) -> float:
     """Seconds between two retention sweeps: a tenth of the retention, 1 to 300."""
     return max(1.0, min(limits.result_retention / 10, 300.0))
+
+
+async def sweep_due(store: TaskStore, limits: Limits, poll: float = 1.0) -> None:
+    """Until the next sweep is due: ``sweep_period`` has passed, or — checked every
+    ``poll`` seconds — the tasks finished since the last sweep (all accounts together)
+    reach a tenth of a per-account bound. Without that, an account finishing 9,000
+    tasks a second would keep millions more than its bound until the period ended."""
+    deadline = time.monotonic() + sweep_period(limits)
+    while True:
+        await asyncio.sleep(max(0.0, min(poll, deadline - time.monotonic())))
+        if time.monotonic() >= deadline or sweep_wanted(store.finished_since_sweep(), limits):
+            return
+
+
+def sweep_wanted(finished: tuple[int, int], limits: Limits) -> bool:
+    """Whether the tasks finished since the last sweep, and their bytes, reach a tenth
+    of ``retained_tasks_per_user`` or of ``retained_result_bytes_per_user``."""
+    tasks, size = finished
+    tasks_due = max(1, limits.retained_tasks_per_user // 10)
+    bytes_due = max(1, limits.retained_result_bytes_per_user // 10)
+    return tasks >= tasks_due or size >= bytes_due
 
 
 async def sweep_store(
