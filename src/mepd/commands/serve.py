@@ -49,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
                 "(endpoints started without it die with the daemon)\n"
             )
             return 2
+        from mepd.malloc import pin_thresholds
+
+        pin_thresholds()
         daemon = Daemon.open(settings, fresh_store=args.fresh_store)
         daemon.keep_endpoints = args.keep_endpoints
         return daemon.run()

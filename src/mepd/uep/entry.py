@@ -138,6 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if refused:
         return refused
 
+    from mepd.malloc import pin_thresholds
+
+    pin_thresholds()  # before the engine forks its workers: they inherit it
     from mepd.uep.server import UserEndpoint
 
     return UserEndpoint(channel=channel, channel_fd=fd, inherited_fds=inherited).run()
