@@ -48,6 +48,7 @@ def test_plan_has_identity_groups_umask_cwd_and_limits() -> None:
     assert plan.argv[:4] == ("/opt/mep/venv/bin/python", "-I", "-m", "mepd.uep")
     assert plan.argv[-1] == "--home=/home/alice"
     assert "--no-new-privs" in plan.argv and plan.no_new_privs
+    assert "--keep-malloc" not in plan.argv  # the user endpoint pins malloc by default
     assert "--rlimit=RLIMIT_NPROC=100" in plan.argv and "--rlimit=RLIMIT_NOFILE=200" in plan.argv
     assert dict(plan.limits.items()) == {
         "RLIMIT_NPROC": 100,
@@ -111,6 +112,7 @@ def test_settings_validation() -> None:
     )
     assert settings.python == "/usr/bin/python3" and settings.limits.nproc == 7
     assert settings.no_new_privs and settings.cgroup.enable == "auto"
+    assert settings.pin_malloc
 
 
 def test_no_new_privs_and_cgroup_settings_come_from_the_mapping() -> None:
@@ -123,6 +125,18 @@ def test_no_new_privs_and_cgroup_settings_come_from_the_mapping() -> None:
     assert settings.cgroup.memory_max == 2 << 30
     plan = plan_spawn(alice(), settings, {})
     assert "--no-new-privs" not in plan.argv and not plan.no_new_privs
+
+
+def test_pin_malloc_off_asks_the_user_endpoint_to_keep_glibcs_defaults() -> None:
+    from mepd.uep.entry import _parse
+
+    settings = SpawnSettings.from_mapping({"pin_malloc": False}, default_python="/usr/bin/python3")
+    plan = plan_spawn(alice(), settings, {})
+    assert not settings.pin_malloc and "--keep-malloc" in plan.argv
+    # What the user endpoint makes of the two argument lists (the launcher adds the fd).
+    assert _parse([*plan.argv[4:], "--channel-fd", "3"]).keep_malloc
+    default = plan_spawn(alice(), SETTINGS, {})
+    assert not _parse([*default.argv[4:], "--channel-fd", "3"]).keep_malloc
     for bad in ({"enable": "yes"}, {"pids_max": 0}, {"memory_max": "2X"}, {"parent": "../x"}):
         with pytest.raises(SpawnError) as info:
             SpawnSettings.from_mapping({"cgroup": bad}, default_python="/usr/bin/python3")

@@ -259,6 +259,7 @@ SETTINGS_SCHEMA: dict[str, Any] = {
                 "tz": {"type": ["string", "null"]},
                 "inherit_stderr": {"type": "boolean"},
                 "no_new_privs": {"type": "boolean"},
+                "pin_malloc": {"type": "boolean"},
                 "cgroup": {
                     "type": "object",
                     "additionalProperties": False,

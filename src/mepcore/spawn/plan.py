@@ -119,6 +119,8 @@ class SpawnSettings:
     anything of the user's, so no setuid program or file capability gains privilege
     below it; turn it off only for sites whose batch scheduler tools are setuid.
     ``cgroup``: the user endpoint's own cgroup and its limits (``mepcore.spawn.cgroup``).
+    ``pin_malloc``: the user endpoint pins glibc's malloc thresholds for megabyte payloads
+    (``mepd.malloc``); off, it passes ``--keep-malloc`` and keeps glibc's defaults.
     """
 
     python: str = attrs.field()
@@ -131,6 +133,7 @@ class SpawnSettings:
     module: str = UEP_MODULE
     no_new_privs: bool = True
     cgroup: CgroupSettings = attrs.field(factory=CgroupSettings)
+    pin_malloc: bool = True
 
     @python.validator
     def _absolute(self, _attr: object, value: str) -> None:
@@ -151,6 +154,7 @@ class SpawnSettings:
             inherit_stderr=bool(data.get("inherit_stderr", False)),
             no_new_privs=bool(data.get("no_new_privs", True)),
             cgroup=CgroupSettings.from_mapping(data.get("cgroup") or {}),
+            pin_malloc=bool(data.get("pin_malloc", True)),
         )
 
 
@@ -241,6 +245,7 @@ def plan_spawn(
             settings.module,
             *(f"--rlimit={name}={value}" for name, value in settings.limits.items()),
             *(("--no-new-privs",) if settings.no_new_privs else ()),
+            *(() if settings.pin_malloc else ("--keep-malloc",)),
             f"--home={account.home}",
         ),
         env=env,

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from mepd.channel import BlockingChannel
 
 _USAGE = (
-    "usage: python -m mepd.uep [--rlimit=RLIMIT_NAME=N ...] [--no-new-privs] [--home=DIR]"
+    "usage: python -m mepd.uep [--rlimit=RLIMIT_NAME=N ...] [--no-new-privs] [--keep-malloc]"
+    " [--home=DIR]"
     " --channel-fd N"
 )
 _LIMIT_NAMES = frozenset({"RLIMIT_NPROC", "RLIMIT_NOFILE", "RLIMIT_AS", "RLIMIT_CORE"})
@@ -41,6 +42,7 @@ class _Options:
     limits: dict[str, int]
     no_new_privs: bool
     home: str | None
+    keep_malloc: bool = False
 
 
 def _parse(argv: Sequence[str]) -> _Options:
@@ -48,10 +50,13 @@ def _parse(argv: Sequence[str]) -> _Options:
     if len(args) < 2 or args[-2] != "--channel-fd" or not args[-1].isdigit():
         raise SystemExit(_USAGE)
     limits: dict[str, int] = {}
-    no_new_privs, home = False, None
+    no_new_privs, home, keep_malloc = False, None, False
     for arg in args[:-2]:
         if arg == "--no-new-privs":
             no_new_privs = True
+            continue
+        if arg == "--keep-malloc":
+            keep_malloc = True
             continue
         if arg.startswith("--home=/"):
             home = arg.removeprefix("--home=")
@@ -60,7 +65,7 @@ def _parse(argv: Sequence[str]) -> _Options:
         if not arg.startswith("--rlimit=") or name not in _LIMIT_NAMES or not value.isdigit():
             raise SystemExit(_USAGE)
         limits[name] = int(value)
-    return _Options(int(args[-1]), limits, no_new_privs, home)
+    return _Options(int(args[-1]), limits, no_new_privs, home, keep_malloc)
 
 
 def _lower_limits(limits: dict[str, int]) -> str | None:
@@ -138,9 +143,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if refused:
         return refused
 
-    from mepd.malloc import pin_thresholds
+    if not options.keep_malloc:
+        from mepd.malloc import pin_thresholds
 
-    pin_thresholds()  # before the engine forks its workers: they inherit it
+        pin_thresholds()  # before the engine forks its workers: they inherit it
     from mepd.uep.server import UserEndpoint
 
     return UserEndpoint(channel=channel, channel_fd=fd, inherited_fds=inherited).run()
