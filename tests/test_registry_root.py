@@ -8,12 +8,13 @@ through ``mepd.registry.Registry`` and checks what they report and what is left 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -88,6 +89,16 @@ def make_registry(settings: SpawnSettings, rec: Recorder, **limits: Any) -> Regi
     )
 
 
+@contextlib.asynccontextmanager
+async def serving(settings: SpawnSettings, rec: Recorder, **limits: Any) -> AsyncIterator[Registry]:
+    """A registry (``make_registry``) that is shut down when the block ends, however."""
+    registry = make_registry(settings, rec, **limits)
+    try:
+        yield registry
+    finally:
+        await registry.shutdown()
+
+
 def pretend(task_id: str, handle: UserEndpointHandle) -> InFlightTask:
     """The record of a task as if ``handle`` were running it."""
     return InFlightTask(task_id, "owner", handle.account.name, "f" * 64, handle.id, 0.0)
@@ -117,12 +128,9 @@ def test_introspect_reports_exactly_the_account(settings: SpawnSettings, make_ac
         rec = Recorder()
 
         async def scenario() -> dict[str, Any]:
-            registry = make_registry(settings, rec)
-            try:
+            async with serving(settings, rec) as registry:
                 handle = await registry.get_or_start(request(account))
                 return await handle.introspect()
-            finally:
-                await registry.shutdown()
 
         info = run(scenario)
     finally:
@@ -169,8 +177,7 @@ def test_one_endpoint_for_concurrent_identical_requests_two_for_different_keys(
     rec = Recorder()
 
     async def scenario() -> tuple[Any, ...]:
-        registry = make_registry(settings, rec)
-        try:
+        async with serving(settings, rec) as registry:
             a, b = await asyncio.gather(
                 registry.get_or_start(request(account, "k1")),
                 registry.get_or_start(request(account, "k1")),
@@ -178,8 +185,6 @@ def test_one_endpoint_for_concurrent_identical_requests_two_for_different_keys(
             c = await registry.get_or_start(request(account, "k2", soft=9999))
             statuses = registry.status(account.name)
             return a, b, c, statuses
-        finally:
-            await registry.shutdown()
 
     a, b, c, statuses = run(scenario)
     assert a is b
@@ -225,8 +230,7 @@ def test_sigkill_is_detected_and_next_request_gets_a_new_endpoint(
     rec = Recorder()
 
     async def scenario() -> tuple[int | None, int | None, str]:
-        registry = make_registry(settings, rec)
-        try:
+        async with serving(settings, rec) as registry:
             first = await registry.get_or_start(request(account))
             # As if dispatched and still running:
             registry.in_flight.add([pretend("pretend-task", first)])
@@ -235,8 +239,6 @@ def test_sigkill_is_detected_and_next_request_gets_a_new_endpoint(
             await asyncio.wait_for(first.wait_closed(), 5)
             second = await registry.get_or_start(request(account))
             return first.pid, second.pid, first.state
-        finally:
-            await registry.shutdown()
 
     old, new, state = run(scenario)
     assert old != new and new is not None
@@ -282,14 +284,11 @@ def test_idle_shutdown_happens_and_is_reported(settings: SpawnSettings, make_acc
     rec = Recorder()
 
     async def scenario() -> tuple[str | None, str]:
-        registry = make_registry(settings, rec)
-        try:
+        async with serving(settings, rec) as registry:
             handle = await registry.get_or_start(request(account, soft=3))
             await asyncio.wait_for(handle.wait_closed(), 10)
             await handle.ensure_stopped(None, 1.0)
             return handle.exit_reason, handle.state
-        finally:
-            await registry.shutdown()
 
     reason, state = run(scenario)
     assert reason == "idle"
@@ -331,15 +330,12 @@ def test_fork_bomb_in_endpoint_setup_is_contained_by_rlimit_nproc(
     bomb = "i=0; while [ $i -lt 200 ]; do (sleep 30 &) 2>/dev/null; i=$((i+1)); done; exit 0"
 
     async def scenario() -> tuple[int, dict[str, Any]]:
-        registry = make_registry(settings, rec)
-        try:
+        async with serving(settings, rec) as registry:
             handle = await registry.get_or_start(request(account, setup=bomb))
             count = len(processes_of(account.uid))
             info = await handle.introspect()
             print("processes of the account after the bomb:", count)
             return count, info
-        finally:
-            await registry.shutdown()
 
     count, info = run(scenario)
     assert info["uid"] == account.uid  # still alive and answering
@@ -368,8 +364,7 @@ def test_tasks_run_as_the_account_and_every_result_comes_back(
     count = 500
 
     async def scenario() -> None:
-        registry = make_registry(settings, rec)
-        try:
+        async with serving(settings, rec) as registry:
             handle = await registry.get_or_start(request(account, engine=engine))
             handle.register_function(whoami_id, whoami)
             handle.register_function(whoami_id, whoami)  # sent once only
@@ -378,8 +373,6 @@ def test_tasks_run_as_the_account_and_every_result_comes_back(
             assert handle.in_flight == count == len(registry.in_flight)
             await until(lambda: len(rec.results) == count, timeout=30)
             assert handle.in_flight == 0 == len(registry.in_flight)
-        finally:
-            await registry.shutdown()
 
     run(scenario)
     seen = {}
@@ -402,8 +395,7 @@ def test_results_for_tasks_not_dispatched_to_that_endpoint_are_refused(
     rec = Recorder()
 
     async def scenario() -> None:
-        registry = make_registry(settings, rec)
-        try:
+        async with serving(settings, rec) as registry:
             handle = await registry.get_or_start(request(account))
             registry.in_flight.add([pretend("mine", handle)])
             ok = ResultEnvelope("mine", "success", b"y").to_header()
@@ -423,8 +415,6 @@ def test_results_for_tasks_not_dispatched_to_that_endpoint_are_refused(
                 b"abc",
             )
             handle._on_frame(junk)
-        finally:
-            await registry.shutdown()
 
     run(scenario)
     assert [(h["task_id"], p) for _u, h, p in rec.results] == [("mine", b"y"), ("junk", b"")]
@@ -564,8 +554,7 @@ def test_orphans_of_a_user_endpoint_are_reaped_not_left_as_zombies(
     setup = "for i in 1 2 3 4 5; do ( /bin/sleep 0.05 & ); done"
 
     async def scenario() -> list[int]:
-        registry = make_registry(settings, rec)
-        try:
+        async with serving(settings, rec) as registry:
             handle = await registry.get_or_start(request(account, setup=setup))
             assert handle.state == "ready"
             # Poll until the user endpoint is the account's only process (zombies count):
@@ -577,8 +566,6 @@ def test_orphans_of_a_user_endpoint_are_reaped_not_left_as_zombies(
             # And the adopted ones were really ours to reap: reaping again finds nothing.
             assert registry.reap_adopted() == []
             return zombie_children_of_uid(account.uid)
-        finally:
-            await registry.shutdown()
 
     assert run(scenario) == []
     assert processes_of(account.uid) == []
@@ -673,8 +660,7 @@ def test_a_kept_configuration_that_is_no_longer_valid_is_rendered_again(
     rec = Recorder()
 
     async def scenario() -> None:
-        registry = make_registry(settings, rec)
-        try:
+        async with serving(settings, rec) as registry:
             await registry.get_or_start(request(account))
             await registry.stop(account.name)
             ((key, kept),) = registry.render_cache._kept.items()
@@ -683,8 +669,6 @@ def test_a_kept_configuration_that_is_no_longer_valid_is_rendered_again(
             handle = await registry.get_or_start(request(account))
             assert handle.state == "ready"
             assert registry.render_cache._kept[key] == kept  # the fresh rendering is kept
-        finally:
-            await registry.shutdown()
 
     run(scenario)
     lines = _config_lines(account)

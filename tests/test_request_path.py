@@ -122,22 +122,29 @@ def _submit(fid: str) -> dict[str, Any]:
     return {"user_endpoint_config": {"workers": 2}, "tasks": [{"function_id": fid, "args": "eA=="}]}
 
 
+async def _register(client: httpx.AsyncClient, kit: PipelineKit) -> str:
+    r = await client.post(
+        "/v1/functions", headers=kit.headers(ALICE), json={"function": b64(b"fn")}
+    )
+    return str(r.json()["function_id"])
+
+
+async def _submit_one(
+    client: httpx.AsyncClient, kit: PipelineKit, fid: str, **extra: Any
+) -> httpx.Response:
+    return await client.post(
+        "/v1/endpoints/hpc/submit", headers=kit.headers(ALICE), json=_submit(fid), **extra
+    )
+
+
 def test_a_submits_decisions_are_one_write_before_the_task(tmp_path: Path) -> None:
     audit = RecordingAudit()
     kit = make_pipeline(tmp_path, audit=audit)
 
     async def scenario(client: httpx.AsyncClient) -> None:
-        r = await client.post(
-            "/v1/functions", headers=kit.headers(ALICE), json={"function": b64(b"fn")}
-        )
-        fid = r.json()["function_id"]
+        fid = await _register(client, kit)
         audit.writes.clear()
-        r = await client.post(
-            "/v1/endpoints/hpc/submit",
-            params={"wait": 5},
-            headers=kit.headers(ALICE),
-            json=_submit(fid),
-        )
+        r = await _submit_one(client, kit, fid, params={"wait": 5})
         assert r.status_code == 200, r.text
         assert r.json()["tasks"][0]["state"] == "success"
 
@@ -154,15 +161,9 @@ def test_a_denied_submit_writes_its_decisions_and_starts_nothing(tmp_path: Path)
     kit.site.denied.add(("template:default", "start_endpoint"))
 
     async def scenario(client: httpx.AsyncClient) -> None:
-        r = await client.post(
-            "/v1/functions", headers=kit.headers(ALICE), json={"function": b64(b"fn")}
-        )
+        fid = await _register(client, kit)
         audit.writes.clear()
-        r = await client.post(
-            "/v1/endpoints/hpc/submit",
-            headers=kit.headers(ALICE),
-            json=_submit(r.json()["function_id"]),
-        )
+        r = await _submit_one(client, kit, fid)
         assert r.status_code == 403, r.text
         assert r.json()["error"]["reason"] == "authz.denied"
 
@@ -178,15 +179,9 @@ def test_decisions_the_log_cannot_take_refuse_the_submit(tmp_path: Path) -> None
     kit = make_pipeline(tmp_path, audit=audit)
 
     async def scenario(client: httpx.AsyncClient) -> None:
-        r = await client.post(
-            "/v1/functions", headers=kit.headers(ALICE), json={"function": b64(b"fn")}
-        )
+        fid = await _register(client, kit)
         audit.fail = True
-        r = await client.post(
-            "/v1/endpoints/hpc/submit",
-            headers=kit.headers(ALICE),
-            json=_submit(r.json()["function_id"]),
-        )
+        r = await _submit_one(client, kit, fid)
         assert r.status_code == 503, r.text
         assert r.json()["error"]["reason"] == "audit.unavailable"
 
@@ -199,14 +194,9 @@ def test_remembered_functions_still_refuse_unknown_ones(tmp_path: Path) -> None:
     kit = make_pipeline(tmp_path)
 
     async def scenario(client: httpx.AsyncClient) -> None:
-        r = await client.post(
-            "/v1/functions", headers=kit.headers(ALICE), json={"function": b64(b"fn")}
-        )
-        fid = r.json()["function_id"]
+        fid = await _register(client, kit)
         for _ in range(2):  # asked of the store, then remembered
-            r = await client.post(
-                "/v1/endpoints/hpc/submit", headers=kit.headers(ALICE), json=_submit(fid)
-            )
+            r = await _submit_one(client, kit, fid)
             assert r.status_code == 200, r.text
         other = "0" * 64
         r = await client.post(
