@@ -6,9 +6,9 @@ bytes there are free. Both start at 128 KiB and rise (to at most 32 and 64 MiB) 
 after a process frees a larger mapped block, and even then an allocation of exactly the
 size freed is mapped again. A process that moves a 1 MiB task argument or result from
 one buffer to the next therefore takes a fresh mapping, and a page fault on each of its
-256 pages, for nearly every copy: on this project's reference machine that was the
-largest cost of a process-pool worker per 1 MiB round trip (374 faults, ~0.6 ms of its
-~2.7 ms CPU; docs/performance.md).
+256 pages, for nearly every copy: on this project's reference machine a process-pool
+worker took 374 page faults per 1 MiB round trip, and pinning the thresholds took its
+CPU for that round trip from ~2.7 to ~1.3-1.5 ms (docs/performance.md).
 
 ``pin_thresholds`` sets the two thresholds once at start, to values glibc's own dynamic
 scheme reaches after one 16 MiB allocation: allocations below 16 MiB (every payload and
